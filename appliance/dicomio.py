@@ -1,0 +1,244 @@
+"""Byte-level DICOM encoding: a strict structural walk of an encoded data set, and the
+Part 10 file meta header.
+
+pydicom decodes leniently (a truncated value is read short, a lying length is believed
+as far as it goes). Before anything is stored, :func:`walk` proves that every element of
+a data set fits in the bytes received, that sequences and items are closed, and that
+nothing trails the last element. It reports where the top-level elements lie, so that
+the Pixel Data length and its group length can be checked without decoding pixels.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_DELIMITER = 0xFFFEE00D
+SEQUENCE_DELIMITER = 0xFFFEE0DD
+PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_GROUP_LENGTH = 0x7FE00000
+
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_MAX_DEPTH = 32
+
+
+class EncodingError(ValueError):
+    """The bytes are not a well-formed data set in the stated transfer syntax."""
+
+
+@dataclass(frozen=True)
+class Element:
+    """Where one top-level element lies: ``offset`` of its tag, ``value_offset`` and
+    ``length`` of its value (``length`` is None for undefined length)."""
+
+    tag: int
+    vr: bytes | None
+    offset: int
+    value_offset: int
+    length: int | None
+    end: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The top-level elements of a data set, in encoded order."""
+
+    elements: dict[int, Element]
+    size: int
+
+    def group_size(self, group: int) -> int:
+        """Encoded bytes of every element of ``group`` except its group length."""
+        return sum(
+            e.end - e.offset
+            for tag, e in self.elements.items()
+            if tag >> 16 == group and tag & 0xFFFF != 0
+        )
+
+
+def _tag_str(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _Walker:
+    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
+        self.buf = memoryview(buf)
+        self.size = len(self.buf)
+        self.implicit = implicit
+        self.endian = "<" if little else ">"
+        self._hdr = struct.Struct(self.endian + "HH")
+        self._u16 = struct.Struct(self.endian + "H")
+        self._u32 = struct.Struct(self.endian + "L")
+
+    def need(self, pos: int, n: int, what: str) -> None:
+        if pos + n > self.size:
+            raise EncodingError(
+                f"the data set ends after {self.size} bytes, inside {what} "
+                f"(needs {pos + n - self.size} more bytes); it was truncated or a length is wrong"
+            )
+
+    def header(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """Return (tag, vr, length, value_offset) of the element at ``pos``."""
+        self.need(pos, 8, "an element header")
+        group, elem = self._hdr.unpack_from(self.buf, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:
+            (length,) = self._u32.unpack_from(self.buf, pos + 4)
+            return tag, None, length, pos + 8
+        if implicit:
+            (length,) = self._u32.unpack_from(self.buf, pos + 4)
+            return tag, None, length, pos + 8
+        vr = bytes(self.buf[pos + 4 : pos + 6])
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise EncodingError(f"element {_tag_str(tag)} at byte {pos} has no valid VR ({vr!r})")
+        if vr in _LONG_VRS:
+            self.need(pos, 12, f"the header of {_tag_str(tag)}")
+            (length,) = self._u32.unpack_from(self.buf, pos + 8)
+            return tag, vr, length, pos + 12
+        (length,) = self._u16.unpack_from(self.buf, pos + 6)
+        return tag, vr, length, pos + 8
+
+    def element(self, pos: int, implicit: bool, depth: int) -> tuple[int, bytes | None, int, int, int]:
+        """Walk the element at ``pos`` (sequences included); return (tag, vr, length,
+        value offset, end)."""
+        tag, vr, length, vpos = self.header(pos, implicit)
+        if tag >> 16 == 0xFFFE:
+            raise EncodingError(f"unexpected item tag {_tag_str(tag)} at byte {pos}")
+        if length == UNDEFINED_LENGTH:
+            if vr is None or vr == b"SQ":
+                end = self.sequence(vpos, None, implicit, depth + 1)
+            elif vr == b"UN":
+                # PS3.5 6.2.2: an undefined-length UN holds an Implicit VR LE sequence.
+                end = _Walker(self.buf, True, True).sequence(vpos, None, True, depth + 1)
+            elif vr in (b"OB", b"OW") and tag == PIXEL_DATA:
+                end = self.fragments(vpos)
+            else:
+                raise EncodingError(f"element {_tag_str(tag)} ({vr.decode()}) has undefined length")
+            return tag, vr, length, vpos, end
+        self.need(vpos, length, f"the value of {_tag_str(tag)} ({length} bytes)")
+        end = vpos + length
+        if vr == b"SQ" and length:
+            self.sequence(vpos, end, implicit, depth + 1)
+        return tag, vr, length, vpos, end
+
+    def items_body(self, pos: int, end: int | None, implicit: bool, depth: int) -> int:
+        """Walk an item's elements up to ``end``, or up to its delimiter if ``end`` is None."""
+        if depth > _MAX_DEPTH:
+            raise EncodingError("sequences are nested more than 32 levels deep")
+        while end is None or pos < end:
+            if end is None:
+                self.need(pos, 8, "an item")
+                if self._hdr.unpack_from(self.buf, pos) == (0xFFFE, 0xE00D):
+                    return pos + 8
+            _, _, _, _, nxt = self.element(pos, implicit, depth)
+            if end is not None and nxt > end:
+                raise EncodingError(f"an element at byte {pos} runs past the end of its item")
+            pos = nxt
+        return pos
+
+    def sequence(self, pos: int, end: int | None, implicit: bool, depth: int) -> int:
+        while True:
+            if end is not None and pos == end:
+                return pos
+            tag, _, length, vpos = self.header(pos, implicit)
+            if tag == SEQUENCE_DELIMITER:
+                if end is not None:
+                    raise EncodingError(f"sequence delimiter inside a defined-length sequence at byte {pos}")
+                return vpos
+            if tag != ITEM:
+                raise EncodingError(f"expected a sequence item at byte {pos}, found {_tag_str(tag)}")
+            if length == UNDEFINED_LENGTH:
+                pos = self.items_body(vpos, None, implicit, depth)
+            else:
+                self.need(vpos, length, f"a sequence item ({length} bytes)")
+                pos = self.items_body(vpos, vpos + length, implicit, depth)
+            if end is not None and pos > end:
+                raise EncodingError("a sequence item runs past the end of its sequence")
+
+    def fragments(self, pos: int) -> int:
+        while True:
+            tag, _, length, vpos = self.header(pos, True)
+            if tag == SEQUENCE_DELIMITER:
+                return vpos
+            if tag != ITEM or length == UNDEFINED_LENGTH:
+                raise EncodingError(f"bad encapsulated pixel data fragment at byte {pos}")
+            self.need(vpos, length, f"a pixel data fragment ({length} bytes)")
+            pos = vpos + length
+
+
+def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Layout:
+    """Check that ``buf`` is exactly one well-formed data set and return its top-level layout.
+
+    Raises :class:`EncodingError` naming the first element that does not fit."""
+    w = _Walker(buf, implicit_vr, little_endian)
+    top: dict[int, Element] = {}
+    pos = 0
+    while pos < w.size:
+        tag, vr, length, vpos, end = w.element(pos, implicit_vr, 0)
+        if tag in top:
+            raise EncodingError(f"element {_tag_str(tag)} appears twice")
+        top[tag] = Element(tag, vr, pos, vpos, None if length == UNDEFINED_LENGTH else length, end)
+        pos = end
+    return Layout(top, w.size)
+
+
+def file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str | None = None,
+) -> bytes:
+    """Return the 128-byte preamble, ``DICM`` and a file meta group for a Part 10 file."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    out = BytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def split_part10(data: bytes | memoryview) -> tuple[int, str]:
+    """Return (offset of the data set, transfer syntax UID) of a Part 10 file in ``data``.
+
+    Raises :class:`EncodingError` if ``data`` has no preamble, ``DICM`` or file meta group."""
+    mv = memoryview(data)
+    if len(mv) < 132 or bytes(mv[128:132]) != b"DICM":
+        raise EncodingError("no DICOM preamble ('DICM' at byte 128)")
+    pos = 132
+    ts: str | None = None
+    while pos + 8 <= len(mv):
+        group, elem = struct.unpack_from("<HH", mv, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(mv[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(mv):
+                raise EncodingError("the file meta header is truncated")
+            (length,) = struct.unpack_from("<L", mv, pos + 8)
+            vpos = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", mv, pos + 6)
+            vpos = pos + 8
+        if length == UNDEFINED_LENGTH or vpos + length > len(mv):
+            raise EncodingError("the file meta header is truncated or has a bad length")
+        if elem == 0x0010:
+            ts = bytes(mv[vpos : vpos + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = vpos + length
+    if ts is None:
+        raise EncodingError("the file meta header has no Transfer Syntax UID (0002,0010)")
+    return pos, ts
