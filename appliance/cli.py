@@ -1,0 +1,242 @@
+"""The ``appliance`` command: one entry point, one subcommand per task.
+
+Exit codes: 0 success, 1 an :class:`ApplianceError` (printed as one line), 2 usage.
+Command-line flags override the config file, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import errno
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from appliance import __version__, config, logs
+from appliance.conformance import SOP_CLASS_LABELS, TRANSFER_SYNTAX_NAMES, SOPClass
+from appliance.errors import ApplianceError
+
+Handler = Callable[[argparse.Namespace], int]
+
+#: Modules that add their own subcommands: each has ``add_commands(subparsers)``, whose
+#: handlers take the parsed arguments (with ``config``, ``data_dir``, ``verbosity``) and
+#: return an exit code. Use :func:`load_config` and :func:`open_store` from here.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir:
+        return Path(args.data_dir)
+    return Path(os.environ.get("APPLIANCE_DATA_DIR", str(config.DEFAULT_DATA_DIR)))
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    return config.load(Path(args.config) if args.config else None)
+
+
+def open_store(args: argparse.Namespace, cfg: config.Config | None = None):  # type: ignore[no-untyped-def]
+    from appliance.store import Store
+
+    cfg = cfg or load_config(args)
+    return Store(data_dir(args), slice_tolerance_mm=cfg.store.slice_tolerance_mm)
+
+
+# -- scp ---------------------------------------------------------------------------
+
+
+def cmd_scp(args: argparse.Namespace) -> int:
+    """Run the Storage SCP in the foreground until SIGTERM or SIGINT."""
+    from appliance.ingest import Ingest
+    from appliance.scp import StorageServer
+
+    cfg = config.with_overrides(
+        load_config(args),
+        ae_title=args.aet,
+        port=args.port,
+        max_pdu=args.pdu,
+        max_associations=args.max_associations,
+        bind=args.bind,
+    )
+    store = open_store(args, cfg)
+    store.open_for_service()
+    server = StorageServer(cfg.scp, Ingest(store, cfg.store))
+    try:
+        where = server.start()
+    except PermissionError:
+        store.close()
+        raise ApplianceError(
+            f"port {cfg.scp.port} needs root or CAP_NET_BIND_SERVICE; use a port above 1023, e.g. 11112"
+        ) from None
+    except OSError as exc:
+        store.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ApplianceError(f"port {cfg.scp.port} is already in use by another program") from None
+        raise ApplianceError(f"cannot listen on {cfg.scp.bind}:{cfg.scp.port}: {exc.strerror}") from None
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    host = "127.0.0.1" if where.host in ("0.0.0.0", "::") else where.host
+    print(
+        f"Storage SCP {where.ae_title} listening on {where.host}:{where.port}, store in {store.data_dir}\n"
+        f"Try it: echoscu -aec {where.ae_title} {host} {where.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    server.stop()
+    store.close(clean=True)
+    return 0
+
+
+# -- ls, locate, reindex -----------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _verdict(ok: int | None, reason: str | None) -> str:
+    if ok is None:
+        return "-"
+    return ("3D ok: " if ok else "not 3D: ") + (reason or "")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Print the stored studies, series or instances."""
+    store = open_store(args)
+    store.update_verdicts()
+    idx = store.index
+    if args.level == "series":
+        rows = [
+            (r["series_uid"], r["study_uid"], r["modality"], r["series_number"], r["n"],
+             _verdict(r["volume_ok"], r["volume_reason"]))
+            for r in idx.query(
+                "SELECT s.*, (SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n"
+                " FROM series s ORDER BY s.study_uid, s.series_number")
+        ]
+        out = _table(["SERIES UID", "STUDY UID", "MODALITY", "NUMBER", "INSTANCES", "3D VERDICT"], rows)
+    elif args.level == "instances":
+        rows = [
+            (r["sop_instance_uid"], r["series_uid"], _label(r["sop_class_uid"]),
+             TRANSFER_SYNTAX_NAMES.get(r["transfer_syntax"], r["transfer_syntax"]), r["size"],
+             r["received_at"], r["calling_ae"] or r["origin"], r["flags"] or "")
+            for r in idx.query("SELECT * FROM instances ORDER BY series_uid, instance_number")
+        ]
+        out = _table(["SOP INSTANCE UID", "SERIES UID", "CLASS", "TRANSFER SYNTAX", "BYTES", "RECEIVED",
+                      "FROM", "FLAGS"], rows)
+    else:
+        rows = [
+            (r["patient_id"], r["patient_name"], r["study_uid"], r["study_date"], r["nseries"], r["n"],
+             r["last_received"])
+            for r in idx.query(
+                "SELECT st.*, p.patient_id, p.patient_name,"
+                " (SELECT count(*) FROM series s WHERE s.study_uid = st.study_uid) AS nseries,"
+                " (SELECT count(*) FROM instances i JOIN series s USING (series_uid)"
+                "   WHERE s.study_uid = st.study_uid) AS n"
+                " FROM studies st JOIN patients p ON p.id = st.patient ORDER BY st.last_received")
+        ]
+        out = _table(["PATIENT ID", "PATIENT NAME", "STUDY UID", "DATE", "SERIES", "INSTANCES",
+                      "LAST RECEIVED"], rows)
+    print(out)
+    store.close(clean=False)
+    return 0
+
+
+def _label(uid: str) -> str:
+    try:
+        return SOP_CLASS_LABELS[SOPClass(uid)]
+    except ValueError:
+        return uid
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    """Print the stored file of a SOP Instance UID; exit 1 if it is not stored."""
+    store = open_store(args)
+    path = store.locate(args.uid)
+    store.close(clean=False)
+    if path is None:
+        print(f"no stored object has SOP Instance UID {args.uid}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Rebuild the index from the stored files."""
+    store = open_store(args)
+    n = store.reindex()
+    store.close(clean=False)
+    print(f"reindexed {n} stored object(s) under {store.data_dir}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="DICOM storage appliance")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    p.add_argument("--config", metavar="FILE", help=f"config file (default {config.DEFAULT_CONFIG_PATH} if present)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"store and index folder (default $APPLIANCE_DATA_DIR or {config.DEFAULT_DATA_DIR})")
+    verb = p.add_mutually_exclusive_group()
+    verb.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0)
+    verb.add_argument("-d", "--debug", action="store_const", const=2, dest="verbosity")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("scp", help="run the Storage SCP (C-ECHO, C-STORE)")
+    s.add_argument("-aet", "--aetitle", dest="aet", metavar="AET", help="our AE title (default ELEKTA_STORAGE)")
+    s.add_argument("-pdu", "--max-pdu", dest="pdu", type=int, metavar="BYTES", help="max PDU we receive")
+    s.add_argument("--max-associations", type=int, metavar="N", help="simultaneous associations (default 5)")
+    s.add_argument("--bind", metavar="ADDR", help="address to listen on (default 0.0.0.0)")
+    s.add_argument("port", nargs="?", type=int, metavar="PORT", help="TCP port (default 104)")
+    s.set_defaults(func=cmd_scp)
+
+    s = sub.add_parser("ls", help="list stored studies, series or instances")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--studies", action="store_const", const="studies", dest="level")
+    g.add_argument("--series", action="store_const", const="series", dest="level")
+    g.add_argument("--instances", action="store_const", const="instances", dest="level")
+    s.set_defaults(func=cmd_ls, level="studies")
+
+    s = sub.add_parser("locate", help="print the stored file of a SOP Instance UID")
+    s.add_argument("uid", metavar="SOP_INSTANCE_UID")
+    s.set_defaults(func=cmd_locate)
+
+    s = sub.add_parser("reindex", help="rebuild the index from the stored files")
+    s.set_defaults(func=cmd_reindex)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``appliance`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.verbosity)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except ApplianceError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

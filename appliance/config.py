@@ -1,0 +1,249 @@
+"""The appliance's configuration: one TOML file whose tables and keys match these dataclasses.
+
+A file holding only ``[scp]`` with ``port`` is a complete configuration: every other field
+has its default. :func:`load` gathers every problem into one :class:`ConfigError`; an
+invalid file is never replaced by defaults. :func:`save` writes atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from appliance.conformance import (
+    DEFAULT_MAX_ASSOCIATIONS,
+    DEFAULT_SCP_AE_TITLE,
+    DEFAULT_SCP_PORT,
+    MIN_PDU,
+)
+from appliance.errors import ConfigError
+
+#: Where the box keeps its configuration.
+DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
+#: Where the box keeps its store and index, unless --data-dir says otherwise.
+DEFAULT_DATA_DIR = Path("/var/lib/appliance")
+
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default repertoire, no backslash
+
+
+class DuplicatePolicy(enum.StrEnum):
+    """What to do when a stored SOP Instance UID arrives again with different content.
+
+    Identical content is always a success that changes nothing."""
+
+    #: Keep the stored object, answer the sender with a failure status (default).
+    REJECT = "reject"
+    #: Store the new object; the previous file moves to ``superseded/`` and is logged.
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    """The Storage Server (``[scp]``)."""
+
+    ae_title: str = DEFAULT_SCP_AE_TITLE
+    port: int = DEFAULT_SCP_PORT
+    bind: str = "0.0.0.0"
+    max_pdu: int = 262144
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    #: Refuse associations whose called AE title is not ours (off by default).
+    check_called_ae: bool = False
+    #: If not empty, only these calling AE titles may associate.
+    allowed_calling_aes: tuple[str, ...] = ()
+    #: Seconds to wait for an A-ASSOCIATE-RQ after a TCP connect, and for a PDU
+    #: inside an association.
+    acse_timeout: float = 30.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The store and ingest rules (``[store]``)."""
+
+    #: Below this much free space, C-STORE answers Out of Resources.
+    min_free_mb: int = 500
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
+    #: Refuse character sets outside section 7 (True), or accept and flag them (False).
+    charset_strict: bool = True
+    #: Tolerance in mm of the 3D reconstruction rule (appendix A, note 2).
+    slice_tolerance_mm: float = 0.1
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    scp: ScpConfig = field(default_factory=ScpConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+def validate_ae_title(value: str, what: str = "ae_title") -> list[str]:
+    """Return the problems of ``value`` as an AE title (empty if it is valid)."""
+    problems = []
+    if not value.strip():
+        problems.append(f"{what} is empty; an AE title needs 1 to 16 characters")
+    elif len(value) > 16:
+        problems.append(f"{what} '{value}' is {len(value)} characters; the limit is 16")
+    if not _AE_TITLE_RE.match(value):
+        problems.append(f"{what} '{value}' has characters outside plain ASCII or a backslash")
+    return problems
+
+
+def _check(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    s = cfg.scp
+    problems += validate_ae_title(s.ae_title, "scp.ae_title")
+    if not 1 <= s.port <= 65535:
+        problems.append(f"scp.port {s.port} is out of range; use 1 to 65535 (104 or 11112 are usual)")
+    if not MIN_PDU <= s.max_pdu <= 0x7FFFFFFF:
+        problems.append(f"scp.max_pdu {s.max_pdu} is out of range; use {MIN_PDU} bytes or more")
+    if not 1 <= s.max_associations <= 64:
+        problems.append(f"scp.max_associations {s.max_associations} is out of range; use 1 to 64")
+    for ae in s.allowed_calling_aes:
+        problems += validate_ae_title(ae, "scp.allowed_calling_aes entry")
+    for name in ("acse_timeout", "network_timeout"):
+        if not 0 < getattr(s, name) <= 3600:
+            problems.append(f"scp.{name} {getattr(s, name)} is out of range; use 1 to 3600 seconds")
+    st = cfg.store
+    if st.min_free_mb < 0:
+        problems.append(f"store.min_free_mb {st.min_free_mb} is negative")
+    if not 0 < st.slice_tolerance_mm <= 10:
+        problems.append(f"store.slice_tolerance_mm {st.slice_tolerance_mm} is out of range; use 0.001 to 10")
+    return problems
+
+
+def _coerce(cls: type, table: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a TOML table, collecting type problems."""
+    if not isinstance(table, dict):
+        problems.append(f"[{prefix}] must be a table")
+        return cls()
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        f = known.get(key)
+        if f is None:
+            problems.append(f"{prefix}.{key} is not a known setting (known: {', '.join(known)})")
+            continue
+        default = getattr(cls(), key)
+        try:
+            kwargs[key] = _convert(default, value)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{prefix}.{key}: {exc}")
+    return cls(**kwargs)
+
+
+def _convert(default: Any, value: Any) -> Any:
+    if isinstance(default, enum.Enum):
+        allowed = [m.value for m in type(default)]
+        if value not in allowed:
+            raise ValueError(f"'{value}' is not one of {', '.join(allowed)}")
+        return type(default)(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"'{value}' must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"'{value}' must be a whole number")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"'{value}' must be a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError("must be a list of strings")
+        return tuple(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError(f"'{value}' must be a string")
+        return value
+    raise TypeError("unsupported setting type")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML; raise one ConfigError for all problems."""
+    problems: list[str] = []
+    sections = {f.name: f for f in fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in sections:
+            problems.append(f"[{name}] is not a known section (known: {', '.join(sections)})")
+            continue
+        kwargs[name] = _coerce(type(getattr(Config(), name)), table, name, problems)
+    cfg = Config(**kwargs)
+    problems += _check(cfg)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return cfg
+
+
+def load(path: Path | None) -> Config:
+    """Read the config file at ``path``; a missing default file means all defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Return ``cfg`` as plain TOML-serialisable data."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    return {
+        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+        for name in (f.name for f in fields(Config))
+    }
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write ``cfg`` to ``path`` atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".appliance-", suffix=".toml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(to_dict(cfg), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def with_overrides(cfg: Config, **scp: Any) -> Config:
+    """Return ``cfg`` with the given ``[scp]`` settings replaced (None means keep)."""
+    changes = {k: v for k, v in scp.items() if v is not None}
+    new = replace(cfg, scp=replace(cfg.scp, **changes))
+    problems = _check(new)
+    if problems:
+        raise ConfigError("invalid setting: " + "; ".join(problems))
+    return new

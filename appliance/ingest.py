@@ -1,0 +1,248 @@
+"""The one door into the store.
+
+Whatever way an object arrives (a network C-STORE, a CD), it passes the same validation
+(appendix A, Table 12 and notes 1-2; section 7) and the same atomic write and index. Each
+refusal carries a DIMSE status and a comment a person understands, and is logged with the
+SOP Instance UID and where the object came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import attributes, dicomio
+from appliance.config import StoreConfig
+from appliance.conformance import (
+    ACCEPTED_MODALITIES,
+    DEFAULT_CHARACTER_SET,
+    DYNAMIC_PET_SERIES_TYPE,
+    IMAGE_OBJECTS,
+    UNCOMPRESSED,
+    SOPClass,
+    Status,
+    TransferSyntax,
+    allowed_character_sets,
+)
+from appliance.errors import StoreError, StoreFullError
+from appliance.store import DuplicateConflict, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an object came from: the calling AE title, or a medium."""
+
+    calling_ae: str | None
+    origin: str = "network"
+
+    def __str__(self) -> str:
+        return f"calling AE '{self.calling_ae}'" if self.calling_ae else self.origin
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of offering one object to the store."""
+
+    status: Status
+    comment: str
+    sop_instance_uid: str | None = None
+    series_uid: str | None = None
+    path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status.is_success
+
+
+class Refused(Exception):
+    """Validation refused an object (internal to this module)."""
+
+    def __init__(self, status: Status, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+class Ingest:
+    """Validates and stores objects into ``store`` under the ``[store]`` rules."""
+
+    def __init__(self, store: Store, rules: StoreConfig) -> None:
+        self.store = store
+        self.rules = rules
+
+    def space_status(self, expected_bytes: int = 0) -> Outcome | None:
+        """Return an Out of Resources outcome if the store is below its free-space watermark."""
+        try:
+            self.store.check_space(expected_bytes, self.rules.min_free_mb * 2**20)
+        except StoreFullError as exc:
+            return Outcome(Status.OUT_OF_RESOURCES, str(exc))
+        return None
+
+    def accept(
+        self,
+        body: bytes | memoryview,
+        transfer_syntax: str,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str | None,
+        source: Source,
+    ) -> Outcome:
+        """Validate the encoded data set ``body`` and store it; never raises for bad input.
+
+        ``sop_class_uid`` is what the transport says (the presentation context, or a file's
+        meta header); ``sop_instance_uid`` is the command's Affected SOP Instance UID (None
+        for media)."""
+        uid = sop_instance_uid
+        try:
+            full = self.space_status(len(body))
+            if full is not None:
+                raise Refused(full.status, full.comment)
+            attrs, flags = self._validate(body, transfer_syntax, sop_class_uid, sop_instance_uid)
+            uid = attrs["sop_instance_uid"]
+            meta = dicomio.file_meta(sop_class_uid, uid, transfer_syntax, source.calling_ae)
+            try:
+                stored = self.store.put(
+                    meta,
+                    body,
+                    attrs,
+                    transfer_syntax,
+                    calling_ae=source.calling_ae,
+                    origin=source.origin,
+                    flags=flags,
+                    policy=self.rules.duplicate_policy,
+                )
+            except DuplicateConflict as exc:
+                raise Refused(Status.REFUSED_DUPLICATE, str(exc)) from None
+            except StoreFullError as exc:
+                raise Refused(Status.OUT_OF_RESOURCES, str(exc)) from None
+        except Refused as r:
+            log.warning("refused SOP Instance %s from %s: %s", uid or "(unknown)", source, r.comment)
+            return Outcome(r.status, r.comment, uid)
+        except StoreError as exc:
+            log.error("could not store SOP Instance %s from %s: %s", uid, source, exc)
+            return Outcome(Status.PROCESSING_FAILURE, str(exc), uid)
+        if stored.already_stored:
+            comment = "identical object already stored; nothing changed"
+            log.info("SOP Instance %s from %s: %s", uid, source, comment)
+        else:
+            comment = "stored"
+            if stored.superseded:
+                comment = f"stored; the previous, different version was kept as {stored.superseded.name}"
+            if flags:
+                comment += f" (flagged: {flags})"
+            log.info("stored SOP Instance %s from %s", uid, source)
+        return Outcome(Status.SUCCESS, comment, uid, attrs["series_uid"], stored.path)
+
+    # -- validation ------------------------------------------------------------
+
+    def _validate(
+        self, body: bytes | memoryview, ts: str, sop_class_uid: str, command_uid: str | None
+    ) -> tuple[attributes.Attributes, str | None]:
+        if ts not in UNCOMPRESSED:
+            raise Refused(Status.CANNOT_UNDERSTAND, f"transfer syntax {ts} is not accepted here")
+        syntax = TransferSyntax(ts)
+        try:
+            layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+            attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
+        except (dicomio.EncodingError, attributes.AttributeDecodeError) as exc:
+            raise Refused(Status.CANNOT_UNDERSTAND, f"the data set does not decode: {exc}") from None
+
+        ds_class = attrs["sop_class_uid"]
+        if ds_class != sop_class_uid:
+            raise Refused(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"the data set's SOP Class UID {ds_class or '(missing)'} does not match "
+                f"the negotiated SOP class {sop_class_uid}",
+            )
+        ds_uid = attrs["sop_instance_uid"]
+        if not ds_uid:
+            raise Refused(Status.CANNOT_UNDERSTAND, "the data set has no SOP Instance UID (0008,0018)")
+        if command_uid is not None and ds_uid != command_uid:
+            raise Refused(
+                Status.REFUSED_UID_MISMATCH,
+                f"the data set's SOP Instance UID {ds_uid} does not match the request's {command_uid}",
+            )
+        for column, tag in (("study_uid", "Study Instance UID (0020,000D)"),
+                            ("series_uid", "Series Instance UID (0020,000E)")):
+            if not attrs[column]:
+                raise Refused(Status.CANNOT_UNDERSTAND, f"the data set has no {tag}")
+
+        modality = (attrs["modality"] or "").strip()
+        if modality not in ACCEPTED_MODALITIES:
+            raise Refused(
+                Status.REFUSED_MODALITY,
+                f"modality '{modality or '(missing)'}' is not accepted; accepted are "
+                f"{', '.join(sorted(ACCEPTED_MODALITIES))}",
+            )
+        series_type = str(attrs["series_type"] or "").split("\\")[0].strip().upper()
+        if series_type == DYNAMIC_PET_SERIES_TYPE:
+            raise Refused(Status.REFUSED_DYNAMIC_PET, "dynamic PET series (Series Type DYNAMIC) are not accepted")
+        frames = attrs["number_of_frames"] or 1
+        if sop_class_uid == SOPClass.XA_IMAGE and frames > 1:
+            raise Refused(
+                Status.REFUSED_MULTIFRAME_XA,
+                f"multi-frame X-ray angiography ({frames} frames) is not accepted; only single frames",
+            )
+        flags = self._check_charset(attrs, sop_class_uid)
+        if sop_class_uid in IMAGE_OBJECTS:
+            self._check_pixels(body, layout, attrs, syntax)
+        return attrs, flags
+
+    def _check_charset(self, attrs: attributes.Attributes, sop_class_uid: str) -> str | None:
+        terms = [t for t in attrs.charsets if t]
+        allowed = allowed_character_sets(sop_class_uid)
+        kind = "RT objects" if allowed is not allowed_character_sets(SOPClass.CT_IMAGE) else "images"
+        problem = None
+        if len(attrs.charsets) > 1 or any(t.startswith("ISO 2022") for t in terms):
+            joined = "\\".join(attrs.charsets)
+            problem = (f"character set '{joined}' uses ISO 2022 code extensions, "
+                       "which are not supported")
+        elif terms and terms[0] != DEFAULT_CHARACTER_SET and terms[0] not in allowed:
+            problem = (f"character set '{terms[0]}' is not supported for {kind}; supported are the default "
+                       f"and {', '.join(sorted(allowed))}")
+        if problem is None:
+            return None
+        if self.rules.charset_strict:
+            raise Refused(Status.REFUSED_CHARACTER_SET, problem)
+        return "charset: " + problem
+
+    @staticmethod
+    def _check_pixels(
+        body: bytes | memoryview, layout: dicomio.Layout, attrs: attributes.Attributes, syntax: TransferSyntax
+    ) -> None:
+        pixel = layout.elements.get(dicomio.PIXEL_DATA)
+        if pixel is None:
+            raise Refused(Status.REFUSED_PIXEL_DATA, "the image has no Pixel Data (7FE0,0010)")
+        if pixel.length is None:
+            raise Refused(Status.REFUSED_PIXEL_DATA, "Pixel Data is encapsulated, but the transfer syntax is not")
+        dims = [attrs[c] for c in ("rows", "columns", "samples_per_pixel", "bits_allocated")]
+        if any(d is None for d in dims):
+            raise Refused(
+                Status.REFUSED_PIXEL_DATA,
+                "Rows, Columns, Samples per Pixel and Bits Allocated are needed to read the Pixel Data",
+            )
+        rows, cols, spp, bits = (int(d) for d in dims)
+        frames = int(attrs["number_of_frames"] or 1)
+        expected = (rows * cols * spp * frames * bits + 7) // 8
+        if pixel.length not in (expected, expected + (expected & 1)):
+            raise Refused(
+                Status.REFUSED_PIXEL_DATA,
+                f"Pixel Data holds {pixel.length} bytes, but {rows} rows x {cols} columns x {spp} samples x "
+                f"{bits} bits x {frames} frame(s) need {expected}",
+            )
+        group_length = layout.elements.get(dicomio.PIXEL_DATA_GROUP_LENGTH)
+        if group_length is not None:
+            if group_length.length != 4:
+                raise Refused(Status.REFUSED_PIXEL_DATA, "Pixel Data Group Length (7FE0,0000) is not 4 bytes long")
+            fmt = "<L" if syntax.is_little_endian else ">L"
+            (claimed,) = struct.unpack_from(fmt, body, group_length.value_offset)
+            actual = layout.group_size(0x7FE0)
+            if claimed != actual:
+                raise Refused(
+                    Status.REFUSED_PIXEL_DATA,
+                    f"Pixel Data Group Length (7FE0,0000) says {claimed} bytes, but the group holds {actual}",
+                )

@@ -1,0 +1,366 @@
+"""The store: DICOM Part 10 files on disk, written atomically, and their SQLite index.
+
+Layout under the data directory::
+
+    objects/<study>/<series>/<sop instance>.dcm   the stored objects, byte-exact
+    tmp/                                          objects being written (emptied at start)
+    superseded/                                   objects replaced under the REPLACE policy
+    index.sqlite                                  the index (WAL)
+
+An object is written to ``tmp/``, fsynced, renamed into ``objects/`` (the directory is
+fsynced too), and only then indexed; only then does the sender hear success. After a crash
+the files are the truth: :meth:`Store.recover` indexes files the index lacks and drops rows
+whose file is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from appliance import attributes, dicomio, volume
+from appliance.conformance import TransferSyntax
+from appliance.config import DuplicatePolicy
+from appliance.errors import StoreError, StoreFullError
+from appliance.index import Index, InstanceRow
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CLEAN_MARK = ".clean-shutdown"
+
+
+class DuplicateConflict(StoreError):
+    """A different object with the same SOP Instance UID is already stored."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """The outcome of :meth:`Store.put`."""
+
+    sop_instance_uid: str
+    path: Path
+    #: True when identical content was already stored and nothing changed.
+    already_stored: bool
+    #: The path the previous, different object was moved to (REPLACE policy).
+    superseded: Path | None = None
+
+
+def path_component(uid: str) -> str:
+    """Return a safe file-name component for ``uid``.
+
+    A well-formed UID (digits and dots, at most 64 characters) is used as it is; anything
+    else is replaced by a hash, so no UID can name a path outside the store."""
+    if len(uid) <= 64 and _UID_RE.match(uid):
+        return uid
+    return "h" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    """The object files and the index under ``data_dir``; safe to share between threads."""
+
+    def __init__(self, data_dir: Path, *, slice_tolerance_mm: float = 0.1) -> None:
+        self.data_dir = data_dir
+        self.objects = data_dir / "objects"
+        self.tmp = data_dir / "tmp"
+        self.superseded = data_dir / "superseded"
+        self.slice_tolerance_mm = slice_tolerance_mm
+        try:
+            for d in (self.objects, self.tmp, self.superseded):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store under {data_dir}: {exc.strerror}") from exc
+        self.index = Index(data_dir / "index.sqlite")
+        self._lock = threading.Lock()
+        self._uid_locks: dict[str, threading.Lock] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open_for_service(self) -> dict[str, int]:
+        """Prepare for a service run: clear ``tmp/`` and, after an unclean stop, reconcile.
+
+        Returns what recovery did (see :meth:`recover`)."""
+        mark = self.data_dir / _CLEAN_MARK
+        for leftover in self.tmp.iterdir():
+            log.info("removing unfinished object %s left by an earlier run", leftover.name)
+            leftover.unlink(missing_ok=True)
+        if mark.exists():
+            mark.unlink()
+            _fsync_dir(self.data_dir)
+            result = {"indexed": 0, "dropped": 0}
+        else:
+            result = self.recover()
+        self.update_verdicts()
+        return result
+
+    def close(self, clean: bool = True) -> None:
+        """Close the index; mark a clean shutdown so the next start skips reconciliation."""
+        self.index.close()
+        if clean:
+            (self.data_dir / _CLEAN_MARK).touch()
+            _fsync_dir(self.data_dir)
+
+    def recover(self) -> dict[str, int]:
+        """Make index and files agree: index unindexed files, drop rows without a file."""
+        known = self.index.paths()
+        on_disk = set()
+        indexed = dropped = 0
+        for path in self.objects.rglob("*.dcm"):
+            rel = str(path.relative_to(self.data_dir))
+            on_disk.add(rel)
+            if rel not in known:
+                try:
+                    self._index_file(path, calling_ae=None, origin="recovered")
+                    indexed += 1
+                except (StoreError, dicomio.EncodingError, OSError) as exc:
+                    log.warning("stored file %s cannot be indexed (%s); leaving it in place", rel, exc)
+        for rel, uid in known.items():
+            if rel not in on_disk:
+                log.warning("index row for %s has no file %s; dropping the row", uid, rel)
+                self.index.remove(uid)
+                dropped += 1
+        if indexed or dropped:
+            log.warning("recovery after an unclean stop: %d file(s) indexed, %d row(s) dropped", indexed, dropped)
+        return {"indexed": indexed, "dropped": dropped}
+
+    def reindex(self) -> int:
+        """Rebuild the whole index from the stored files; return how many were indexed."""
+        self.index.clear()
+        count = 0
+        for path in sorted(self.objects.rglob("*.dcm")):
+            try:
+                self._index_file(path, calling_ae=None, origin="reindex")
+                count += 1
+            except (StoreError, dicomio.EncodingError, OSError) as exc:
+                log.warning("stored file %s cannot be indexed: %s", path, exc)
+        self.update_verdicts()
+        return count
+
+    def _index_file(self, path: Path, calling_ae: str | None, origin: str) -> None:
+        data = path.read_bytes()
+        offset, ts = dicomio.split_part10(data)
+        try:
+            syntax = TransferSyntax(ts)
+        except ValueError:
+            raise StoreError(f"unsupported transfer syntax {ts}") from None
+        body = memoryview(data)[offset:]
+        layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+        attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="milliseconds")
+        self.index.add(
+            self._row(attrs, path, ts, len(data), hashlib.sha256(body).hexdigest(), mtime, calling_ae, origin, None)
+        )
+
+    def _row(
+        self,
+        attrs: attributes.Attributes,
+        path: Path,
+        ts: str,
+        size: int,
+        digest: str,
+        received_at: str,
+        calling_ae: str | None,
+        origin: str,
+        flags: str | None,
+    ) -> dict[str, Any]:
+        row = dict(attrs.values)
+        row.update(
+            path=str(path.relative_to(self.data_dir)),
+            transfer_syntax=ts,
+            size=size,
+            sha256=digest,
+            received_at=received_at,
+            calling_ae=calling_ae,
+            origin=origin,
+            flags=flags,
+        )
+        return row
+
+    # -- writing ---------------------------------------------------------------
+
+    def path_for(self, attrs: attributes.Attributes) -> Path:
+        """Return where the object described by ``attrs`` is stored."""
+        return (
+            self.objects
+            / path_component(attrs["study_uid"] or "")
+            / path_component(attrs["series_uid"] or "")
+            / (path_component(attrs["sop_instance_uid"] or "") + ".dcm")
+        )
+
+    def check_space(self, needed: int, min_free: int) -> None:
+        """Raise StoreFullError if storing ``needed`` bytes would go below ``min_free`` free bytes."""
+        st = os.statvfs(self.objects)
+        free = st.f_bavail * st.f_frsize
+        if free - needed < min_free:
+            raise StoreFullError(
+                f"the store's disk has {free // 2**20} MiB free; at least {min_free // 2**20} MiB "
+                "must stay free. Free space (export and delete old studies) to resume storing"
+            )
+
+    def put(
+        self,
+        meta: bytes,
+        body: bytes | memoryview,
+        attrs: attributes.Attributes,
+        transfer_syntax: str,
+        *,
+        calling_ae: str | None,
+        origin: str,
+        flags: str | None = None,
+        policy: DuplicatePolicy = DuplicatePolicy.REJECT,
+    ) -> StoredObject:
+        """Store one object (``meta`` + ``body``) atomically and durably, then index it.
+
+        Raises StoreFullError on ENOSPC (nothing is left behind) and DuplicateConflict when
+        a different object with the same SOP Instance UID is stored and policy is REJECT."""
+        uid = attrs["sop_instance_uid"]
+        digest = hashlib.sha256(body).hexdigest()
+        final = self.path_for(attrs)
+        tmp = self._write_temp(meta, body)
+        try:
+            with self._uid_lock(uid):
+                old = self.index.instance(uid)
+                moved: Path | None = None
+                if old is not None and (self.data_dir / old.path).exists():
+                    if old.sha256 == digest or self._same_as_stored(old, body, transfer_syntax):
+                        return StoredObject(uid, self.data_dir / old.path, already_stored=True)
+                    if policy is DuplicatePolicy.REJECT:
+                        raise DuplicateConflict(
+                            f"a different object with SOP Instance UID {uid} is already stored "
+                            f"(received {old.received_at} from {old.calling_ae or 'media'}); "
+                            "the stored one was kept"
+                        )
+                    moved = self._supersede(self.data_dir / old.path)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+                self.index.add(
+                    self._row(attrs, final, transfer_syntax, len(meta) + len(body), digest, _now(),
+                              calling_ae, origin, flags)
+                )
+                return StoredObject(uid, final, already_stored=False, superseded=moved)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError("the store's disk is full; nothing was stored. Free space to resume") from exc
+            raise StoreError(f"cannot store {uid}: {exc.strerror}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _same_as_stored(self, old: InstanceRow, body: bytes | memoryview, transfer_syntax: str) -> bool:
+        try:
+            data = (self.data_dir / old.path).read_bytes()
+            offset, ts = dicomio.split_part10(data)
+            return attributes.same_content(memoryview(data)[offset:], ts, body, transfer_syntax)
+        except (ValueError, OSError, dicomio.EncodingError) as exc:
+            log.warning("cannot compare with stored %s: %s", old.sop_instance_uid, exc)
+            return False
+
+    def _write_temp(self, meta: bytes, body: bytes | memoryview) -> Path:
+        fd = -1
+        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            for chunk in (meta, body):
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            os.fsync(fd)
+            return tmp
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError("the store's disk is full; nothing was stored. Free space to resume") from exc
+            raise StoreError(f"cannot write to the store: {exc.strerror}") from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _supersede(self, path: Path) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        dest = self.superseded / f"{stamp}-{path.name}"
+        os.replace(path, dest)
+        _fsync_dir(self.superseded)
+        log.warning("replaced stored object %s; the previous version is kept as %s", path.name, dest)
+        return dest
+
+    def _uid_lock(self, uid: str) -> threading.Lock:
+        with self._lock:
+            lock = self._uid_locks.get(uid)
+            if lock is None:
+                if len(self._uid_locks) > 4096:
+                    self._uid_locks = {k: v for k, v in self._uid_locks.items() if v.locked()}
+                lock = self._uid_locks[uid] = threading.Lock()
+            return lock
+
+    # -- reading ---------------------------------------------------------------
+
+    def locate(self, sop_instance_uid: str) -> Path | None:
+        """Return the stored file of an instance, or None."""
+        row = self.index.instance(sop_instance_uid)
+        return None if row is None else self.data_dir / row.path
+
+    def instances(self, series_uid: str | None = None) -> list[InstanceRow]:
+        return self.index.instances(series_uid)
+
+    def update_verdicts(self, series: Iterator[str] | list[str] | None = None) -> None:
+        """Recompute the 3D verdict of the given series (default: every stale one)."""
+        for series_uid in series if series is not None else self.index.stale_series():
+            rows = self.index.geometry(series_uid)
+            if not rows:
+                continue
+            slices = [
+                volume.Slice(
+                    r["sop_instance_uid"],
+                    _vec(r["image_position_patient"]),
+                    _vec(r["image_orientation_patient"]),
+                    r["slice_thickness"],
+                    r["spacing_between_slices"],
+                    r["number_of_frames"] or 1,
+                )
+                for r in rows
+            ]
+            v = volume.verdict(slices, self.slice_tolerance_mm)
+            self.index.set_verdict(series_uid, v.ok, v.reason)
+
+
+def _vec(value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(float(x) for x in value.split("\\"))
+    except ValueError:
+        return None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for unprivileged writers on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_usage_percent(path: Path) -> float:
+    u = shutil.disk_usage(path)
+    return 100.0 * u.used / u.total if u.total else 0.0
