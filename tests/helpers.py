@@ -1,0 +1,169 @@
+"""Test helpers: the shared sample corpus, generated series, waiting on conditions, DCMTK."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from appliance.conformance import SOPClass, TransferSyntax
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = Path(os.environ.get("APPLIANCE_SAMPLES", ROOT.parent / "shared" / "dicom-samples"))
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    modality: str
+    expected: str
+    roles: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def samples() -> list[Sample]:
+    """The shared corpus, from its manifest."""
+    manifest = json.loads((SAMPLES / "manifest.json").read_text())
+    return [
+        Sample(
+            SAMPLES / e["file"],
+            e["sop_class_uid"],
+            e["sop_instance_uid"],
+            e["transfer_syntax"],
+            e["modality"],
+            e["expected"],
+            tuple(e["roles"]),
+        )
+        for e in manifest
+    ]
+
+
+def sample(role: str) -> Sample:
+    """The sample playing ``role`` in the manifest (e.g. 'ct_ele')."""
+    for s in samples():
+        if role in s.roles:
+            return s
+    raise KeyError(role)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"DCMTK's {tool} is not installed; scripts/test installs Debian's dcmtk")
+    return path
+
+
+def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def ct_series(
+    n: int = 5,
+    *,
+    spacing: float = 2.0,
+    thickness: float = 2.0,
+    rows: int = 16,
+    cols: int = 16,
+    study_uid: str | None = None,
+    patient: str = "Test^Volume",
+) -> list[Dataset]:
+    """A generated axial CT series of ``n`` slices (Explicit VR LE), evenly spaced."""
+    study = study_uid or generate_uid()
+    series = generate_uid()
+    frame = generate_uid()
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = str(SOPClass.CT_IMAGE)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyDate = "20261128"
+        ds.StudyTime = "101500"
+        ds.Modality = "CT"
+        ds.Manufacturer = "Test"
+        ds.PatientName = patient
+        ds.PatientID = "VOL-1"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SeriesNumber = 3
+        ds.InstanceNumber = i + 1
+        ds.FrameOfReferenceUID = frame
+        ds.ImagePositionPatient = [-10.0, -10.0, i * spacing]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceThickness = thickness
+        ds.SpacingBetweenSlices = spacing
+        ds.SliceLocation = i * spacing
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = rng.integers(-1000, 2000, size=(rows, cols), dtype=np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def write_series(datasets: list[Dataset], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        p = folder / f"slice{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def encode(ds: Dataset, ts: str = TransferSyntax.EXPLICIT_LE) -> bytes:
+    """Encode ``ds`` (no file meta) as a data set body in transfer syntax ``ts``."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    syntax = TransferSyntax(ts)
+    buf = DicomBytesIO()
+    buf.is_implicit_VR = syntax.is_implicit_vr
+    buf.is_little_endian = syntax.is_little_endian
+    clean = Dataset()
+    clean.update(ds)
+    write_dataset(buf, clean)
+    return buf.getvalue()

@@ -1,0 +1,71 @@
+import struct
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from appliance import dicomio
+from appliance.conformance import TransferSyntax
+from helpers import encode, sample, samples
+
+
+def body_of(s):
+    data = s.path.read_bytes()
+    off, ts = dicomio.split_part10(data)
+    syntax = TransferSyntax(ts) if ts in set(TransferSyntax) else None
+    return data[off:], ts, syntax
+
+
+@pytest.mark.parametrize("s", [s for s in samples() if s.transfer_syntax in set(TransferSyntax)], ids=lambda s: s.name)
+def test_every_sample_walks(s):
+    body, ts, syntax = body_of(s)
+    layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+    assert layout.size == len(body)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 100])
+def test_truncation_is_detected(cut):
+    body, _, syntax = body_of(sample("ct_ele"))
+    with pytest.raises(dicomio.EncodingError, match="truncated|trail|ends"):
+        dicomio.walk(body[:-cut], syntax.is_implicit_vr, syntax.is_little_endian)
+
+
+def test_lying_element_length_is_detected():
+    ds = Dataset()
+    ds.PatientName = "A^B"
+    ds.PatientID = "123"
+    body = bytearray(encode(ds, TransferSyntax.EXPLICIT_LE))
+    struct.pack_into("<H", body, 6, 200)  # PatientName claims 200 bytes
+    with pytest.raises(dicomio.EncodingError, match=r"\(0010,0010\)"):
+        dicomio.walk(bytes(body), False, True)
+
+
+def test_trailing_garbage_is_detected():
+    body, _, syntax = body_of(sample("mr_ile"))
+    with pytest.raises(dicomio.EncodingError):
+        dicomio.walk(body + b"\x01\x02\x03\x04\x05", True, True)
+
+
+def test_nested_undefined_length_sequences():
+    body, _, syntax = body_of(sample("rtstruct_ile_large"))
+    layout = dicomio.walk(body, True, True)
+    assert 0x30060039 in layout.elements  # ROI Contour Sequence
+    with pytest.raises(dicomio.EncodingError):
+        dicomio.walk(body[: len(body) // 2], True, True)
+
+
+def test_file_meta_reads_back_with_pydicom(tmp_path):
+    s = sample("ct_ele")
+    body, ts, _ = body_of(s)
+    p = tmp_path / "x.dcm"
+    p.write_bytes(dicomio.file_meta(s.sop_class_uid, s.sop_instance_uid, ts, "SENDER") + body)
+    ds = pydicom.dcmread(p)
+    assert ds.file_meta.SourceApplicationEntityTitle == "SENDER"
+    assert ds.file_meta.ImplementationClassUID.startswith("2.25.")
+    assert ds.SOPInstanceUID == s.sop_instance_uid
+    assert dicomio.split_part10(p.read_bytes())[1] == ts
+
+
+def test_split_part10_refuses_non_dicom():
+    with pytest.raises(dicomio.EncodingError, match="DICM"):
+        dicomio.split_part10(b"hello" * 100)
