@@ -25,7 +25,7 @@ Handler = Callable[[argparse.Namespace], int]
 #: Modules that add their own subcommands: each has ``add_commands(subparsers)``, whose
 #: handlers take the parsed arguments (with ``config``, ``data_dir``, ``verbosity``) and
 #: return an exit code. Use :func:`load_config` and :func:`open_store` from here.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("appliance.importer", "appliance.sender")
 
 
 def data_dir(args: argparse.Namespace) -> Path:

@@ -1,0 +1,662 @@
+"""CD import (section 4.4, Table 9): store every DICOM Part 10 object found on a disc.
+
+The source is an ISO 9660 image file, an optical drive (``/dev/sr0``) or an already mounted
+folder. Images and drives are read in userspace with pycdlib: no mount, no iso9660 kernel
+driver and nothing written. Every file is read (Rock Ridge names first, then Joliet, then
+ISO 9660); a file is a DICOM object if it has ``DICM`` at byte 128. The DICOMDIR is ignored.
+
+Objects that Table 9 lists go through :class:`appliance.ingest.Ingest`, the same door and
+validation as a network C-STORE. JPEG Lossless objects are decoded with pydicom and pylibjpeg
+and stored as Explicit VR Little Endian, with the same pixel values. Everything else is
+skipped with its reason. One bad file (a read error, a corrupt data set) is reported, and the
+import goes on with the others. pycdlib objects stay inside :class:`IsoDisc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import errno
+import fcntl
+import io
+import logging
+import os
+import re
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Callable, Protocol, TextIO
+
+import pycdlib
+import pydicom
+from pycdlib.pycdlibexception import PyCdlibException
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+
+from appliance import dicomio
+from appliance.conformance import (
+    SOP_CLASS_LABELS,
+    TABLE_9,
+    TRANSFER_SYNTAX_NAMES,
+    SOPClass,
+    TransferSyntax,
+    syntaxes_for,
+)
+from appliance.errors import MediaError
+from appliance.ingest import Ingest, Outcome, Source
+
+log = logging.getLogger(__name__)
+
+#: Objects larger than this are not read into memory (a CD holds 700 MB).
+DEFAULT_MAX_OBJECT_MB = 1024
+#: ioctl request that opens the tray of a Linux CD-ROM drive (linux/cdrom.h).
+_CDROMEJECT = 0x5309
+#: What :meth:`Ingest.accept` says when an identical object was already stored.
+_ALREADY_STORED_COMMENT = "identical object already stored"
+_PREAMBLE = 132
+_CHUNK = 1 << 20
+_VERSION_SUFFIX = re.compile(r";[0-9]*$")
+
+
+class MediumKind(enum.StrEnum):
+    """What the import source is."""
+
+    IMAGE = "ISO image"
+    DRIVE = "optical drive"
+    FOLDER = "folder"
+
+
+class Result(enum.StrEnum):
+    """The one outcome each file on a disc gets."""
+
+    IMPORTED = "imported"
+    ALREADY_STORED = "already stored"
+    REFUSED = "refused"
+    SKIPPED = "skipped"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class DiscFile:
+    """One entry on a medium: ``path`` as people see it, ``key`` as the medium names it.
+
+    ``skip`` says why the entry is not read (a symbolic link, a device node), ``error`` why
+    it cannot be (an unreadable folder)."""
+
+    path: str
+    size: int
+    key: str
+    skip: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What happened to one file."""
+
+    path: str
+    size: int
+    result: Result
+    reason: str
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    transfer_syntax: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far an import has come."""
+
+    files_done: int
+    files_total: int
+    bytes_read: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """The per-disc report: one :class:`FileResult` per file, in disc order."""
+
+    source: str
+    kind: MediumKind
+    label: str
+    started_at: str
+    files: tuple[FileResult, ...]
+    bytes_read: int
+    seconds: float
+    #: What happened to the tray ("" when nothing was to be done).
+    eject: str = ""
+
+    def count(self, result: Result) -> int:
+        return sum(1 for f in self.files if f.result is result)
+
+    @property
+    def ok(self) -> bool:
+        """True when no DICOM object was refused and no file was unreadable."""
+        return not (self.count(Result.REFUSED) or self.count(Result.UNREADABLE))
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.count(r)} {r.value}" for r in Result)
+        text = (
+            f"{self.kind.value} '{self.label}' ({self.source}): {len(self.files)} files: {counts}; "
+            f"read {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s)"
+        )
+        if not self.count(Result.IMPORTED):
+            text += "; nothing new was stored"
+        return text
+
+    def render(self) -> str:
+        """The report as text: the summary, then one line per file."""
+        lines = [self.summary()]
+        if self.eject:
+            lines.append(self.eject)
+        width = max(len(r.value) for r in Result)
+        for f in self.files:
+            what = f" {_class_name(f.sop_class_uid)}" if f.sop_class_uid else ""
+            lines.append(f"{f.result.value:<{width}}  {f.path}{what}: {f.reason}")
+        return "\n".join(lines)
+
+
+# -- media -----------------------------------------------------------------------------
+
+
+class Disc(Protocol):
+    """A readable medium: its files, and a way to read one."""
+
+    kind: MediumKind
+    label: str
+
+    def files(self) -> list[DiscFile]: ...
+
+    def open(self, f: DiscFile) -> IO[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class IsoDisc:
+    """An ISO 9660 file system read with pycdlib from an image file, a drive or any file object."""
+
+    def __init__(self, fp: IO[bytes], name: str, kind: MediumKind, *, owns_fp: bool = True) -> None:
+        """Parse the volume in ``fp``; raise MediaError if it is not ISO 9660 or cannot be read."""
+        self.kind = kind
+        self._fp = fp
+        self._owns_fp = owns_fp
+        self._iso = pycdlib.PyCdlib()
+        try:
+            self._iso.open_fp(fp)
+        except PyCdlibException as exc:
+            self._close_fp()
+            raise MediaError(
+                f"{name} does not hold an ISO 9660 file system ({exc}); only ISO 9660 CDs can be imported"
+            ) from None
+        except OSError as exc:
+            self._close_fp()
+            raise MediaError(f"cannot read the file system of {name}: {_read_error(exc)}") from None
+        # Rock Ridge keeps POSIX names and symbolic links; Joliet keeps long names.
+        if self._iso.has_rock_ridge():
+            self._namespace = "rr_path"
+        elif self._iso.has_joliet():
+            self._namespace = "joliet_path"
+        else:
+            self._namespace = "iso_path"
+        label = self._iso.pvd.volume_identifier.decode("ascii", "replace").strip(" \x00")
+        self.label = label or name
+        # pycdlib silently shortens files that run past the end of a cut-short image or disc;
+        # compare the readable size with the size the volume descriptor declares.
+        self._block = self._iso.logical_block_size
+        declared = self._iso.pvd.space_size * self._block
+        try:
+            readable = fp.seek(0, os.SEEK_END)
+        except OSError:
+            readable = declared
+        self._readable = readable if readable < declared else None
+
+    @classmethod
+    def open_path(cls, path: Path, kind: MediumKind) -> IsoDisc:
+        """Open an image file or a drive read-only."""
+        try:
+            fp = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise MediaError(_open_error(path, exc)) from None
+        return cls(fp, str(path), kind)
+
+    def files(self) -> list[DiscFile]:
+        out: list[DiscFile] = []
+        for dirpath, _dirs, names in self._iso.walk(**{self._namespace: "/"}):
+            for name in sorted(names):
+                key = dirpath.rstrip("/") + "/" + name
+                rec = self._iso.get_record(**{self._namespace: key})
+                shown = self._display(key)
+                if rec.is_symlink():
+                    out.append(DiscFile(shown, 0, key, skip="symbolic link; not followed"))
+                elif self._readable is not None and (
+                    rec.extent_location() * self._block + rec.get_data_length() >= self._readable
+                ):
+                    out.append(DiscFile(shown, rec.get_data_length(), key, error=(
+                        f"the file runs past the last readable byte of the disc ({self._readable}); "
+                        "the image or disc is cut short or damaged")))
+                else:
+                    out.append(DiscFile(shown, rec.get_data_length(), key))
+        return out
+
+    def _display(self, key: str) -> str:
+        if self._namespace != "iso_path":
+            return key
+        # ISO 9660 names carry a version (";1") and a dot when they have no extension.
+        return "/".join(_VERSION_SUFFIX.sub("", part).rstrip(".") if part else part for part in key.split("/"))
+
+    def open(self, f: DiscFile) -> IO[bytes]:
+        return self._iso.open_file_from_iso(**{self._namespace: f.key})  # type: ignore[no-any-return]
+
+    def _close_fp(self) -> None:
+        if self._owns_fp:
+            self._fp.close()
+
+    def close(self) -> None:
+        try:
+            self._iso.close()
+        except PyCdlibException:
+            pass
+        self._close_fp()
+
+
+class FolderDisc:
+    """A disc the system has already mounted (or any folder); symbolic links are not followed."""
+
+    kind = MediumKind.FOLDER
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.label = str(root)
+
+    def files(self) -> list[DiscFile]:
+        out: list[DiscFile] = []
+        seen: set[tuple[int, int]] = set()
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            rel = folder.relative_to(self.root).as_posix()
+            shown = "/" if rel == "." else "/" + rel
+            try:
+                st = folder.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    out.append(DiscFile(shown, 0, str(folder), skip="folder already read (a loop)"))
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                out.append(DiscFile(shown, 0, str(folder), error=f"the folder cannot be read: {_read_error(exc)}"))
+                continue
+            subfolders = []
+            for e in entries:
+                path = "/" + Path(e.path).relative_to(self.root).as_posix()
+                try:
+                    if e.is_symlink():
+                        out.append(DiscFile(path, 0, e.path, skip="symbolic link; not followed"))
+                    elif e.is_dir(follow_symlinks=False):
+                        subfolders.append(Path(e.path))
+                    elif e.is_file(follow_symlinks=False):
+                        out.append(DiscFile(path, e.stat(follow_symlinks=False).st_size, e.path))
+                    else:
+                        out.append(DiscFile(path, 0, e.path, skip="not a regular file (device, pipe or socket)"))
+                except OSError as exc:
+                    out.append(DiscFile(path, 0, e.path, error=f"cannot be read: {_read_error(exc)}"))
+            stack.extend(reversed(subfolders))
+        return out
+
+    def open(self, f: DiscFile) -> IO[bytes]:
+        return open(f.key, "rb")
+
+    def close(self) -> None:
+        pass
+
+
+def open_disc(source: Path) -> Disc:
+    """Open ``source`` (an ISO image, an optical drive or a folder) for reading; raise MediaError."""
+    try:
+        mode = source.stat().st_mode
+    except OSError as exc:
+        raise MediaError(_open_error(source, exc)) from None
+    if stat.S_ISDIR(mode):
+        return FolderDisc(source)
+    if stat.S_ISBLK(mode):
+        return IsoDisc.open_path(source, MediumKind.DRIVE)
+    if stat.S_ISREG(mode):
+        return IsoDisc.open_path(source, MediumKind.IMAGE)
+    raise MediaError(f"{source} is neither an ISO image file, an optical drive nor a folder")
+
+
+def eject(device: Path) -> None:
+    """Open the tray of the optical drive ``device``; raise MediaError if it cannot."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fcntl.ioctl(fd, _CDROMEJECT)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise MediaError(f"cannot eject the disc in {device}: {exc.strerror}") from None
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+class _Done(Exception):
+    """A file's outcome is known before it reaches ingest (internal)."""
+
+    def __init__(self, result: Result, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
+
+
+class _Importer:
+    def __init__(self, disc: Disc, ingest: Ingest, max_object_bytes: int) -> None:
+        self.disc = disc
+        self.ingest = ingest
+        self.max_object_bytes = max_object_bytes
+        self.source = Source(calling_ae=None, origin=f"cd:{disc.label}")
+        self.bytes_read = 0
+
+    def one(self, f: DiscFile) -> FileResult:
+        meta: dict[str, str | None] = {}
+        try:
+            return self._one(f, meta)
+        except _Done as done:
+            return FileResult(f.path, f.size, done.result, done.reason, meta.get("class"),
+                              meta.get("instance"), meta.get("ts"))
+
+    def _one(self, f: DiscFile, meta: dict[str, str | None]) -> FileResult:
+        if f.error:
+            raise _Done(Result.UNREADABLE, f.error)
+        if f.skip:
+            raise _Done(Result.SKIPPED, f.skip)
+        if _is_dicomdir(f.path):
+            raise _Done(Result.SKIPPED, "DICOMDIR (the disc's index): ignored; every file is read instead")
+        if f.size == 0:
+            raise _Done(Result.SKIPPED, "empty file")
+        if f.size < _PREAMBLE:
+            raise _Done(Result.SKIPPED, "not a DICOM file: too short for a DICOM preamble")
+        data = self._read(f)
+        try:
+            offset, ts = dicomio.split_part10(data)
+        except dicomio.EncodingError as exc:
+            raise _Done(Result.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
+        meta["ts"] = ts
+        sop_class, meta["instance"] = _classify(data, offset)
+        meta["class"] = sop_class
+        if sop_class == MediaStorageDirectoryStorage:
+            raise _Done(Result.SKIPPED, "a DICOMDIR (the disc's index): ignored")
+        allowed = syntaxes_for(TABLE_9, sop_class)
+        if not allowed:
+            raise _Done(Result.SKIPPED, "this SOP class is not read from CD (not in Table 9)")
+        if ts not in allowed:
+            raise _Done(Result.SKIPPED, f"transfer syntax {_ts_name(ts)} is not read from CD for this class "
+                        "(not in Table 9)")
+        body: bytes | memoryview = memoryview(data)[offset:]
+        note = ""
+        if TransferSyntax(ts).is_compressed:
+            try:
+                body, ts = _decompress(data), TransferSyntax.EXPLICIT_LE
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem
+                raise _Done(Result.REFUSED, f"the JPEG Lossless pixel data does not decode: {exc}") from None
+            note = f" (decoded from {_ts_name(meta['ts'] or '')}, stored as {_ts_name(ts)})"
+        outcome = self.ingest.accept(body, ts, sop_class_uid=sop_class, sop_instance_uid=None, source=self.source)
+        return self._result(f, outcome, sop_class, meta, note)
+
+    @staticmethod
+    def _result(f: DiscFile, outcome: Outcome, sop_class: str, meta: dict[str, str | None], note: str) -> FileResult:
+        if not outcome.ok:
+            result = Result.REFUSED
+        elif outcome.comment.startswith(_ALREADY_STORED_COMMENT):
+            result = Result.ALREADY_STORED
+        else:
+            result = Result.IMPORTED
+        return FileResult(f.path, f.size, result, outcome.comment + note, sop_class,
+                          outcome.sop_instance_uid or meta.get("instance"), meta.get("ts"))
+
+    def _read(self, f: DiscFile) -> bytes:
+        try:
+            with self.disc.open(f) as fp:
+                head = self._read_exactly(fp, _PREAMBLE, f, 0)
+                if head[128:132] != b"DICM":
+                    raise _Done(Result.SKIPPED, "not a DICOM Part 10 file (no 'DICM' at byte 128)")
+                if f.size > self.max_object_bytes:
+                    raise _Done(Result.REFUSED, f"the object is {f.size / 2**20:.0f} MB; objects above "
+                                f"{self.max_object_bytes / 2**20:.0f} MB are not imported")
+                return head + self._read_exactly(fp, f.size - _PREAMBLE, f, _PREAMBLE)
+        except OSError as exc:
+            raise _Done(Result.UNREADABLE, f"read error: {_read_error(exc)}") from None
+        except PyCdlibException as exc:
+            raise _Done(Result.UNREADABLE, f"the disc's directory entry is damaged: {exc}") from None
+
+    def _read_exactly(self, fp: IO[bytes], n: int, f: DiscFile, start: int) -> bytes:
+        parts = []
+        left = n
+        while left:
+            chunk = fp.read(min(left, _CHUNK))
+            if not chunk:
+                raise _Done(Result.UNREADABLE, f"the file ends after {start + n - left} of its {f.size} bytes; "
+                            "the disc may be damaged")
+            self.bytes_read += len(chunk)
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+
+def import_disc(
+    disc: Disc,
+    ingest: Ingest,
+    *,
+    source: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20,
+) -> ImportReport:
+    """Offer every DICOM object on ``disc`` to ``ingest``; return the report (files are stored)."""
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    try:
+        files = disc.files()
+    except (OSError, PyCdlibException) as exc:
+        raise MediaError(f"cannot list the files on {source or disc.label}: {exc}") from None
+    log.info("importing %d files from %s '%s'", len(files), disc.kind.value, disc.label)
+    worker = _Importer(disc, ingest, max_object_bytes)
+    results = []
+    for i, f in enumerate(files, 1):
+        try:
+            r = worker.one(f)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the import
+            log.exception("unexpected error importing %s", f.path)
+            r = FileResult(f.path, f.size, Result.REFUSED, f"unexpected error ({exc!r}); see the journal")
+        if r.result in (Result.SKIPPED, Result.UNREADABLE):
+            log.log(logging.WARNING if r.result is Result.UNREADABLE else logging.INFO,
+                    "%s %s: %s", r.result.value, f.path, r.reason)
+        results.append(r)
+        if progress is not None:
+            progress(Progress(i, len(files), worker.bytes_read, time.monotonic() - t0))
+    return ImportReport(source or disc.label, disc.kind, disc.label, started_at, tuple(results),
+                        worker.bytes_read, time.monotonic() - t0)
+
+
+def run_import(
+    source: Path,
+    ingest: Ingest,
+    *,
+    eject_after: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20,
+) -> ImportReport:
+    """Import ``source`` (ISO image, optical drive or folder), then eject a drive's disc if asked.
+
+    Logs the summary; raises MediaError when the medium cannot be opened at all."""
+    disc = open_disc(source)
+    try:
+        report = import_disc(disc, ingest, source=str(source), progress=progress,
+                             max_object_bytes=max_object_bytes)
+    finally:
+        disc.close()
+    if disc.kind is MediumKind.DRIVE and eject_after:
+        try:
+            eject(source)
+            note = f"ejected the disc in {source}"
+        except MediaError as exc:
+            log.warning("%s", exc)
+            note = str(exc)
+        report = ImportReport(report.source, report.kind, report.label, report.started_at, report.files,
+                              report.bytes_read, report.seconds, note)
+    log.log(logging.INFO if report.ok else logging.WARNING, "import done: %s", report.summary())
+    return report
+
+
+def keep_report(report: ImportReport, folder: Path) -> Path:
+    """Write ``report`` as text under ``folder`` (temp file, fsync, rename); return its path."""
+    stamp = report.started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", report.label).strip("_.")[:40] or "disc"
+    path = folder / f"{stamp}-{name}.txt"
+    tmp = folder / f".{path.name}.part"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(report.render() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MediaError(f"the import finished, but its report cannot be kept in {folder}: {exc.strerror}") from None
+    return path
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _classify(data: bytes, offset: int) -> tuple[str, str | None]:
+    """Return (SOP class, SOP instance) from the file meta header, or the data set if absent."""
+    try:
+        meta = pydicom.dcmread(io.BytesIO(data[:offset])).file_meta
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for damaged headers
+        raise _Done(Result.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+    instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "") or None
+    if not sop_class:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+        except Exception:  # noqa: BLE001
+            sop_class = ""
+    if not sop_class:
+        raise _Done(Result.REFUSED, "neither the file meta header nor the data set names a SOP class")
+    return sop_class, instance
+
+
+def _decompress(data: bytes) -> bytes:
+    """Decode a JPEG Lossless object with pylibjpeg; return its data set as Explicit VR LE bytes."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.decompress(as_rgb=False, generate_instance_uid=False, decoding_plugin="pylibjpeg")
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = False
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _is_dicomdir(path: str) -> bool:
+    return _VERSION_SUFFIX.sub("", path.rsplit("/", 1)[-1]).rstrip(".").upper() == "DICOMDIR"
+
+
+def _class_name(uid: str | None) -> str:
+    try:
+        return SOP_CLASS_LABELS[SOPClass(uid)]
+    except ValueError:
+        name = UID(uid or "").name
+        return name if name != uid else f"SOP class {uid}"
+
+
+def _ts_name(uid: str) -> str:
+    return TRANSFER_SYNTAX_NAMES.get(uid) or UID(uid).name
+
+
+def _read_error(exc: OSError) -> str:
+    if exc.errno == errno.EIO:
+        return "input/output error (an unreadable sector: the disc is scratched or damaged)"
+    return exc.strerror or str(exc)
+
+
+def _open_error(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOMEDIUM:
+        return f"there is no disc in {path}"
+    if exc.errno == errno.ENOENT:
+        return f"{path} does not exist; give an ISO image file, an optical drive such as /dev/sr0, or a folder"
+    if exc.errno == errno.EACCES:
+        return f"permission denied reading {path}; run as root or as a member of the 'cdrom' group"
+    return f"cannot read {path}: {_read_error(exc)}"
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _progress_printer(stream: TextIO) -> Callable[[Progress], None]:
+    """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
+    tty = stream.isatty()
+    last = [-1.0]
+
+    def show(p: Progress) -> None:
+        final = p.files_done == p.files_total
+        if not final and p.seconds - last[0] < (0.2 if tty else 10.0):
+            return
+        last[0] = p.seconds
+        text = f"{p.files_done}/{p.files_total} files, {p.bytes_read / 1e6:.1f} MB, {p.mb_per_s:.1f} MB/s"
+        if tty:
+            stream.write("\r" + text + ("\n" if final else ""))
+        else:
+            stream.write(text + "\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a CD; print the report; 0 if every object was stored or already stored, else 1."""
+    from appliance import cli
+
+    cfg = cli.load_config(args)
+    store = cli.open_store(args, cfg)
+    try:
+        report = run_import(
+            Path(args.source),
+            Ingest(store, cfg.store),
+            eject_after=args.eject,
+            progress=_progress_printer(sys.stderr),
+            max_object_bytes=args.max_object_mb * 2**20,
+        )
+    finally:
+        store.close(clean=False)
+    print(report.render(), flush=True)
+    print(f"report kept in {keep_report(report, store.data_dir / 'imports')}")
+    return 0 if report.ok else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = subparsers.add_parser(
+        "import", help="store every DICOM object on a CD (ISO image, optical drive or mounted folder)"
+    )
+    s.add_argument("source", metavar="SOURCE", help="ISO image file, optical drive (e.g. /dev/sr0) or folder")
+    s.add_argument("--no-eject", dest="eject", action="store_false",
+                   help="leave the disc in the drive afterwards (default: eject it)")
+    s.add_argument("--max-object-mb", type=int, default=DEFAULT_MAX_OBJECT_MB, metavar="MB",
+                   help=f"refuse objects larger than this (default {DEFAULT_MAX_OBJECT_MB})")
+    s.set_defaults(func=cmd_import)
+
