@@ -7,6 +7,7 @@ Command-line flags override the config file, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import errno
 import os
@@ -56,11 +57,13 @@ def cmd_scp(args: argparse.Namespace) -> int:
     cfg = config.with_overrides(
         load_config(args),
         ae_title=args.aet,
-        port=args.port,
+        port=args.port or None,
         max_pdu=args.pdu,
         max_associations=args.max_associations,
         bind=args.bind,
     )
+    if args.port == 0:  # any free port: for tests and benchmarks
+        cfg = dataclasses.replace(cfg, scp=dataclasses.replace(cfg.scp, port=0))
     store = open_store(args, cfg)
     store.open_for_service()
     server = StorageServer(cfg.scp, Ingest(store, cfg.store))
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-pdu", "--max-pdu", dest="pdu", type=int, metavar="BYTES", help="max PDU we receive")
     s.add_argument("--max-associations", type=int, metavar="N", help="simultaneous associations (default 5)")
     s.add_argument("--bind", metavar="ADDR", help="address to listen on (default 0.0.0.0)")
-    s.add_argument("port", nargs="?", type=int, metavar="PORT", help="TCP port (default 104)")
+    s.add_argument("port", nargs="?", type=int, metavar="PORT", help="TCP port (default 104; 0 picks a free one)")
     s.set_defaults(func=cmd_scp)
 
     s = sub.add_parser("ls", help="list stored studies, series or instances")

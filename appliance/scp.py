@@ -52,6 +52,15 @@ class _SlotCountingAE(AE):  # type: ignore[misc]
         ]
 
 
+class _Server(ThreadedAssociationServer):  # type: ignore[misc]
+    """pynetdicom's server with a listen backlog that absorbs a burst of connects.
+
+    The default backlog of 5 drops the SYN of the 6th simultaneous connect, so a scanner
+    arriving during a port scan would wait a full TCP retransmission (1 s or more)."""
+
+    request_queue_size = 128
+
+
 @dataclass(frozen=True)
 class Listening:
     """Where the server listens."""
@@ -103,9 +112,12 @@ class StorageServer:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self.ae.start_server(
-            (self.cfg.bind, self.cfg.port), block=False, evt_handlers=handlers
+        server = self.ae.make_server(
+            (self.cfg.bind, self.cfg.port), evt_handlers=handlers, server_class=_Server
         )
+        threading.Thread(target=server.serve_forever, name="StorageSCP-accept", daemon=True).start()
+        self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+        self._server = server
         host, port = self._server.server_address[:2]
         where = Listening(self.cfg.ae_title, str(host), int(port))
         log.info("Storage SCP %s listening on %s:%d", where.ae_title, where.host, where.port)
@@ -122,23 +134,47 @@ class StorageServer:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let associations in flight finish for up to ``grace`` seconds,
-        then abort the rest. An object being written is either stored whole or not at all."""
+        then abort the rest. An object being written is either stored whole or not at all.
+
+        Connections that never asked to associate are closed at once: pynetdicom would
+        otherwise keep each one (and the process) alive for the whole ACSE timeout."""
         if self._server is None:
             return
         server, self._server = self._server, None
         server.shutdown()
+        for assoc in self._connections(server, associated=False):
+            self._drop(assoc)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not [a for a in server.active_associations if a.is_alive()]:
-                break
+        while self._connections(server, associated=True) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in server.active_associations:
+        for assoc in self._connections(server, associated=True):
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
-        for assoc in server.active_associations:
-            assoc.join(timeout=5)
+        for assoc in self._connections(server, associated=False):
+            self._drop(assoc)
+        # Aborted associations end within moments; threads of dropped connections are
+        # daemons whose DUL is already stopped, so they need no wait.
+        deadline = time.monotonic() + 5
+        for assoc in self._connections(server, associated=True):
+            assoc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._flush_verdicts()
         log.info("Storage SCP stopped")
+
+    @staticmethod
+    def _connections(server: ThreadedAssociationServer, associated: bool) -> list[Association]:
+        return [
+            a
+            for a in server.active_associations
+            if a.is_alive() and (a.dul.state_machine.current_state not in _NOT_ASSOCIATED) == associated
+        ]
+
+    @staticmethod
+    def _drop(assoc: Association) -> None:
+        """Close a connection that holds no association (Evt17 takes its DUL to Sta1)."""
+        sock = assoc.dul.socket
+        if sock is not None:
+            sock.close()
+        assoc.kill()
 
     # -- handlers ----------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""The store's crash safety: atomic writes, recovery after a crash, ENOSPC, reindex."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from appliance import dicomio
+from appliance.config import StoreConfig
+from appliance.conformance import Status, TransferSyntax
+from appliance.ingest import Ingest, Source
+from appliance.store import Store, path_component
+from helpers import ct_series, encode, sample
+
+NET = Source("SCANNER")
+
+
+def put_series(ingest, n=3):
+    outs = []
+    for ds in ct_series(n):
+        outs.append(ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                                  sop_instance_uid=None, source=NET))
+    assert all(o.ok for o in outs)
+    return outs
+
+
+def test_path_component():
+    assert path_component("1.2.840.1") == "1.2.840.1"
+    for bad in ("..", "../x", "1.2/3", "", "1..2", "x" * 10):
+        c = path_component(bad)
+        assert c.startswith("h") and "/" not in c and c not in (".", "..")
+
+
+def test_clean_restart_skips_recovery_and_keeps_everything(tmp_path, rules):
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    put_series(Ingest(store, rules))
+    store.close(clean=True)
+    again = Store(tmp_path / "d")
+    assert again.open_for_service() == {"indexed": 0, "dropped": 0}
+    assert again.index.counts()["instances"] == 3
+
+
+def test_after_a_crash_index_and_files_agree(tmp_path, rules):
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    outs = put_series(Ingest(store, rules), 4)
+    # A crash: no clean-shutdown mark, a half-written temp file, an index row whose file
+    # vanished, and a file whose index row was lost (power cut after the rename).
+    (store.tmp / "123-1-1.part").write_bytes(b"half an object")
+    outs[0].path.unlink()
+    store.index.remove(outs[1].sop_instance_uid)
+    store.index.close()
+    again = Store(tmp_path / "d")
+    result = again.open_for_service()
+    assert result == {"indexed": 1, "dropped": 1}
+    assert list(again.tmp.iterdir()) == []
+    on_disk = {str(p.relative_to(again.data_dir)) for p in again.objects.rglob("*.dcm")}
+    assert set(again.index.paths()) == on_disk and len(on_disk) == 3
+    assert again.locate(outs[1].sop_instance_uid) == outs[1].path
+
+
+def test_reindex_rebuilds_from_files(tmp_path, rules):
+    store = Store(tmp_path / "d")
+    put_series(Ingest(store, rules), 5)
+    store.index.close()
+    (tmp_path / "d" / "index.sqlite").unlink()
+    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / "d" / extra).unlink(missing_ok=True)
+    again = Store(tmp_path / "d")
+    assert again.reindex() == 5
+    row = next(again.index.query("SELECT volume_ok, volume_reason FROM series"))
+    assert row["volume_ok"] == 1
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A small tmpfs with few inodes: a real ENOSPC (needs root, as CI is)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_enospc_leaves_nothing_behind_and_storing_resumes(tiny_fs):
+    store = Store(tiny_fs / "d")
+    ingest = Ingest(store, StoreConfig(min_free_mb=0))
+    big = sample("ct_ele_2")  # 512x512x16 bit: 0.5 MiB each
+    data = big.path.read_bytes()
+    off, ts = dicomio.split_part10(data)
+    store.index.counts()  # open the index (and its WAL) before the disk fills up
+    fillers = tiny_fs / "fillers"
+    fillers.mkdir()
+    with pytest.raises(OSError):  # use up every inode: the next file creation hits ENOSPC
+        for i in range(1000):
+            (fillers / str(i)).touch()
+    out = ingest.accept(data[off:], ts, sop_class_uid=big.sop_class_uid, sop_instance_uid=None, source=NET)
+    assert out.status == Status.OUT_OF_RESOURCES and "disk is full; nothing was stored" in out.comment
+    assert list(store.tmp.iterdir()) == [] and list(store.objects.rglob("*.dcm")) == []
+    assert store.index.counts()["instances"] == 0
+    shutil.rmtree(fillers)
+    out = ingest.accept(data[off:], ts, sop_class_uid=big.sop_class_uid, sop_instance_uid=None, source=NET)
+    assert out.ok, out.comment
+    store.index.close()
+    shutil.rmtree(tiny_fs / "d", ignore_errors=True)
