@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OBJECT_MB = 1024
 #: ioctl request that opens the tray of a Linux CD-ROM drive (linux/cdrom.h).
 _CDROMEJECT = 0x5309
-#: What :meth:`Ingest.accept` says when an identical object was already stored.
-_ALREADY_STORED_COMMENT = "identical object already stored"
 _PREAMBLE = 132
 _CHUNK = 1 << 20
 _VERSION_SUFFIX = re.compile(r";[0-9]*$")
@@ -421,7 +419,7 @@ class _Importer:
     def _result(f: DiscFile, outcome: Outcome, sop_class: str, meta: dict[str, str | None], note: str) -> FileResult:
         if not outcome.ok:
             result = Result.REFUSED
-        elif outcome.comment.startswith(_ALREADY_STORED_COMMENT):
+        elif outcome.already_stored:
             result = Result.ALREADY_STORED
         else:
             result = Result.IMPORTED

@@ -52,6 +52,8 @@ class Outcome:
     sop_instance_uid: str | None = None
     series_uid: str | None = None
     path: Path | None = None
+    #: True when identical content was already stored and nothing changed.
+    already_stored: bool = False
 
     @property
     def ok(self) -> bool:
@@ -101,8 +103,9 @@ class Ingest:
             full = self.space_status(len(body))
             if full is not None:
                 raise Refused(full.status, full.comment)
-            attrs, flags = self._validate(body, transfer_syntax, sop_class_uid, sop_instance_uid)
-            uid = attrs["sop_instance_uid"]
+            layout, attrs = self._decode(body, transfer_syntax)
+            uid = attrs["sop_instance_uid"] or uid
+            flags = self._validate(body, layout, attrs, transfer_syntax, sop_class_uid, sop_instance_uid)
             meta = dicomio.file_meta(sop_class_uid, uid, transfer_syntax, source.calling_ae)
             try:
                 stored = self.store.put(
@@ -135,21 +138,32 @@ class Ingest:
             if flags:
                 comment += f" (flagged: {flags})"
             log.info("stored SOP Instance %s from %s", uid, source)
-        return Outcome(Status.SUCCESS, comment, uid, attrs["series_uid"], stored.path)
+        return Outcome(Status.SUCCESS, comment, uid, attrs["series_uid"], stored.path, stored.already_stored)
 
     # -- validation ------------------------------------------------------------
 
-    def _validate(
-        self, body: bytes | memoryview, ts: str, sop_class_uid: str, command_uid: str | None
-    ) -> tuple[attributes.Attributes, str | None]:
+    @staticmethod
+    def _decode(body: bytes | memoryview, ts: str) -> tuple[dicomio.Layout, attributes.Attributes]:
         if ts not in UNCOMPRESSED:
             raise Refused(Status.CANNOT_UNDERSTAND, f"transfer syntax {ts} is not accepted here")
         syntax = TransferSyntax(ts)
         try:
             layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
-            attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
+            return layout, attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
         except (dicomio.EncodingError, attributes.AttributeDecodeError) as exc:
             raise Refused(Status.CANNOT_UNDERSTAND, f"the data set does not decode: {exc}") from None
+
+    def _validate(
+        self,
+        body: bytes | memoryview,
+        layout: dicomio.Layout,
+        attrs: attributes.Attributes,
+        ts: str,
+        sop_class_uid: str,
+        command_uid: str | None,
+    ) -> str | None:
+        """Apply appendix A and section 7; return the flags to record (or None)."""
+        syntax = TransferSyntax(ts)
 
         ds_class = attrs["sop_class_uid"]
         if ds_class != sop_class_uid:
@@ -190,7 +204,7 @@ class Ingest:
         flags = self._check_charset(attrs, sop_class_uid)
         if sop_class_uid in IMAGE_OBJECTS:
             self._check_pixels(body, layout, attrs, syntax)
-        return attrs, flags
+        return flags
 
     def _check_charset(self, attrs: attributes.Attributes, sop_class_uid: str) -> str | None:
         terms = [t for t in attrs.charsets if t]
