@@ -15,7 +15,7 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import tomli_w
 
@@ -32,6 +32,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
 #: Where the box keeps its store and index, unless --data-dir says otherwise.
 DEFAULT_DATA_DIR = Path("/var/lib/appliance")
 
+_DESTINATION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default repertoire, no backslash
 
 
@@ -79,11 +80,22 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """A named DICOM peer the client AE sends to (``[destinations.NAME]``)."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = DEFAULT_SCP_PORT
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     scp: ScpConfig = field(default_factory=ScpConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    #: Named peers for ``appliance send --to NAME``, by name.
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
 
 
 def validate_ae_title(value: str, what: str = "ae_title") -> list[str]:
@@ -118,6 +130,15 @@ def _check(cfg: Config) -> list[str]:
         problems.append(f"store.min_free_mb {st.min_free_mb} is negative")
     if not 0 < st.slice_tolerance_mm <= 10:
         problems.append(f"store.slice_tolerance_mm {st.slice_tolerance_mm} is out of range; use 0.001 to 10")
+    for name, d in cfg.destinations.items():
+        where = f"destinations.{name}"
+        if not _DESTINATION_NAME_RE.match(name):
+            problems.append(f"[{where}]: a destination name uses letters, digits, '-' and '_' only")
+        problems += validate_ae_title(d.ae_title, f"{where}.ae_title")
+        if not d.host.strip():
+            problems.append(f"{where}.host is missing; give the peer's host name or IP address")
+        if not 1 <= d.port <= 65535:
+            problems.append(f"{where}.port {d.port} is out of range; use 1 to 65535")
     return problems
 
 
@@ -170,6 +191,14 @@ def _convert(default: Any, value: Any) -> Any:
     raise TypeError("unsupported setting type")
 
 
+def _destinations(table: Any, problems: list[str]) -> dict[str, Destination]:
+    """Build the ``[destinations.NAME]`` tables, collecting type problems."""
+    if not isinstance(table, dict):
+        problems.append("[destinations] must hold one table per destination, e.g. [destinations.pacs]")
+        return {}
+    return {name: _coerce(Destination, t, f"destinations.{name}", problems) for name, t in table.items()}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from parsed TOML; raise one ConfigError for all problems."""
     problems: list[str] = []
@@ -178,6 +207,9 @@ def from_dict(data: dict[str, Any]) -> Config:
     for name, table in data.items():
         if name not in sections:
             problems.append(f"[{name}] is not a known section (known: {', '.join(sections)})")
+            continue
+        if name == "destinations":
+            kwargs[name] = _destinations(table, problems)
             continue
         kwargs[name] = _coerce(type(getattr(Config(), name)), table, name, problems)
     cfg = Config(**kwargs)
@@ -218,10 +250,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return list(v)
         return v
 
-    return {
+    out = {
         name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
         for name in (f.name for f in fields(Config))
+        if name != "destinations"
     }
+    out["destinations"] = {name: dataclasses.asdict(d) for name, d in cfg.destinations.items()}
+    return out
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -1,0 +1,701 @@
+"""The client AE (section 3.2, Tables 4-8): the echo utility and the C-STORE export.
+
+* :func:`echo` sends one C-ECHO over the Verification context (Table 8, Implicit VR LE
+  only) and returns the round-trip time, or raises :class:`NetworkError` saying in words
+  what went wrong: unknown host, connection refused, timed out, association rejected
+  (with the decoded reason) or aborted.
+* :func:`plan_export` turns ``--study``/``--series`` requests into the objects to send.
+  Objects travel with their image series (section 2.2): a series goes with the RT objects
+  that reference it; only 3D volumes go (the Storage Server's 3D verdict); XA and SC are
+  not in Table 6 and are refused with that reason.
+* :func:`send` sends a plan over one association that proposes only the contexts of
+  Tables 6 and 7 the plan needs, each with Implicit VR LE only, re-encoding every object
+  with :mod:`appliance.transcode`. One export runs at a time per store, across processes
+  (an exclusive ``flock`` on ``export.lock`` in the data directory); others wait their turn.
+
+pynetdicom objects stay inside this module; callers get frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.status import code_to_category
+
+from appliance import config
+from appliance.config import Destination
+from appliance.conformance import (
+    CLIENT_AE_TITLE,
+    DEFAULT_CLIENT_PDU,
+    IMAGE_OBJECTS,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MIN_PDU,
+    RT_OBJECTS,
+    SCU_STORAGE_CONTEXTS,
+    SOP_CLASS_LABELS,
+    TABLE_6,
+    TABLE_8,
+    PresentationContextRow,
+    SOPClass,
+    Status,
+)
+from appliance.errors import ApplianceError, ConfigError, NetworkError
+from appliance.index import InstanceRow
+from appliance.store import Store
+from appliance.transcode import TranscodeError, to_implicit_le
+
+log = logging.getLogger(__name__)
+
+#: DCMTK's default called AE title, used when HOST PORT is given without -aec.
+DEFAULT_CALLED_AE = "ANY-SCP"
+DEFAULT_ECHO_TIMEOUT = 10.0
+DEFAULT_SEND_TIMEOUT = 60.0
+#: The largest PDU length a PDU header can carry (PS3.8 9.3.1).
+MAX_PDU = 0xFFFFFFFF
+_LOCK_NAME = "export.lock"
+
+
+class ExportRefused(ApplianceError):
+    """Nothing of what was asked can be exported; the message says why for each request."""
+
+
+def _label(sop_class_uid: str) -> str:
+    try:
+        return SOP_CLASS_LABELS[SOPClass(sop_class_uid)]
+    except ValueError:
+        return sop_class_uid
+
+
+def _peer(d: Destination) -> str:
+    return f"{d.ae_title}@{d.host}:{d.port}"
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the client AE associates: our AE title, the max PDU we receive, a timeout."""
+
+    calling_ae: str = CLIENT_AE_TITLE
+    max_pdu: int = DEFAULT_CLIENT_PDU
+    #: Seconds for the TCP connect, the association answer, and each DIMSE response.
+    timeout: float = DEFAULT_SEND_TIMEOUT
+
+    def check(self) -> None:
+        """Raise ConfigError listing every invalid setting."""
+        problems = config.validate_ae_title(self.calling_ae, "calling AE title (-aet)")
+        if not MIN_PDU <= self.max_pdu <= MAX_PDU:
+            problems.append(
+                f"max PDU {self.max_pdu} bytes is out of range; the client AE needs {MIN_PDU} bytes "
+                f"or more (default {DEFAULT_CLIENT_PDU})"
+            )
+        if not 0 < self.timeout <= 3600:
+            problems.append(f"timeout {self.timeout} s is out of range; use 1 to 3600 seconds")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def check_peer(peer: Destination) -> None:
+    """Raise ConfigError if ``peer`` cannot be a called AE title, host and port."""
+    problems = config.validate_ae_title(peer.ae_title, "called AE title (-aec)")
+    if not peer.host.strip():
+        problems.append("the peer's host is empty")
+    if not 1 <= peer.port <= 65535:
+        problems.append(f"port {peer.port} is out of range; use 1 to 65535")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# -- associating -------------------------------------------------------------------
+
+#: (result source, reason) of an A-ASSOCIATE-RJ (PS3.8 9.3.4), in words.
+_REJECT_REASONS: dict[tuple[int, int], str] = {
+    (1, 1): "no reason given by the peer",
+    (1, 2): "the peer does not support the DICOM application context",
+    (1, 3): "the peer does not accept our calling AE title '{calling}'; add it to the peer's list of "
+            "known AE titles, or use -aet",
+    (1, 7): "the peer does not answer to the called AE title '{called}'; check the peer's AE title (-aec)",
+    (2, 1): "no reason given by the peer's DICOM stack",
+    (2, 2): "the peer does not support the DICOM protocol version",
+    (3, 1): "the peer is temporarily congested; try again later",
+    (3, 2): "the peer has too many associations open (local limit exceeded); try again later",
+}
+
+
+def _late_rejection(assoc: Association) -> A_ASSOCIATE | None:
+    """Return an A-ASSOCIATE-RJ pynetdicom received but did not act on, or None.
+
+    pynetdicom 3.0.4 races with a fast peer: when the peer sends A-ASSOCIATE-RJ and closes
+    the connection before the requestor checks that it is connected (DCMTK ``storescp
+    --refuse`` does), it aborts as if the connection had failed and leaves the RJ queued."""
+    while True:
+        try:
+            primitive = assoc.dul.receive_pdu(wait=False)
+        except Exception:  # the queue of an association pynetdicom already tore down
+            return None
+        if primitive is None:
+            return None
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return primitive
+
+
+def _rejection(rsp: Any, peer: Destination, calling: str) -> str:
+    result = getattr(rsp, "result", None)
+    source = getattr(rsp, "result_source", None)
+    reason = getattr(rsp, "diagnostic", None)
+    kind = {1: "permanently", 2: "transiently"}.get(result or 0, "")
+    text = _REJECT_REASONS.get((source or 0, reason or 0))
+    if text is None:
+        text = f"result {result}, source {source}, reason {reason}"
+    return f"association rejected {kind} by {_peer(peer)}: " + text.format(calling=calling, called=peer.ae_title)
+
+
+def _connect_failure(peer: Destination, timeout: float) -> str:
+    """Say why a TCP connection to ``peer`` cannot be made (probing it once more)."""
+    where = f"{peer.host}:{peer.port}"
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=timeout):
+            pass
+    except ConnectionRefusedError:
+        return (f"connection refused by {where}: nothing listens on port {peer.port} "
+                "(is the DICOM service running, is the port right?)")
+    except (TimeoutError, socket.timeout):
+        return (f"connection to {where} timed out after {timeout:g} s: the host does not answer "
+                "(check the address, the network and firewalls)")
+    except OSError as exc:
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"the connection to {where} failed, then worked on a second try; try again"
+
+
+def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -> AE:
+    ae = AE(ae_title=settings.calling_ae)
+    for row in rows:
+        ae.add_requested_context(str(row.abstract_syntax), [str(ts) for ts in row.transfer_syntaxes])
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.connection_timeout = settings.timeout
+    ae.acse_timeout = settings.timeout
+    ae.dimse_timeout = settings.timeout
+    ae.network_timeout = settings.timeout
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return ae
+
+
+def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Association:
+    """Open an association with ``peer``; raise NetworkError saying why it failed."""
+    try:
+        socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise NetworkError(f"cannot resolve host name '{peer.host}'; check the name or use an IP address") from None
+    connected = threading.Event()
+    started = time.monotonic()
+    try:
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            max_pdu=settings.max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())],
+        )
+    except OSError as exc:
+        raise NetworkError(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}") from exc
+    if assoc.is_established:
+        log.info("association with %s established, %d context(s) accepted", _peer(peer),
+                 len(assoc.accepted_contexts))
+        return assoc
+    if assoc.is_rejected:
+        raise NetworkError(_rejection(assoc.acceptor.primitive, peer, settings.calling_ae))
+    if not connected.is_set():
+        raise NetworkError(_connect_failure(peer, settings.timeout))
+    late = _late_rejection(assoc)
+    if late is not None:
+        raise NetworkError(_rejection(late, peer, settings.calling_ae))
+    if getattr(assoc.acceptor.primitive, "result", None) == 0 and assoc.rejected_contexts:
+        refused = ", ".join(sorted({_label(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
+        raise NetworkError(
+            f"{_peer(peer)} accepted the association but none of the proposed services "
+            f"({refused}, Implicit VR Little Endian); configure the peer to accept them"
+        )
+    if time.monotonic() - started >= settings.timeout * 0.9:
+        raise NetworkError(
+            f"{_peer(peer)} accepted the connection but did not answer the association request within "
+            f"{settings.timeout:g} s (is it a DICOM service?)"
+        )
+    raise NetworkError(f"{_peer(peer)} aborted the association request (A-ABORT or connection closed)")
+
+
+# -- echo ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """A successful C-ECHO."""
+
+    peer: Destination
+    calling_ae: str
+    #: Round trip of the C-ECHO request and response, in milliseconds.
+    rtt_ms: float
+    #: Time to open the association, in milliseconds.
+    associate_ms: float
+
+    def __str__(self) -> str:
+        return (f"C-ECHO to {_peer(self.peer)} (as {self.calling_ae}) succeeded: round trip "
+                f"{self.rtt_ms:.1f} ms, association {self.associate_ms:.1f} ms")
+
+
+def echo(peer: Destination, settings: ClientSettings | None = None) -> EchoResult:
+    """Send one C-ECHO to ``peer``; raise NetworkError (or ConfigError) saying what went wrong."""
+    settings = settings or ClientSettings(timeout=DEFAULT_ECHO_TIMEOUT)
+    settings.check()
+    check_peer(peer)
+    ae = _make_ae(settings, TABLE_8)
+    t0 = time.perf_counter()
+    assoc = _associate(ae, peer, settings)
+    t1 = time.perf_counter()
+    try:
+        status = assoc.send_c_echo()
+        t2 = time.perf_counter()
+        if not status or "Status" not in status:
+            raise NetworkError(
+                f"{_peer(peer)} did not answer the C-ECHO within {settings.timeout:g} s, "
+                "or aborted the association"
+            )
+        if status.Status != Status.SUCCESS:
+            raise NetworkError(f"{_peer(peer)} answered the C-ECHO with failure status 0x{status.Status:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return EchoResult(peer, settings.calling_ae, (t2 - t1) * 1000, (t1 - t0) * 1000)
+
+
+# -- planning an export -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A requested study or series that is not exported, and why."""
+
+    level: str  # "study" or "series"
+    uid: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.uid}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What one export sends, in order: each image series, then the RT objects referencing it."""
+
+    objects: tuple[InstanceRow, ...]
+    #: The image series that are exported.
+    series: tuple[str, ...]
+    refused: tuple[Refusal, ...]
+
+    @property
+    def contexts(self) -> tuple[PresentationContextRow, ...]:
+        """The rows of Tables 6 and 7 this plan needs, nothing more."""
+        needed = {o.sop_class_uid for o in self.objects}
+        return tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed)
+
+
+_NETWORK_CLASSES = frozenset(r.abstract_syntax for r in SCU_STORAGE_CONTEXTS)
+_TABLE_6_IMAGES = frozenset(r.abstract_syntax for r in TABLE_6) & IMAGE_OBJECTS
+
+
+def plan_export(store: Store, *, studies: Sequence[str] = (), series: Sequence[str] = ()) -> ExportPlan:
+    """Work out what exporting ``studies`` and ``series`` sends, and what is refused and why.
+
+    Recomputes stale 3D verdicts first (an index write)."""
+    store.update_verdicts()
+    refused: list[Refusal] = []
+    wanted: list[str] = []  # image series, in request order
+    rt_by_study: dict[str, list[tuple[InstanceRow, _References]]] = {}
+
+    def rt_objects(study_uid: str) -> list[tuple[InstanceRow, _References]]:
+        if study_uid not in rt_by_study:
+            rows = [r for r in _study_instances(store, study_uid) if r.sop_class_uid in RT_OBJECTS]
+            rt_by_study[study_uid] = [(r, _references(store, r)) for r in rows]
+        return rt_by_study[study_uid]
+
+    def consider(series_uid: str, level: str, uid: str, explicit: bool) -> None:
+        rows = store.instances(series_uid)
+        if not rows:
+            refused.append(Refusal(level, uid, f"series {series_uid} is not stored on this box"))
+            return
+        classes = {r.sop_class_uid for r in rows}
+        if classes <= RT_OBJECTS:
+            if not explicit:
+                return  # RT objects travel with the image series they reference
+            refs = set().union(*(_references(store, r).series for r in rows))
+            stored = [s for s in refs if store.instances(s)]
+            if not stored:
+                refused.append(Refusal(level, uid, (
+                    f"its {', '.join(sorted(_label(c) for c in classes))} references no image series stored "
+                    "here; RT objects are only exported together with their image series")))
+            for s in stored:
+                consider(s, level, uid, True)
+            return
+        problem = _series_problem(store, series_uid, classes)
+        if problem:
+            refused.append(Refusal(level, uid, problem if level == "series" else f"series {series_uid} {problem}"))
+        elif series_uid not in wanted:
+            wanted.append(series_uid)
+
+    for study_uid in dict.fromkeys(studies):
+        series_rows = list(store.index.query(
+            "SELECT series_uid FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", (study_uid,)))
+        if not series_rows:
+            refused.append(Refusal("study", study_uid, "is not stored on this box"))
+            continue
+        for r in series_rows:
+            consider(r["series_uid"], "study", study_uid, False)
+    for series_uid in dict.fromkeys(series):
+        consider(series_uid, "series", series_uid, True)
+
+    objects: list[InstanceRow] = []
+    for series_uid in wanted:
+        images = _ordered(store, series_uid)
+        objects += images
+        frame = _frame_of_reference(store, series_uid)
+        for row, refs in rt_objects(images[0].study_uid):
+            if (series_uid in refs.series or (not refs.series and frame in refs.frames)) and row not in objects:
+                objects.append(row)
+    return ExportPlan(tuple(objects), tuple(wanted), tuple(refused))
+
+
+def _series_problem(store: Store, series_uid: str, classes: set[str]) -> str | None:
+    """Return why an image series cannot be exported, or None."""
+    not_networked = sorted(c for c in classes if c not in _NETWORK_CLASSES)
+    if not_networked:
+        labels = ", ".join(_label(c) for c in not_networked)
+        if set(not_networked) <= {SOPClass.XA_IMAGE, SOPClass.SC_IMAGE}:
+            return (f"holds {labels} objects; XA and SC are not in Table 6 of the conformance statement, "
+                    "so they are not sent over the network (they can be written to a USB drive)")
+        return f"holds {labels} objects, which the client AE does not send (Tables 6 and 7)"
+    if not classes <= _TABLE_6_IMAGES:
+        return "mixes images with other objects; only image series and the RT objects referencing them are sent"
+    row = next(iter(store.index.query(
+        "SELECT volume_ok, volume_reason FROM series WHERE series_uid = ?", (series_uid,))), None)
+    if row is None or not row["volume_ok"]:
+        reason = (row["volume_reason"] if row is not None else None) or "no 3D verdict"
+        return f"is not a 3D volume ({reason}); only 3D volumes can be exported"
+    return None
+
+
+def _study_instances(store: Store, study_uid: str) -> list[InstanceRow]:
+    uids = [r["sop_instance_uid"] for r in store.index.query(
+        "SELECT i.sop_instance_uid FROM instances i JOIN series s USING (series_uid)"
+        " WHERE s.study_uid = ? ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid", (study_uid,))]
+    return [r for r in (store.index.instance(u) for u in uids) if r is not None]
+
+
+def _ordered(store: Store, series_uid: str) -> list[InstanceRow]:
+    order = {r["sop_instance_uid"]: n for n, r in enumerate(store.index.query(
+        "SELECT sop_instance_uid FROM instances WHERE series_uid = ?"
+        " ORDER BY instance_number, sop_instance_uid", (series_uid,)))}
+    return sorted(store.instances(series_uid), key=lambda r: order.get(r.sop_instance_uid, 0))
+
+
+def _frame_of_reference(store: Store, series_uid: str) -> str | None:
+    row = next(iter(store.index.query(
+        "SELECT frame_of_reference_uid FROM series WHERE series_uid = ?", (series_uid,))), None)
+    return row["frame_of_reference_uid"] if row is not None else None
+
+
+@dataclass(frozen=True)
+class _References:
+    """The image series and frames of reference an RT object refers to."""
+
+    series: frozenset[str]
+    frames: frozenset[str]
+
+
+def _references(store: Store, row: InstanceRow) -> _References:
+    """Read what an RT object references (RT Referenced Series, Frame of Reference)."""
+    try:
+        ds = dcmread(store.data_dir / row.path, stop_before_pixels=True,
+                     specific_tags=["ReferencedFrameOfReferenceSequence", "FrameOfReferenceUID"])
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        log.warning("cannot read the references of stored RT object %s: %s", row.sop_instance_uid, exc)
+        return _References(frozenset(), frozenset())
+    series: set[str] = set()
+    frames: set[str] = {str(ds.FrameOfReferenceUID)} if ds.get("FrameOfReferenceUID") else set()
+    for fr in ds.get("ReferencedFrameOfReferenceSequence", []):
+        if fr.get("FrameOfReferenceUID"):
+            frames.add(str(fr.FrameOfReferenceUID))
+        for st in fr.get("RTReferencedStudySequence", []):
+            for se in st.get("RTReferencedSeriesSequence", []):
+                if se.get("SeriesInstanceUID"):
+                    series.add(str(se.SeriesInstanceUID))
+    return _References(frozenset(series), frozenset(frames))
+
+
+# -- sending -------------------------------------------------------------------------
+
+
+class Outcome(enum.StrEnum):
+    """What became of one object."""
+
+    SENT = "sent"
+    WARNING = "warning"
+    FAILED = "failed"
+    NOT_SENT = "not sent"
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    """The result of sending one object: the peer's status and Error Comment, or why not sent."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    outcome: Outcome
+    status: int | None = None
+    comment: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.outcome.value:<8}  {self.sop_instance_uid}  {_label(self.sop_class_uid)}"
+        if self.status is not None and self.outcome is not Outcome.SENT:
+            text += f"  status 0x{self.status:04X}"
+        if self.comment:
+            text += f": {self.comment}"
+        return text
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """Everything one export did: per-object results, refusals and a network failure, if any."""
+
+    peer: Destination
+    calling_ae: str
+    results: tuple[ObjectResult, ...]
+    refused: tuple[Refusal, ...]
+    #: Set when the association failed part-way (what was not sent is NOT_SENT).
+    network_error: str | None = None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    @property
+    def ok(self) -> bool:
+        """True when every object was stored (warnings included) and nothing was refused."""
+        return not self.refused and self.network_error is None and all(
+            r.outcome in (Outcome.SENT, Outcome.WARNING) for r in self.results)
+
+    def summary(self) -> str:
+        n = len(self.results)
+        text = (f"{self.count(Outcome.SENT) + self.count(Outcome.WARNING)} of {n} object(s) stored by "
+                f"{_peer(self.peer)} (as {self.calling_ae}, one association): {self.count(Outcome.SENT)} "
+                f"succeeded, {self.count(Outcome.WARNING)} with a warning, {self.count(Outcome.FAILED)} failed, "
+                f"{self.count(Outcome.NOT_SENT)} not sent")
+        if self.refused:
+            text += f"; {len(self.refused)} request(s) refused"
+        if self.network_error:
+            text += (f"\nthe export stopped: {self.network_error}. Run the same command again to send the "
+                     "rest (objects already stored are sent again; the peer keeps one copy)")
+        return text
+
+    def render(self) -> str:
+        lines = [f"refused   {r}" for r in self.refused] + [str(r) for r in self.results]
+        return "\n".join(lines + [self.summary()])
+
+
+@contextmanager
+def export_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the store's export lock: one association at a time, across threads and processes."""
+    path = data_dir / _LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        raise ApplianceError(f"cannot open the export lock {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another export is running; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def send(
+    store: Store,
+    plan: ExportPlan,
+    peer: Destination,
+    settings: ClientSettings | None = None,
+    progress: Callable[[ObjectResult], None] | None = None,
+) -> ExportReport:
+    """Send ``plan`` to ``peer`` over one association and report each object.
+
+    Raises ExportRefused when the plan holds nothing, NetworkError when no association can be
+    opened (nothing was sent). A failure part-way is reported in the returned report."""
+    settings = settings or ClientSettings()
+    settings.check()
+    check_peer(peer)
+    if not plan.objects:
+        reasons = "; ".join(str(r) for r in plan.refused) or "no study or series was given"
+        raise ExportRefused(f"nothing to send: {reasons}")
+    results: list[ObjectResult] = []
+
+    def record(r: ObjectResult) -> None:
+        results.append(r)
+        if progress is not None:
+            progress(r)
+
+    with export_lock(store.data_dir):
+        ae = _make_ae(settings, plan.contexts)
+        assoc = _associate(ae, peer, settings)
+        error: str | None = None
+        try:
+            accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+            for row in plan.objects:
+                if error is not None:
+                    record(ObjectResult(row.sop_instance_uid, row.sop_class_uid, Outcome.NOT_SENT))
+                    continue
+                if row.sop_class_uid not in accepted:
+                    record(ObjectResult(row.sop_instance_uid, row.sop_class_uid, Outcome.FAILED, None,
+                                        f"{_peer(peer)} refused {_label(row.sop_class_uid)} in Implicit VR LE"))
+                    continue
+                result, answered = _send_one(assoc, store, row)
+                record(result)
+                if not answered or not assoc.is_established:
+                    if assoc.is_established:  # no answer within the timeout: give up on it
+                        assoc.abort()
+                    error = (f"the association with {_peer(peer)} ended after {len(results)} of "
+                             f"{len(plan.objects)} object(s) (aborted by the peer, the network, or a timeout "
+                             f"of {settings.timeout:g} s)")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    report = ExportReport(peer, settings.calling_ae, tuple(results), plan.refused, error)
+    log.info("export to %s: %s", _peer(peer), report.summary().splitlines()[0])
+    return report
+
+
+def _send_one(assoc: Association, store: Store, row: InstanceRow) -> tuple[ObjectResult, bool]:
+    """Send one object; return its result and whether the peer answered."""
+    uid, cls = row.sop_instance_uid, row.sop_class_uid
+    try:
+        ds: Dataset = to_implicit_le(store.data_dir / row.path).dataset()
+    except TranscodeError as exc:
+        log.error("cannot export %s: %s", uid, exc)
+        return ObjectResult(uid, cls, Outcome.FAILED, None, str(exc)), True
+    rsp: Any = assoc.send_c_store(ds)
+    if not rsp or "Status" not in rsp:
+        return ObjectResult(uid, cls, Outcome.FAILED, None,
+                            "no response: the association was aborted or timed out; it may not be stored"), False
+    code = int(rsp.Status)
+    comment = str(rsp.get("ErrorComment", "") or "")
+    category = code_to_category(code)
+    if category == "Success":
+        return ObjectResult(uid, cls, Outcome.SENT, code, comment), True
+    if category == "Warning":
+        log.warning("%s stored by the peer with warning 0x%04X %s", uid, code, comment)
+        return ObjectResult(uid, cls, Outcome.WARNING, code, comment), True
+    log.error("%s refused by the peer with status 0x%04X %s", uid, code, comment)
+    return ObjectResult(uid, cls, Outcome.FAILED, code, comment), True
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def _client_options(p: argparse.ArgumentParser, timeout: float) -> None:
+    p.add_argument("-aet", "--aetitle", dest="aet", default=CLIENT_AE_TITLE, metavar="AET",
+                   help=f"our (calling) AE title (default {CLIENT_AE_TITLE})")
+    p.add_argument("-aec", "--call", dest="aec", metavar="AET",
+                   help=f"the peer's (called) AE title (default {DEFAULT_CALLED_AE}, or the destination's)")
+    p.add_argument("-pdu", "--max-pdu", dest="pdu", type=int, default=DEFAULT_CLIENT_PDU, metavar="BYTES",
+                   help=f"max PDU we receive, {MIN_PDU} or more (default {DEFAULT_CLIENT_PDU})")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                   help=f"seconds to wait for connection, association and each response (default {timeout:g})")
+
+
+def _quiet_pynetdicom(args: argparse.Namespace) -> None:
+    # We report failures ourselves in one line; pynetdicom's own ERROR lines would repeat them.
+    if args.verbosity < 2:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """Send a C-ECHO and print one line: success with the round-trip time, or what went wrong."""
+    _quiet_pynetdicom(args)
+    peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
+    print(echo(peer, ClientSettings(args.aet, args.pdu, args.timeout)))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Export the requested studies and series; print each object's result and a summary."""
+    parser: argparse.ArgumentParser = args.send_parser
+    if not (args.study or args.series):
+        parser.error("give at least one --study UID or --series UID")
+    if args.to and (args.host or args.port is not None):
+        parser.error("give either HOST PORT or --to DESTINATION, not both")
+    if not args.to and (args.host is None or args.port is None):
+        parser.error("give HOST PORT, or --to DESTINATION from the config file")
+    _quiet_pynetdicom(args)
+    from appliance.cli import load_config, open_store
+
+    cfg = load_config(args)
+    if args.to:
+        dest = cfg.destinations.get(args.to)
+        if dest is None:
+            known = ", ".join(sorted(cfg.destinations)) or "none are configured"
+            raise ConfigError(f"no destination '{args.to}' in the config file ([destinations.NAME]; known: {known})")
+        peer = Destination(args.aec or dest.ae_title, dest.host, dest.port)
+    else:
+        peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
+    settings = ClientSettings(args.aet, args.pdu, args.timeout)
+    settings.check()
+    check_peer(peer)
+    store = open_store(args, cfg)
+    try:
+        plan = plan_export(store, studies=args.study, series=args.series)
+        for r in plan.refused:
+            print(f"refused   {r}", flush=True)
+        report = send(store, plan, peer, settings, progress=lambda r: print(r, flush=True))
+    finally:
+        store.close(clean=False)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    e = subparsers.add_parser("echo", help="check a DICOM peer with C-ECHO (Verification, Implicit VR LE)")
+    _client_options(e, DEFAULT_ECHO_TIMEOUT)
+    e.add_argument("host", metavar="HOST")
+    e.add_argument("port", type=int, metavar="PORT")
+    e.set_defaults(func=cmd_echo)
+
+    s = subparsers.add_parser(
+        "send", help="export studies or series (3D volumes with their RT objects) to a DICOM peer (C-STORE)",
+        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] (HOST PORT | --to DESTINATION) "
+              "(--study UID | --series UID)...",
+    )
+    _client_options(s, DEFAULT_SEND_TIMEOUT)
+    s.add_argument("--to", metavar="DESTINATION", help="a destination named in the config file")
+    s.add_argument("--study", action="append", default=[], metavar="UID", help="export this study")
+    s.add_argument("--series", action="append", default=[], metavar="UID", help="export this series")
+    s.add_argument("host", nargs="?", metavar="HOST")
+    s.add_argument("port", nargs="?", type=int, metavar="PORT")
+    s.set_defaults(func=cmd_send, send_parser=s)
