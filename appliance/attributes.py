@@ -1,23 +1,27 @@
 """Reading the Table 12 attributes (appendix A) out of an encoded data set.
 
-The data set is decoded by pydicom up to, not including, the Pixel Data, and text is
-decoded in the object's own Specific Character Set. The result is plain Python values
-keyed by index column, so no pydicom object leaves this module.
+Table 12 attributes are all top-level elements, so they are decoded straight from the
+layout :func:`appliance.dicomio.walk` found (this is on the hot path of every C-STORE),
+with text decoded in the object's own Specific Character Set by pydicom's codecs. The
+result is plain Python values keyed by index column, so no pydicom object leaves this
+module.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 import numpy
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from appliance.dicomio import PIXEL_DATA, Layout
+from appliance.dicomio import Layout
 
 #: (keyword, index column, level). Level is where the value lives in the index.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -59,24 +63,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("WindowCenter", "window_center", "instance"),
     ("WindowWidth", "window_width", "instance"),
 )
-_NUMERIC = {
-    "series_number",
-    "instance_number",
-    "number_of_frames",
-    "rows",
-    "columns",
-    "samples_per_pixel",
-    "bits_allocated",
-    "bits_stored",
-    "high_bit",
-    "pixel_representation",
-    "pixel_padding_value",
-    "slice_thickness",
-    "spacing_between_slices",
-    "slice_location",
-    "rescale_slope",
-    "rescale_intercept",
-}
 
 
 class AttributeDecodeError(ValueError):
@@ -108,56 +94,108 @@ class Attributes:
             return None
 
 
-def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, PersonName):
-        return str(value)
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(_plain(v)) for v in value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, (int, float, str)):
-        return value if not isinstance(value, str) else value
-    return str(value)
+#: Column -> (tag, value kind). Kinds: "text" (ASCII), "person"/"string" (in the object's
+#: character set), "int"/"float" (IS/DS, first value), "us" (binary US), "multi" (ASCII,
+#: backslash-separated values kept as a string).
+_TAGS: dict[str, tuple[int, str]] = {
+    "patient_id": (0x00100020, "string"),
+    "patient_name": (0x00100010, "person"),
+    "study_uid": (0x0020000D, "text"),
+    "study_date": (0x00080020, "text"),
+    "study_time": (0x00080030, "text"),
+    "series_uid": (0x0020000E, "text"),
+    "modality": (0x00080060, "text"),
+    "series_number": (0x00200011, "int"),
+    "frame_of_reference_uid": (0x00200052, "text"),
+    "manufacturer": (0x00080070, "string"),
+    "series_type": (0x00541000, "multi"),
+    "sop_instance_uid": (0x00080018, "text"),
+    "sop_class_uid": (0x00080016, "text"),
+    "instance_number": (0x00200013, "int"),
+    "number_of_frames": (0x00280008, "int"),
+    "rows": (0x00280010, "us"),
+    "columns": (0x00280011, "us"),
+    "samples_per_pixel": (0x00280002, "us"),
+    "bits_allocated": (0x00280100, "us"),
+    "bits_stored": (0x00280101, "us"),
+    "high_bit": (0x00280102, "us"),
+    "pixel_representation": (0x00280103, "us"),
+    "photometric_interpretation": (0x00280004, "text"),
+    "image_position_patient": (0x00200032, "multi"),
+    "image_orientation_patient": (0x00200037, "multi"),
+    "pixel_spacing": (0x00280030, "multi"),
+    "pixel_aspect_ratio": (0x00280034, "multi"),
+    "slice_thickness": (0x00180050, "float"),
+    "spacing_between_slices": (0x00180088, "float"),
+    "slice_location": (0x00201041, "float"),
+    "patient_orientation": (0x00200020, "multi"),
+    "rescale_slope": (0x00281053, "float"),
+    "rescale_intercept": (0x00281052, "float"),
+    "pixel_padding_value": (0x00280120, "us"),
+    "window_center": (0x00281050, "multi"),
+    "window_width": (0x00281051, "multi"),
+}
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def _ascii(raw: bytes) -> str:
+    return raw.decode("ascii", "replace").strip(" \x00")
+
+
+def _multi(raw: bytes) -> str:
+    return "\\".join(v.strip(" \x00") for v in raw.decode("ascii", "replace").split("\\"))
 
 
 def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endian: bool) -> Attributes:
     """Decode the Table 12 attributes of the data set in ``buf`` (already walked into ``layout``)."""
-    pixel = layout.elements.get(PIXEL_DATA)
-    head = bytes(buf[: pixel.offset]) if pixel else bytes(buf)
+    elements = layout.elements
+
+    def raw(tag: int) -> bytes | None:
+        e = elements.get(tag)
+        if e is None or e.length is None:
+            return None
+        return bytes(buf[e.value_offset : e.value_offset + e.length])
+
+    cs_raw = raw(_SPECIFIC_CHARACTER_SET)
+    charsets: tuple[str, ...] = ()
+    if cs_raw is not None:
+        terms = tuple(t.strip(" \x00") for t in cs_raw.decode("ascii", "replace").split("\\"))
+        charsets = () if all(t == "" for t in terms) else terms
+    values: dict[str, Any] = {}
     try:
-        ds: Dataset = read_dataset(BytesIO(head), implicit_vr, little_endian)
-        charsets = _charset_terms(ds)
-        values: dict[str, Any] = {}
-        for keyword, column, _ in COLUMNS:
-            if keyword not in ds:
+        encodings = convert_encodings(list(charsets) or ["ISO_IR 6"])
+        for column, (tag, kind) in _TAGS.items():
+            value = raw(tag)
+            if value is None:
                 continue
-            raw = ds[keyword].value
-            v = _plain(raw)
-            if column in _NUMERIC and v not in (None, ""):
-                if isinstance(v, str) and "\\" in v:
-                    v = v.split("\\")[0]
-                v = float(v) if column in ("slice_thickness", "spacing_between_slices", "slice_location",
-                                            "rescale_slope", "rescale_intercept") else int(float(v))
-            if v == "" and column in _NUMERIC:
-                v = None
-            values[column] = v
+            if kind == "text":
+                values[column] = _ascii(value)
+            elif kind == "multi":
+                values[column] = _multi(value)
+            elif kind == "person":
+                values[column] = str(PersonName(value.rstrip(b" \x00"), encodings).decode())
+            elif kind == "string":
+                values[column] = decode_bytes(value, encodings, set()).strip(" \x00")
+            elif kind == "us":
+                if len(value) < 2:
+                    values[column] = None
+                    continue
+                values[column] = struct.unpack_from("<H" if little_endian else ">H", value)[0]
+            else:
+                first = _ascii(value).split("\\")[0].strip()
+                if first == "":
+                    values[column] = None
+                elif kind == "int":
+                    values[column] = int(float(first))
+                else:
+                    values[column] = float(first)
     except (ValueError, TypeError, LookupError, OverflowError) as exc:
         raise AttributeDecodeError(f"an attribute cannot be decoded: {exc}") from exc
+    if values.get("pixel_representation") == 1 and values.get("pixel_padding_value") is not None:
+        v = values["pixel_padding_value"]
+        values["pixel_padding_value"] = v - 0x10000 if v >= 0x8000 else v  # SS, not US
     values["charset"] = "\\".join(charsets) if charsets else None
     return Attributes(values, charsets)
-
-
-def _charset_terms(ds: Dataset) -> tuple[str, ...]:
-    if "SpecificCharacterSet" not in ds:
-        return ()
-    raw = ds["SpecificCharacterSet"].value
-    terms = list(raw) if isinstance(raw, (MultiValue, list, tuple)) else [raw]
-    terms = [str(t).strip() for t in terms]
-    if all(t == "" for t in terms):
-        return ()
-    return tuple(terms)
 
 
 _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}

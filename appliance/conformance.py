@@ -282,6 +282,9 @@ def allowed_character_sets(sop_class: str) -> frozenset[str]:
     return RT_CHARACTER_SETS if sop_class in RT_OBJECTS else IMAGE_CHARACTER_SETS
 
 
+#: The DICOM application context name (PS3.7 A.2), the only one there is.
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+
 # -- Identities ----------------------------------------------------------------
 
 #: Default AE title and port of the Storage Server (section 6.1).

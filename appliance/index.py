@@ -25,7 +25,6 @@ _INSTANCE_EXTRA = [
     "path",
     "transfer_syntax",
     "size",
-    "sha256",
     "received_at",
     "calling_ae",
     "origin",
@@ -82,7 +81,6 @@ class InstanceRow:
     path: str
     transfer_syntax: str
     size: int
-    sha256: str
     received_at: str
     calling_ae: str | None
     flags: str | None
@@ -270,7 +268,6 @@ def _instance_row(r: sqlite3.Row) -> InstanceRow:
         path=r["path"],
         transfer_syntax=r["transfer_syntax"],
         size=r["size"],
-        sha256=r["sha256"],
         received_at=r["received_at"],
         calling_ae=r["calling_ae"],
         flags=r["flags"],

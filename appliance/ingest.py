@@ -8,10 +8,14 @@ SOP Instance UID and where the object came from.
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from appliance import attributes, dicomio
 from appliance.config import StoreConfig
@@ -27,7 +31,7 @@ from appliance.conformance import (
     allowed_character_sets,
 )
 from appliance.errors import StoreError, StoreFullError
-from appliance.store import DuplicateConflict, Store
+from appliance.store import DuplicateConflict, Store, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -98,33 +102,49 @@ class Ingest:
         ``sop_class_uid`` is what the transport says (the presentation context, or a file's
         meta header); ``sop_instance_uid`` is the command's Affected SOP Instance UID (None
         for media)."""
+
+        def write(attrs: attributes.Attributes, flags: str | None) -> StoredObject:
+            meta = dicomio.file_meta(sop_class_uid, attrs["sop_instance_uid"], transfer_syntax,
+                                     source.calling_ae)
+            return self.store.put(meta, body, attrs, transfer_syntax, calling_ae=source.calling_ae,
+                                  origin=source.origin, flags=flags, policy=self.rules.duplicate_policy)
+
+        full = self.space_status(len(body))
+        if full is not None:
+            return self._refused(Refused(full.status, full.comment), sop_instance_uid, source)
+        return self._accept(body, transfer_syntax, sop_class_uid, sop_instance_uid, source, write)
+
+    def open_stream(
+        self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, calling_ae: str
+    ) -> "IncomingObject":
+        """Start receiving a network C-STORE data set straight into a temp file.
+
+        The free-space watermark is checked now, before any of the data set is stored: below
+        it, the data set is read and dropped and the answer is Out of Resources."""
+        return IncomingObject(self, transfer_syntax, sop_class_uid, sop_instance_uid, Source(calling_ae))
+
+    def _accept(
+        self,
+        body: bytes | memoryview,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str | None,
+        source: Source,
+        write: Callable[[attributes.Attributes, str | None], StoredObject],
+    ) -> Outcome:
         uid = sop_instance_uid
         try:
-            full = self.space_status(len(body))
-            if full is not None:
-                raise Refused(full.status, full.comment)
             layout, attrs = self._decode(body, transfer_syntax)
             uid = attrs["sop_instance_uid"] or uid
             flags = self._validate(body, layout, attrs, transfer_syntax, sop_class_uid, sop_instance_uid)
-            meta = dicomio.file_meta(sop_class_uid, uid, transfer_syntax, source.calling_ae)
             try:
-                stored = self.store.put(
-                    meta,
-                    body,
-                    attrs,
-                    transfer_syntax,
-                    calling_ae=source.calling_ae,
-                    origin=source.origin,
-                    flags=flags,
-                    policy=self.rules.duplicate_policy,
-                )
+                stored = write(attrs, flags)
             except DuplicateConflict as exc:
                 raise Refused(Status.REFUSED_DUPLICATE, str(exc)) from None
             except StoreFullError as exc:
                 raise Refused(Status.OUT_OF_RESOURCES, str(exc)) from None
         except Refused as r:
-            log.warning("refused SOP Instance %s from %s: %s", uid or "(unknown)", source, r.comment)
-            return Outcome(r.status, r.comment, uid)
+            return self._refused(r, uid, source)
         except StoreError as exc:
             log.error("could not store SOP Instance %s from %s: %s", uid, source, exc)
             return Outcome(Status.PROCESSING_FAILURE, str(exc), uid)
@@ -139,6 +159,11 @@ class Ingest:
                 comment += f" (flagged: {flags})"
             log.info("stored SOP Instance %s from %s", uid, source)
         return Outcome(Status.SUCCESS, comment, uid, attrs["series_uid"], stored.path, stored.already_stored)
+
+    @staticmethod
+    def _refused(r: Refused, uid: str | None, source: Source) -> Outcome:
+        log.warning("refused SOP Instance %s from %s: %s", uid or "(unknown)", source, r.comment)
+        return Outcome(r.status, r.comment, uid)
 
     # -- validation ------------------------------------------------------------
 
@@ -260,3 +285,102 @@ class Ingest:
                     Status.REFUSED_PIXEL_DATA,
                     f"Pixel Data Group Length (7FE0,0000) says {claimed} bytes, but the group holds {actual}",
                 )
+
+
+class IncomingObject:
+    """A network data set being received into a temp file of the store (see
+    :meth:`Ingest.open_stream`). ``write`` never raises: a write error is remembered and
+    answered by :meth:`finish`."""
+
+    def __init__(self, ingest: Ingest, ts: str, sop_class_uid: str, sop_instance_uid: str,
+                 source: Source) -> None:
+        self.ingest = ingest
+        self.ts = ts
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.source = source
+        self.size = 0
+        self._fd = -1
+        self._tmp: Path | None = None
+        self._error: OSError | StoreError | None = None
+        self._refusal = ingest.space_status()
+        if self._refusal is None:
+            try:
+                self._tmp, self._fd = ingest.store.create_temp()
+                meta = dicomio.file_meta(sop_class_uid, sop_instance_uid, ts, source.calling_ae)
+                self._meta_len = len(meta)
+                self._write(memoryview(meta))
+            except (StoreError, dicomio.EncodingError) as exc:
+                self._error = StoreError(str(exc))
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:
+            self._error = exc
+            self._close()
+
+    def write(self, data: memoryview) -> None:
+        """Append a fragment of the data set."""
+        self.size += len(data)
+        if self._fd >= 0:
+            self._write(data)
+
+    def finish(self) -> Outcome:
+        """The data set is complete: make it durable, validate it and store it, or refuse it."""
+        try:
+            if self._refusal is not None:
+                return self.ingest._refused(Refused(self._refusal.status, self._refusal.comment),
+                                            self.sop_instance_uid, self.source)
+            if self._error is None:
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    self._error = exc
+            if self._error is not None:
+                return self._write_failure(self._error)
+            return self._validate_and_commit()
+        finally:
+            self.discard()
+
+    def _write_failure(self, err: OSError | StoreError) -> Outcome:
+        if isinstance(err, StoreFullError) or getattr(err, "errno", None) == errno.ENOSPC:
+            return self.ingest._refused(
+                Refused(Status.OUT_OF_RESOURCES, "the store's disk is full; nothing was stored. Free space to resume"),
+                self.sop_instance_uid, self.source)
+        log.error("could not store SOP Instance %s from %s: %s", self.sop_instance_uid, self.source, err)
+        return Outcome(Status.PROCESSING_FAILURE, f"cannot write to the store: {err}", self.sop_instance_uid)
+
+    def _validate_and_commit(self) -> Outcome:
+        assert self._tmp is not None
+        tmp = self._tmp
+        total = self._meta_len + self.size
+        with mmap.mmap(self._fd, total, prot=mmap.PROT_READ) as mapped:
+            view = memoryview(mapped)
+            body = view[self._meta_len:]
+            try:
+
+                def write(attrs: attributes.Attributes, flags: str | None) -> StoredObject:
+                    return self.ingest.store.commit(
+                        tmp, body, attrs, self.ts, total, calling_ae=self.source.calling_ae,
+                        origin=self.source.origin, flags=flags, policy=self.ingest.rules.duplicate_policy)
+
+                return self.ingest._accept(body, self.ts, self.sop_class_uid, self.sop_instance_uid,
+                                           self.source, write)
+            finally:
+                body.release()
+                view.release()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Drop whatever was received and not stored (idempotent)."""
+        self._close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+

@@ -74,6 +74,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """True if the temp file ``temp_name`` (``<pid>-...``) belongs to another running process."""
+    pid = temp_name.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -104,6 +118,8 @@ class Store:
         Returns what recovery did (see :meth:`recover`)."""
         mark = self.data_dir / _CLEAN_MARK
         for leftover in self.tmp.iterdir():
+            if _writer_alive(leftover.name):
+                continue  # another process (the supervisor's CD import, an older SCP) is writing it
             log.info("removing unfinished object %s left by an earlier run", leftover.name)
             leftover.unlink(missing_ok=True)
         if mark.exists():
@@ -169,9 +185,7 @@ class Store:
         layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
         attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
         mtime = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="milliseconds")
-        self.index.add(
-            self._row(attrs, path, ts, len(data), hashlib.sha256(body).hexdigest(), mtime, calling_ae, origin, None)
-        )
+        self.index.add(self._row(attrs, path, ts, len(data), mtime, calling_ae, origin, None))
 
     def _row(
         self,
@@ -179,7 +193,6 @@ class Store:
         path: Path,
         ts: str,
         size: int,
-        digest: str,
         received_at: str,
         calling_ae: str | None,
         origin: str,
@@ -190,7 +203,6 @@ class Store:
             path=str(path.relative_to(self.data_dir)),
             transfer_syntax=ts,
             size=size,
-            sha256=digest,
             received_at=received_at,
             calling_ae=calling_ae,
             origin=origin,
@@ -219,6 +231,14 @@ class Store:
                 "must stay free. Free space (export and delete old studies) to resume storing"
             )
 
+    def create_temp(self) -> tuple[Path, int]:
+        """Create a new temp file in ``tmp/``; return its path and an open write descriptor."""
+        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
+        try:
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _store_error(exc, "cannot create a file in the store") from exc
+
     def put(
         self,
         meta: bytes,
@@ -235,16 +255,46 @@ class Store:
 
         Raises StoreFullError on ENOSPC (nothing is left behind) and DuplicateConflict when
         a different object with the same SOP Instance UID is stored and policy is REJECT."""
+        tmp, fd = self.create_temp()
+        try:
+            try:
+                for chunk in (meta, body):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                raise _store_error(exc, "cannot write to the store") from exc
+            finally:
+                os.close(fd)
+            return self.commit(tmp, body, attrs, transfer_syntax, len(meta) + len(body),
+                               calling_ae=calling_ae, origin=origin, flags=flags, policy=policy)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def commit(
+        self,
+        tmp: Path,
+        body: bytes | memoryview,
+        attrs: attributes.Attributes,
+        transfer_syntax: str,
+        size: int,
+        *,
+        calling_ae: str | None,
+        origin: str,
+        flags: str | None = None,
+        policy: DuplicatePolicy = DuplicatePolicy.REJECT,
+    ) -> StoredObject:
+        """Move the complete, fsynced temp file ``tmp`` (whose data set is ``body``) into
+        place and index it. The caller removes ``tmp`` if it is still there afterwards."""
         uid = attrs["sop_instance_uid"]
-        digest = hashlib.sha256(body).hexdigest()
         final = self.path_for(attrs)
-        tmp = self._write_temp(meta, body)
         try:
             with self._uid_lock(uid):
                 old = self.index.instance(uid)
                 moved: Path | None = None
                 if old is not None and (self.data_dir / old.path).exists():
-                    if old.sha256 == digest or self._same_as_stored(old, body, transfer_syntax):
+                    if self._same_as_stored(old, body, transfer_syntax):
                         return StoredObject(uid, self.data_dir / old.path, already_stored=True)
                     if policy is DuplicatePolicy.REJECT:
                         raise DuplicateConflict(
@@ -253,50 +303,32 @@ class Store:
                             "the stored one was kept"
                         )
                     moved = self._supersede(self.data_dir / old.path)
-                final.parent.mkdir(parents=True, exist_ok=True)
+                if not final.parent.is_dir():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    _fsync_dir(final.parent.parent)
+                    _fsync_dir(final.parent.parent.parent)
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
                 self.index.add(
-                    self._row(attrs, final, transfer_syntax, len(meta) + len(body), digest, _now(),
-                              calling_ae, origin, flags)
+                    self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags)
                 )
                 return StoredObject(uid, final, already_stored=False, superseded=moved)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreFullError("the store's disk is full; nothing was stored. Free space to resume") from exc
-            raise StoreError(f"cannot store {uid}: {exc.strerror}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise _store_error(exc, f"cannot store {uid}") from exc
 
     def _same_as_stored(self, old: InstanceRow, body: bytes | memoryview, transfer_syntax: str) -> bool:
+        """True if ``body`` holds the same object as the stored one: the same bytes, or
+        the same values in another encoding."""
         try:
             data = (self.data_dir / old.path).read_bytes()
             offset, ts = dicomio.split_part10(data)
-            return attributes.same_content(memoryview(data)[offset:], ts, body, transfer_syntax)
+            stored = memoryview(data)[offset:]
+            if ts == transfer_syntax and stored == memoryview(body):
+                return True
+            return attributes.same_content(stored, ts, body, transfer_syntax)
         except (ValueError, OSError, dicomio.EncodingError) as exc:
             log.warning("cannot compare with stored %s: %s", old.sop_instance_uid, exc)
             return False
-
-    def _write_temp(self, meta: bytes, body: bytes | memoryview) -> Path:
-        fd = -1
-        tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            for chunk in (meta, body):
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            os.fsync(fd)
-            return tmp
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise StoreFullError("the store's disk is full; nothing was stored. Free space to resume") from exc
-            raise StoreError(f"cannot write to the store: {exc.strerror}") from exc
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     def _supersede(self, path: Path) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -344,6 +376,12 @@ class Store:
             ]
             v = volume.verdict(slices, self.slice_tolerance_mm)
             self.index.set_verdict(series_uid, v.ok, v.reason)
+
+
+def _store_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreFullError("the store's disk is full; nothing was stored. Free space to resume")
+    return StoreError(f"{what}: {exc.strerror}")
 
 
 def _vec(value: str | None) -> tuple[float, ...] | None:

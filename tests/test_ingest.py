@@ -192,3 +192,39 @@ def test_series_verdict_is_recorded(ingest):
     assert good["volume_ok"] == 1 and "6 slices" in good["volume_reason"]
     assert rows[bad[0].SeriesInstanceUID]["volume_ok"] == 0
     assert "Slice Thickness 5.0" in rows[bad[0].SeriesInstanceUID]["volume_reason"]
+
+
+def test_every_index_column_is_decoded():
+    from appliance import attributes
+
+    columns = {c for _, c, _ in attributes.COLUMNS} - {"charset"}
+    assert columns == set(attributes._TAGS)
+
+
+@pytest.mark.parametrize("s", [s for s in samples() if s.transfer_syntax in set(TransferSyntax)
+                               and not s.transfer_syntax.startswith("1.2.840.10008.1.2.4")],
+                         ids=lambda s: s.name)
+def test_fast_attribute_decoding_agrees_with_pydicom(s):
+    from appliance import attributes
+
+    data = s.path.read_bytes()
+    off, ts = dicomio.split_part10(data)
+    syntax = TransferSyntax(ts)
+    body = data[off:]
+    got = attributes.read(body, dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian),
+                          syntax.is_implicit_vr, syntax.is_little_endian)
+    ds = pydicom.dcmread(s.path, stop_before_pixels=True)
+    for keyword, column, _ in attributes.COLUMNS:
+        if keyword not in ds or column == "charset" or ds[keyword].VM == 0:
+            continue
+        value = ds[keyword].value
+        if column in ("patient_name", "patient_id", "manufacturer", "modality", "sop_instance_uid",
+                      "study_uid", "series_uid"):
+            assert got[column] == str(value), column
+        elif column in ("rows", "columns", "bits_allocated", "samples_per_pixel", "number_of_frames",
+                        "instance_number"):
+            assert got[column] == int(value), column
+        elif column in ("slice_thickness", "rescale_slope", "rescale_intercept"):
+            assert got[column] == pytest.approx(float(value)), column
+        elif column == "image_position_patient":
+            assert [float(v) for v in got[column].split("\\")] == pytest.approx([float(v) for v in value])

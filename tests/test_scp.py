@@ -95,7 +95,6 @@ def test_storescu_sends_a_ct_series_and_ls_shows_it(server, tmp_path, capsys):
     from appliance.cli import main
 
     wait_for(lambda: server.store.index.counts()["instances"] == 12, what="12 instances indexed")
-    server.server._flush_verdicts()
     assert main(["--data-dir", str(server.store.data_dir), "ls", "--series"]) == 0
     out = capsys.readouterr().out
     assert "3D ok: 12 slices, 2.000 mm apart" in out and "CT" in out
