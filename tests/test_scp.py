@@ -402,3 +402,58 @@ def test_privileged_port_message(tmp_path):
     from appliance.cli import main
 
     assert main(["--data-dir", str(tmp_path), "scp", "104"]) == 1
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16384, 65536, 1048576])
+@pytest.mark.parametrize("syntax_name", ["LittleEndianImplicit", "LittleEndianExplicit", "BigEndianExplicit"])
+def test_dcmtk_interoperates_at_every_pdu_size(make_server, tmp_path, max_pdu, syntax_name):
+    """Our acceptor reassembles P-DATA from DCMTK at PDU sizes from 4 KiB to 1 MiB."""
+    srv = make_server(ScpConfig(max_pdu=max_pdu))
+    s = sample("ct_ele_2")  # 512 x 512 x 16 bit: 128 PDUs at 4 KiB
+    r = storescu(srv, [s.path, sample("rtstruct_ile_large").path],
+                 "-xf", str(profile(tmp_path, syntax_name)), "Only")
+    assert r.returncode == 0, r.stderr
+    stored = pydicom.dcmread(srv.store.locate(s.sop_instance_uid))
+    assert (stored.pixel_array == pydicom.dcmread(s.path).pixel_array).all()
+    assert srv.store.locate(sample("rtstruct_ile_large").sop_instance_uid) is not None
+
+
+def test_a_pdu_larger_than_we_advertised_is_aborted(make_server):
+    srv = make_server(ScpConfig(max_pdu=4096))
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(_assoc_rq_pdu())
+    assert s.recv(1)[0] == 0x02
+    s.recv(65536)
+    s.sendall(b"\x04\x00" + struct.pack(">L", 1 << 20) + b"\x00" * 64)
+    assert wait_for(lambda: s.recv(10), what="an A-ABORT")[:1] == b"\x07"
+    s.close()
+    assert echoscu(srv).returncode == 0
+
+
+def test_a_large_object_is_streamed_not_held_in_memory(make_server, tmp_path):
+    """A 64 MiB multi-frame-free CT (8192 x 4096 x 16 bit) passes through a few MiB of buffers."""
+    import resource
+    import threading
+
+    srv = make_server(ScpConfig(max_pdu=1048576))
+    ds = ct_series(1, rows=4096, cols=8192)[0]
+    [path] = write_series([ds], tmp_path / "big")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = [before]
+    done = threading.Event()
+
+    def watch():  # this process's RSS high-water mark while the SCP receives
+        while not done.is_set():
+            peak[0] = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            done.wait(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        r = storescu(srv, [path])
+    finally:
+        done.set()
+        t.join()
+    assert r.returncode == 0, r.stderr
+    assert srv.store.locate(ds.SOPInstanceUID).stat().st_size > 64 * 2**20
+    assert (peak[0] - before) * 1024 < 32 * 2**20  # ru_maxrss is in KiB
