@@ -26,7 +26,12 @@ Handler = Callable[[argparse.Namespace], int]
 #: Modules that add their own subcommands: each has ``add_commands(subparsers)``, whose
 #: handlers take the parsed arguments (with ``config``, ``data_dir``, ``verbosity``) and
 #: return an exit code. Use :func:`load_config` and :func:`open_store` from here.
-COMMAND_MODULES: tuple[str, ...] = ("appliance.importer", "appliance.sender")
+COMMAND_MODULES: tuple[str, ...] = (
+    "appliance.importer",
+    "appliance.sender",
+    "appliance.configservice",
+    "appliance.supervisor",
+)
 
 
 def data_dir(args: argparse.Namespace) -> Path:
@@ -66,7 +71,12 @@ def cmd_scp(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, scp=dataclasses.replace(cfg.scp, port=0))
     store = open_store(args, cfg)
     store.open_for_service()
-    server = StorageServer(cfg.scp, Ingest(store, cfg.store))
+    sock = None
+    if args.listen_fd is not None:  # a listening socket handed over by ``appliance run``
+        import socket
+
+        sock = socket.socket(fileno=args.listen_fd)
+    server = StorageServer(cfg.scp, Ingest(store, cfg.store), sock=sock)
     try:
         where = server.start()
     except PermissionError:
@@ -87,6 +97,10 @@ def cmd_scp(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from appliance.systemd import Notifier
+
+    notifier = Notifier()
+    notifier.ready(f"listening {where.ae_title}:{where.port}")
     host = "127.0.0.1" if where.host in ("0.0.0.0", "::") else where.host
     print(
         f"Storage SCP {where.ae_title} listening on {where.host}:{where.port}, store in {store.data_dir}\n"
@@ -95,6 +109,7 @@ def cmd_scp(args: argparse.Namespace) -> int:
         flush=True,
     )
     stop.wait()
+    notifier.stopping("stopping: finishing associations in flight")
     server.stop()
     store.close(clean=True)
     return 0
@@ -205,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-associations", type=int, metavar="N", help="simultaneous associations (default 5)")
     s.add_argument("--bind", metavar="ADDR", help="address to listen on (default 0.0.0.0)")
     s.add_argument("port", nargs="?", type=int, metavar="PORT", help="TCP port (default 104; 0 picks a free one)")
+    s.add_argument("--listen-fd", type=int, metavar="FD",
+                   help="serve this inherited listening socket instead of binding (used by 'appliance run')")
     s.set_defaults(func=cmd_scp)
 
     s = sub.add_parser("ls", help="list stored studies, series or instances")

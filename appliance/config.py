@@ -89,11 +89,20 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """What the appliance does when a CD or USB stick is inserted (``[media]``)."""
+
+    #: Open the tray once a CD has been imported.
+    eject_after_import: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     scp: ScpConfig = field(default_factory=ScpConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     #: Named peers for ``appliance send --to NAME``, by name.
     destinations: Mapping[str, Destination] = field(default_factory=dict)
 
@@ -261,11 +270,18 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save(cfg: Config, path: Path) -> None:
     """Write ``cfg`` to ``path`` atomically (temp file, fsync, rename)."""
+    save_table(to_dict(cfg), path)
+
+
+def save_table(data: Mapping[str, Any], path: Path) -> None:
+    """Write the TOML tables ``data`` to ``path`` atomically (temp file, fsync, rename).
+
+    ``appliance config set`` uses it to change one key and keep the rest of a file as written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".appliance-", suffix=".toml", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            tomli_w.dump(to_dict(cfg), f)
+            tomli_w.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

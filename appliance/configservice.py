@@ -1,0 +1,407 @@
+"""The local config service and the ``appliance config`` and ``appliance status`` commands.
+
+While ``appliance run`` runs, it answers on a Unix stream socket (``RUNTIME_DIR/config.sock``,
+mode 0660, group ``appliance``) one JSON object per line::
+
+    {"op": "get", "key": "scp.port"}             -> {"ok": true, "result": 104}
+    {"op": "set", "key": "scp.port", "value": "11112"}
+    {"op": "validate", "key": ..., "value": ...} (a dry run; without key: the file on disk)
+    {"op": "show"} / {"op": "status"}
+    any failure                                  -> {"ok": false, "error": "...", "kind": "ConfigError"}
+
+A ``set`` is validated against the whole file, applied (the supervisor restarts the SCP on
+the new settings when they concern it) and only then written. Without a running service the
+commands read and edit the file themselves. Either way the file is written atomically, and
+only the key that was set changes: a file holding only ``[scp] port`` stays that short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import tomli_w
+
+from appliance import config
+from appliance.errors import ApplianceError, ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Where the service's socket lives on the box (systemd's RuntimeDirectory=appliance).
+DEFAULT_RUNTIME_DIR = Path("/run/appliance")
+SOCKET_NAME = "config.sock"
+#: Members of this group may use the socket (and so change the config) without being root.
+SOCKET_GROUP = "appliance"
+_MAX_LINE = 1 << 20
+_CLIENT_TIMEOUT = 90.0  # a set may restart the SCP, whose in-flight associations get 10 s
+
+
+def runtime_dir(explicit: str | None = None) -> Path:
+    """``--runtime-dir``, else ``$APPLIANCE_RUNTIME_DIR``, ``$RUNTIME_DIRECTORY`` (systemd), /run/appliance."""
+    for value in (explicit, os.environ.get("APPLIANCE_RUNTIME_DIR"), os.environ.get("RUNTIME_DIRECTORY")):
+        if value:
+            return Path(value.split(":")[0])
+    return DEFAULT_RUNTIME_DIR
+
+
+# -- keys and values -------------------------------------------------------------------------
+
+
+def get_key(cfg: config.Config, key: str) -> Any:
+    """The value of dotted ``key`` (``scp.port``, ``destinations.pacs.host``, ``scp``) in ``cfg``."""
+    node: Any = config.to_dict(cfg)
+    for i, part in enumerate(key.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(key.split(".")[:i]) or "the file"
+            known = ", ".join(node) if isinstance(node, dict) and node else "none"
+            raise ConfigError(f"'{key}' is not a setting; known keys under {where}: {known}")
+        node = node[part]
+    return node
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """Turn ``text`` from the command line into the type of ``current`` (the key's present value)."""
+    try:
+        if isinstance(current, bool):
+            low = text.strip().lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise ValueError(f"'{text}' is not true or false")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, list):
+            if text.strip().startswith("["):
+                return tomllib.loads(f"v = {text}")["v"]
+            return [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(current, str):
+            return text
+        try:  # a new key (e.g. a new destination's): a TOML value, else a string
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = type(current).__name__ if current is not None else "value"
+        raise ConfigError(f"{key}: cannot use '{text}' as a {kind} ({exc})") from None
+
+
+class ConfigFile:
+    """The TOML file at ``path`` (None: the box's default), read and changed one key at a time."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.explicit = path is not None
+        self.path = path or config.DEFAULT_CONFIG_PATH
+
+    def load(self) -> config.Config:
+        return config.load(self.path if self.explicit else None)
+
+    def raw(self) -> dict[str, Any]:
+        if not self.path.exists() and not self.explicit:
+            return {}
+        try:
+            with open(self.path, "rb") as f:
+                return tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {self.path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {self.path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {self.path}: {exc.strerror}") from None
+
+    def plan(self, key: str, text: str) -> tuple[dict[str, Any], config.Config]:
+        """The file's tables with ``key`` set to ``text``, and the config they make; nothing is written.
+
+        Raises ConfigError naming every problem of the resulting file."""
+        parts = key.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"'{key}' is not a setting; address one as TABLE.KEY, e.g. scp.port")
+        raw = self.raw()
+        try:
+            current = get_key(self.load(), key)
+        except ConfigError:
+            current = None
+        if isinstance(current, dict):
+            raise ConfigError(f"'{key}' is a table; set one of its keys, e.g. {key}.{next(iter(current), 'KEY')}")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"'{key}': {part} is not a table in {self.path}")
+            node = child
+        node[parts[-1]] = parse_value(key, text, current)
+        try:
+            cfg = config.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{key} = {text!r} not applied: {exc}") from None
+        return raw, cfg
+
+    def write(self, raw: dict[str, Any]) -> None:
+        try:
+            config.save_table(raw, self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write config file {self.path}: {exc.strerror}") from None
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What the service asks of the running appliance (the supervisor)."""
+
+    def current(self) -> config.Config: ...
+
+    def set_key(self, key: str, value: str) -> str: ...
+
+    def plan(self, key: str, value: str) -> config.Config: ...
+
+    def validate_file(self) -> config.Config: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    key: str | None
+    value: str | None
+    uid: int | None
+
+
+class ConfigService:
+    """Answers requests on a Unix socket at ``path`` in background threads, until :meth:`stop`."""
+
+    def __init__(self, path: Path, backend: Backend) -> None:
+        self.path = path
+        self.backend = backend
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        service = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                uid = _peer_uid(self.request)
+                for line in self.rfile:
+                    if len(line) > _MAX_LINE:
+                        break
+                    answer = service.answer(line, uid)
+                    self.wfile.write(json.dumps(answer).encode() + b"\n")
+                    self.wfile.flush()
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+
+        self._server = Server(str(path), Handler)
+        _restrict(path)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="config-service", daemon=True)
+        self._thread.start()
+        log.info("config service listening on %s", self.path)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+        self._server.server_close()
+        self.path.unlink(missing_ok=True)
+
+    def answer(self, line: bytes, uid: int | None) -> dict[str, Any]:
+        """Answer one request line; errors become ``{"ok": false, ...}``, never an exception."""
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+            req = Request(str(msg.get("op", "")), msg.get("key"), msg.get("value"), uid)
+        except ValueError as exc:
+            return {"ok": False, "error": f"request is not a JSON object on one line: {exc}", "kind": "ApplianceError"}
+        try:
+            return {"ok": True, "result": self._dispatch(req)}
+        except ApplianceError as exc:
+            return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
+        except Exception as exc:  # noqa: BLE001 - a bad request must not take the service down
+            log.exception("config service: %s failed", req.op)
+            return {"ok": False, "error": f"internal error: {exc!r}; see the journal", "kind": "ApplianceError"}
+
+    def _dispatch(self, req: Request) -> Any:
+        b = self.backend
+        if req.op == "show":
+            return config.to_dict(b.current())
+        if req.op == "get":
+            return get_key(b.current(), str(req.key))
+        if req.op == "set":
+            if req.key is None or req.value is None:
+                raise ConfigError("set needs a key and a value")
+            log.info("config set %s = %r (requested by uid %s)", req.key, req.value, req.uid)
+            return b.set_key(str(req.key), str(req.value))
+        if req.op == "validate":
+            if req.key is None:
+                b.validate_file()
+                return "the config file is valid"
+            b.plan(str(req.key), str(req.value))
+            return f"{req.key} = {req.value} is valid"
+        if req.op == "status":
+            return b.status()
+        raise ApplianceError(f"unknown request '{req.op}'; use show, get, set, validate or status")
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    except OSError:
+        return None
+
+
+def _restrict(path: Path) -> None:
+    """Make the socket 0660, owned by root and group ``appliance`` where that group exists."""
+    os.chmod(path, 0o660)
+    if os.geteuid() == 0:
+        try:
+            os.chown(path, 0, grp.getgrnam(SOCKET_GROUP).gr_gid)
+        except KeyError:
+            log.warning("group '%s' does not exist; only root may use %s", SOCKET_GROUP, path)
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+def request(path: Path, op: str, **fields: Any) -> Any:
+    """Send one request to the service at ``path``; return its result.
+
+    Raises FileNotFoundError/ConnectionRefusedError when no service runs there (the caller
+    then works on the file), ConfigError or ApplianceError with the service's message."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(_CLIENT_TIMEOUT)
+        try:
+            s.connect(str(path))
+        except PermissionError:
+            raise ApplianceError(
+                f"permission denied on {path}; run as root or as a member of group '{SOCKET_GROUP}'"
+            ) from None
+        s.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ApplianceError(f"the config service at {path} closed the connection without answering")
+            buf += chunk
+    answer = json.loads(buf)
+    if answer.get("ok"):
+        return answer.get("result")
+    error = answer.get("error", "unknown error")
+    raise ConfigError(error) if answer.get("kind") == "ConfigError" else ApplianceError(error)
+
+
+def _via_service(args: argparse.Namespace, op: str, offline: Callable[[], Any], **fields: Any) -> Any:
+    """Ask the running service, or run ``offline`` when none is running."""
+    path = runtime_dir(args.runtime_dir) / SOCKET_NAME
+    try:
+        return request(path, op, **fields)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return offline()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def _file(args: argparse.Namespace) -> ConfigFile:
+    return ConfigFile(Path(args.config) if args.config else None)
+
+
+def _print_value(value: Any) -> None:
+    if isinstance(value, dict):
+        print(tomli_w.dumps(value), end="")
+    elif isinstance(value, bool):
+        print("true" if value else "false")
+    elif isinstance(value, list):
+        print(", ".join(str(v) for v in value))
+    else:
+        print(value)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Show, get, set or validate settings, through the running service or in the file."""
+    f = _file(args)
+    if args.action == "show":
+        _print_value(_via_service(args, "show", lambda: config.to_dict(f.load())))
+    elif args.action == "get":
+        _print_value(_via_service(args, "get", lambda: get_key(f.load(), args.key), key=args.key))
+    elif args.action == "set":
+
+        def offline() -> str:
+            raw, _cfg = f.plan(args.key, args.value)
+            f.write(raw)
+            return f"{args.key} = {get_key(_cfg, args.key)!r} written to {f.path}; it applies at the next start"
+
+        print(_via_service(args, "set", offline, key=args.key, value=args.value))
+    else:  # validate
+        if args.key is not None:
+            if args.value is None:
+                raise ConfigError("validate KEY needs a VALUE too")
+            f.plan(args.key, args.value)
+            print(f"{args.key} = {args.value} is valid")
+        else:
+            f.load()
+            print(f"{f.path} is valid")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print health, counts, disk use and the last import and export; exit 1 when degraded."""
+    from appliance import cli, health
+
+    def offline() -> dict[str, Any]:
+        store = cli.open_store(args)
+        try:
+            return health.offline(store).to_dict()
+        finally:
+            store.close(clean=False)
+
+    h = _via_service(args, "status", offline)
+    if args.json:
+        print(json.dumps(h, indent=1))
+    else:
+        print(health.Health.from_dict({k: v for k, v in h.items() if k != "children"}).render())
+        for name, pid in (h.get("children") or {}).items():
+            print(f"child:    {name} pid {pid}")
+    return 0 if h.get("ok") else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    rt = argparse.ArgumentParser(add_help=False)
+    rt.add_argument("--runtime-dir", metavar="DIR",
+                    help=f"where the running appliance's socket is (default {DEFAULT_RUNTIME_DIR})")
+
+    s = subparsers.add_parser("config", parents=[rt], help="show, get, set or validate settings")
+    sub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("show", help="print the whole configuration in effect")
+    g = sub.add_parser("get", help="print one setting, e.g. scp.port")
+    g.add_argument("key", metavar="KEY")
+    g = sub.add_parser("set", help="change one setting, e.g. scp.port 11112 (applies at once when running)")
+    g.add_argument("key", metavar="KEY")
+    g.add_argument("value", metavar="VALUE")
+    g = sub.add_parser("validate", help="check the config file, or whether KEY VALUE would be accepted")
+    g.add_argument("key", nargs="?", metavar="KEY")
+    g.add_argument("value", nargs="?", metavar="VALUE")
+    s.set_defaults(func=cmd_config)
+
+    s = subparsers.add_parser("status", parents=[rt], help="print health, counts, disk use, last import/export")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.set_defaults(func=cmd_status)

@@ -1,0 +1,233 @@
+"""The appliance's self-check and the state ``appliance status`` and ``STATUS=`` show.
+
+:func:`check` asks the Storage SCP for a loopback C-ECHO, writes and removes a small file
+in the store, and gathers counts, disk use and the last import and export results (kept in
+``DATA_DIR/last-media.json`` by the media jobs, so they survive a restart).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from appliance.conformance import Status
+from appliance.store import Store, disk_usage_percent
+
+log = logging.getLogger(__name__)
+
+#: Our calling AE title for the loopback C-ECHO.
+HEALTH_AE_TITLE = "APPLIANCE_CHECK"
+_RESULTS_FILE = "last-media.json"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The outcome of one media job (a CD import or a USB export)."""
+
+    kind: str  # "import" or "export"
+    ok: bool
+    summary: str
+    device: str
+    finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def short(self) -> str:
+        return f"last {self.kind} {'OK' if self.ok else 'FAILED'}"
+
+
+def record_result(data_dir: Path, result: JobResult) -> None:
+    """Keep ``result`` as the last one of its kind (temp file, fsync, rename)."""
+    path = data_dir / _RESULTS_FILE
+    results = {k: asdict(v) for k, v in last_results(data_dir).items()}
+    results[result.kind] = asdict(result)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.error("cannot keep the %s result in %s: %s", result.kind, path, exc.strerror)
+
+
+def last_results(data_dir: Path) -> dict[str, JobResult]:
+    """The last import and export results, by kind (empty when there were none)."""
+    try:
+        data = json.loads((data_dir / _RESULTS_FILE).read_text(encoding="utf-8"))
+        return {k: JobResult(**v) for k, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("cannot read the last media results in %s: %s", data_dir, exc)
+        return {}
+
+
+@dataclass(frozen=True)
+class Health:
+    """The self-check's outcome and the numbers a person wants to see."""
+
+    #: "AE:port" the SCP serves, or "" when it is not running.
+    listening: str
+    scp_answered: bool
+    #: "" when the store takes a write, else what is wrong (full, read-only, I/O error).
+    store_problem: str
+    counts: dict[str, int]
+    disk_used_percent: float
+    last_import: JobResult | None = None
+    last_export: JobResult | None = None
+    #: What a media job is doing now ("" when idle).
+    activity: str = ""
+    #: Other problems worth a person's attention (a failed config reload, a child restarting).
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when the watchdog may be fed: the SCP answers and the store takes writes.
+
+        A full disk is reported but does not fail the check: a restart cannot free space."""
+        return self.scp_answered and (not self.store_problem or self.store_problem.startswith("store full"))
+
+    def status_line(self) -> str:
+        """One line for ``STATUS=``: ``listening ELEKTA_STORAGE:104 · 1,234 studies · disk 41% used``."""
+        parts = []
+        if not self.scp_answered:
+            parts.append(f"SCP {self.listening or 'not running'} does not answer C-ECHO")
+        else:
+            parts.append(f"listening {self.listening}")
+        if self.store_problem:
+            parts.append(self.store_problem)
+        parts.append(f"{self.counts.get('studies', 0):,} studies")
+        parts.append(f"disk {self.disk_used_percent:.0f}% used")
+        if self.activity:
+            parts.append(self.activity)
+        for r in (self.last_import, self.last_export):
+            if r is not None:
+                parts.append(r.short)
+        parts.extend(self.notes)
+        return " · ".join(parts)
+
+    def render(self) -> str:
+        """The multi-line report of ``appliance status``."""
+        c = self.counts
+        lines = [
+            f"health:   {'OK' if self.ok else 'DEGRADED'}",
+            f"scp:      {('listening ' + self.listening) if self.listening else 'not running'}"
+            + ("" if self.scp_answered else " (no answer to a loopback C-ECHO)"),
+            f"store:    {self.store_problem or 'writable'}; disk {self.disk_used_percent:.0f}% used",
+            f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
+            f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances",
+        ]
+        if self.activity:
+            lines.append(f"now:      {self.activity}")
+        for label, r in (("import", self.last_import), ("export", self.last_export)):
+            text = "none yet" if r is None else f"{'OK' if r.ok else 'FAILED'} {r.finished_at} {r.device}: {r.summary}"
+            lines.append(f"last {label}: {text}")
+        lines.extend(f"note:     {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Health:
+        d = dict(d)
+        d.pop("ok", None)
+        for k in ("last_import", "last_export"):
+            d[k] = JobResult(**d[k]) if d.get(k) else None
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
+
+
+def echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> str | None:
+    """C-ECHO ``ae_title`` at ``host``:``port``; return None on success, else what went wrong."""
+    ae = AE(ae_title=HEALTH_AE_TITLE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return f"no association with {ae_title} at {host}:{port}"
+    try:
+        status = assoc.send_c_echo()
+        if not status or status.Status != Status.SUCCESS:
+            return f"C-ECHO to {ae_title} at {host}:{port} did not succeed"
+        return None
+    finally:
+        assoc.release()
+
+
+def loopback(bind: str) -> str:
+    """The address to reach a server bound to ``bind`` from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind, bind)
+
+
+def store_problem(data_dir: Path) -> str:
+    """Write, fsync and remove a small file in the store; return "" or what is wrong."""
+    probe = data_dir / "tmp" / f"{os.getpid()}-health-check.part"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"health check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+        return ""
+    except OSError as exc:
+        probe.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            return "store full (no space left on the disk)"
+        if exc.errno == errno.EROFS:
+            return "store degraded: its file system is read-only"
+        if exc.errno == errno.EIO:
+            return "store degraded: input/output error (disk failing?)"
+        return f"store not writable: {exc.strerror}"
+
+
+def check(
+    store: Store,
+    *,
+    ae_title: str,
+    host: str,
+    port: int | None,
+    activity: str = "",
+    notes: tuple[str, ...] = (),
+) -> Health:
+    """Run the self-check against the SCP at ``host``:``port`` (None: not running) and ``store``."""
+    problem = echo(host, port, ae_title) if port else "not running"
+    if problem and port:
+        log.warning("self-check: %s", problem)
+    return _gather(store, f"{ae_title}:{port}" if port else "", problem is None, activity, notes)
+
+
+def offline(store: Store) -> Health:
+    """What can be known without a running supervisor: counts, disk use, last results."""
+    return _gather(store, "", False, "", ("the supervisor ('appliance run') is not running",))
+
+
+def _gather(store: Store, listening: str, answered: bool, activity: str, notes: tuple[str, ...]) -> Health:
+    results = last_results(store.data_dir)
+    return Health(
+        listening=listening,
+        scp_answered=answered,
+        store_problem=store_problem(store.data_dir),
+        counts=store.index.counts(),
+        disk_used_percent=disk_usage_percent(store.data_dir),
+        last_import=results.get("import"),
+        last_export=results.get("export"),
+        activity=activity,
+        notes=notes,
+    )
