@@ -29,6 +29,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMAND_MODULES: tuple[str, ...] = (
     "appliance.importer",
     "appliance.sender",
+    "appliance.exporter",
     "appliance.configservice",
     "appliance.supervisor",
 )

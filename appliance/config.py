@@ -47,6 +47,17 @@ class DuplicatePolicy(enum.StrEnum):
     REPLACE = "replace"
 
 
+class ExportPolicy(enum.StrEnum):
+    """What a USB export writes when nothing is selected and the export queue is empty."""
+
+    #: Studies received since the last export made under this policy or ``--all`` (default).
+    SINCE_LAST_EXPORT = "since-last-export"
+    #: Every stored study.
+    ALL = "all"
+    #: Nothing: only explicit selections and the export queue are written.
+    QUEUE_ONLY = "queue-only"
+
+
 @dataclass(frozen=True)
 class ScpConfig:
     """The Storage Server (``[scp]``)."""
@@ -97,12 +108,21 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class UsbConfig:
+    """The USB writer (``[usb]``)."""
+
+    #: What an export writes when nothing is selected and the queue is empty.
+    policy: ExportPolicy = ExportPolicy.SINCE_LAST_EXPORT
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     scp: ScpConfig = field(default_factory=ScpConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    usb: UsbConfig = field(default_factory=UsbConfig)
     #: Named peers for ``appliance send --to NAME``, by name.
     destinations: Mapping[str, Destination] = field(default_factory=dict)
 

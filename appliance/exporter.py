@@ -1,0 +1,958 @@
+"""USB export (section 4.4, Tables 10 and 11): write stored studies as a DICOM file-set.
+
+:func:`export` is the one entry point, for ``appliance export`` and for the media watcher
+when a stick is inserted. What it writes:
+
+* every selected object whose SOP class is in Table 10 or 11, as a Part 10 file in Implicit
+  VR Little Endian (:func:`appliance.transcode.to_implicit_le`: no value changes);
+* File IDs ``DICOM/STxxxxxx/SExxxxxx/IMxxxxxx``: uppercase, 8 characters, 4 levels. The
+  ``x`` are derived from the study, series and instance UIDs, so the same object always gets
+  the same name on a stick (a retry after a pulled stick overwrites its own half-done files);
+* a DICOMDIR (general-purpose profile), built with pydicom's :class:`FileSet`. An existing
+  DICOMDIR is loaded and added to; objects it already lists are not written again.
+
+Safety, in this order: free space is checked before anything is written (nothing is written
+if it is short); each file is written to ``NAME.TMP``, fsynced and renamed; every file is
+read back, parsed and its pixel data compared with the store; the DICOMDIR is written last
+(temp, fsync, rename), so a set whose DICOMDIR does not list a file is recognisably
+incomplete; then everything is synced and a block device unmounted before the report says
+"safe to remove". The store is only read.
+
+Targets: a mounted folder; a USB partition's block device (the appliance checks in sysfs
+that it is a removable USB disk, mounts it and unmounts it); or a FAT image file, written in
+userspace with mtools (for machines whose kernel has no vfat, such as CI).
+
+Selection (:class:`Selection`): explicit studies/series; else the export queue
+(``appliance queue``); else ``[usb] policy``: ``since-last-export`` (default) writes the
+studies whose last object arrived after the start of the last successful export made under
+that policy or ``--all`` (explicit and queued exports do not move that mark, so they never
+hide a study from the next default export; with no such export yet, every study);
+``all``; or ``queue-only`` (nothing). The queue and the export history live in
+``DATA_DIR/usb.sqlite``, not in the index, which is a rebuildable cache of the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import enum
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Protocol, TextIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.fileset import FileSet
+
+from appliance.config import Config, ExportPolicy
+from appliance.conformance import TABLE_10, TABLE_11, SOPClass, TransferSyntax, syntaxes_for
+from appliance.errors import ApplianceError, MediaError
+from appliance.index import InstanceRow
+from appliance.store import Store
+from appliance.transcode import TranscodeError, to_implicit_le
+
+log = logging.getLogger(__name__)
+
+#: The folder on the stick that holds our files (the DICOMDIR is at the root).
+TOP = "DICOM"
+_USB_TABLES = TABLE_10 + TABLE_11
+_FAT_DIR_BYTES = 4096  # what one new folder costs at most, besides its cluster
+_DICOMDIR_RECORD_BYTES = 1024  # an upper bound per new instance, with its parent records
+_MARGIN = 64 * 1024
+#: Errors that mean the medium went away or failed under us (a pulled stick).
+_PULLED = {errno.EIO, errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.EROFS, errno.ENOTDIR}
+#: Directory-record attributes that are Type 1 in the DICOMDIR but may be absent or empty
+#: in an object; the record (never the file) gets this placeholder.
+_RECORD_PLACEHOLDERS = {
+    "PatientID": "UNKNOWN", "StudyDate": "19000101", "StudyTime": "000000", "StudyID": "NONE",
+    "Modality": "OT", "SeriesNumber": "0", "InstanceNumber": "0",
+}  # fmt: skip
+#: What pydicom's PATIENT, STUDY, SERIES, IMAGE and RT record creators read from an object.
+_RECORD_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "PatientName", "PatientID", "StudyDate",
+    "StudyTime", "StudyDescription", "StudyInstanceUID", "StudyID", "AccessionNumber", "Modality",
+    "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "StructureSetLabel", "StructureSetDate",
+    "StructureSetTime", "RTPlanLabel", "RTPlanDate", "RTPlanTime", "DoseSummationType",
+)  # fmt: skip
+#: The same, for the attributes one record type needs (pydicom picks the record type from them).
+_CLASS_PLACEHOLDERS = {
+    SOPClass.RT_STRUCTURE_SET: {"StructureSetLabel": "UNKNOWN"},
+    SOPClass.RT_PLAN: {"RTPlanLabel": "UNKNOWN"},
+    SOPClass.RT_DOSE: {"DoseSummationType": "UNKNOWN"},
+}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+class ExportStatus(enum.StrEnum):
+    """How an export ended."""
+
+    DONE = "done"
+    NOTHING = "nothing to export"
+    FAILED = "failed"
+
+
+class FileOutcome(enum.StrEnum):
+    """What happened to one selected object."""
+
+    WRITTEN = "written"
+    ON_STICK = "already on the stick"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One selected object and what happened to it."""
+
+    sop_instance_uid: str
+    study_uid: str
+    outcome: FileOutcome
+    file_id: str = ""
+    size: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    """How far an export has come (passed to the ``progress`` callback after each file)."""
+
+    files_done: int
+    files_total: int
+    bytes_written: int
+    bytes_total: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """The result of :func:`export`."""
+
+    target: str
+    status: ExportStatus
+    selection: str
+    started_at: str
+    files: tuple[ExportedFile, ...]
+    bytes_written: int
+    seconds: float
+    #: Why the export failed ("" unless FAILED).
+    error: str = ""
+    #: True once everything was synced (and a block device unmounted).
+    safe_to_remove: bool = False
+
+    def count(self, outcome: FileOutcome) -> int:
+        return sum(1 for f in self.files if f.outcome is outcome)
+
+    @property
+    def ok(self) -> bool:
+        """True when the export finished and no selected object failed."""
+        return self.status is not ExportStatus.FAILED and not self.count(FileOutcome.FAILED)
+
+    @property
+    def studies(self) -> int:
+        return len({f.study_uid for f in self.files if f.outcome in (FileOutcome.WRITTEN, FileOutcome.ON_STICK)})
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.count(o)} {o.value}" for o in FileOutcome if self.count(o))
+        text = (
+            f"USB export to {self.target} ({self.selection}): {self.status.value}; "
+            f"{self.studies} studies, {counts or 'no files'}; wrote {self.bytes_written / 1e6:.1f} MB "
+            f"in {self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s)"
+        )
+        if self.error:
+            text += f". {self.error}"
+        if self.safe_to_remove:
+            text += ". The stick is safe to remove"
+        return text
+
+    def render(self) -> str:
+        """The report as text: the summary, then one line per object not simply written."""
+        lines = [self.summary()]
+        for f in self.files:
+            if f.outcome is not FileOutcome.WRITTEN:
+                lines.append(f"{f.outcome.value:<20}  {f.sop_instance_uid}: {f.reason or f.file_id}")
+        return "\n".join(lines)
+
+
+# -- selection, queue and history -----------------------------------------------------------
+
+
+class SelectionMode(enum.StrEnum):
+    EXPLICIT = "explicit"
+    QUEUE = "queue"
+    ALL = "all"
+    POLICY = "policy"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to export. ``Selection()`` means: the queue, else the configured policy."""
+
+    mode: SelectionMode = SelectionMode.POLICY
+    studies: tuple[str, ...] = ()
+    series: tuple[str, ...] = ()
+
+    @classmethod
+    def explicit(cls, studies: tuple[str, ...] = (), series: tuple[str, ...] = ()) -> Selection:
+        return cls(SelectionMode.EXPLICIT, tuple(studies), tuple(series))
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    uid: str
+    level: str  # "study" or "series"
+    added_at: str
+
+
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (uid TEXT PRIMARY KEY, level TEXT NOT NULL, added_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS exports (
+  id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT NOT NULL, target TEXT NOT NULL,
+  selection TEXT NOT NULL, status TEXT NOT NULL, files INTEGER NOT NULL, bytes INTEGER NOT NULL,
+  moves_mark INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+
+class ExportState:
+    """The export queue and history in ``DATA_DIR/usb.sqlite`` (kept apart from the index,
+    which is a rebuildable cache of the files)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "usb.sqlite"
+        try:
+            self._con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._con.execute("PRAGMA journal_mode=WAL")
+            self._con.executescript(_STATE_SCHEMA)
+        except sqlite3.Error as exc:
+            raise MediaError(f"cannot open the export queue {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._con.close()
+
+    def queue(self) -> list[QueueEntry]:
+        return [QueueEntry(*r) for r in self._con.execute("SELECT uid, level, added_at FROM queue ORDER BY added_at")]
+
+    def queue_add(self, uid: str, level: str) -> bool:
+        """Queue a study or series; return False if it was queued already."""
+        cur = self._con.execute(
+            "INSERT INTO queue (uid, level, added_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (uid, level, _now())
+        )
+        return cur.rowcount > 0
+
+    def queue_rm(self, uid: str) -> bool:
+        return self._con.execute("DELETE FROM queue WHERE uid = ?", (uid,)).rowcount > 0
+
+    def mark(self) -> str | None:
+        """The start of the last successful export that covered everything new, or None."""
+        row = self._con.execute(
+            "SELECT max(started_at) FROM exports WHERE status = ? AND moves_mark = 1", (ExportStatus.DONE.value,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def record(self, report: ExportReport, moves_mark: bool) -> None:
+        self._con.execute(
+            "INSERT INTO exports (started_at, finished_at, target, selection, status, files, bytes, moves_mark)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (report.started_at, _now(), report.target, report.selection, report.status.value,
+             report.count(FileOutcome.WRITTEN), report.bytes_written, int(moves_mark)),
+        )
+
+
+def level_of(store: Store, uid: str) -> str | None:
+    """Return "study" or "series" if ``uid`` is a stored study or series, else None."""
+    for level, table, col in (("study", "studies", "study_uid"), ("series", "series", "series_uid")):
+        if list(store.index.query(f"SELECT 1 FROM {table} WHERE {col} = ?", (uid,))):
+            return level
+    return None
+
+
+def _resolve(store: Store, state: ExportState, cfg: Config, selection: Selection,
+             planned_at: str) -> tuple[str, list[InstanceRow], list[str], bool]:
+    """Return (description, instances, queue UIDs consumed, moves the mark)."""
+    studies: list[str] = []
+    series: list[str] = list(selection.series)
+    consumed: list[str] = []
+    mode = selection.mode
+    queue = state.queue() if mode in (SelectionMode.POLICY, SelectionMode.QUEUE) else []
+    if mode is SelectionMode.POLICY and queue:
+        mode = SelectionMode.QUEUE
+    if mode is SelectionMode.EXPLICIT:
+        studies = list(selection.studies)
+        for uid in studies + series:
+            if level_of(store, uid) is None:
+                raise MediaError(f"no stored study or series has UID {uid}; 'appliance ls' lists them")
+        what = f"{len(studies)} selected studies, {len(series)} selected series"
+    elif mode is SelectionMode.QUEUE:
+        studies = [q.uid for q in queue if q.level == "study"]
+        series = [q.uid for q in queue if q.level == "series"]
+        consumed = [q.uid for q in queue]
+        what = f"the export queue ({len(queue)} entries)"
+    elif mode is SelectionMode.ALL or cfg.usb.policy is ExportPolicy.ALL:
+        studies = [r[0] for r in store.index.query("SELECT study_uid FROM studies ORDER BY first_received")]
+        what = "all studies"
+    elif cfg.usb.policy is ExportPolicy.QUEUE_ONLY:
+        return "the export queue, which is empty (policy queue-only)", [], [], False
+    else:
+        mark = state.mark()
+        studies = [r[0] for r in store.index.query(
+            "SELECT study_uid FROM studies WHERE last_received > ? ORDER BY first_received", (mark or "",))]
+        what = f"studies received since the last export ({mark})" if mark else "all studies (no export yet)"
+    moves_mark = mode is SelectionMode.ALL or (mode is SelectionMode.POLICY and cfg.usb.policy is not ExportPolicy.QUEUE_ONLY)
+    for study in studies:
+        series += [r[0] for r in store.index.query(
+            "SELECT series_uid FROM series WHERE study_uid = ? ORDER BY series_number", (study,))]
+    rows: list[InstanceRow] = []
+    seen: set[str] = set()
+    for s in dict.fromkeys(series):
+        for row in store.instances(s):
+            if row.sop_instance_uid not in seen and row.received_at <= planned_at:
+                seen.add(row.sop_instance_uid)
+                rows.append(row)
+    return what, rows, consumed, moves_mark
+
+
+# -- media -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Space:
+    free: int
+    cluster: int
+
+
+class Medium(Protocol):
+    """Where the file-set is written. ``root`` is a local folder holding the file-set (the
+    mounted stick itself, or a staging copy of a FAT image's content)."""
+
+    root: Path
+    label: str
+
+    def space(self) -> Space: ...
+
+    def check(self) -> None:
+        """Raise OSError if the medium is gone (a pulled stick)."""
+
+    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
+        """Make the files written under ``root`` durable on the medium."""
+
+    def read_back(self, file_id: str) -> bytes: ...
+
+    def close(self) -> str:
+        """Sync and release the medium; return a note for the report ("" if none)."""
+
+
+class FolderMedium:
+    """A mounted file system (or any folder): written in place."""
+
+    def __init__(self, root: Path, label: str | None = None) -> None:
+        try:
+            st = root.stat()
+        except OSError as exc:
+            raise MediaError(f"cannot use {root} as the USB target: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise MediaError(f"{root} is not a folder")
+        if not os.access(root, os.W_OK):
+            raise MediaError(f"{root} is not writable (read-only stick, or no permission)")
+        self.root = root
+        self.label = label or str(root)
+        self._dev = st.st_dev
+
+    def space(self) -> Space:
+        st = os.statvfs(self.root)
+        return Space(st.f_bavail * st.f_frsize, max(st.f_bsize, 512))
+
+    def check(self) -> None:
+        if os.stat(self.root).st_dev != self._dev:  # unmounted under us: never write to the mount point
+            raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
+
+    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
+        pass  # written in place, each file fsynced
+
+    def read_back(self, file_id: str) -> bytes:
+        with open(self.root / file_id, "rb") as f:
+            with contextlib.suppress(OSError):  # read the medium, not the page cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return f.read()
+
+    def close(self) -> str:
+        os.sync()
+        return ""
+
+
+def removable_usb_refusal(major: int, minor: int, sysfs: Path = Path("/sys")) -> str | None:
+    """Return why block device ``major:minor`` is not a removable USB disk, or None if it is."""
+    try:
+        node = (sysfs / "dev" / "block" / f"{major}:{minor}").resolve(strict=True)
+    except OSError:
+        return "sysfs knows no such block device"
+    disk = node.parent if (node / "partition").exists() else node
+    reasons = []
+    try:
+        if (disk / "removable").read_text().strip() != "1":
+            reasons.append("it is not removable")
+    except OSError:
+        reasons.append("sysfs does not say whether it is removable")
+    try:
+        if "/usb" not in str((disk / "device").resolve(strict=True)):
+            reasons.append("it is not on a USB bus")
+    except OSError:
+        reasons.append("sysfs does not say which bus it is on")
+    return " and ".join(reasons) or None
+
+
+class BlockDeviceMedium(FolderMedium):
+    """A USB stick's partition (or whole disk): checked in sysfs, mounted, unmounted on close."""
+
+    def __init__(self, device: Path, sysfs: Path = Path("/sys")) -> None:
+        st = device.stat()
+        refusal = removable_usb_refusal(os.major(st.st_rdev), os.minor(st.st_rdev), sysfs)
+        if refusal:
+            raise MediaError(f"{device} is not a removable USB disk ({refusal}); the appliance only "
+                             "writes to USB sticks")
+        self.device = device
+        self.mountpoint = Path(tempfile.mkdtemp(prefix="appliance-usb-"))
+        done = subprocess.run(["mount", "-o", "nosuid,nodev,noexec", str(device), str(self.mountpoint)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.mountpoint.rmdir()
+            raise MediaError(f"cannot mount {device}: {done.stderr.strip() or 'mount failed'}; the stick "
+                             "needs a FAT32, exFAT or ext4 file system")
+        super().__init__(self.mountpoint, str(device))
+
+    def close(self) -> str:
+        with contextlib.suppress(OSError):
+            os.sync()
+        done = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, text=True)
+        if done.returncode != 0:  # a pulled stick: detach what is left
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+            with contextlib.suppress(OSError):
+                self.mountpoint.rmdir()
+            raise MediaError(f"cannot unmount {self.device}: {done.stderr.strip()}")
+        self.mountpoint.rmdir()
+        return f"unmounted {self.device}"
+
+
+class FatImageMedium:
+    """A FAT image file written in userspace with mtools (no kernel vfat needed).
+
+    The image's content is copied to a local staging folder (so pydicom can load an existing
+    DICOMDIR), files are written there, then copied into the image and read back from it."""
+
+    def __init__(self, image: Path) -> None:
+        self.image = image
+        self.label = str(image)
+        info = self._mtools("minfo", "::")
+        sector = re.search(r"sector size: (\d+) bytes", info)
+        cluster = re.search(r"cluster size: (\d+) sectors", info)
+        if not sector or not cluster:
+            raise MediaError(f"{image} is not a FAT image that mtools can read")
+        self._cluster = int(sector.group(1)) * int(cluster.group(1))
+        self.root = Path(tempfile.mkdtemp(prefix="appliance-fat-"))
+        if self._mtools("mdir", "-b", "::", check=False).strip():
+            self._mtools("mcopy", "-s", "-n", "-m", "-Q", "::/*", str(self.root))
+
+    def _mtools(self, tool: str, *args: str, check: bool = True, binary: bool = False) -> str:
+        done = subprocess.run([tool, "-i", str(self.image), *args], capture_output=True)
+        if check and done.returncode != 0:
+            raise OSError(errno.EIO, f"{tool} failed on {self.image}: {done.stderr.decode('utf-8', 'replace').strip()}")
+        return done.stdout if binary else done.stdout.decode("utf-8", "replace")  # type: ignore[return-value]
+
+    def space(self) -> Space:
+        m = re.search(r"([\d ]+) bytes free", self._mtools("mdir", "::"))
+        if not m:
+            raise MediaError(f"mtools does not say how much space {self.image} has free")
+        return Space(int(m.group(1).replace(" ", "")), self._cluster)
+
+    def check(self) -> None:
+        os.stat(self.image)
+
+    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
+        for d in new_dirs:
+            if self._mtools("mdir", "-b", f"::/{d}", check=False).strip() == "":
+                self._mtools("mmd", "-D", "s", f"::/{d}")
+        by_dir: dict[str, list[str]] = {}
+        for fid in file_ids:
+            by_dir.setdefault(str(Path(fid).parent), []).append(str(self.root / fid))
+        for d, paths in by_dir.items():
+            self._mtools("mcopy", "-o", "-n", *paths, "::/" + ("" if d == "." else d + "/"))
+        with open(self.image, "rb+") as f:
+            os.fsync(f.fileno())
+
+    def read_back(self, file_id: str) -> bytes:
+        return self._mtools("mcopy", "-n", f"::/{file_id}", "-", binary=True)  # type: ignore[return-value]
+
+    def close(self) -> str:
+        shutil.rmtree(self.root, ignore_errors=True)
+        return ""
+
+
+def open_medium(target: Path) -> Medium:
+    """Open ``target``: a folder, a USB block device (checked and mounted) or a FAT image."""
+    try:
+        mode = target.stat().st_mode
+    except OSError as exc:
+        raise MediaError(f"cannot use {target} as the USB target: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        return FolderMedium(target)
+    if stat.S_ISBLK(mode):
+        return BlockDeviceMedium(target)
+    if stat.S_ISREG(mode):
+        return FatImageMedium(target)
+    raise MediaError(f"{target} is neither a folder, a USB block device nor a FAT image file")
+
+
+# -- the file-set ----------------------------------------------------------------------------------
+
+
+def _component(prefix: str, uid: str, salt: int) -> str:
+    digest = hashlib.sha256(f"{uid}#{salt}".encode() if salt else uid.encode()).digest()
+    return prefix + base64.b32encode(digest).decode()[: 8 - len(prefix)]
+
+
+class _Names:
+    """File IDs ``DICOM/STxxxxxx/SExxxxxx/IMxxxxxx`` from UIDs; a clash with a name another
+    UID holds in the DICOMDIR (or in this export) takes the next salted name."""
+
+    def __init__(self, fs: FileSet) -> None:
+        self.owner: dict[str, str] = {}
+        for inst in fs:
+            parts = list(inst.node.file_id_path(fs.root_path).parts) if fs.path else []
+            if len(parts) == 4 and parts[0] == TOP:
+                self.owner.setdefault("/".join(parts[:2]), str(inst.StudyInstanceUID or ""))
+                self.owner.setdefault("/".join(parts[:3]), str(inst.SeriesInstanceUID or ""))
+                self.owner.setdefault("/".join(parts), str(inst.SOPInstanceUID))
+
+    def _claim(self, parent: str, prefix: str, uid: str) -> str:
+        for salt in range(1000):
+            path = f"{parent}/{_component(prefix, uid, salt)}"
+            if self.owner.setdefault(path, uid) == uid:
+                return path
+        raise MediaError(f"no free File ID for {uid}")  # unreachable in practice
+
+    def file_id(self, row: InstanceRow) -> str:
+        study = self._claim(TOP, "ST", row.study_uid)
+        series = self._claim(study, "SE", row.series_uid)
+        return self._claim(series, "IM", row.sop_instance_uid)
+
+
+def _load_fileset(root: Path) -> FileSet:
+    path = root / "DICOMDIR"
+    if not path.exists():
+        fs = FileSet()
+        fs.ID = "APPLIANCE"
+        return fs
+    try:
+        return FileSet(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged DICOMDIR
+        raise MediaError(f"the stick holds a DICOMDIR that cannot be read ({exc}); nothing was written. "
+                         "Move it away or use another stick") from None
+
+
+def _record_source(part10: bytes) -> Dataset:
+    """The object's header (no pixels) with placeholders for what the DICOMDIR needs (Type 1)."""
+    full = dcmread(BytesIO(part10), stop_before_pixels=True)
+    ds = Dataset()  # only what the records use: pydicom writes this to its staging folder
+    ds.file_meta = full.file_meta
+    for keyword in _RECORD_KEYWORDS:
+        if keyword in full:
+            ds[keyword] = full[keyword]
+    extra = _CLASS_PLACEHOLDERS.get(str(ds.get("SOPClassUID", "")), {})  # type: ignore[call-overload]
+    for keyword, value in (_RECORD_PLACEHOLDERS | extra).items():
+        if keyword not in ds or ds[keyword].VM == 0:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def _encode_dicomdir(fs: FileSet) -> bytes:
+    """Encode the DICOMDIR of ``fs`` with pydicom's own encoder.
+
+    FileSet.write() cannot be used: it copies every staged instance itself (no temp name,
+    no fsync) and, when adding to an existing set, copies every existing file off the stick
+    and back onto it. The encoder it uses for the DICOMDIR alone is this private method."""
+    buf = BytesIO()
+    fs._write_dicomdir(DicomFileLike(buf))  # noqa: SLF001 - see the docstring
+    return buf.getvalue()
+
+
+def _write_atomic(root: Path, file_id: str, data: bytes, made: list[str]) -> None:
+    """Write ``root/file_id`` via ``NAME.TMP``, fsync, rename, fsync the folder.
+
+    Folders below ``root`` are created one level at a time; ``root`` itself never is, so a
+    vanished stick gives ENOENT instead of files on the mount point."""
+    parts = file_id.split("/")
+    for i in range(1, len(parts)):
+        rel = "/".join(parts[:i])
+        try:
+            os.mkdir(root / rel)
+            made.append(rel)
+        except FileExistsError:
+            pass
+    final = root / file_id
+    tmp = final.with_name(final.name + ".TMP")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _pixel_digest(ds: Dataset, decode: bool) -> str | None:
+    """Hash of the pixel data: its raw bytes (little endian), or the decoded values."""
+    if "PixelData" not in ds:
+        return None
+    if not decode:
+        return hashlib.sha256(ds.PixelData).hexdigest()
+    arr = ds.pixel_array
+    return hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+
+
+@dataclass
+class _Job:
+    row: InstanceRow
+    file_id: str
+    estimate: int
+    size: int = 0
+    sha256: str = ""
+    pixels: str | None = None
+    decode: bool = False
+    outcome: FileOutcome = FileOutcome.WRITTEN
+    reason: str = ""
+    part10: bytes = b""
+
+    def result(self) -> ExportedFile:
+        return ExportedFile(self.row.sop_instance_uid, self.row.study_uid, self.outcome, self.file_id,
+                            self.size, self.reason)
+
+
+class _Failed(Exception):
+    """The medium failed mid-way (internal)."""
+
+
+def _medium_error(exc: OSError) -> str:
+    if exc.errno in _PULLED:
+        return (f"the stick was removed or failed ({exc.strerror or exc}); nothing in the store changed. "
+                "Insert it and export again to complete the set")
+    if exc.errno == errno.ENOSPC:
+        return "the stick is full; nothing in the store changed. Use a larger stick"
+    return f"writing to the stick failed: {exc.strerror or exc}"
+
+
+def _lock(data_dir: Path) -> int:
+    fd = os.open(data_dir / "usb.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MediaError("another USB export is running; wait for it to finish") from None
+    return fd
+
+
+def export(
+    target: Path | Medium,
+    store: Store,
+    cfg: Config,
+    selection: Selection | None = None,
+    progress: Callable[[ExportProgress], None] | None = None,
+) -> ExportReport:
+    """Export ``selection`` (default: the queue, else ``cfg.usb.policy``) to ``target``.
+
+    ``target`` is a mounted folder, a USB block device (checked to be a removable USB disk
+    in sysfs, mounted and unmounted here), a FAT image file, or an open :class:`Medium`
+    (which is then closed here too). One export runs at a time. ``progress`` is called
+    after each file. Raises :class:`MediaError`, with nothing written, when the target cannot
+    be used, another export runs, the selection names unknown UIDs or the stick has too
+    little space. A failure while writing (a pulled stick, EIO) returns a FAILED report that
+    lists what was written; the store never changes, and the next export completes the set.
+    On success the queue entries exported are removed and the export is recorded.
+    """
+    selection = selection or Selection()
+    started_at = _now()
+    t0 = time.monotonic()
+    lock = _lock(store.data_dir)
+    state = ExportState(store.data_dir)
+    medium: Medium | None = None
+    try:
+        what, rows, consumed, moves_mark = _resolve(store, state, cfg, selection, started_at)
+        medium = target if not isinstance(target, Path) else open_medium(target)
+        name = medium.label
+        jobs, fs = _plan(medium, store, rows)
+        todo = [j for j in jobs if j.outcome is FileOutcome.WRITTEN]
+        if not todo:
+            note = medium.close()
+            medium = None
+            status = ExportStatus.NOTHING if not jobs else ExportStatus.DONE
+            report = ExportReport(name, status, what, started_at, tuple(j.result() for j in jobs), 0,
+                                  time.monotonic() - t0, "", True)
+        else:
+            _check_space(medium, fs, todo)
+            report = _write(medium, store, fs, jobs, todo, what, started_at, t0, progress)
+            medium = None  # _write closed it
+        if report.status is not ExportStatus.FAILED:
+            for uid in consumed:
+                state.queue_rm(uid)
+        state.record(report, moves_mark and report.ok)
+    finally:
+        if medium is not None:
+            with contextlib.suppress(ApplianceError, OSError):
+                medium.close()
+        state.close()
+        os.close(lock)
+    log.log(logging.INFO if report.ok else logging.WARNING, "%s", report.summary())
+    return report
+
+
+def _plan(medium: Medium, store: Store, rows: list[InstanceRow]) -> tuple[list[_Job], FileSet]:
+    fs = _load_fileset(medium.root)
+    on_stick = {str(i.SOPInstanceUID) for i in fs}
+    names = _Names(fs)
+    jobs = []
+    for row in rows:
+        job = _Job(row, "", 0)
+        if not syntaxes_for(_USB_TABLES, row.sop_class_uid):
+            job.outcome, job.reason = FileOutcome.SKIPPED, "this SOP class is not written to USB (Tables 10, 11)"
+        elif row.sop_instance_uid in on_stick:
+            job.outcome, job.reason = FileOutcome.ON_STICK, "listed in the stick's DICOMDIR"
+        else:
+            job.file_id = names.file_id(row)
+            try:
+                compressed = TransferSyntax(row.transfer_syntax).is_compressed
+            except ValueError:
+                compressed = True
+            # Implicit VR is never longer than explicit; our file meta is at most ~256 bytes longer.
+            job.estimate = row.size + 256
+            if compressed:
+                try:
+                    job.estimate = len(to_implicit_le(store.data_dir / row.path).part10())
+                except TranscodeError as exc:
+                    job.outcome, job.reason = FileOutcome.FAILED, str(exc)
+        jobs.append(job)
+    return jobs, fs
+
+
+def _check_space(medium: Medium, fs: FileSet, todo: list[_Job]) -> None:
+    space = medium.space()
+    c = space.cluster
+    dirs = {str(Path(j.file_id).parent.parent) for j in todo} | {str(Path(j.file_id).parent) for j in todo} | {TOP}
+    new_dirs = [d for d in dirs if not (medium.root / d).exists()]
+    dicomdir = medium.root / "DICOMDIR"
+    old = dicomdir.stat().st_size if dicomdir.exists() else 0
+    need = sum(-(-j.estimate // c) * c for j in todo)
+    need += len(new_dirs) * max(c, _FAT_DIR_BYTES)
+    need += -(-(old + _DICOMDIR_RECORD_BYTES * len(todo)) // c) * c + _MARGIN
+    if need > space.free:
+        raise MediaError(
+            f"the stick {medium.label} has {space.free / 1e6:.1f} MB free; this export needs "
+            f"{need / 1e6:.1f} MB ({len(todo)} files). Nothing was written; use a larger stick or "
+            "export fewer studies"
+        )
+
+
+def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: list[_Job], what: str,
+           started_at: str, t0: float, progress: Callable[[ExportProgress], None] | None) -> ExportReport:
+    """Write, verify, write the DICOMDIR, then close ``medium``; medium failures end in a FAILED report."""
+    total = sum(j.estimate for j in todo)
+    written: list[_Job] = []
+    made: list[str] = []
+    done_bytes = 0
+    error = ""
+    try:
+        for i, job in enumerate(todo, 1):
+            if not _prepare(job, store, fs):
+                continue
+            medium.check()
+            _write_atomic(medium.root, job.file_id, job.part10, made)
+            job.size, job.sha256, job.part10 = len(job.part10), hashlib.sha256(job.part10).hexdigest(), b""
+            written.append(job)
+            done_bytes += job.size
+            if progress is not None:
+                progress(ExportProgress(i, len(todo), done_bytes, total, time.monotonic() - t0))
+        medium.commit([j.file_id for j in written], made)
+        for job in written:
+            _verify(medium.read_back(job.file_id), job)
+        if written:
+            medium.check()
+            dicomdir = _encode_dicomdir(fs)
+            _write_atomic(medium.root, "DICOMDIR", dicomdir, made)
+            medium.commit(["DICOMDIR"], [])
+            if medium.read_back("DICOMDIR") != dicomdir:
+                raise _Failed("the DICOMDIR read back from the stick differs from what was written")
+    except OSError as exc:
+        error = _medium_error(exc)
+    except _Failed as exc:
+        error = f"{exc}; the stick may be faulty. Nothing in the store changed"
+    try:
+        note = medium.close()
+        if note:
+            log.info("%s", note)
+    except (OSError, ApplianceError) as exc:
+        error = error or f"the files were written, but the stick could not be released: {exc}"
+    if error:
+        for job in todo:
+            if job not in written and job.outcome is FileOutcome.WRITTEN:
+                job.outcome, job.reason = FileOutcome.FAILED, "not written"
+        for job in written:
+            job.reason = "written, but not listed in the DICOMDIR yet"
+    status = ExportStatus.FAILED if error else ExportStatus.DONE
+    return ExportReport(medium.label, status, what, started_at, tuple(j.result() for j in jobs), done_bytes,
+                        time.monotonic() - t0, error, not error)
+
+
+def _prepare(job: _Job, store: Store, fs: FileSet) -> bool:
+    """Transcode one stored object and add its records to ``fs``; False if it cannot be exported."""
+    try:
+        data = (store.data_dir / job.row.path).read_bytes()
+        t = to_implicit_le(data)
+        job.part10 = t.part10()
+        job.decode = t.source_syntax is TransferSyntax.EXPLICIT_BE or t.source_syntax.is_compressed
+        job.pixels = _pixel_digest(dcmread(BytesIO(data)), job.decode)
+        fs.add(_record_source(job.part10)).node._record.ReferencedFileID = job.file_id.split("/")
+        return True
+    except (OSError, TranscodeError) as exc:
+        job.outcome, job.reason = FileOutcome.FAILED, f"cannot read it from the store: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a damaged stored object fails alone
+        job.outcome, job.reason = FileOutcome.FAILED, f"cannot be written as a DICOM file-set member: {exc}"
+    return False
+
+
+def _verify(data: bytes, job: _Job) -> None:
+    """Parse a file read back from the stick and compare it with what the store holds."""
+    where = f"{job.file_id} ({job.row.sop_instance_uid})"
+    if hashlib.sha256(data).hexdigest() != job.sha256:
+        raise _Failed(f"{where} read back from the stick differs from what was written")
+    ds = dcmread(BytesIO(data))
+    if ds.file_meta.TransferSyntaxUID != TransferSyntax.IMPLICIT_LE or ds.SOPInstanceUID != job.row.sop_instance_uid:
+        raise _Failed(f"{where} read back from the stick is not the object exported")
+    if _pixel_digest(ds, job.decode) != job.pixels:
+        raise _Failed(f"the pixel data of {where} on the stick differs from the store")
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _progress_printer(stream: TextIO) -> Callable[[ExportProgress], None]:
+    """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
+    tty = stream.isatty()
+    last = [-1.0]
+
+    def show(p: ExportProgress) -> None:
+        final = p.files_done == p.files_total
+        if not final and p.seconds - last[0] < (0.2 if tty else 10.0):
+            return
+        last[0] = p.seconds
+        text = (f"{p.files_done}/{p.files_total} files, {p.bytes_written / 1e6:.1f} of "
+                f"{p.bytes_total / 1e6:.1f} MB, {p.mb_per_s:.1f} MB/s")
+        stream.write(("\r" + text + ("\n" if final else "")) if tty else text + "\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export to a USB target; print the report; 0 if it finished, 1 otherwise."""
+    from appliance import cli
+
+    if (args.study or args.series) and args.mode is not None:
+        args.parser.error("--study/--series cannot be combined with --queued or --all")
+    if args.study or args.series:
+        selection = Selection.explicit(tuple(args.study or ()), tuple(args.series or ()))
+    else:
+        selection = Selection(args.mode or SelectionMode.POLICY)
+    cfg = cli.load_config(args)
+    store = cli.open_store(args, cfg)
+    try:
+        report = export(Path(args.to), store, cfg, selection, progress=_progress_printer(sys.stderr))
+    finally:
+        store.close(clean=False)
+    print(report.render(), flush=True)
+    return 0 if report.ok else 1
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Add to, remove from or list the export queue."""
+    from appliance import cli
+
+    store = cli.open_store(args)
+    state = ExportState(store.data_dir)
+    try:
+        if args.action == "ls":
+            rows = [(q.uid, q.level, q.added_at) for q in state.queue()]
+            print(cli._table(["UID", "LEVEL", "QUEUED AT"], rows) if rows else "the export queue is empty")
+            return 0
+        for uid in args.uids:
+            if args.action == "add":
+                level = level_of(store, uid)
+                if level is None:
+                    raise MediaError(f"no stored study or series has UID {uid}; 'appliance ls' lists them")
+                print(f"queued {level} {uid}" if state.queue_add(uid, level) else f"{uid} was already queued")
+            elif not state.queue_rm(uid):
+                raise MediaError(f"{uid} is not in the export queue; 'appliance queue ls' lists it")
+            else:
+                print(f"removed {uid} from the export queue")
+        return 0
+    finally:
+        state.close()
+        store.close(clean=False)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = subparsers.add_parser("export", help="write studies as a DICOM file-set (with DICOMDIR) to a USB stick")
+    s.add_argument("--to", required=True, metavar="TARGET",
+                   help="a mounted folder, a USB partition's block device (e.g. /dev/sda1) or a FAT image file")
+    s.add_argument("--study", action="append", metavar="UID", help="export this study (repeatable)")
+    s.add_argument("--series", action="append", metavar="UID", help="export this series (repeatable)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--queued", action="store_const", const=SelectionMode.QUEUE, dest="mode",
+                   help="export the export queue (even if it is empty)")
+    g.add_argument("--all", action="store_const", const=SelectionMode.ALL, dest="mode",
+                   help="export every stored study")
+    s.set_defaults(func=cmd_export, mode=None, parser=s)
+
+    q = subparsers.add_parser("queue", help="the USB export queue: add, rm or ls")
+    qs = q.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "queue studies or series (by UID) for the next export"),
+                         ("rm", "remove studies or series from the queue")):
+        a = qs.add_parser(action, help=text)
+        a.add_argument("uids", nargs="+", metavar="UID")
+    qs.add_parser("ls", help="list the queue")
+    q.set_defaults(func=cmd_queue)

@@ -1,0 +1,428 @@
+"""USB export: a DICOM file-set with a DICOMDIR, values identical to the store, safe on bad media.
+
+What runs where (the kernel here has no vfat): the writer itself is exercised on folder
+targets (the host file system, and a tmpfs mounted here for the unmount-mid-write case);
+real FAT images built with mtools ``mformat`` are exported to in userspace through the
+exporter's FAT-image target (free space as FAT reports it, a second export onto the same
+image), and their content is read back out with ``mcopy`` for checking. The kernel mount
+path of a block device is only tested for its refusal here; mounting a real stick is tested
+inside the QEMU image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
+from pydicom.fileset import FileSet, is_conformant_file_id
+from pydicom.uid import generate_uid
+
+from appliance import attributes, cli, config, dicomio, exporter
+from appliance.config import Config, ExportPolicy, StoreConfig, UsbConfig
+from appliance.conformance import SOPClass, TransferSyntax
+from appliance.errors import ConfigError, MediaError
+from appliance.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
+from appliance.ingest import Ingest, Source
+from appliance.store import Store
+
+from helpers import ct_series, dcmtk, encode, samples
+
+_SWAP = {"US": 2, "SS": 2, "OW": 2, "UL": 4, "SL": 4, "FL": 4, "OF": 4, "OL": 4, "FD": 8, "OD": 8}
+pytestmark = pytest.mark.skipif(shutil.which("mformat") is None, reason="mtools is not installed")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _fill(store: Store, paths: list[Path]) -> int:
+    ingest = Ingest(store, StoreConfig(min_free_mb=0))
+    n = 0
+    for p in paths:
+        data = p.read_bytes()
+        offset, ts = dicomio.split_part10(data)
+        sop_class = str(dcmread(p, stop_before_pixels=True).SOPClassUID)
+        outcome = ingest.accept(memoryview(data)[offset:], ts, sop_class_uid=sop_class, sop_instance_uid=None,
+                                source=Source(None, "test"))
+        n += outcome.ok
+    return n
+
+
+def _storable() -> list[Path]:
+    """Every sample the store accepts; the Big Endian re-encodings first, so that they (and
+    not their identical Little Endian twins) are the stored copies."""
+    ok = [s for s in samples() if s.expected == "store-success"]
+    return [s.path for s in sorted(ok, key=lambda s: s.transfer_syntax != TransferSyntax.EXPLICIT_BE)]
+
+
+def _put_generated(store: Store, datasets: list[Dataset], ts: str = TransferSyntax.EXPLICIT_LE) -> None:
+    """Put objects straight into the store (e.g. RT Dose, which the Storage Server refuses)."""
+    for ds in datasets:
+        body = encode(ds, ts)
+        syntax = TransferSyntax(ts)
+        layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+        attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
+        store.put(dicomio.file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ts), body, attrs, ts,
+                  calling_ae=None, origin="test")
+
+
+def _value(elem, big: bool):  # type: ignore[no-untyped-def]
+    value = elem.value
+    if value in (None, "", b"") or (isinstance(value, list) and not value):
+        return None
+    if isinstance(value, bytes):
+        size = _SWAP.get(elem.VR, 1)
+        if big and size > 1 and len(value) % size == 0:
+            value = np.frombuffer(value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+        return value
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value]
+    return str(value)
+
+
+def assert_same_values(orig: Dataset, new: Dataset, big: bool, path: str = "") -> None:
+    """Every element of the stored ``orig`` is in ``new`` with the same value (Pixel Data and
+    group lengths are compared elsewhere); implicit VR is read with the original's VR."""
+    keys = lambda ds: {t for t in ds.keys() if t.element != 0 and t != 0x7FE00010}  # noqa: E731
+    assert keys(orig) == keys(new), f"{path}: tags differ: {sorted(keys(orig) ^ keys(new))}"
+    for tag in sorted(keys(orig)):
+        a, raw, b = orig[tag], new.get_item(tag), new[tag]
+        if b.VR != a.VR and isinstance(raw, RawDataElement):
+            b = convert_raw_data_element(raw._replace(VR=a.VR), ds=new)
+        if a.VR == "SQ":
+            assert len(a.value) == len(b.value), f"{path}{tag}"
+            for i, (ia, ib) in enumerate(zip(a.value, b.value)):
+                assert_same_values(ia, ib, big, f"{path}{tag}[{i}]")
+        else:
+            assert _value(a, big) == _value(b, False), f"{path}{tag}"
+
+
+def check_file_set(root: Path, store: Store, expected: set[str]) -> None:
+    """The file-set under ``root`` lists exactly ``expected`` and every file matches the store."""
+    fs = FileSet(root / "DICOMDIR")
+    assert {str(i.SOPInstanceUID) for i in fs} == expected
+    files = []
+    for inst in fs:
+        file_id = Path(*inst.ReferencedFileID)
+        assert is_conformant_file_id(file_id) and len(file_id.parts) <= 8, file_id
+        assert inst.TransferSyntaxUID == TransferSyntax.IMPLICIT_LE
+        new = dcmread(inst.path)
+        assert new.file_meta.TransferSyntaxUID == TransferSyntax.IMPLICIT_LE
+        stored_path = store.locate(str(inst.SOPInstanceUID))
+        assert stored_path is not None
+        orig = dcmread(stored_path)
+        assert_same_values(orig, new, big=orig.file_meta.TransferSyntaxUID == TransferSyntax.EXPLICIT_BE)
+        if "PixelData" in orig:
+            assert np.array_equal(orig.pixel_array, new.pixel_array), inst.SOPInstanceUID
+        files.append(inst.path)
+    assert not list(root.rglob("*.TMP"))
+    dump = _tool(dcmtk("dcmdump"), "-q", str(root / "DICOMDIR"))
+    assert dump.returncode == 0 and "DirectoryRecordSequence" in dump.stdout, dump.stderr
+    for f in files:
+        assert _tool(dcmtk("dcmdump"), "-q", "-dc", f).returncode == 0, f
+    ftest = _tool(dcmtk("dcmftest"), *files)
+    assert ftest.returncode == 0 and ftest.stdout.count("yes:") == len(files), ftest.stdout
+
+
+def _tool(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK or mtools command; its output may hold Latin-1 names, so decode leniently."""
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    return subprocess.CompletedProcess(cmd, done.returncode, done.stdout.decode("utf-8", "replace"),
+                                       done.stderr.decode("utf-8", "replace"))
+
+
+def _instances(store: Store) -> set[str]:
+    return {r.sop_instance_uid for r in store.instances()}
+
+
+def _store_state(store: Store) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.objects.rglob("*.dcm")}
+
+
+def _fat_image(path: Path, kib: int) -> Path:
+    subprocess.run(["truncate", "-s", f"{kib}K", str(path)], check=True)
+    subprocess.run(["mformat", "-i", str(path), "::"], check=True, capture_output=True)
+    return path
+
+
+def _mcopy_out(image: Path, dest: Path) -> Path:
+    dest.mkdir()
+    subprocess.run(["mcopy", "-i", str(image), "-s", "-n", "-m", "::/*", str(dest)], check=True,
+                   capture_output=True)
+    return dest
+
+
+class _state:
+    """The export queue and history, opened and closed."""
+
+    def __init__(self, store: Store) -> None:
+        self.state = exporter.ExportState(store.data_dir)
+
+    def __enter__(self) -> exporter.ExportState:
+        return self.state
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.close()
+
+
+def _studies(store: Store) -> list[str]:
+    return [r[0] for r in store.index.query("SELECT study_uid FROM studies ORDER BY first_received")]
+
+
+# -- folder targets ---------------------------------------------------------------------------
+
+
+def test_every_storable_sample_is_exported_as_implicit_le_with_identical_values(
+    store: Store, tmp_path: Path
+) -> None:
+    assert _fill(store, _storable()) > 20
+    syntaxes = {r.transfer_syntax for r in store.instances()}
+    assert {TransferSyntax.IMPLICIT_LE, TransferSyntax.EXPLICIT_LE, TransferSyntax.EXPLICIT_BE} <= syntaxes
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    seen = []
+    report = export(stick, store, Config(), progress=seen.append)
+    assert report.ok and report.status is ExportStatus.DONE and report.safe_to_remove, report.render()
+    assert report.count(FileOutcome.WRITTEN) == len(_instances(store))
+    assert seen[-1].files_done == seen[-1].files_total and seen[-1].bytes_written == report.bytes_written
+    assert "safe to remove" in report.summary()
+    check_file_set(stick, store, _instances(store))
+
+
+def test_rt_dose_and_plan_are_written_when_the_store_holds_them(store: Store, tmp_path: Path) -> None:
+    ct = ct_series(2)
+    dose, plan = Dataset(), Dataset()
+    for ds, cls, modality in ((dose, SOPClass.RT_DOSE, "RTDOSE"), (plan, SOPClass.RT_PLAN, "RTPLAN")):
+        for k in ("SpecificCharacterSet", "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime"):
+            setattr(ds, k, ct[0].get(k))
+        ds.SOPClassUID, ds.Modality = str(cls), modality
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SeriesNumber, ds.InstanceNumber = 9, 1
+    dose.DoseSummationType, dose.DoseUnits, dose.DoseType = "PLAN", "GY", "PHYSICAL"
+    plan.RTPlanLabel = "PLAN1"
+    _put_generated(store, ct)
+    _put_generated(store, [dose, plan], TransferSyntax.EXPLICIT_BE)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    report = export(stick, store, Config(), Selection(SelectionMode.ALL))
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 4, report.render()
+    check_file_set(stick, store, _instances(store))
+    types = {r.DirectoryRecordType for r in dcmread(stick / "DICOMDIR").DirectoryRecordSequence}
+    assert {"RT DOSE", "RT PLAN", "IMAGE"} <= types
+
+
+def test_a_second_export_adds_to_the_file_set_and_never_rewrites_it(store: Store, tmp_path: Path) -> None:
+    _put_generated(store, ct_series(3))
+    _put_generated(store, ct_series(2, patient="Other^Patient"))
+    first, second = _studies(store)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    assert export(stick, store, Config(), Selection.explicit(studies=(first,))).ok
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stick.rglob("*") if p.is_file()
+              and p.name != "DICOMDIR"}
+    report = export(stick, store, Config(), Selection.explicit(studies=(first, second)))
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 2 and report.count(FileOutcome.ON_STICK) == 3
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == v for p, v in before.items())
+    check_file_set(stick, store, _instances(store))
+
+
+def test_a_stick_pulled_mid_write_fails_cleanly_and_the_next_export_completes_it(
+    store: Store, tmp_path: Path
+) -> None:
+    _put_generated(store, ct_series(5))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    before = _store_state(store)
+
+    def pull(p: exporter.ExportProgress) -> None:
+        if p.files_done == 2:
+            shutil.rmtree(stick)
+
+    report = export(stick, store, Config(), progress=pull)
+    assert report.status is ExportStatus.FAILED and not report.ok and not report.safe_to_remove
+    assert "removed" in report.error and "export again" in report.error
+    assert report.count(FileOutcome.WRITTEN) == 2 and report.count(FileOutcome.FAILED) == 3
+    assert not stick.exists(), "nothing may be written where the stick was"
+    assert _store_state(store) == before
+    with _state(store) as state:
+        assert state.mark() is None  # a failed export does not count as "the last export"
+    stick.mkdir()  # the stick is back
+    report = export(stick, store, Config())
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 5, report.render()
+    check_file_set(stick, store, _instances(store))
+
+
+def test_unmounting_the_stick_mid_write_never_writes_to_the_mount_point(store: Store, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        _put_generated(store, ct_series(4))
+
+        def pull(p: exporter.ExportProgress) -> None:
+            if p.files_done == 1:
+                subprocess.run(["umount", str(mnt)], check=True)
+
+        report = export(mnt, store, Config(), progress=pull)
+        assert report.status is ExportStatus.FAILED and "removed" in report.error, report.render()
+        assert report.count(FileOutcome.WRITTEN) == 1
+        assert list(mnt.iterdir()) == []  # the bare mount point got nothing
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# -- FAT images (mtools) -------------------------------------------------------------------------------
+
+
+def test_a_stick_too_small_gets_nothing_and_the_message_says_how_much_is_needed(
+    store: Store, tmp_path: Path
+) -> None:
+    _put_generated(store, ct_series(12, rows=256, cols=256))  # ~1.6 MB
+    image = _fat_image(tmp_path / "small.img", 1440)
+    with pytest.raises(MediaError, match=r"has [\d.]+ MB free; this export needs [\d.]+ MB \(12 files\)\. "
+                                         r"Nothing was written"):
+        export(image, store, Config())
+    assert _tool("mdir", "-i", str(image), "-b", "::").stdout.strip() == ""
+    with _state(store) as state:
+        assert state.mark() is None
+
+
+def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path: Path) -> None:
+    _fill(store, [s.path for s in samples() if s.expected == "store-success" and s.modality in ("CT", "MR")])
+    studies = _studies(store)
+    assert len(studies) >= 2
+    image = _fat_image(tmp_path / "stick.img", 16 * 1024)
+    report = export(image, store, Config(), Selection.explicit(studies=tuple(studies[:1])))
+    assert report.ok and report.safe_to_remove, report.render()
+    first = _mcopy_out(image, tmp_path / "first")
+    report = export(image, store, Config(), Selection(SelectionMode.ALL))
+    assert report.ok and report.count(FileOutcome.ON_STICK) >= 1, report.render()
+    out = _mcopy_out(image, tmp_path / "out")
+    for f in first.rglob("*"):
+        if f.is_file() and f.name != "DICOMDIR":
+            assert (out / f.relative_to(first)).read_bytes() == f.read_bytes()
+    check_file_set(out, store, _instances(store))
+    listing = _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout
+    assert "DICOMDIR" in listing and ".TMP" not in listing
+
+
+# -- selection, queue, policy -------------------------------------------------------------------
+
+
+def test_default_policy_exports_studies_received_since_the_last_export(store: Store, tmp_path: Path) -> None:
+    _put_generated(store, ct_series(2))
+    sticks = [tmp_path / f"stick{i}" for i in range(4)]
+    for s in sticks:
+        s.mkdir()
+    assert export(sticks[0], store, Config()).count(FileOutcome.WRITTEN) == 2
+    _put_generated(store, ct_series(3, patient="New^Arrival"))
+    new = _studies(store)[1]
+    # An explicit export does not move the mark: the default export still brings the new study.
+    assert export(sticks[1], store, Config(), Selection.explicit(studies=(_studies(store)[0],))).ok
+    report = export(sticks[2], store, Config())
+    assert report.count(FileOutcome.WRITTEN) == 3 and {f.study_uid for f in report.files} == {new}
+    assert export(sticks[3], store, Config()).status is ExportStatus.NOTHING
+
+
+def test_the_queue_comes_before_the_policy_and_is_emptied_by_a_successful_export(
+    store: Store, tmp_path: Path
+) -> None:
+    _put_generated(store, ct_series(2))
+    _put_generated(store, ct_series(1, patient="B^B"))
+    a, b = _studies(store)
+    series_b = store.instances()[-1].series_uid
+    with _state(store) as state:
+        assert state.queue_add(series_b, "series") and not state.queue_add(series_b, "series")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    report = export(stick, store, Config())
+    assert {f.study_uid for f in report.files} == {b} and report.count(FileOutcome.WRITTEN) == 1
+    with _state(store) as state:
+        assert state.queue() == []
+    queue_only = Config(usb=UsbConfig(policy=ExportPolicy.QUEUE_ONLY))
+    assert export(stick, store, queue_only).status is ExportStatus.NOTHING
+    assert export(stick, store, Config(usb=UsbConfig(policy=ExportPolicy.ALL))).count(FileOutcome.WRITTEN) == 2
+
+
+def test_unknown_uids_are_refused_before_anything_is_touched(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="no stored study or series has UID 1.2.3"):
+        export(tmp_path, store, Config(), Selection.explicit(studies=("1.2.3",)))
+    assert not (tmp_path / "DICOMDIR").exists()
+
+
+# -- block devices ----------------------------------------------------------------------------------
+
+
+def _fake_sysfs(root: Path, removable: str, bus: str) -> Path:
+    disk = root / "devices" / "pci0000:00" / bus / "host0" / "block" / "sda"
+    (disk / "sda1").mkdir(parents=True)
+    (disk / "sda1" / "partition").write_text("1\n")
+    (disk / "removable").write_text(removable + "\n")
+    (disk.parent.parent / "target").mkdir()
+    os.symlink(disk.parent.parent / "target", disk / "device")
+    (root / "dev" / "block").mkdir(parents=True)
+    os.symlink(disk / "sda1", root / "dev" / "block" / "8:1")
+    os.symlink(disk, root / "dev" / "block" / "8:0")
+    return root
+
+
+def test_only_removable_usb_disks_pass_the_sysfs_check(tmp_path: Path) -> None:
+    usb = _fake_sysfs(tmp_path / "usb", "1", "0000:00:14.0/usb1/1-1")
+    assert exporter.removable_usb_refusal(8, 1, usb) is None
+    assert exporter.removable_usb_refusal(8, 0, usb) is None
+    fixed = _fake_sysfs(tmp_path / "sata", "0", "0000:00:17.0/ata1")
+    assert exporter.removable_usb_refusal(8, 1, fixed) == "it is not removable and it is not on a USB bus"
+    assert exporter.removable_usb_refusal(9, 9, fixed) == "sysfs knows no such block device"
+
+
+def test_a_fixed_disk_is_refused_and_never_mounted(store: Store) -> None:
+    fixed = [Path("/dev") / d for d in os.listdir("/sys/block")
+             if Path("/sys/block", d, "removable").read_text().strip() == "0" and Path("/dev", d).exists()]
+    if not fixed:
+        pytest.skip("no fixed block device to try")
+    mounts = Path("/proc/mounts").read_text()
+    with pytest.raises(MediaError, match="is not a removable USB disk .*only writes to USB sticks"):
+        export(fixed[0], store, Config())
+    assert Path("/proc/mounts").read_text() == mounts
+
+
+# -- command line and config -----------------------------------------------------------------------
+
+
+def test_cli_export_and_queue(store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _put_generated(store, ct_series(2))
+    study = _studies(store)[0]
+    data = ["--data-dir", str(store.data_dir)]
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    assert cli.main(data + ["queue", "add", study]) == 0
+    assert cli.main(data + ["queue", "add", "9.9.9"]) == 1
+    assert cli.main(data + ["queue", "ls"]) == 0
+    assert study in capsys.readouterr().out
+    assert cli.main(data + ["export", "--to", str(stick), "--queued"]) == 0
+    out = capsys.readouterr().out
+    assert "2 written" in out and "safe to remove" in out
+    assert cli.main(data + ["queue", "rm", study]) == 1  # the export emptied the queue
+    assert cli.main(data + ["export", "--to", str(stick), "--study", study]) == 0
+    assert "2 already on the stick" in capsys.readouterr().out
+    assert cli.main(data + ["export", "--to", str(tmp_path / "absent")]) == 1
+    assert "cannot use" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(data + ["export", "--to", str(stick), "--study", study, "--all"])
+    assert exc.value.code == 2
+
+
+def test_usb_config_section() -> None:
+    assert config.from_dict({"usb": {"policy": "all"}}).usb.policy is ExportPolicy.ALL
+    assert Config().usb.policy is ExportPolicy.SINCE_LAST_EXPORT
+    with pytest.raises(ConfigError, match="usb.policy: 'weekly' is not one of since-last-export, all, queue-only"):
+        config.from_dict({"usb": {"policy": "weekly"}})
