@@ -61,6 +61,8 @@ C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 NO_DATA_SET = 0x0101
 
+#: Connections that have not sent an A-ASSOCIATE-RQ yet, beyond which the oldest is closed.
+MAX_IDLE_CONNECTIONS = 256
 #: Largest A-ASSOCIATE-RQ we read; a real one is a few KiB.
 _MAX_ASSOCIATE_RQ = 1 << 20
 _ERROR_COMMENT_MAX = 64
@@ -262,11 +264,21 @@ class Acceptor:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A peer that vanishes without a FIN is noticed in about a minute.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             t = threading.Thread(target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"),
                                  name=f"scp-{addr[0]}:{addr[1]}", daemon=True)
             with self._lock:
                 self._connections[conn] = t
+                idle = [c for c in self._connections if c not in self._associated]
+            if len(idle) > MAX_IDLE_CONNECTIONS:
+                # A flood of connects that never associate: drop the oldest, so a scanner
+                # (which sends its A-ASSOCIATE-RQ at once) always gets a thread.
+                log.warning("%d connections have not asked to associate; closing the oldest", len(idle))
+                _close(idle[0])
             t.start()
 
     # -- one connection ----------------------------------------------------------------

@@ -457,3 +457,20 @@ def test_a_large_object_is_streamed_not_held_in_memory(make_server, tmp_path):
     assert r.returncode == 0, r.stderr
     assert srv.store.locate(ds.SOPInstanceUID).stat().st_size > 64 * 2**20
     assert (peak[0] - before) * 1024 < 32 * 2**20  # ru_maxrss is in KiB
+
+
+def test_a_connect_flood_cannot_exhaust_the_server(server, tmp_path):
+    """More idle connections than the acceptor keeps: the oldest are closed, storing works."""
+    from appliance.acceptor import MAX_IDLE_CONNECTIONS
+
+    files = write_series(ct_series(2), tmp_path / "s")
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_IDLE_CONNECTIONS + 40)]
+    try:
+        first = socks[0]
+        first.settimeout(10)
+        assert first.recv(1) == b""  # closed by the server
+        r = storescu(server, files)
+        assert r.returncode == 0, r.stderr
+    finally:
+        for s in socks:
+            s.close()
