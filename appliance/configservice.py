@@ -351,15 +351,19 @@ def cmd_config(args: argparse.Namespace) -> int:
             return f"{args.key} = {get_key(_cfg, args.key)!r} written to {f.path}; it applies at the next start"
 
         print(_via_service(args, "set", offline, key=args.key, value=args.value))
-    else:  # validate
-        if args.key is not None:
-            if args.value is None:
-                raise ConfigError("validate KEY needs a VALUE too")
+    else:  # validate: the file, or whether KEY VALUE would be accepted
+        if args.key is not None and args.value is None:
+            raise ConfigError("validate KEY needs a VALUE too")
+
+        def check() -> str:
+            if args.key is None:
+                f.load()
+                return f"{f.path} is valid"
             f.plan(args.key, args.value)
-            print(f"{args.key} = {args.value} is valid")
-        else:
-            f.load()
-            print(f"{f.path} is valid")
+            return f"{args.key} = {args.value} is valid"
+
+        fields = {"key": args.key, "value": args.value} if args.key is not None else {}
+        print(_via_service(args, "validate", check, **fields))
     return 0
 
 
