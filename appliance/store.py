@@ -16,6 +16,7 @@ whose file is gone.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from appliance import attributes, dicomio, volume
 from appliance.conformance import TransferSyntax
@@ -107,6 +108,8 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create the store under {data_dir}: {exc.strerror}") from exc
         self.index = Index(data_dir / "index.sqlite")
+        self._lockfile: BinaryIO | None = None
+        self._unclean = False
         self._lock = threading.Lock()
         self._uid_locks: dict[str, threading.Lock] = {}
 
@@ -116,27 +119,64 @@ class Store:
         """Prepare for a service run: clear ``tmp/`` and, after an unclean stop, reconcile.
 
         Returns what recovery did (see :meth:`recover`)."""
-        mark = self.data_dir / _CLEAN_MARK
+        alone = self._become_writer()
         for leftover in self.tmp.iterdir():
             if _writer_alive(leftover.name):
                 continue  # another process (the supervisor's CD import, an older SCP) is writing it
             log.info("removing unfinished object %s left by an earlier run", leftover.name)
             leftover.unlink(missing_ok=True)
-        if mark.exists():
-            mark.unlink()
-            _fsync_dir(self.data_dir)
-            result = {"indexed": 0, "dropped": 0}
-        else:
+        if alone and self._unclean:
             result = self.recover()
+        else:  # a clean stop, or another live process has the store: nothing crashed
+            result = {"indexed": 0, "dropped": 0}
         self.update_verdicts()
         return result
 
-    def close(self, clean: bool = True) -> None:
-        """Close the index; mark a clean shutdown so the next start skips reconciliation."""
-        self.index.close()
-        if clean:
-            (self.data_dir / _CLEAN_MARK).touch()
+    def _become_writer(self) -> bool:
+        """Register this process as a writer of the store (idempotent).
+
+        Every writer holds a shared lock on ``.in-use`` and removes the clean-shutdown mark;
+        the last writer to close cleanly puts the mark back. So the mark is only present when
+        no writer crashed since it was made, even with several processes (an SCP, a CD import,
+        an SCP restarted on new settings) sharing the store. Returns True if no other writer
+        was alive."""
+        if self._lockfile is not None:
+            return False
+        try:
+            self._lockfile = open(self.data_dir / ".in-use", "a+b")
+        except OSError as exc:
+            raise _store_error(exc, "cannot open the store's lock file") from exc
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        fcntl.flock(self._lockfile, fcntl.LOCK_SH)
+        mark = self.data_dir / _CLEAN_MARK
+        self._unclean = alone and not mark.exists()
+        if mark.exists():
+            mark.unlink(missing_ok=True)
             _fsync_dir(self.data_dir)
+        return alone
+
+    def close(self, clean: bool = True) -> None:
+        """Close the index; if this was the last writer and it stopped cleanly, mark a clean
+        shutdown so the next start skips reconciliation."""
+        self.index.close()
+        if self._lockfile is None:
+            return
+        try:
+            if clean:
+                try:
+                    fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass  # another writer is still running; it will mark when it stops
+                else:
+                    (self.data_dir / _CLEAN_MARK).touch()
+                    _fsync_dir(self.data_dir)
+        finally:
+            self._lockfile.close()
+            self._lockfile = None
 
     def recover(self) -> dict[str, int]:
         """Make index and files agree: index unindexed files, drop rows without a file."""
@@ -233,6 +273,8 @@ class Store:
 
     def create_temp(self) -> tuple[Path, int]:
         """Create a new temp file in ``tmp/``; return its path and an open write descriptor."""
+        if self._lockfile is None:
+            self._become_writer()
         tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
         try:
             return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)

@@ -52,6 +52,7 @@ def test_after_a_crash_index_and_files_agree(tmp_path, rules):
     outs[0].path.unlink()
     store.index.remove(outs[1].sop_instance_uid)
     store.index.close()
+    store._lockfile.close()  # the crashed process's lock goes with it
     again = Store(tmp_path / "d")
     result = again.open_for_service()
     assert result == {"indexed": 1, "dropped": 1}
@@ -94,7 +95,8 @@ def test_enospc_leaves_nothing_behind_and_storing_resumes(tiny_fs):
     big = sample("ct_ele_2")  # 512x512x16 bit: 0.5 MiB each
     data = big.path.read_bytes()
     off, ts = dicomio.split_part10(data)
-    store.index.counts()  # open the index (and its WAL) before the disk fills up
+    store.open_for_service()  # as the SCP does: index, WAL and lock open before the disk fills up
+    store.index.counts()
     fillers = tiny_fs / "fillers"
     fillers.mkdir()
     with pytest.raises(OSError):  # use up every inode: the next file creation hits ENOSPC
@@ -109,3 +111,33 @@ def test_enospc_leaves_nothing_behind_and_storing_resumes(tiny_fs):
     assert out.ok, out.comment
     store.index.close()
     shutil.rmtree(tiny_fs / "d", ignore_errors=True)
+
+
+def test_clean_mark_survives_only_if_every_writer_stopped_cleanly(tmp_path, rules):
+    """Two writers share the store (an SCP and a CD import, or an SCP restarted on new
+    settings): the first to stop must not mark the store clean while the other may crash."""
+    a = Store(tmp_path / "d")
+    a.open_for_service()
+    b = Store(tmp_path / "d")
+    assert b.open_for_service() == {"indexed": 0, "dropped": 0}  # a is alive: nothing crashed
+    outs = put_series(Ingest(b, rules), 2)
+    a.close(clean=True)
+    assert not (tmp_path / "d" / ".clean-shutdown").exists()
+    # b "crashes": its index row for one object is lost, and it never closes cleanly.
+    b.index.remove(outs[0].sop_instance_uid)
+    b.index.close()
+    b._lockfile.close()
+    c = Store(tmp_path / "d")
+    assert c.open_for_service() == {"indexed": 1, "dropped": 0}
+    c.close(clean=True)
+    assert (tmp_path / "d" / ".clean-shutdown").exists()
+
+
+def test_a_one_shot_writer_clears_the_clean_mark(tmp_path, rules):
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    store.close(clean=True)
+    writer = Store(tmp_path / "d")  # e.g. 'appliance import', which never calls open_for_service
+    put_series(Ingest(writer, rules), 1)
+    assert not (tmp_path / "d" / ".clean-shutdown").exists()
+    writer.index.close()
