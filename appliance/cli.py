@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.exporter",
     "appliance.configservice",
     "appliance.supervisor",
+    "appliance.console",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
 import tempfile
@@ -34,6 +35,7 @@ DEFAULT_DATA_DIR = Path("/var/lib/appliance")
 
 _DESTINATION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default repertoire, no backslash
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")  # a Linux interface name (IFNAMSIZ - 1)
 
 
 class DuplicatePolicy(enum.StrEnum):
@@ -115,6 +117,31 @@ class UsbConfig:
     policy: ExportPolicy = ExportPolicy.SINCE_LAST_EXPORT
 
 
+class NetworkMode(enum.StrEnum):
+    """How the appliance's network interface gets its address."""
+
+    #: From a DHCP server (default).
+    DHCP = "dhcp"
+    #: ``network.address``/``network.prefix``, ``network.gateway`` and ``network.dns``.
+    STATIC = "static"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The appliance's network interface (``[network]``), written as a systemd-networkd file."""
+
+    #: The interface, e.g. ``eth0``; empty: every Ethernet interface (DHCP only).
+    interface: str = ""
+    mode: NetworkMode = NetworkMode.DHCP
+    #: Static mode: an IPv4 or IPv6 address, without the prefix length.
+    address: str = ""
+    prefix: int = 24
+    #: Static mode: the default gateway, inside ``address/prefix``; empty: no default route.
+    gateway: str = ""
+    #: Static mode: DNS server addresses.
+    dns: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
@@ -123,6 +150,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     usb: UsbConfig = field(default_factory=UsbConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     #: Named peers for ``appliance send --to NAME``, by name.
     destinations: Mapping[str, Destination] = field(default_factory=dict)
 
@@ -136,6 +164,60 @@ def validate_ae_title(value: str, what: str = "ae_title") -> list[str]:
         problems.append(f"{what} '{value}' is {len(value)} characters; the limit is 16")
     if not _AE_TITLE_RE.match(value):
         problems.append(f"{what} '{value}' has characters outside plain ASCII or a backslash")
+    return problems
+
+
+def validate_network(n: NetworkConfig, where: str = "network") -> list[str]:
+    """Return the problems of ``n`` (empty if it is valid); static settings are checked
+    even in DHCP mode, so what is kept for later is sound too."""
+    problems: list[str] = []
+    if n.interface and not _IFNAME_RE.match(n.interface):
+        problems.append(f"{where}.interface '{n.interface}' is not an interface name; use e.g. eth0 or enp1s0 "
+                        "(1 to 15 letters, digits, '-', '_', '.')")
+    if n.mode is NetworkMode.STATIC and not n.interface:
+        problems.append(f"{where}.interface is empty; a static address needs the interface it goes on, e.g. eth0")
+    addr = None
+    if n.address:
+        try:
+            addr = ipaddress.ip_address(n.address)
+        except ValueError:
+            problems.append(f"{where}.address '{n.address}' is not an IP address; use e.g. 192.168.1.50 "
+                            "(the prefix length goes in network.prefix)")
+    elif n.mode is NetworkMode.STATIC:
+        problems.append(f"{where}.address is empty; a static setting needs an address, e.g. 192.168.1.50")
+    bits = 32 if addr is None or addr.version == 4 else 128
+    if not 1 <= n.prefix <= bits:
+        problems.append(f"{where}.prefix {n.prefix} is out of range; use 1 to {bits} (24 means 255.255.255.0)")
+    net = None
+    if addr is not None:
+        if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
+            problems.append(f"{where}.address {addr} is a loopback, multicast, link-local or unspecified address; "
+                            "use the address the network administrator assigned")
+        elif 1 <= n.prefix <= bits:
+            net = ipaddress.ip_network(f"{addr}/{n.prefix}", strict=False)
+            if net.num_addresses > 2 and addr in (net.network_address, net.broadcast_address):
+                problems.append(f"{where}.address {addr} is the {'network' if addr == net.network_address else 'broadcast'}"
+                                f" address of {net}; use an address between them")
+    if n.gateway:
+        try:
+            gw = ipaddress.ip_address(n.gateway)
+        except ValueError:
+            problems.append(f"{where}.gateway '{n.gateway}' is not an IP address; use e.g. 192.168.1.1, or leave it "
+                            "empty for no default route")
+        else:
+            if addr is not None and gw.version != addr.version:
+                problems.append(f"{where}.gateway {gw} is IPv{gw.version} but the address is IPv{addr.version}")
+            elif gw == addr:
+                problems.append(f"{where}.gateway {gw} is the appliance's own address; use the router's address")
+            elif net is not None and (gw not in net or (net.num_addresses > 2 and gw in (
+                    net.network_address, net.broadcast_address))):
+                problems.append(f"{where}.gateway {gw} is not a host of {net}; the gateway must be on the "
+                                "appliance's own subnet (check the address and prefix)")
+    for server in n.dns:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            problems.append(f"{where}.dns entry '{server}' is not an IP address; use e.g. 192.168.1.1")
     return problems
 
 
@@ -168,6 +250,7 @@ def _check(cfg: Config) -> list[str]:
             problems.append(f"{where}.host is missing; give the peer's host name or IP address")
         if not 1 <= d.port <= 65535:
             problems.append(f"{where}.port {d.port} is out of range; use 1 to 65535")
+    problems += validate_network(cfg.network)
     return problems
 
 

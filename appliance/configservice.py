@@ -29,7 +29,7 @@ import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import tomli_w
 
@@ -126,27 +126,41 @@ class ConfigFile:
         """The file's tables with ``key`` set to ``text``, and the config they make; nothing is written.
 
         Raises ConfigError naming every problem of the resulting file."""
-        parts = key.split(".")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"'{key}' is not a setting; address one as TABLE.KEY, e.g. scp.port")
+        return self.plan_changes({key: text})
+
+    def plan_changes(self, changes: Mapping[str, str | None]) -> tuple[dict[str, Any], config.Config]:
+        """Like :meth:`plan` for several keys at once (None removes a key or table, e.g. a
+        destination): the file is validated once, with all of them applied."""
         raw = self.raw()
         try:
-            current = get_key(self.load(), key)
+            loaded: config.Config | None = self.load()
         except ConfigError:
-            current = None
-        if isinstance(current, dict):
-            raise ConfigError(f"'{key}' is a table; set one of its keys, e.g. {key}.{next(iter(current), 'KEY')}")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"'{key}': {part} is not a table in {self.path}")
-            node = child
-        node[parts[-1]] = parse_value(key, text, current)
+            loaded = None
+        for key, text in changes.items():
+            parts = key.split(".")
+            if len(parts) < 2 or not all(parts):
+                raise ConfigError(f"'{key}' is not a setting; address one as TABLE.KEY, e.g. scp.port")
+            try:
+                current = get_key(loaded, key) if loaded is not None else None
+            except ConfigError:
+                current = None
+            if isinstance(current, dict) and text is not None:
+                raise ConfigError(f"'{key}' is a table; set one of its keys, e.g. {key}.{next(iter(current), 'KEY')}")
+            node = raw
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"'{key}': {part} is not a table in {self.path}")
+                node = child
+            if text is None:
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = parse_value(key, text, current)
         try:
             cfg = config.from_dict(raw)
         except ConfigError as exc:
-            raise ConfigError(f"{key} = {text!r} not applied: {exc}") from None
+            what = ", ".join(f"{k} = {t!r}" if t is not None else f"removing {k}" for k, t in changes.items())
+            raise ConfigError(f"{what} not applied: {exc}") from None
         return raw, cfg
 
     def write(self, raw: dict[str, Any]) -> None:
@@ -165,6 +179,8 @@ class Backend(Protocol):
     def current(self) -> config.Config: ...
 
     def set_key(self, key: str, value: str) -> str: ...
+
+    def change(self, changes: dict[str, str | None]) -> str: ...
 
     def plan(self, key: str, value: str) -> config.Config: ...
 
@@ -250,6 +266,11 @@ class ConfigService:
                 raise ConfigError("set needs a key and a value")
             log.info("config set %s = %r (requested by uid %s)", req.key, req.value, req.uid)
             return b.set_key(str(req.key), str(req.value))
+        if req.op == "change":  # several keys at once, validated together; a null value removes the key
+            if not isinstance(req.value, dict) or not req.value:
+                raise ConfigError("change needs a value: an object of KEY: VALUE (null removes KEY)")
+            log.info("config change %s (requested by uid %s)", req.value, req.uid)
+            return b.change({str(k): None if v is None else str(v) for k, v in req.value.items()})
         if req.op == "validate":
             if req.key is None:
                 b.validate_file()

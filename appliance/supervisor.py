@@ -362,6 +362,13 @@ class Supervisor:
         shown = health.loopback(new.scp.bind)
         return f"{key} = {value} applied; Storage SCP {new.scp.ae_title} at {shown}:{new.scp.port}"
 
+    def change(self, changes: dict[str, str | None]) -> str:
+        """Set (or, for None, remove) several keys at once, validated together, and apply them."""
+        with self._cfg_lock:
+            raw, new = self.cfile.plan_changes(changes)
+            self._apply(new, lambda: self.cfile.write(raw))
+        return f"{', '.join(changes)} applied"
+
     def validate_file(self) -> config.Config:
         return self.cfile.load()
 
