@@ -333,11 +333,6 @@ class IncomingObject:
             if self._refusal is not None:
                 return self.ingest._refused(Refused(self._refusal.status, self._refusal.comment),
                                             self.sop_instance_uid, self.source)
-            if self._error is None:
-                try:
-                    os.fsync(self._fd)
-                except OSError as exc:
-                    self._error = exc
             if self._error is not None:
                 return self._write_failure(self._error)
             return self._validate_and_commit()
@@ -363,7 +358,7 @@ class IncomingObject:
 
                 def write(attrs: attributes.Attributes, flags: str | None) -> StoredObject:
                     return self.ingest.store.commit(
-                        tmp, body, attrs, self.ts, total, calling_ae=self.source.calling_ae,
+                        tmp, self._fd, body, attrs, self.ts, total, calling_ae=self.source.calling_ae,
                         origin=self.source.origin, flags=flags, policy=self.ingest.rules.duplicate_policy)
 
                 return self.ingest._accept(body, self.ts, self.sop_class_uid, self.sop_instance_uid,

@@ -5,6 +5,7 @@ Layout under the data directory::
     objects/<study>/<series>/<sop instance>.dcm   the stored objects, byte-exact
     tmp/                                          objects being written (emptied at start)
     superseded/                                   objects replaced under the REPLACE policy
+    quarantine/                                   incomplete files found after a power cut
     index.sqlite                                  the index (WAL)
 
 An object is written to ``tmp/``, fsynced, renamed into ``objects/`` (the directory is
@@ -101,6 +102,7 @@ class Store:
         self.objects = data_dir / "objects"
         self.tmp = data_dir / "tmp"
         self.superseded = data_dir / "superseded"
+        self.quarantine = data_dir / "quarantine"
         self.slice_tolerance_mm = slice_tolerance_mm
         try:
             for d in (self.objects, self.tmp, self.superseded):
@@ -182,7 +184,7 @@ class Store:
         """Make index and files agree: index unindexed files, drop rows without a file."""
         known = self.index.paths()
         on_disk = set()
-        indexed = dropped = 0
+        indexed = dropped = quarantined = 0
         for path in self.objects.rglob("*.dcm"):
             rel = str(path.relative_to(self.data_dir))
             on_disk.add(rel)
@@ -190,16 +192,26 @@ class Store:
                 try:
                     self._index_file(path, calling_ae=None, origin="recovered")
                     indexed += 1
-                except (StoreError, dicomio.EncodingError, OSError) as exc:
-                    log.warning("stored file %s cannot be indexed (%s); leaving it in place", rel, exc)
+                except (StoreError, dicomio.EncodingError, attributes.AttributeDecodeError, OSError) as exc:
+                    # Never acknowledged (its index row would exist): an object cut short by a
+                    # power failure. Keep it out of sight, but keep it.
+                    dest = self.quarantine / f"{path.name}.{time.time_ns()}"
+                    log.warning("stored file %s is incomplete or unreadable (%s); moved to %s", rel, exc, dest)
+                    self.quarantine.mkdir(exist_ok=True)
+                    os.replace(path, dest)
+                    quarantined += 1
         for rel, uid in known.items():
             if rel not in on_disk:
                 log.warning("index row for %s has no file %s; dropping the row", uid, rel)
                 self.index.remove(uid)
                 dropped += 1
-        if indexed or dropped:
-            log.warning("recovery after an unclean stop: %d file(s) indexed, %d row(s) dropped", indexed, dropped)
-        return {"indexed": indexed, "dropped": dropped}
+        if indexed or dropped or quarantined:
+            log.warning("recovery after an unclean stop: %d file(s) indexed, %d row(s) dropped, "
+                        "%d incomplete file(s) quarantined", indexed, dropped, quarantined)
+        result = {"indexed": indexed, "dropped": dropped}
+        if quarantined:
+            result["quarantined"] = quarantined
+        return result
 
     def reindex(self) -> int:
         """Rebuild the whole index from the stored files; return how many were indexed."""
@@ -304,19 +316,18 @@ class Store:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view):]
-                os.fsync(fd)
             except OSError as exc:
                 raise _store_error(exc, "cannot write to the store") from exc
-            finally:
-                os.close(fd)
-            return self.commit(tmp, body, attrs, transfer_syntax, len(meta) + len(body),
+            return self.commit(tmp, fd, body, attrs, transfer_syntax, len(meta) + len(body),
                                calling_ae=calling_ae, origin=origin, flags=flags, policy=policy)
         finally:
+            os.close(fd)
             tmp.unlink(missing_ok=True)
 
     def commit(
         self,
         tmp: Path,
+        fd: int,
         body: bytes | memoryview,
         attrs: attributes.Attributes,
         transfer_syntax: str,
@@ -327,8 +338,17 @@ class Store:
         flags: str | None = None,
         policy: DuplicatePolicy = DuplicatePolicy.REJECT,
     ) -> StoredObject:
-        """Move the complete, fsynced temp file ``tmp`` (whose data set is ``body``) into
-        place and index it. The caller removes ``tmp`` if it is still there afterwards."""
+        """Move the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
+        into place, make it durable, and index it. The caller closes ``fd`` and removes
+        ``tmp`` if it is still there afterwards.
+
+        The file is renamed *before* it is fsynced: on ext4 the one journal commit that
+        fsync forces then carries the data, the inode and the new name, and the directory
+        fsync that follows (kept for file systems that need it) finds nothing left to do.
+        That halves the journal commits per object. A power cut between the rename and the
+        fsync can leave an incomplete file under its final name, but never an acknowledged
+        one: success is answered only after both fsyncs, and :meth:`recover` moves files
+        that do not decode and have no index row to ``quarantine/``."""
         uid = attrs["sop_instance_uid"]
         final = self.path_for(attrs)
         try:
@@ -350,7 +370,14 @@ class Store:
                     _fsync_dir(final.parent.parent)
                     _fsync_dir(final.parent.parent.parent)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                try:
+                    os.fsync(fd)  # ENOSPC of delayed allocation shows up here
+                    _fsync_dir(final.parent)
+                except OSError:
+                    final.unlink(missing_ok=True)
+                    if moved is not None:
+                        os.replace(moved, self.data_dir / old.path)  # type: ignore[union-attr]
+                    raise
                 self.index.add(
                     self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags)
                 )

@@ -141,3 +141,19 @@ def test_a_one_shot_writer_clears_the_clean_mark(tmp_path, rules):
     put_series(Ingest(writer, rules), 1)
     assert not (tmp_path / "d" / ".clean-shutdown").exists()
     writer.index.close()
+
+
+def test_an_incomplete_file_left_by_a_power_cut_is_quarantined(tmp_path, rules):
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    [out] = put_series(Ingest(store, rules), 1)
+    # A power cut after the rename but before the fsync: the file is cut short, no index row.
+    data = out.path.read_bytes()
+    store.index.remove(out.sop_instance_uid)
+    out.path.write_bytes(data[: len(data) // 3])
+    store.index.close()
+    store._lockfile.close()
+    again = Store(tmp_path / "d")
+    assert again.open_for_service() == {"indexed": 0, "dropped": 0, "quarantined": 1}
+    assert list(again.objects.rglob("*.dcm")) == []
+    assert len(list(again.quarantine.iterdir())) == 1
