@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -31,10 +32,10 @@ class EncodingError(ValueError):
     """The bytes are not a well-formed data set in the stated transfer syntax."""
 
 
-@dataclass(frozen=True)
-class Element:
+class Element(NamedTuple):
     """Where one top-level element lies: ``offset`` of its tag, ``value_offset`` and
-    ``length`` of its value (``length`` is None for undefined length)."""
+    ``length`` of its value (``length`` is None for undefined length). A NamedTuple: one
+    is made per element of every received object."""
 
     tag: int
     vr: bytes | None
@@ -74,8 +75,11 @@ class _Walker:
         self._u16 = struct.Struct(self.endian + "H")
         self._u32 = struct.Struct(self.endian + "L")
 
-    def need(self, pos: int, n: int, what: str) -> None:
+    def need(self, pos: int, n: int, what: str, tag: int = 0) -> None:
+        """Raise unless ``n`` bytes from ``pos`` are there; ``what`` may name ``{tag}``
+        and ``{n}`` (formatted only on failure: this runs for every element)."""
         if pos + n > self.size:
+            what = what.format(tag=_tag_str(tag), n=n)
             raise EncodingError(
                 f"the data set ends after {self.size} bytes, inside {what} "
                 f"(needs {pos + n - self.size} more bytes); it was truncated or a length is wrong"
@@ -96,7 +100,7 @@ class _Walker:
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise EncodingError(f"element {_tag_str(tag)} at byte {pos} has no valid VR ({vr!r})")
         if vr in _LONG_VRS:
-            self.need(pos, 12, f"the header of {_tag_str(tag)}")
+            self.need(pos, 12, "the header of {tag}", tag)
             (length,) = self._u32.unpack_from(self.buf, pos + 8)
             return tag, vr, length, pos + 12
         (length,) = self._u16.unpack_from(self.buf, pos + 6)
@@ -119,7 +123,7 @@ class _Walker:
             else:
                 raise EncodingError(f"element {_tag_str(tag)} ({vr.decode()}) has undefined length")
             return tag, vr, length, vpos, end
-        self.need(vpos, length, f"the value of {_tag_str(tag)} ({length} bytes)")
+        self.need(vpos, length, "the value of {tag} ({n} bytes)", tag)
         end = vpos + length
         if vr == b"SQ" and length:
             self.sequence(vpos, end, implicit, depth + 1)
@@ -154,7 +158,7 @@ class _Walker:
             if length == UNDEFINED_LENGTH:
                 pos = self.items_body(vpos, None, implicit, depth)
             else:
-                self.need(vpos, length, f"a sequence item ({length} bytes)")
+                self.need(vpos, length, "a sequence item ({n} bytes)")
                 pos = self.items_body(vpos, vpos + length, implicit, depth)
             if end is not None and pos > end:
                 raise EncodingError("a sequence item runs past the end of its sequence")
@@ -166,7 +170,7 @@ class _Walker:
                 return vpos
             if tag != ITEM or length == UNDEFINED_LENGTH:
                 raise EncodingError(f"bad encapsulated pixel data fragment at byte {pos}")
-            self.need(vpos, length, f"a pixel data fragment ({length} bytes)")
+            self.need(vpos, length, "a pixel data fragment ({n} bytes)")
             pos = vpos + length
 
 
