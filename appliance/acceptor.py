@@ -83,9 +83,16 @@ class IncomingObject(Protocol):
 
 
 class StoreResult(Protocol):
-    status: Status
-    comment: str
-    series_uid: str | None
+    """What :meth:`IncomingObject.finish` answers (an :class:`appliance.ingest.Outcome`)."""
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def comment(self) -> str: ...
+
+    @property
+    def series_uid(self) -> str | None: ...
 
     @property
     def ok(self) -> bool: ...
@@ -359,7 +366,7 @@ class Acceptor:
 
         rq_contexts = primitive.presentation_context_definition_list
         results, _ = negotiate_as_acceptor(rq_contexts, self._supported, None)
-        accepted = {cx.context_id: cx for cx in results if cx.result == 0x00}
+        accepted = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
         peer_max = 0
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
@@ -459,7 +466,7 @@ class Acceptor:
         message_id = _int(request.get(0x00000110))
         cx = assoc.contexts[cx_id]
         if field_ == C_ECHO_RQ:
-            if cx.abstract_syntax != SOPClass.VERIFICATION:
+            if str(cx.abstract_syntax) != SOPClass.VERIFICATION:
                 raise ProtocolError("C-ECHO on a storage context")
             self._send_command(conn, assoc, cx_id, [
                 (0x00000002, _uid(_text(request.get(0x00000002)) or SOPClass.VERIFICATION)),
@@ -470,7 +477,7 @@ class Acceptor:
             ])
             return None
         if field_ == C_STORE_RQ:
-            if cx.abstract_syntax not in SCP_STORAGE_CLASSES:
+            if str(cx.abstract_syntax) not in SCP_STORAGE_CLASSES:
                 raise ProtocolError("C-STORE on the verification context")
             if _int(request.get(0x00000800)) == NO_DATA_SET:
                 raise ProtocolError("C-STORE request without a data set")

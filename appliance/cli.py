@@ -123,7 +123,9 @@ def cmd_scp(args: argparse.Namespace) -> int:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
@@ -138,6 +140,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = open_store(args)
     store.update_verdicts()
     idx = store.index
+    rows: list[tuple[object, ...]]
     if args.level == "series":
         rows = [
             (r["series_uid"], r["study_uid"], r["modality"], r["series_number"], r["n"],
