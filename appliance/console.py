@@ -228,6 +228,7 @@ class Console:
         log_file: Path | None = None,
         shell: Sequence[str] = SHELL_COMMAND,
         runner: Runner = run_command,
+        live_network: bool = True,
     ) -> None:
         self.inp = inp
         self.out = out
@@ -239,6 +240,8 @@ class Console:
         self.log_file = log_file
         self.shell = tuple(shell)
         self.runner = runner
+        #: Apply network settings to the interfaces at once (False: only write the file).
+        self.live_network = live_network
 
     # -- terminal I/O -----------------------------------------------------------------------
 
@@ -643,7 +646,7 @@ class Console:
         self.say("Interface: the network port's name, as listed above (e.g. eth0)."
                  + (" Empty: every wired interface." if mode is NetworkMode.DHCP else ""))
         iface = self.ask(f"Interface (Enter for {suggested or 'every wired interface'}): ") or suggested
-        changes: dict[str, str | None] = {"network.mode": mode.value, "network.interface": _toml_str(iface)}
+        changes: dict[str, str | None] = {"network.mode": mode.value, "network.interface": iface}
         if mode is NetworkMode.STATIC:
             self.say("Address: IPv4 or IPv6, optionally with /prefix, e.g. 192.168.1.50/24.")
             address = self.ask(f"Address (Enter keeps {n.address or 'none'}): ") or (
@@ -668,9 +671,9 @@ class Console:
             dns = self.ask(f"DNS (Enter keeps {', '.join(n.dns) or 'none'}): ")
             dns_list = list(n.dns) if not dns else [] if dns == "-" else [d.strip() for d in dns.split(",") if d.strip()]
             changes.update({
-                "network.address": _toml_str(address),
+                "network.address": address,
                 "network.prefix": prefix,
-                "network.gateway": _toml_str("" if gateway == "-" else gateway),
+                "network.gateway": "" if gateway == "-" else gateway,
                 "network.dns": json.dumps(dns_list),
             })
         try:
@@ -680,6 +683,14 @@ class Console:
             return
         from appliance import network as _network
 
+        if self.live_network:
+            try:
+                clash = _network.conflict(new.network)
+            except ApplianceError:
+                clash = None  # the interfaces cannot be read: nothing to clash with that we know of
+            if clash:
+                self.error(clash)
+                return
         if not self.confirm(f"Use {_network.describe(new.network)}?"):
             self.say("Unchanged.")
             return
@@ -695,6 +706,9 @@ class Console:
             self.say(f"Written {path}: applies at every boot.")
         except ApplianceError as exc:
             self.say(f"Not written: {exc}")
+        if not self.live_network:
+            self.say("Not applied now (--no-live-network): it applies at the next boot.")
+            return
         try:
             self.say(f"Applied now: {network.apply_live(n)}")
         except ApplianceError as exc:
@@ -784,6 +798,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     """Run the menu on stdin/stdout (the serial line) until the input ends."""
     from appliance import cli
 
+    if args.verbosity < 2:  # the console says what failed in words; pynetdicom's lines would garble the screen
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     log_file = args.log_file or os.environ.get("APPLIANCE_LOG_FILE")
     console = Console(
         sys.stdin, sys.stdout, _settings(args),
@@ -792,6 +808,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         systemctl=shlex.split(args.systemctl),
         log_file=Path(log_file) if log_file else None,
         journal=None if args.no_journal else JOURNAL_COMMAND,
+        live_network=args.live_network,
     )
     return console.run()
 
@@ -827,6 +844,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     s.add_argument("--log-file", metavar="FILE", help="the log the Log screen shows when there is no journal "
                    "(default $APPLIANCE_LOG_FILE)")
     s.add_argument("--no-journal", action="store_true", help="do not read the journal; show --log-file")
+    s.add_argument("--no-live-network", dest="live_network", action="store_false",
+                   help="only write the network file, do not change the interfaces now (e.g. on a laptop)")
     s.set_defaults(func=cmd_console)
 
     s = subparsers.add_parser("network", parents=[common], help="show the interfaces, or apply [network]")

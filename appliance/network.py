@@ -311,13 +311,30 @@ def apply_live(n: NetworkConfig, *, netns: str | None = None, runner: Runner | N
     return _reload_networkd(n, runner, done)
 
 
+def conflict(n: NetworkConfig, *, netns: str | None = None) -> str | None:
+    """Say why static setting ``n`` clashes with another interface of this box, or None."""
+    if n.mode is not NetworkMode.STATIC or not n.address:
+        return None
+    want = ipaddress.ip_interface(f"{n.address}/{n.prefix}")
+    for other in state(netns).interfaces:
+        if other.name == n.interface:
+            continue
+        for a in other.addresses:
+            if a.address == str(want.ip):
+                return f"address {want.ip} is already used by interface {other.name} of this box; choose another"
+            if a.scope == "global" and a.version == want.version and ipaddress.ip_interface(str(a)).network.overlaps(
+                    want.network):
+                return (f"subnet {want.network} overlaps {a} of interface {other.name}; two interfaces on one "
+                        "subnet confuse routing: choose another address or prefix")
+    return None
+
+
 def _apply_static(ipr: Any, index: int, n: NetworkConfig, netns: str | None) -> str:
     want = ipaddress.ip_interface(f"{n.address}/{n.prefix}")
     family = 2 if want.version == 4 else 10
-    for other in state(netns).interfaces:
-        if other.index != index and any(a.address == str(want.ip) for a in other.addresses):
-            raise NetworkConfigError(f"address {want.ip} is already used by interface {other.name} of this box; "
-                                     "choose another address")
+    clash = conflict(n, netns=netns)
+    if clash:
+        raise NetworkConfigError(clash)
     present = False
     for a in ipr.get_addr(index=index, family=family):
         value = a.get("address") or a.get("local")
