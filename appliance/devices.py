@@ -114,7 +114,7 @@ class MediaWatcher:
 
     ``on_event`` must only enqueue: it runs on the watcher's thread."""
 
-    def __init__(self, on_event: Callable[[MediaEvent], None]) -> None:
+    def __init__(self, on_event: Callable[[MediaEvent], object]) -> None:
         self.on_event = on_event
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Protocol, TextIO
+from typing import Callable, Protocol, Sequence, TextIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -66,7 +66,7 @@ from appliance.conformance import TABLE_10, TABLE_11, SOPClass, TransferSyntax, 
 from appliance.errors import ApplianceError, MediaError
 from appliance.index import InstanceRow
 from appliance.store import Store
-from appliance.transcode import TranscodeError, to_implicit_le
+from appliance.transcode import Transcoded, TranscodeError, to_implicit_le
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,8 @@ class _Names:
     def __init__(self, fs: FileSet) -> None:
         self.owner: dict[str, str] = {}
         for inst in fs:
-            parts = list(inst.node.file_id_path(fs.root_path).parts) if fs.path else []
+            fid = inst.node.file_id_path(fs.root_path) if fs.path else None
+            parts = list(fid.parts) if fid is not None else []
             if len(parts) == 4 and parts[0] == TOP:
                 self.owner.setdefault("/".join(parts[:2]), str(inst.StudyInstanceUID or ""))
                 self.owner.setdefault("/".join(parts[:3]), str(inst.SeriesInstanceUID or ""))
@@ -659,6 +660,8 @@ class _Job:
     outcome: FileOutcome = FileOutcome.WRITTEN
     reason: str = ""
     part10: bytes = b""
+    #: A generated object's Part 10 bytes (not in the store), or None.
+    generated: bytes | None = None
 
     def result(self) -> ExportedFile:
         return ExportedFile(self.row.sop_instance_uid, self.row.study_uid, self.outcome, self.file_id,
@@ -694,8 +697,12 @@ def export(
     cfg: Config,
     selection: Selection | None = None,
     progress: Callable[[ExportProgress], None] | None = None,
+    extra: Sequence[Transcoded] = (),
 ) -> ExportReport:
     """Export ``selection`` (default: the queue, else ``cfg.usb.policy``) to ``target``.
+
+    ``extra`` are generated objects (not in the store, e.g. RT Dose and RT Plan) written into
+    the same file-set after the selection's objects, through the same checks.
 
     ``target`` is a mounted folder, a USB block device (checked to be a removable USB disk
     in sysfs, mounted and unmounted here), a FAT image file, or an open :class:`Medium`
@@ -714,9 +721,13 @@ def export(
     medium: Medium | None = None
     try:
         what, rows, consumed, moves_mark = _resolve(store, state, cfg, selection, started_at)
+        generated = {t.sop_instance_uid: t.part10() for t in extra}
+        rows += [_generated_row(data, started_at) for data in generated.values()]
+        if extra:
+            what += f", {len(extra)} generated objects"
         medium = target if not isinstance(target, Path) else open_medium(target)
         name = medium.label
-        jobs, fs = _plan(medium, store, rows)
+        jobs, fs = _plan(medium, store, rows, generated)
         todo = [j for j in jobs if j.outcome is FileOutcome.WRITTEN]
         if not todo:
             note = medium.close()
@@ -742,13 +753,22 @@ def export(
     return report
 
 
-def _plan(medium: Medium, store: Store, rows: list[InstanceRow]) -> tuple[list[_Job], FileSet]:
+def _generated_row(part10: bytes, at: str) -> InstanceRow:
+    """An index-like row for a generated object, so it is named and listed like stored ones."""
+    ds = dcmread(BytesIO(part10), stop_before_pixels=True,
+                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+    return InstanceRow(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+                       str(ds.StudyInstanceUID), "", TransferSyntax.IMPLICIT_LE, len(part10), at, None, "generated")
+
+
+def _plan(medium: Medium, store: Store, rows: list[InstanceRow],
+          generated: dict[str, bytes] | None = None) -> tuple[list[_Job], FileSet]:
     fs = _load_fileset(medium.root)
     on_stick = {str(i.SOPInstanceUID) for i in fs}
     names = _Names(fs)
     jobs = []
     for row in rows:
-        job = _Job(row, "", 0)
+        job = _Job(row, "", 0, generated=(generated or {}).get(row.sop_instance_uid) if not row.path else None)
         if not syntaxes_for(_USB_TABLES, row.sop_class_uid):
             job.outcome, job.reason = FileOutcome.SKIPPED, "this SOP class is not written to USB (Tables 10, 11)"
         elif row.sop_instance_uid in on_stick:
@@ -841,7 +861,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
 def _prepare(job: _Job, store: Store, fs: FileSet) -> bool:
     """Transcode one stored object and add its records to ``fs``; False if it cannot be exported."""
     try:
-        data = (store.data_dir / job.row.path).read_bytes()
+        data = job.generated if job.generated is not None else (store.data_dir / job.row.path).read_bytes()
         t = to_implicit_le(data)
         job.part10 = t.part10()
         job.decode = t.source_syntax is TransferSyntax.EXPLICIT_BE or t.source_syntax.is_compressed
@@ -861,7 +881,7 @@ def _verify(data: bytes, job: _Job) -> None:
     if hashlib.sha256(data).hexdigest() != job.sha256:
         raise _Failed(f"{where} read back from the stick differs from what was written")
     ds = dcmread(BytesIO(data))
-    if ds.file_meta.TransferSyntaxUID != TransferSyntax.IMPLICIT_LE or ds.SOPInstanceUID != job.row.sop_instance_uid:
+    if str(ds.file_meta.TransferSyntaxUID) != TransferSyntax.IMPLICIT_LE or ds.SOPInstanceUID != job.row.sop_instance_uid:
         raise _Failed(f"{where} read back from the stick is not the object exported")
     if _pixel_digest(ds, job.decode) != job.pixels:
         raise _Failed(f"the pixel data of {where} on the stick differs from the store")

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Protocol, TextIO
+from typing import IO, BinaryIO, Callable, Protocol, TextIO, cast
 
 import pycdlib
 import pydicom
@@ -193,7 +193,7 @@ class IsoDisc:
         self._owns_fp = owns_fp
         self._iso = pycdlib.PyCdlib()
         try:
-            self._iso.open_fp(fp)
+            self._iso.open_fp(cast(BinaryIO, fp))
         except PyCdlibException as exc:
             self._close_fp()
             raise MediaError(
@@ -256,7 +256,7 @@ class IsoDisc:
         return "/".join(_VERSION_SUFFIX.sub("", part).rstrip(".") if part else part for part in key.split("/"))
 
     def open(self, f: DiscFile) -> IO[bytes]:
-        return self._iso.open_file_from_iso(**{self._namespace: f.key})  # type: ignore[no-any-return]
+        return cast(IO[bytes], self._iso.open_file_from_iso(**{self._namespace: f.key}))
 
     def _close_fp(self) -> None:
         if self._owns_fp:
@@ -577,7 +577,7 @@ def _is_dicomdir(path: str) -> bool:
 
 def _class_name(uid: str | None) -> str:
     try:
-        return SOP_CLASS_LABELS[SOPClass(uid)]
+        return SOP_CLASS_LABELS[SOPClass(uid or "")]
     except ValueError:
         name = UID(uid or "").name
         return name if name != uid else f"SOP class {uid}"

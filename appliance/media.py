@@ -36,10 +36,10 @@ class _Cancelled(MediaError):
 def usb_exporter() -> Exporter | None:
     """The USB writer of issue 5 (``appliance.exporter.export``), or None in a build without it."""
     try:
-        from appliance import exporter  # type: ignore[attr-defined]
+        from appliance import exporter
     except ImportError:
         return None
-    return exporter.export  # type: ignore[no-any-return]
+    return exporter.export
 
 
 class MediaJobs:

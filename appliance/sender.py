@@ -60,7 +60,7 @@ from appliance.conformance import (
 from appliance.errors import ApplianceError, ConfigError, NetworkError
 from appliance.index import InstanceRow
 from appliance.store import Store
-from appliance.transcode import TranscodeError, to_implicit_le
+from appliance.transcode import Transcoded, TranscodeError, to_implicit_le
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     if late is not None:
         raise NetworkError(_rejection(late, peer, settings.calling_ae))
     if getattr(assoc.acceptor.primitive, "result", None) == 0 and assoc.rejected_contexts:
-        refused = ", ".join(sorted({_label(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
+        refused = ", ".join(sorted({_label(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts}))
         raise NetworkError(
             f"{_peer(peer)} accepted the association but none of the proposed services "
             f"({refused}, Implicit VR Little Endian); configure the peer to accept them"
@@ -544,15 +544,18 @@ def send(
     peer: Destination,
     settings: ClientSettings | None = None,
     progress: Callable[[ObjectResult], None] | None = None,
+    extra: Sequence[Transcoded] = (),
 ) -> ExportReport:
     """Send ``plan`` to ``peer`` over one association and report each object.
 
+    ``extra`` are generated objects (not in the store, e.g. RT Dose and RT Plan) sent after
+    the plan's objects over the same association, with their Table 6/7 contexts.
     Raises ExportRefused when the plan holds nothing, NetworkError when no association can be
     opened (nothing was sent). A failure part-way is reported in the returned report."""
     settings = settings or ClientSettings()
     settings.check()
     check_peer(peer)
-    if not plan.objects:
+    if not plan.objects and not extra:
         reasons = "; ".join(str(r) for r in plan.refused) or "no study or series was given"
         raise ExportRefused(f"nothing to send: {reasons}")
     results: list[ObjectResult] = []
@@ -562,27 +565,29 @@ def send(
         if progress is not None:
             progress(r)
 
+    items: list[InstanceRow | Transcoded] = [*plan.objects, *extra]
+    needed = {o.sop_class_uid for o in items}
     with export_lock(store.data_dir):
-        ae = _make_ae(settings, plan.contexts)
+        ae = _make_ae(settings, tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed))
         assoc = _associate(ae, peer, settings)
         error: str | None = None
         try:
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-            for row in plan.objects:
+            for item in items:
                 if error is not None:
-                    record(ObjectResult(row.sop_instance_uid, row.sop_class_uid, Outcome.NOT_SENT))
+                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, Outcome.NOT_SENT))
                     continue
-                if row.sop_class_uid not in accepted:
-                    record(ObjectResult(row.sop_instance_uid, row.sop_class_uid, Outcome.FAILED, None,
-                                        f"{_peer(peer)} refused {_label(row.sop_class_uid)} in Implicit VR LE"))
+                if item.sop_class_uid not in accepted:
+                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, Outcome.FAILED, None,
+                                        f"{_peer(peer)} refused {_label(item.sop_class_uid)} in Implicit VR LE"))
                     continue
-                result, answered = _send_one(assoc, store, row)
+                result, answered = _send_one(assoc, store, item)
                 record(result)
                 if not answered or not assoc.is_established:
                     if assoc.is_established:  # no answer within the timeout: give up on it
                         assoc.abort()
                     error = (f"the association with {_peer(peer)} ended after {len(results)} of "
-                             f"{len(plan.objects)} object(s) (aborted by the peer, the network, or a timeout "
+                             f"{len(items)} object(s) (aborted by the peer, the network, or a timeout "
                              f"of {settings.timeout:g} s)")
         finally:
             if assoc.is_established:
@@ -592,11 +597,12 @@ def send(
     return report
 
 
-def _send_one(assoc: Association, store: Store, row: InstanceRow) -> tuple[ObjectResult, bool]:
-    """Send one object; return its result and whether the peer answered."""
-    uid, cls = row.sop_instance_uid, row.sop_class_uid
+def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) -> tuple[ObjectResult, bool]:
+    """Send one object (stored, or generated); return its result and whether the peer answered."""
+    uid, cls = item.sop_instance_uid, item.sop_class_uid
     try:
-        ds: Dataset = to_implicit_le(store.data_dir / row.path).dataset()
+        t = item if isinstance(item, Transcoded) else to_implicit_le(store.data_dir / item.path)
+        ds: Dataset = t.dataset()
     except TranscodeError as exc:
         log.error("cannot export %s: %s", uid, exc)
         return ObjectResult(uid, cls, Outcome.FAILED, None, str(exc)), True

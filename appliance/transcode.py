@@ -106,6 +106,7 @@ def to_implicit_le(source: Path | bytes) -> Transcoded:
             "name; only Implicit/Explicit VR Little Endian, Explicit VR Big Endian and JPEG Lossless "
             "can be re-encoded"
         ) from None
+    body: bytes | memoryview
     try:
         if syntax.is_compressed:
             body, little = _decompress(data), True
