@@ -474,3 +474,27 @@ def test_a_connect_flood_cannot_exhaust_the_server(server, tmp_path):
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("flags,expected", [([], "FILE_AE"), (["-aet", "FLAG_AE"], "FLAG_AE")])
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, flags, expected):
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text('[scp]\nae_title = "FILE_AE"\nmax_pdu = 16384\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--config", str(cfg), "--data-dir", str(tmp_path / "d"),
+         "scp", "--bind", "127.0.0.1", *flags, "0"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = str(wait_for(lambda: proc.stderr.readline(), timeout=20, what="the listening line"))
+        assert f"Storage SCP {expected} listening" in line
+        port = int(re.search(r":(\d+),", line).group(1))
+        ae = scu([(SOPClass.VERIFICATION, [ILE])])
+        assoc = ae.associate("127.0.0.1", port, ae_title=expected)
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == 16384  # from the file; the default is 262144
+        assoc.release()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
