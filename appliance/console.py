@@ -47,6 +47,21 @@ JOURNAL_COMMAND = ("journalctl", "--no-pager", "--quiet", "-o", "short", "-u", "
                    "-u", "appliance-console@*.service", "-n", str(LOG_LINES))
 #: What "Service shell" runs: login asks for root's password (set at first boot).
 SHELL_COMMAND = ("login", "root")
+#: What sets that password when the box has none yet.
+PASSWD_COMMAND = ("passwd", "root")
+SHADOW = Path("/etc/shadow")
+
+
+def root_password_missing(shadow: Path = SHADOW) -> bool:
+    """True when root has no usable password in ``shadow`` (empty, ``*`` or locked ``!``)."""
+    try:
+        for line in shadow.read_text(encoding="utf-8").splitlines():
+            if line.startswith("root:"):
+                pw = line.split(":")[1]
+                return pw in ("", "*") or pw.startswith("!")
+    except OSError:
+        return False
+    return True
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -229,6 +244,8 @@ class Console:
         shell: Sequence[str] = SHELL_COMMAND,
         runner: Runner = run_command,
         live_network: bool = True,
+        shadow: Path | None = None,
+        passwd: Sequence[str] = PASSWD_COMMAND,
     ) -> None:
         self.inp = inp
         self.out = out
@@ -242,6 +259,9 @@ class Console:
         self.runner = runner
         #: Apply network settings to the interfaces at once (False: only write the file).
         self.live_network = live_network
+        #: Where to see whether root has a password yet (None: do not ask at start).
+        self.shadow = shadow
+        self.passwd = tuple(passwd)
 
     # -- terminal I/O -----------------------------------------------------------------------
 
@@ -293,6 +313,7 @@ class Console:
             "s": ("Service shell (root password)", self.service_shell),
         }
         try:
+            self._first_boot_password()
             while True:
                 try:
                     cfg_line = self._title()
@@ -323,6 +344,24 @@ class Console:
                     self.say(f"Internal error: {exc!r}; the console goes on (see the Log screen).")
         except _Quit:
             return 0
+
+    def _first_boot_password(self) -> None:
+        """On a box whose root has no password yet, offer to set it before the menu."""
+        if self.shadow is None or not root_password_missing(self.shadow):
+            return
+        self.heading("First start: service password")
+        self.say("The service shell (menu item s) is a root shell behind a password, and none is set "
+                 "yet. Choose it now; give it to service staff only.")
+        if self.ask("Set the service password now? [Y/n]: ").lower() in ("n", "no"):
+            self.say("Not set; the service shell stays closed and this question comes back at the next start.")
+            return
+        try:
+            r = subprocess.run(list(self.passwd), check=False)  # on the terminal itself
+        except OSError as exc:
+            self.say(f"Cannot run {' '.join(self.passwd)}: {exc.strerror}")
+            return
+        self.say("Service password set." if r.returncode == 0 else
+                 "The password was not set; this question comes back at the next start.")
 
     def _title(self) -> str:
         cfg = self.settings.current()
@@ -809,6 +848,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         log_file=Path(log_file) if log_file else None,
         journal=None if args.no_journal else JOURNAL_COMMAND,
         live_network=args.live_network,
+        shadow=SHADOW if args.service_password else None,
     )
     return console.run()
 
@@ -846,6 +886,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     s.add_argument("--no-journal", action="store_true", help="do not read the journal; show --log-file")
     s.add_argument("--no-live-network", dest="live_network", action="store_false",
                    help="only write the network file, do not change the interfaces now (e.g. on a laptop)")
+    s.add_argument("--service-password", action="store_true",
+                   help="at start, offer to set root's password if it has none (the box's first boot)")
     s.set_defaults(func=cmd_console)
 
     s = subparsers.add_parser("network", parents=[common], help="show the interfaces, or apply [network]")

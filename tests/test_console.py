@@ -217,6 +217,22 @@ def test_reboot_and_shut_down_need_yes(setup: Setup) -> None:
     assert has(text, "Reboot failed:") and has(text, "Failed to connect to bus")
 
 
+def test_first_start_offers_the_service_password(setup: Setup) -> None:
+    shadow = setup.tmp / "shadow"
+    shadow.write_text("root:*:19000:0:99999:7:::\ndaemon:*:19000::::::\n")
+    record = setup.tmp / "passwd.args"
+    fake = setup.tmp / "passwd"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")  # the terminal's side is not ours to test
+    fake.chmod(0o755)
+    text, _ = setup.console(keys("n", "q"), shadow=shadow, passwd=[str(fake)])
+    assert has(text, "none is set yet") and has(text, "Not set;") and not record.exists()
+    text, _ = setup.console(keys("", "q"), shadow=shadow, passwd=[str(fake), "root"])
+    assert has(text, "Service password set.") and record.read_text() == "root\n"
+    shadow.write_text("root:$y$j9T$salt$hash:19000:0:99999:7:::\n")
+    text, _ = setup.console(keys("q"), shadow=shadow, passwd=[str(fake)])
+    assert not has(text, "First start")
+
+
 def test_network_validation_and_file(setup: Setup) -> None:
     text, _ = setup.console(keys(
         "6",
