@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.importer",
     "appliance.sender",
     "appliance.exporter",
+    "appliance.rtexport",
     "appliance.configservice",
     "appliance.supervisor",
     "appliance.console",

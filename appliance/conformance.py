@@ -17,6 +17,7 @@ Table numbers refer to the statement:
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
@@ -303,6 +304,20 @@ DEFAULT_CLIENT_PDU = 65536
 #: so the UID is globally unique without an organisation root.
 IMPLEMENTATION_CLASS_UID = "2.25.229416081467150574813735420347563196227"
 IMPLEMENTATION_VERSION_NAME = "APPLIANCE_010"
+
+#: The root of every UID the appliance generates (RT Dose, RT Plan, their series): the same
+#: UUID-derived root as IMPLEMENTATION_CLASS_UID (PS3.5 B.2), no organisation root needed.
+UID_ROOT = "2.25."
+
+
+def new_uid() -> str:
+    """Return a new UID under :data:`UID_ROOT`: ``2.25.`` and a random UUID as an integer (<= 44 chars)."""
+    return UID_ROOT + str(uuid.uuid4().int)
+
+
+#: Spatial Registration Storage: not in the statement's tables; the appliance only reads one
+#: as the explicit registration of a dose that is not in its image series' Frame of Reference.
+SPATIAL_REGISTRATION = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
 class Status(enum.IntEnum):
