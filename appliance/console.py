@@ -454,16 +454,16 @@ class Console:
             if choice == "a":
                 self._add_destination(cfg)
             elif choice in ("e", "r", "t") and names:
-                name = self._pick(names, "Destination (number or name): ")
-                if name is None:
+                picked = self._pick(names, "Destination (number or name): ")
+                if picked is None:
                     continue
                 if choice == "e":
-                    self._edit_destination(name, cfg.destinations[name])
+                    self._edit_destination(picked, cfg.destinations[picked])
                 elif choice == "r":
-                    if self.confirm(f"Remove destination {name}?"):
-                        self.save({f"destinations.{name}": None})
+                    if self.confirm(f"Remove destination {picked}?"):
+                        self.save({f"destinations.{picked}": None})
                 else:
-                    self._echo(name, cfg.destinations[name])
+                    self._echo(picked, cfg.destinations[picked])
             else:
                 self.say(f"'{choice}' is not on the menu.")
 

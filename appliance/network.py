@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from appliance.config import NetworkConfig, NetworkMode
 from appliance.errors import ApplianceError
@@ -195,8 +195,7 @@ def render_state(st: NetworkState, width: int = 80) -> list[str]:
             kind = "" if a.permanent or a.scope != "global" else " (DHCP/auto)"
             lines.append(f"{'':<10} IPv{a.version} {a}{kind}")
     defaults = [r for r in st.routes if r.destination == "default"]
-    for r in defaults or [None]:
-        lines.append(f"default route: {'none' if r is None else f'via {r.gateway} dev {r.interface}'}")
+    lines += [f"default route: via {r.gateway} dev {r.interface}" for r in defaults] or ["default route: none"]
     return [line[:width] for line in lines]
 
 
