@@ -93,12 +93,15 @@ class Grid:
         ax = self.axes
         k, j, i = np.meshgrid(np.asarray(self.offsets, dtype=float), np.arange(self.rows) * self.spacing[0],
                               np.arange(self.columns) * self.spacing[1], indexing="ij")
-        return np.asarray(self.origin) + i[..., None] * ax[:, 0] + j[..., None] * ax[:, 1] + k[..., None] * ax[:, 2]
+        pts: np.ndarray = np.asarray(self.origin) + i[..., None] * ax[:, 0] + j[..., None] * ax[:, 1] \
+            + k[..., None] * ax[:, 2]
+        return pts
 
     def local(self, points: np.ndarray) -> np.ndarray:
         """Coordinates (along row dir, along column dir, along normal) of ``points`` (..., 3)
         relative to the origin, in mm."""
-        return (np.asarray(points, dtype=float) - np.asarray(self.origin)) @ self.axes
+        local: np.ndarray = (np.asarray(points, dtype=float) - np.asarray(self.origin)) @ self.axes
+        return local
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,8 @@ def read_dose(path: Path, *, units: str | None = None, frame_of_reference: str |
     an RT Dose. ``frame_of_reference`` states which frame a volume is in; for an RT Dose it
     must agree with the file's."""
     try:
-        head = path.open("rb").read(132)
+        with path.open("rb") as fp:
+            head = fp.read(132)
     except OSError as exc:
         raise RTExportError(f"cannot read the dose file {path}: {exc.strerror}") from None
     if head[128:132] == b"DICM":
@@ -322,7 +323,7 @@ def _read_volume(path: Path, units: str | None, frame: str | None) -> DoseInput:
     import SimpleITK as sitk  # noqa: PLC0415 - large; only this path needs it
 
     try:
-        image = sitk.ReadImage(str(path))
+        image: Any = sitk.ReadImage(str(path))  # SimpleITK is untyped
     except RuntimeError:
         raise RTExportError(f"cannot read the dose file {path}: it is neither DICOM nor a volume SimpleITK "
                             "reads (NIfTI .nii/.nii.gz, MetaImage .mha/.mhd)") from None
@@ -333,13 +334,13 @@ def _read_volume(path: Path, units: str | None, frame: str | None) -> DoseInput:
         raise RTExportError(f"{path} does not say its dose units; give --dose-units GY or CGY")
     if not frame:
         raise RTExportError(f"{path} has no Frame of Reference; give --dose-frame-of-reference UID (the image "
-                            "series' UID if the dose was computed on it), with --registration if it is another frame")
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+                            "series' Frame of Reference UID if the dose was computed on it), with --registration if it is another frame")
+    direction = np.array([float(v) for v in image.GetDirection()]).reshape(3, 3)
     sx, sy, sz = image.GetSpacing()
     row, col, third = direction[:, 0], direction[:, 1], direction[:, 2]
     orientation = tuple(float(v) for v in (*row, *col))
     try:
-        normal = dosegrid.axes_of(orientation)[:, 2]  # type: ignore[arg-type]
+        normal = dosegrid.axes_of(orientation)[:, 2]
     except GeometryError as exc:
         raise RTExportError(f"{path}: its direction matrix is not orthonormal ({exc})") from None
     sign = float(third @ normal)
