@@ -236,7 +236,7 @@ def write_rt_dose(path: Path, frame: str, values: np.ndarray, origin: np.ndarray
 def box(tmp_path: Path) -> Store:
     s = Store(tmp_path / "data")
     yield s  # type: ignore[misc]
-    s.index.close()
+    s.close()
 
 
 @pytest.fixture
