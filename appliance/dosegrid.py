@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
 
 from appliance.errors import ApplianceError
 
@@ -213,6 +212,10 @@ def resample(values: np.ndarray, source: Grid, target: Grid, *, to_source: np.nd
         u[near, d] = lo
         near = (u[:, d] > hi) & (u[:, d] <= hi + EDGE_TOLERANCE_MM)
         u[near, d] = hi
+    # scipy takes half a second to import: only the dose export pays for it, not every
+    # 'appliance' command (the CLI imports every command module to build its parser).
+    from scipy.interpolate import RegularGridInterpolator  # noqa: PLC0415
+
     interp = RegularGridInterpolator(axes, values, method=method, bounds_error=False, fill_value=np.nan)
     out = interp(u)
     outside = np.isnan(out)
