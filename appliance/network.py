@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.config import NetworkConfig, NetworkMode
 from appliance.errors import ApplianceError
