@@ -125,6 +125,14 @@ class Association:
     peer_max_pdu: int
     touched_series: set[str] = field(default_factory=set)
 
+    @property
+    def log_level(self) -> int:
+        """INFO for associations that can store; DEBUG for verification-only ones (the
+        health check echoes every few seconds and would drown the journal)."""
+        if all(str(cx.abstract_syntax) == SOPClass.VERIFICATION for cx in self.contexts.values()):
+            return logging.DEBUG
+        return logging.INFO
+
 
 def _comment(text: str) -> str:
     text = " ".join(text.split())
@@ -346,7 +354,9 @@ class Acceptor:
         called = (primitive.called_ae_title or "").strip()
         s = self.settings
         reject: tuple[int, int, int] | None = None
-        if s.check_called_ae and called != s.ae_title:
+        if not rq.protocol_version & 0x0001:
+            reject = (0x01, 0x02, 0x02)  # permanent, provider (ACSE), protocol version not supported
+        elif s.check_called_ae and called != s.ae_title:
             reject = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
         elif s.allowed_calling_aes and calling not in s.allowed_calling_aes:
             reject = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
@@ -372,9 +382,10 @@ class Acceptor:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
         conn.sendall(self._accept_pdu(primitive, results))
-        log.info("association from %s (%s) accepted, %d of %d context(s)", calling, peer,
-                 len(accepted), len(rq_contexts))
-        return Association(calling, peer, accepted, peer_max)
+        assoc = Association(calling, peer, accepted, peer_max)
+        log.log(assoc.log_level, "association from %s (%s) accepted, %d of %d context(s)", calling, peer,
+                len(accepted), len(rq_contexts))
+        return assoc
 
     def _accept_pdu(self, rq: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
         prim = A_ASSOCIATE()
@@ -413,7 +424,7 @@ class Acceptor:
                     if incoming is not None or command:
                         raise ProtocolError("A-RELEASE-RQ in the middle of a message")
                     conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-                    log.info("association from %s released", assoc.calling_ae)
+                    log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
                     return
                 if pdu_type == A_ABORT_PDU:
                     log.warning("association from %s aborted by the peer", assoc.calling_ae)
@@ -519,6 +530,7 @@ _REJECT_REASONS = {
     (0x01, 0x01, 0x03): "calling AE title not allowed",
     (0x01, 0x01, 0x02): "application context name not supported",
     (0x02, 0x03, 0x02): "local limit of simultaneous associations reached",
+    (0x01, 0x02, 0x02): "protocol version not supported",
 }
 
 

@@ -498,3 +498,13 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, flags
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_an_unsupported_protocol_version_is_rejected_permanently(server):
+    pdu = bytearray(_assoc_rq_pdu())
+    pdu[6:8] = b"\x00\x02"  # protocol version: bit 0 clear
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(bytes(pdu))
+    rj = wait_for(lambda: s.recv(10), what="an A-ASSOCIATE-RJ")
+    s.close()
+    assert rj[0] == 0x03 and tuple(rj[7:10]) == (0x01, 0x02, 0x02)
