@@ -508,3 +508,42 @@ def test_an_unsupported_protocol_version_is_rejected_permanently(server):
     rj = wait_for(lambda: s.recv(10), what="an A-ASSOCIATE-RJ")
     s.close()
     assert rj[0] == 0x03 and tuple(rj[7:10]) == (0x01, 0x02, 0x02)
+
+
+def test_a_full_disk_answers_out_of_resources_and_storing_resumes(tmp_path):
+    """A real full file system under the SCP (a 3 MiB tmpfs; needs root, as CI is)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    from conftest import RunningServer
+
+    srv = RunningServer(mnt / "data", ScpConfig(bind="127.0.0.1", port=0), StoreConfig(min_free_mb=0))
+    try:
+        big = sample("ct_ele_2")  # 0.5 MiB each: the 6th cannot fit
+        ds = pydicom.dcmread(big.path)
+        ae = scu([(big.sop_class_uid, [ELE])], pdu=65536)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title=srv.ae_title)
+        statuses = []
+        for i in range(8):
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.9.{i}"
+            statuses.append(assoc.send_c_store(ds).Status)
+        assoc.release()
+        assert statuses[0] == Status.SUCCESS and Status.OUT_OF_RESOURCES in statuses
+        stored = [p for p in srv.store.objects.rglob("*.dcm")]
+        assert len(stored) == statuses.count(Status.SUCCESS)
+        assert set(srv.store.index.paths()) == {str(p.relative_to(srv.store.data_dir)) for p in stored}
+        assert list(srv.store.tmp.iterdir()) == []
+        assert echoscu(srv).returncode == 0  # still serving
+        for uid in ("1.2.826.0.1.3680043.10.9.0", "1.2.826.0.1.3680043.10.9.1"):  # free space
+            srv.store.locate(uid).unlink()
+            srv.store.index.remove(uid)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title=srv.ae_title)
+        ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.9.99"
+        assert assoc.send_c_store(ds).Status == Status.SUCCESS
+        assoc.release()
+    finally:
+        srv.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
