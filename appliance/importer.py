@@ -115,6 +115,12 @@ class Progress:
     seconds: float
 
     @property
+    def partial(self) -> bool:
+        """True when some objects were stored (or already were) and others failed."""
+        good = self.count(Result.IMPORTED) + self.count(Result.ALREADY_STORED)
+        return not self.ok and good > 0
+
+    @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
@@ -140,6 +146,12 @@ class ImportReport:
     def ok(self) -> bool:
         """True when no DICOM object was refused and no file was unreadable."""
         return not (self.count(Result.REFUSED) or self.count(Result.UNREADABLE))
+
+    @property
+    def partial(self) -> bool:
+        """True when some objects were stored (or already were) and others failed."""
+        good = self.count(Result.IMPORTED) + self.count(Result.ALREADY_STORED)
+        return not self.ok and good > 0
 
     @property
     def mb_per_s(self) -> float:
@@ -626,8 +638,13 @@ def _progress_printer(stream: TextIO) -> Callable[[Progress], None]:
     return show
 
 
+#: Exit codes of ``appliance import`` (2 is the CLI's usage error).
+EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    """Import a CD; print the report; 0 if every object was stored or already stored, else 1."""
+    """Import a CD and print the report. Exit 0 if every DICOM object was stored (or already
+    was), 3 if some were and others were refused or unreadable, 1 if none was."""
     from appliance import cli
 
     cfg = cli.load_config(args)
@@ -636,7 +653,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         report = run_import(
             Path(args.source),
             Ingest(store, cfg.store),
-            eject_after=args.eject,
+            eject_after=cfg.media.eject_after_import if args.eject is None else args.eject,
             progress=_progress_printer(sys.stderr),
             max_object_bytes=args.max_object_mb * 2**20,
         )
@@ -644,7 +661,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         store.close(clean=False)
     print(report.render(), flush=True)
     print(f"report kept in {keep_report(report, store.data_dir / 'imports')}")
-    return 0 if report.ok else 1
+    if report.ok:
+        return EXIT_OK
+    return EXIT_PARTIAL if report.partial else EXIT_FAILED
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -652,8 +671,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "import", help="store every DICOM object on a CD (ISO image, optical drive or mounted folder)"
     )
     s.add_argument("source", metavar="SOURCE", help="ISO image file, optical drive (e.g. /dev/sr0) or folder")
-    s.add_argument("--no-eject", dest="eject", action="store_false",
-                   help="leave the disc in the drive afterwards (default: eject it)")
+    eject = s.add_mutually_exclusive_group()
+    eject.add_argument("--eject", dest="eject", action="store_true", default=None,
+                       help="open the tray afterwards (default: [media] eject_after_import, true)")
+    eject.add_argument("--no-eject", dest="eject", action="store_false",
+                       help="leave the disc in the drive afterwards")
     s.add_argument("--max-object-mb", type=int, default=DEFAULT_MAX_OBJECT_MB, metavar="MB",
                    help=f"refuse objects larger than this (default {DEFAULT_MAX_OBJECT_MB})")
     s.set_defaults(func=cmd_import)

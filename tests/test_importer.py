@@ -336,7 +336,7 @@ def test_cli_import(isos, tree, tmp_path, capsys):
     config = tmp_path / "appliance.toml"
     config.write_text("[store]\nmin_free_mb = 0\n")
     base = ["--config", str(config), "--data-dir", str(data), "import"]
-    assert cli.main(base + [str(isos["level1"])]) == 1  # the sample disc has refusals
+    assert cli.main(base + [str(isos["level1"])]) == 3  # partial: stored, and refusals
     out = capsys.readouterr().out
     assert out.startswith("ISO image 'PATIENT_CD'")
     assert "refused         /NO/IM01" in out
@@ -351,3 +351,8 @@ def test_cli_import(isos, tree, tmp_path, capsys):
     assert "1 already stored" in capsys.readouterr().out
     assert cli.main(base + [str(tmp_path / "missing.iso")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+    bad = tmp_path / "only-bad"
+    bad.mkdir()
+    shutil.copyfile(tree / "NO" / "IM01", bad / "IM01")  # a refused object, nothing else
+    assert cli.main(base + [str(bad)]) == 1  # failure: nothing stored
