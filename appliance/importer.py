@@ -115,12 +115,6 @@ class Progress:
     seconds: float
 
     @property
-    def partial(self) -> bool:
-        """True when some objects were stored (or already were) and others failed."""
-        good = self.count(Result.IMPORTED) + self.count(Result.ALREADY_STORED)
-        return not self.ok and good > 0
-
-    @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
