@@ -547,3 +547,20 @@ def test_a_full_disk_answers_out_of_resources_and_storing_resumes(tmp_path):
     finally:
         srv.stop()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_silent_association_is_aborted_after_the_network_timeout(make_server):
+    srv = make_server(ScpConfig(network_timeout=1.0))
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(_assoc_rq_pdu())
+    assert s.recv(1)[0] == 0x02
+    s.settimeout(10)
+    data = b""
+    while True:  # the rest of the A-ASSOCIATE-AC, then an A-ABORT once we stay silent
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    assert b"\x07\x00\x00\x00\x00\x04" in data
+    wait_for(lambda: srv.server.active() == 0, what="the slot to free up")
