@@ -375,9 +375,20 @@ def test_insert_usb_stick(vm: Machine, tmp_path: Path, sent: dict[str, set[str]]
     assert m.group(1) == "done", f"the export failed: {m.group(2)}"
     assert "safe to remove" in m.group(2), m.group(2)
     vm.qmp.execute("device_del", id="usbdisk0")
-    wait_for(lambda: not any(d.get("qdev") == "usbdisk0" for d in vm.qmp.execute("query-block")), timeout=30,
-             what="the stick to be detached")
-    vm.qmp.execute("blockdev-del", **{"node-name": "usb0"})
+    # device_del only asks the guest; the device is gone when QOM no longer lists it.
+    wait_for(lambda: not any(c["name"] == "usbdisk0" for c in vm.qmp.execute("qom-list", path="/machine/peripheral")),
+             timeout=60, what="the stick to be detached")
+
+    def released() -> bool:  # the usb-storage's inner SCSI disk lets go of the node a little later
+        try:
+            vm.qmp.execute("blockdev-del", **{"node-name": "usb0"})
+            return True
+        except AssertionError as exc:
+            if "in use" not in str(exc):
+                raise
+            return False
+
+    wait_for(released, timeout=60, what="QEMU to release the stick's block node")
 
     copy = tmp_path / "stick"
     run(["mcopy", "-s", "-n", "-i", str(stick), "::/", str(copy)])
