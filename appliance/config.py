@@ -331,21 +331,26 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load(path: Path | None) -> Config:
-    """Read the config file at ``path``; a missing default file means all defaults."""
-    if path is None:
-        if not DEFAULT_CONFIG_PATH.exists():
-            return Config()
-        path = DEFAULT_CONFIG_PATH
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse the TOML file at ``path``; raise one ConfigError a person can act on."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def load(path: Path | None) -> Config:
+    """Read the config file at ``path``; a missing default file means all defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    data = read_toml(path)
     try:
         return from_dict(data)
     except ConfigError as exc:

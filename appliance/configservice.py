@@ -112,15 +112,7 @@ class ConfigFile:
     def raw(self) -> dict[str, Any]:
         if not self.path.exists() and not self.explicit:
             return {}
-        try:
-            with open(self.path, "rb") as f:
-                return tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {self.path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {self.path} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {self.path}: {exc.strerror}") from None
+        return config.read_toml(self.path)
 
     def plan(self, key: str, text: str) -> tuple[dict[str, Any], config.Config]:
         """The file's tables with ``key`` set to ``text``, and the config they make; nothing is written.
