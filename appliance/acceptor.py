@@ -578,9 +578,12 @@ def _read_header(conn: socket.socket) -> tuple[int, int]:
 
 
 def _read_into(conn: socket.socket, view: memoryview, n: int) -> None:
+    """Fill ``view[:n]`` from ``conn``. With MSG_WAITALL the kernel gathers a whole PDU in
+    one system call instead of returning once per arriving segment; it returns early only
+    on a timeout, a signal or a closed connection, which the loop handles."""
     got = 0
     while got < n:
-        r = conn.recv_into(view[got:n], n - got)
+        r = conn.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
         if r == 0:
             raise ConnectionError("the peer closed the connection")
         got += r
