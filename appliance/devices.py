@@ -9,7 +9,8 @@ What counts (and what ``udev/60-appliance-media.rules`` tags):
   A ``change`` without ``ID_CDROM_MEDIA`` is the disc going away.
 * a USB mass-storage block device (``ID_BUS=usb``) carrying a file system: a partition
   (``sda1``) or a whole disk formatted without a partition table (``sda``). A disk with a
-  partition table is not an event; its partitions are.
+  partition table is not an event; its partitions are. Nor is the phantom ``sda1`` the
+  kernel finds in the FAT boot sector of a stick without a partition table.
 
 :class:`MediaWatcher` enumerates the block devices at start (a CD inserted before boot is
 still imported), then monitors; its callback only hands the event on.
@@ -101,6 +102,14 @@ def media_event(device: UdevDevice) -> MediaEvent | None:
         fs = p.get("ID_FS_TYPE", "")
         if p.get("ID_FS_USAGE") != "filesystem" or fs not in _USB_FILESYSTEMS:
             return None  # a partition table, an empty stick, swap, LUKS: nothing to write to
+        if p.get("DEVTYPE") == "partition" and not p.get("ID_PART_ENTRY_SCHEME"):
+            # A stick formatted whole (no partition table) often has a FAT boot sector whose
+            # bytes the kernel also reads as a partition table: it then shows the same file
+            # system twice, as sda and as a "partition" sda1 starting at sector 0. blkid
+            # knows a FAT boot sector is no partition table, so sda1 has no partition entry
+            # (ID_PART_ENTRY_SCHEME); the file system is exported once, through sda.
+            log.debug("%s is a phantom partition of a stick without a partition table; ignored", node)
+            return None
         return MediaEvent(MediumKind.USB, Change.INSERTED, node, fs, p.get("ID_FS_LABEL", ""), _identity(p))
     return None
 

@@ -49,6 +49,8 @@ def usb(node: str, *, devtype: str = "partition", fs: str = "vfat", table: bool 
         p["ID_PART_TABLE_TYPE"] = "dos"
     elif fs:
         p |= {"ID_FS_TYPE": fs, "ID_FS_USAGE": "filesystem", "ID_FS_LABEL": "STICK", "ID_FS_UUID": "1234-ABCD"}
+    if devtype == "partition":
+        p["ID_PART_ENTRY_SCHEME"] = "dos"  # udev's blkid builtin: the entry in the disk's table
     return FakeUdevDevice(node, p, action)
 
 
@@ -73,6 +75,11 @@ def test_usb_partition_whole_disk_and_what_is_ignored() -> None:
     assert media_event(usb("/dev/sda", devtype="disk", table=True)) is None  # its partitions come
     assert media_event(usb("/dev/sdb1", fs="swap")) is None
     assert media_event(usb("/dev/sda1", action="remove")) == MediaEvent(MediumKind.USB, Change.REMOVED, "/dev/sda1")
+    # A stick formatted whole: the kernel reads its FAT boot sector as a partition table too
+    # and adds sda1 over the same file system; blkid finds no table, so no partition entry.
+    phantom = usb("/dev/sda1")
+    del phantom.properties["ID_PART_ENTRY_SCHEME"]
+    assert media_event(phantom) is None
     sata = usb("/dev/sdb1")
     sata.properties["ID_BUS"] = "ata"
     assert media_event(sata) is None
