@@ -890,7 +890,7 @@ def _verify(data: bytes, job: _Job) -> None:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _progress_printer(stream: TextIO) -> Callable[[ExportProgress], None]:
+def progress_printer(stream: TextIO) -> Callable[[ExportProgress], None]:
     """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
     tty = stream.isatty()
     last = [-1.0]
@@ -921,7 +921,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = cli.load_config(args)
     store = cli.open_store(args, cfg)
     try:
-        report = export(Path(args.to), store, cfg, selection, progress=_progress_printer(sys.stderr))
+        report = export(Path(args.to), store, cfg, selection, progress=progress_printer(sys.stderr))
     finally:
         store.close(clean=False)
     print(report.render(), flush=True)

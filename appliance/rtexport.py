@@ -678,7 +678,7 @@ def cmd_rt_export(args: argparse.Namespace) -> int:
             report = send(store, made, peer, settings, progress=lambda r: print(r, flush=True))
             print(report.summary())
             return 0 if report.ok else 1
-        usb = write_usb(Path(args.to), store, cfg, made, progress=exporter._progress_printer(sys.stderr))
+        usb = write_usb(Path(args.to), store, cfg, made, progress=exporter.progress_printer(sys.stderr))
         print(usb.render(), flush=True)
         return 0 if usb.ok else 1
     finally:
@@ -711,7 +711,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                    help="how dose values are interpolated (default linear, i.e. trilinear)")
     p.add_argument("--to", metavar="DIR|DEVICE", help="write to a USB target (a folder, a USB block device, a FAT image)")
     p.add_argument("--dest", metavar="NAME", help="send to a destination named in the config file")
-    sender._client_options(p, sender.DEFAULT_SEND_TIMEOUT)
+    sender.client_options(p, sender.DEFAULT_SEND_TIMEOUT)
     p.add_argument("host", nargs="?", metavar="HOST")
     p.add_argument("port", nargs="?", type=int, metavar="PORT")
     p.set_defaults(func=cmd_rt_export, rt_parser=p)

@@ -625,7 +625,9 @@ def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) 
 # -- command line ------------------------------------------------------------------
 
 
-def _client_options(p: argparse.ArgumentParser, timeout: float) -> None:
+def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
+    """Add the options every command that calls a remote AE shares (``echo``, ``send``,
+    ``rt-export``): our AE title, the called AE title, our max PDU and the timeout."""
     p.add_argument("-aet", "--aetitle", dest="aet", default=CLIENT_AE_TITLE, metavar="AET",
                    help=f"our (calling) AE title (default {CLIENT_AE_TITLE})")
     p.add_argument("-aec", "--call", dest="aec", metavar="AET",
@@ -688,7 +690,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e = subparsers.add_parser("echo", help="check a DICOM peer with C-ECHO (Verification, Implicit VR LE)")
-    _client_options(e, DEFAULT_ECHO_TIMEOUT)
+    client_options(e, DEFAULT_ECHO_TIMEOUT)
     e.add_argument("host", metavar="HOST")
     e.add_argument("port", type=int, metavar="PORT")
     e.set_defaults(func=cmd_echo)
@@ -698,7 +700,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] (HOST PORT | --to DESTINATION) "
               "(--study UID | --series UID)...",
     )
-    _client_options(s, DEFAULT_SEND_TIMEOUT)
+    client_options(s, DEFAULT_SEND_TIMEOUT)
     s.add_argument("--to", metavar="DESTINATION", help="a destination named in the config file")
     s.add_argument("--study", action="append", default=[], metavar="UID", help="export this study")
     s.add_argument("--series", action="append", default=[], metavar="UID", help="export this series")
