@@ -414,14 +414,7 @@ class Terminal:
 def running(tmp_path: Path) -> Iterator[Appliance]:
     app = Appliance(tmp_path, free_port(), Notifications(tmp_path / "notify.sock"))
     yield app
-    if app.proc.poll() is None:
-        app.proc.send_signal(signal.SIGTERM)
-        try:
-            app.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            app.proc.kill()
-            app.proc.wait()
-    print(app.log.read_text())
+    app.stop()
 
 
 @pytest.fixture

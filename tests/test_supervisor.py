@@ -69,6 +69,18 @@ class Appliance:
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
         )
 
+    def stop(self) -> None:
+        """SIGTERM it if it still runs (SIGKILL after 40 s), then print its log, which
+        pytest shows when the test failed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        print(self.log.read_text())
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "appliance", "--config", str(self.config), "--data-dir", str(self.data)]
         return run([*cmd, args[0], "--runtime-dir", str(self.runtime), *args[1:]])
@@ -99,14 +111,7 @@ def appliance(tmp_path: Path) -> Iterator[Appliance]:
     notify = Notifications(tmp_path / "notify.sock")
     app = Appliance(tmp_path, free_port(), notify)
     yield app
-    if app.proc.poll() is None:
-        app.proc.send_signal(signal.SIGTERM)
-        try:
-            app.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            app.proc.kill()
-            app.proc.wait()
-    print(app.log.read_text())  # shown by pytest when a test fails
+    app.stop()
 
 
 def test_ready_echo_port_change_restart_and_sigterm(appliance: Appliance) -> None:
