@@ -391,8 +391,10 @@ def test_insert_usb_stick(vm: Machine, tmp_path: Path, sent: dict[str, set[str]]
     wait_for(released, timeout=60, what="QEMU to release the stick's block node")
     # The stick has no partition table, so it is exported once, as the whole disk: the
     # phantom partition the kernel reads out of its FAT boot sector is not a second stick.
-    inserted = re.findall(r"usb inserted in (/dev/\S+)", vm.journal()[mark:])
-    assert inserted == ["/dev/sda"], f"USB insert events: {inserted}"
+    # (udev repeats "change" events for sda, which the job queue knows it has seen.)
+    journal = vm.journal()[mark:]
+    assert re.findall(r"usb inserted in (/dev/sda\d+)", journal) == [], "a partition of the stick was taken for a stick"
+    assert re.findall(r"export (done|failed):", journal) == ["done"], "the stick was not exported exactly once"
 
     copy = tmp_path / "stick"
     run(["mcopy", "-s", "-n", "-i", str(stick), "::/", str(copy)])
