@@ -7,6 +7,7 @@ Layout under the data directory::
     superseded/                                   objects replaced under the REPLACE policy
     quarantine/                                   incomplete files found after a power cut
     index.sqlite                                  the index (WAL)
+    .in-use, .uid-locks                           writer and per-UID locks (see Store)
 
 An object is written to ``tmp/``, fsynced, renamed into ``objects/`` (the directory is
 fsynced too), and only then indexed; only then does the sender hear success. After a crash
@@ -16,6 +17,7 @@ whose file is gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -23,8 +25,10 @@ import logging
 import os
 import re
 import shutil
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +80,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Buckets of the cross-process SOP Instance UID lock: two UIDs share one in 256, and only
+#: wait for each other if they are stored at the very same moment.
+_UID_LOCK_BUCKETS = 256
+_F_OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def _ofd_lock(fd: int, byte: int, kind: int) -> None:
+    """Lock (F_WRLCK, waiting) or unlock (F_UNLCK) one byte of ``fd`` as an open file
+    description lock. ``struct flock``: l_type, l_whence, l_start, l_len, l_pid (0)."""
+    assert _F_OFD_SETLKW is not None
+    fcntl.fcntl(fd, _F_OFD_SETLKW, struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0))
+
+
 def _writer_alive(temp_name: str) -> bool:
     """True if the temp file ``temp_name`` (``<pid>-...``) belongs to another running process."""
     pid = temp_name.split("-", 1)[0]
@@ -113,7 +130,8 @@ class Store:
         self._lockfile: BinaryIO | None = None
         self._unclean = False
         self._lock = threading.Lock()
-        self._uid_locks: dict[str, threading.Lock] = {}
+        self._bucket_locks = [threading.Lock() for _ in range(_UID_LOCK_BUCKETS)]
+        self._uid_lock_file: int | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -165,6 +183,10 @@ class Store:
         """Close the index; if this was the last writer and it stopped cleanly, mark a clean
         shutdown so the next start skips reconciliation."""
         self.index.close()
+        with self._lock:
+            if self._uid_lock_file is not None:
+                os.close(self._uid_lock_file)
+                self._uid_lock_file = None
         if self._lockfile is None:
             return
         try:
@@ -407,14 +429,38 @@ class Store:
         log.warning("replaced stored object %s; the previous version is kept as %s", path.name, dest)
         return dest
 
-    def _uid_lock(self, uid: str) -> threading.Lock:
-        with self._lock:
-            lock = self._uid_locks.get(uid)
-            if lock is None:
-                if len(self._uid_locks) > 4096:
-                    self._uid_locks = {k: v for k, v in self._uid_locks.items() if v.locked()}
-                lock = self._uid_locks[uid] = threading.Lock()
-            return lock
+    @contextlib.contextmanager
+    def _uid_lock(self, uid: str) -> Iterator[None]:
+        """Hold the lock of ``uid``'s bucket, against this process's other threads and
+        against other processes writing the store (an SCP, a CD import, an SCP restarted on
+        new settings): between looking an instance up and indexing it, no one else may
+        store an object with the same SOP Instance UID.
+
+        One byte of ``.uid-locks`` per bucket, locked with an open file description lock
+        (Linux ``F_OFD_SETLKW``): it is released when the holder dies, and unlike a POSIX
+        record lock it also separates two Store objects of one process. Threads sharing
+        this Store's descriptor are kept apart by the bucket's threading lock."""
+        bucket = zlib.crc32(uid.encode("utf-8", "surrogateescape")) % _UID_LOCK_BUCKETS
+        with self._bucket_locks[bucket]:
+            fd = self._uid_lock_fd()
+            if fd is None:
+                yield
+                return
+            _ofd_lock(fd, bucket, fcntl.F_WRLCK)
+            try:
+                yield
+            finally:
+                _ofd_lock(fd, bucket, fcntl.F_UNLCK)
+
+    def _uid_lock_fd(self) -> int | None:
+        if self._uid_lock_file is None and _F_OFD_SETLKW is not None:
+            with self._lock:
+                if self._uid_lock_file is None:
+                    try:
+                        self._uid_lock_file = os.open(self.data_dir / ".uid-locks", os.O_RDWR | os.O_CREAT, 0o640)
+                    except OSError as exc:
+                        raise _store_error(exc, "cannot open the store's lock file") from exc
+        return self._uid_lock_file
 
     # -- reading ---------------------------------------------------------------
 

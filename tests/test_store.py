@@ -3,6 +3,9 @@
 import os
 import shutil
 import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from appliance.store import Store, path_component
 from helpers import ct_series, encode, sample
 
 NET = Source("SCANNER")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def put_series(ingest, n=3):
@@ -157,3 +161,56 @@ def test_an_incomplete_file_left_by_a_power_cut_is_quarantined(tmp_path, rules):
     assert again.open_for_service() == {"indexed": 0, "dropped": 0, "quarantined": 1}
     assert list(again.objects.rglob("*.dcm")) == []
     assert len(list(again.quarantine.iterdir())) == 1
+
+
+_HOLD_UID_LOCK = """
+import sys
+from pathlib import Path
+from appliance.store import Store
+store = Store(Path(sys.argv[1]))
+with store._uid_lock(sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_storing_a_uid_waits_while_another_process_or_store_holds_it(tmp_path, rules):
+    """The SCP and a CD import run in different processes. Between looking a SOP Instance
+    UID up and indexing it, no other writer may store the same UID, or a different object
+    could silently replace one already acknowledged under the reject policy."""
+    data = tmp_path / "d"
+    store = Store(data)
+    store.open_for_service()
+    ingest = Ingest(store, rules)
+    first, second = ct_series(2)
+
+    def stored_while_held(ds, release) -> None:
+        done = threading.Event()
+        outcome = []
+
+        def put() -> None:
+            outcome.append(ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                                         sop_instance_uid=None, source=NET))
+            done.set()
+
+        threading.Thread(target=put, daemon=True).start()
+        assert not done.wait(0.5), "stored while another writer held the UID's lock"
+        release()
+        assert done.wait(30) and outcome[0].ok, outcome
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_UID_LOCK, str(data), first.SOPInstanceUID],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        stored_while_held(first, lambda: holder.stdin.close())
+    finally:
+        holder.kill()
+        holder.wait()
+
+    other = Store(data)  # a second Store of the same process has its own lock description
+    lock = other._uid_lock(second.SOPInstanceUID)
+    lock.__enter__()
+    stored_while_held(second, lambda: lock.__exit__(None, None, None))
+    other.close()
+    assert store.index.counts()["instances"] == 2
