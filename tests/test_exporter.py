@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet, is_conformant_file_id
 from pydicom.uid import generate_uid
 
-from appliance import attributes, cli, config, dicomio, exporter
+from appliance import attributes, cli, config, dicomio, exporter, usbtarget
 from appliance.config import Config, ExportPolicy, StoreConfig, UsbConfig
 from appliance.conformance import SOPClass, TransferSyntax
 from appliance.errors import ConfigError, MediaError
@@ -377,11 +377,11 @@ def _fake_sysfs(root: Path, removable: str, bus: str) -> Path:
 
 def test_only_removable_usb_disks_pass_the_sysfs_check(tmp_path: Path) -> None:
     usb = _fake_sysfs(tmp_path / "usb", "1", "0000:00:14.0/usb1/1-1")
-    assert exporter.removable_usb_refusal(8, 1, usb) is None
-    assert exporter.removable_usb_refusal(8, 0, usb) is None
+    assert usbtarget.removable_usb_refusal(8, 1, usb) is None
+    assert usbtarget.removable_usb_refusal(8, 0, usb) is None
     fixed = _fake_sysfs(tmp_path / "sata", "0", "0000:00:17.0/ata1")
-    assert exporter.removable_usb_refusal(8, 1, fixed) == "it is not removable and it is not on a USB bus"
-    assert exporter.removable_usb_refusal(9, 9, fixed) == "sysfs knows no such block device"
+    assert usbtarget.removable_usb_refusal(8, 1, fixed) == "it is not removable and it is not on a USB bus"
+    assert usbtarget.removable_usb_refusal(9, 9, fixed) == "sysfs knows no such block device"
 
 
 def test_a_fixed_disk_is_refused_and_never_mounted(store: Store) -> None:
