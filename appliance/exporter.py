@@ -44,7 +44,6 @@ import hashlib
 import logging
 import os
 import sqlite3
-import stat
 import sys
 import time
 from dataclasses import dataclass

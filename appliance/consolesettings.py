@@ -1,0 +1,165 @@
+"""What the console edits: the configuration, read and changed through the config service
+of a running appliance or else in the config file (:class:`Settings`), and the settings as
+menu fields with their help line and their check of what was typed (:class:`Field`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import config, health
+from appliance.config import Config, ExportPolicy
+from appliance.configservice import ConfigFile, request
+from appliance.conformance import MIN_PDU
+from appliance.errors import ApplianceError, ConfigError
+
+
+class Settings:
+    """The configuration as the console reads and changes it: through the config service of a
+    running appliance at ``socket``, else in the file ``cfile``."""
+
+    def __init__(self, cfile: ConfigFile, socket: Path) -> None:
+        self.cfile = cfile
+        self.socket = socket
+
+    def _ask(self, op: str, **fields: Any) -> Any:
+        """The service's answer, or raise FileNotFoundError/ConnectionRefusedError when none runs."""
+        return request(self.socket, op, **fields)
+
+    def running(self) -> bool:
+        try:
+            self._ask("get", key="scp.port")
+            return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+
+    def current(self) -> Config:
+        try:
+            return config.from_dict(self._ask("show"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return self.cfile.load()
+
+    def check(self, changes: dict[str, str | None]) -> Config:
+        """The configuration ``changes`` would make; raise ConfigError naming every problem."""
+        return self.cfile.plan_changes(changes)[1]
+
+    def change(self, changes: dict[str, str | None]) -> str:
+        """Apply ``changes`` (None removes a key); return what happened in words."""
+        try:
+            if len(changes) == 1 and None not in changes.values():
+                (key, value), = changes.items()
+                return str(self._ask("set", key=key, value=value))
+            return str(self._ask("change", value=changes))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raw, _cfg = self.cfile.plan_changes(changes)
+            self.cfile.write(raw)
+            return f"written to {self.cfile.path}; it applies when the appliance starts (it is not running)"
+
+    def status(self, data_dir: Path) -> health.Health:
+        try:
+            d = self._ask("status")
+            return health.Health.from_dict({k: v for k, v in d.items() if k != "children"})
+        except (FileNotFoundError, ConnectionRefusedError):
+            from appliance.store import Store
+
+            store = Store(data_dir)
+            try:
+                return health.offline(store)
+            finally:
+                store.close(clean=False)
+
+
+# -- fields -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting as the console shows and edits it."""
+
+    key: str
+    label: str
+    help: str
+    kind: str = "text"  # text, int, bool, list, choice
+    low: int = 0
+    high: int = 0
+    choices: tuple[str, ...] = ()
+
+    def show(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, (list, tuple)):
+            return ", ".join(str(v) for v in value) or "(none)"
+        return str(value) if value != "" else "(empty)"
+
+    def parse(self, text: str) -> str:
+        """Turn what was typed into the config service's text; raise ConfigError saying what is allowed."""
+        if self.kind == "int":
+            if not re.fullmatch(r"\d+", text):
+                raise ConfigError(f"'{text}' is not a whole number; {self.label} allows {self.low} to {self.high}")
+            if not self.low <= int(text) <= self.high:
+                raise ConfigError(f"{self.label} {text} is out of range; allowed: {self.low} to {self.high}")
+            return text
+        if self.kind == "bool":
+            low = text.lower()
+            if low in ("y", "yes", "on", "true", "1"):
+                return "true"
+            if low in ("n", "no", "off", "false", "0"):
+                return "false"
+            raise ConfigError(f"'{text}' is not yes or no; answer y or n")
+        if self.kind == "choice":
+            if text not in self.choices:
+                raise ConfigError(f"'{text}' is not allowed; choose one of: {', '.join(self.choices)}")
+            return text
+        if self.kind == "list":
+            if text.lower() in ("none", "-"):
+                return "[]"
+            items = [v.strip() for v in text.split(",") if v.strip()]
+            return json.dumps(items)
+        return text
+
+
+SCP_FIELDS = (
+    Field("scp.ae_title", "AE title", "The name senders call this box by: 1 to 16 characters, no backslash."),
+    Field("scp.port", "Port", "TCP port senders connect to: 1 to 65535 (104 is DICOM's, 11112 is usual).",
+          "int", 1, 65535),
+    Field("scp.max_pdu", "Max PDU", f"Largest PDU received, in bytes: {MIN_PDU} or more (262144 is usual).",
+          "int", MIN_PDU, 0x7FFFFFFF),
+    Field("scp.max_associations", "Max associations", "Senders served at the same time: 1 to 64.",
+          "int", 1, 64),
+    Field("scp.check_called_ae", "Called-AE check", "yes: refuse senders that call another AE title than ours.",
+          "bool"),
+    Field("scp.allowed_calling_aes", "Calling-AE allow-list",
+          "Only these AE titles may send, if any; comma-separated, 'none' empties.", "list"),
+)
+POLICY_FIELD = Field("usb.policy", "Default policy",
+                     "With an empty queue a stick gets: " + ", ".join(p.value for p in ExportPolicy) + ".",
+                     "choice", choices=tuple(p.value for p in ExportPolicy))
+EJECT_FIELD = Field("media.eject_after_import", "Eject after import", "yes: open the tray once a CD is imported.",
+                    "bool")
+DEST_FIELDS = (
+    Field("ae_title", "AE title", "The peer's AE title: 1 to 16 characters, no backslash."),
+    Field("host", "Host", "The peer's IP address or host name."),
+    Field("port", "Port", "The peer's TCP port: 1 to 65535.", "int", 1, 65535),
+)
+
+
+def value_of(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def toml_str(text: str) -> str:
+    """``text`` as a TOML string, for keys the service does not know the type of yet."""
+    return json.dumps(text)
+
+
+def reason(exc: ApplianceError) -> str:
+    """The service's or file's message without its 'KEY = VALUE not applied: invalid configuration:' preamble."""
+    text = str(exc)
+    return re.sub(r"^.*? not applied: (invalid configuration: )?", "", text, count=1, flags=re.S)
