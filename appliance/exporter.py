@@ -539,6 +539,8 @@ def export(
         if not todo:
             note = medium.close()
             medium = None
+            if note:
+                log.info("%s", note)
             status = ExportStatus.NOTHING if not jobs else ExportStatus.DONE
             report = ExportReport(name, status, what, started_at, tuple(j.result() for j in jobs), 0,
                                   time.monotonic() - t0, "", True)
