@@ -133,8 +133,12 @@ class MediaWatcher:
         """Convert one udev device and pass it on; the boundary tests drive directly."""
         event = media_event(device)
         if event is not None:
-            log.info("%s %s in %s (%s '%s')", event.kind, event.change, event.device, event.fs_type, event.label)
-            self.on_event(event)
+            taken = self.on_event(event)
+            # udev repeats "change" events for a medium already seen; the queue says False
+            # for those, and they stay out of the journal an admin reads.
+            repeated = taken is False and event.change is Change.INSERTED
+            log.log(logging.DEBUG if repeated else logging.INFO, "%s %s in %s (%s '%s')",
+                    event.kind, event.change, event.device, event.fs_type, event.label)
         return event
 
     def start(self) -> None:

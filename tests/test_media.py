@@ -7,6 +7,7 @@ the importer and the USB writer open as they would ``/dev/sr0`` or ``/dev/sda1``
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -109,14 +110,19 @@ def _instances(store: Store) -> set[str]:
 
 
 @pytest.mark.skipif(shutil.which("xorriso") is None, reason="xorriso is not installed")
-def test_cd_imported_once_for_the_duplicate_change_events(tmp_path: Path, store: Store, settings: Config) -> None:
+def test_cd_imported_once_for_the_duplicate_change_events(tmp_path: Path, store: Store, settings: Config,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     iso, uids = _iso(tmp_path, "disc", 4)
     jobs = MediaJobs(store, lambda: settings)
     jobs.start()
     watcher = MediaWatcher(jobs.submit)
     # QEMU and real drives: tray open, tray close, two identical change events.
-    watcher.handle(cd(str(iso)))
-    watcher.handle(cd(str(iso)))
+    with caplog.at_level(logging.INFO, logger="appliance.devices"):
+        watcher.handle(cd(str(iso)))
+        watcher.handle(cd(str(iso)))
+    # The journal tells of the insertion once, not once per udev event.
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "appliance.devices"] == [
+        f"cd inserted in {iso}"]
     wait_for(lambda: jobs.idle() and jobs.results, 60, "the import")
     assert len(jobs.results) == 1
     assert jobs.results[0].ok and jobs.results[0].kind == "import"
