@@ -198,7 +198,10 @@ class Machine:
 
         def found() -> re.Match[str] | None:
             assert self.alive(), "QEMU exited"
-            return rx.search(self.journal(), after)
+            # Only whole lines: QEMU writes the serial log as bytes arrive, so the
+            # last line may still be half-written when it is read.
+            text = self.journal()
+            return rx.search(text[: text.rfind("\n") + 1], after)
 
         return wait_for(found, timeout=timeout, what=f"{pattern!r} in the guest's journal ({self.log})")  # type: ignore[return-value]
 
