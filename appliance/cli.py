@@ -23,18 +23,25 @@ from appliance.errors import ApplianceError
 
 Handler = Callable[[argparse.Namespace], int]
 
-#: Modules that add their own subcommands: each has ``add_commands(subparsers)``, whose
-#: handlers take the parsed arguments (with ``config``, ``data_dir``, ``verbosity``) and
-#: return an exit code. Use :func:`load_config` and :func:`open_store` from here.
-COMMAND_MODULES: tuple[str, ...] = (
-    "appliance.importer",
-    "appliance.sender",
-    "appliance.exporter",
-    "appliance.rtexport",
-    "appliance.configservice",
-    "appliance.supervisor",
-    "appliance.console",
-)
+#: Subcommands that other modules add, each with its module. A module has
+#: ``add_commands(subparsers)``, whose handlers take the parsed arguments (with ``config``,
+#: ``data_dir``, ``verbosity``) and return an exit code; use :func:`load_config` and
+#: :func:`open_store` from here. To run one command only its module is imported: every SCP
+#: start runs ``appliance scp``, and the serial console ``appliance console``, and neither
+#: should wait for the exporter or the RT code to load (seconds on the box's slow start).
+COMMANDS: dict[str, str] = {
+    "import": "appliance.importer",
+    "echo": "appliance.sender",
+    "send": "appliance.sender",
+    "export": "appliance.exporter",
+    "queue": "appliance.exporter",
+    "rt-export": "appliance.rtexport",
+    "config": "appliance.configservice",
+    "status": "appliance.configservice",
+    "run": "appliance.supervisor",
+    "console": "appliance.console",
+    "network": "appliance.console",
+}
 
 
 def data_dir(args: argparse.Namespace) -> Path:
@@ -209,15 +216,33 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="appliance", description="DICOM storage appliance")
-    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+def _global_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help=f"config file (default {config.DEFAULT_CONFIG_PATH} if present)")
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"store and index folder (default $APPLIANCE_DATA_DIR or {config.DEFAULT_DATA_DIR})")
     verb = p.add_mutually_exclusive_group()
     verb.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0)
     verb.add_argument("-d", "--debug", action="store_const", const=2, dest="verbosity")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (after the global options), or None."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _global_options(probe)
+    probe.add_argument("command", nargs="?")
+    try:
+        known, _ = probe.parse_known_args(argv)
+    except SystemExit:  # a bad global option: the full parser reports it
+        return None
+    return known.command if isinstance(known.command, str) else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given one of :data:`COMMANDS`, of the built-in
+    commands and that one only (so only its module is imported)."""
+    p = argparse.ArgumentParser(prog="appliance", description="DICOM storage appliance")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    _global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("scp", help="run the Storage SCP (C-ECHO, C-STORE)")
@@ -244,15 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reindex", help="rebuild the index from the stored files")
     s.set_defaults(func=cmd_reindex)
 
-    for name in COMMAND_MODULES:
+    if command in COMMANDS:
+        modules = [COMMANDS[command]]
+    elif command in sub.choices:
+        modules = []
+    else:  # no command, or an unknown one: all of them, for the help and the error
+        modules = list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).add_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``appliance`` command; return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(argv)).parse_args(argv)
     logs.setup(args.verbosity)
     handler: Handler = args.func
     try:

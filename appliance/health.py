@@ -14,13 +14,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any
 
 from appliance.conformance import Status
-from appliance.store import Store, disk_usage_percent
+
+if TYPE_CHECKING:
+    from appliance.store import Store
+
+# pynetdicom and the store (pydicom, numpy) are imported where used: the serial console and
+# the supervisor import this module, and at the box's start every second counts.
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,9 @@ class Health:
 
 def echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> str | None:
     """C-ECHO ``ae_title`` at ``host``:``port``; return None on success, else what went wrong."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
     ae = AE(ae_title=HEALTH_AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -219,6 +224,8 @@ def offline(store: Store) -> Health:
 
 
 def _gather(store: Store, listening: str, answered: bool, activity: str, notes: tuple[str, ...]) -> Health:
+    from appliance.store import disk_usage_percent
+
     results = last_results(store.data_dir)
     return Health(
         listening=listening,

@@ -34,15 +34,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import config, health
 from appliance.configservice import SOCKET_NAME, ConfigFile, ConfigService, runtime_dir
 from appliance.devices import MediaWatcher
 from appliance.errors import ApplianceError, ConfigError
-from appliance.media import MediaJobs
-from appliance.store import Store
 from appliance.systemd import Notifier, NotifyListener, watchdog_interval
+
+if TYPE_CHECKING:  # imported once the SCP is spawned (see Supervisor._open_store)
+    from appliance.media import MediaJobs
+    from appliance.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class Supervisor:
         self.verbosity = verbosity
         self.cfg = cfile.load()
         self.notifier = Notifier()
-        self.store = Store(data_dir, slice_tolerance_mm=self.cfg.store.slice_tolerance_mm)
+        self.store: Store | None = None
         self._cfg_lock = threading.RLock()  # one config change (set, reload) at a time
         self._scp: ScpChild | None = None
         self._retired: list[ScpChild] = []
@@ -149,7 +151,7 @@ class Supervisor:
         self._refresh = threading.Event()
         self._last: health.Health | None = None
         self._ready_sent = False
-        self.jobs = MediaJobs(self.store, lambda: self.cfg, on_change=self._refresh.set)
+        self.jobs: MediaJobs | None = None
         self.watcher: MediaWatcher | None = None
         self.service: ConfigService | None = None
         self.listener: NotifyListener | None = None
@@ -168,9 +170,10 @@ class Supervisor:
             self.listener = NotifyListener(self.runtime / "scp-notify.sock")
             threading.Thread(target=self._receive_notifications, name="notify", daemon=True).start()
             self._start_scp(self.cfg)
+            jobs = self._open_store()
             self._start_service()
             if self.media_enabled:
-                self.jobs.start()
+                jobs.start()
                 self._start_watcher()
             threading.Thread(target=self._check_loop, name="self-check", daemon=True).start()
             while True:
@@ -197,7 +200,7 @@ class Supervisor:
         clean = True
         if self.watcher is not None:
             self.watcher.stop()
-        if self.media_enabled:
+        if self.media_enabled and self.jobs is not None:
             self.jobs.stop()
             clean = not self.jobs.alive()
         if self.service is not None:
@@ -212,7 +215,8 @@ class Supervisor:
                 self._scp.snapshot.unlink(missing_ok=True)
         if self.listener is not None:
             self.listener.close()
-        self.store.close(clean=False)
+        if self.store is not None:
+            self.store.close(clean=False)
         if not clean:
             (self.data_dir / ".clean-shutdown").unlink(missing_ok=True)
         log.info("stopped")
@@ -254,6 +258,18 @@ class Supervisor:
                 backoff.failed()
                 self._notes[name] = f"{name} down: {exc}"
             self._refresh.set()
+
+    def _open_store(self) -> MediaJobs:
+        """Open the store and make the media job worker; return it.
+
+        Their modules load pydicom and numpy, seconds on the box's slow start: they are
+        imported after the SCP is spawned, so the two processes load them side by side."""
+        from appliance.media import MediaJobs
+        from appliance.store import Store
+
+        self.store = Store(self.data_dir, slice_tolerance_mm=self.cfg.store.slice_tolerance_mm)
+        self.jobs = MediaJobs(self.store, lambda: self.cfg, on_change=self._refresh.set)
+        return self.jobs
 
     # -- the SCP child --------------------------------------------------------------------
 
@@ -401,6 +417,7 @@ class Supervisor:
         self.service.start()
 
     def _start_watcher(self) -> None:
+        assert self.jobs is not None
         self.watcher = MediaWatcher(self.jobs.submit)
         try:
             self.watcher.start()
@@ -418,6 +435,7 @@ class Supervisor:
     def _check(self) -> health.Health:
         child = self._scp
         port = child.port if child is not None and child.ready.is_set() else None
+        assert self.store is not None and self.jobs is not None
         return health.check(
             self.store,
             ae_title=self.cfg.scp.ae_title,
@@ -447,6 +465,7 @@ class Supervisor:
             if self._last.ok:
                 self.notifier.watchdog()
         else:
+            assert self.jobs is not None
             results = health.last_results(self.data_dir)
             self._last = dataclasses.replace(
                 self._last, activity=self.jobs.activity, notes=tuple(self._notes.values()),
