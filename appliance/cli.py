@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from appliance import __version__, config, logs
 from appliance.conformance import SOP_CLASS_LABELS, TRANSFER_SYNTAX_NAMES, SOPClass
@@ -225,14 +225,21 @@ def _global_options(p: argparse.ArgumentParser) -> None:
     verb.add_argument("-d", "--debug", action="store_const", const=2, dest="verbosity")
 
 
+class _Probe(argparse.ArgumentParser):
+    """A parser that raises instead of printing an error and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
 def command_of(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names (after the global options), or None."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = _Probe(add_help=False)
     _global_options(probe)
     probe.add_argument("command", nargs="?")
     try:
         known, _ = probe.parse_known_args(argv)
-    except SystemExit:  # a bad global option: the full parser reports it
+    except ValueError:  # a bad global option: the full parser reports it
         return None
     return known.command if isinstance(known.command, str) else None
 

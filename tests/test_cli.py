@@ -58,8 +58,9 @@ def test_each_module_adds_the_commands_the_table_gives_it():
     (["--version"], None),
     (["--config"], None),
 ])
-def test_the_command_is_found_after_the_global_options(argv, command):
+def test_the_command_is_found_after_the_global_options(argv, command, capsys):
     assert command_of(argv) == command
+    assert capsys.readouterr() == ("", "")  # a bad option is reported once, by the full parser
 
 
 @pytest.mark.parametrize("command", ["run", "console", "config", "status"])
