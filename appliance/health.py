@@ -125,7 +125,7 @@ class Health:
         lines = [
             f"health:   {'OK' if self.ok else 'DEGRADED'}",
             f"scp:      {('listening ' + self.listening) if self.listening else 'not running'}"
-            + ("" if self.scp_answered else " (no answer to a loopback C-ECHO)"),
+            + (" (no answer to a loopback C-ECHO)" if self.listening and not self.scp_answered else ""),
             f"store:    {self.store_problem or 'writable'}; disk {self.disk_used_percent:.0f}% used",
             f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
             f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances",

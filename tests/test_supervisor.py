@@ -223,3 +223,5 @@ def test_status_and_config_without_a_running_appliance(tmp_path: Path) -> None:
     r = run([*base, "status", *rt])
     assert r.returncode == 1
     assert "not running" in r.stdout and "0 studies" in r.stdout
+    assert "C-ECHO" not in r.stdout  # none was tried: the note says the supervisor is not running
+    assert "note:     the supervisor ('appliance run') is not running" in r.stdout
