@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,6 +87,21 @@ class InstanceRow:
     flags: str | None
 
 
+def _set_wal(con: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Put the database in WAL mode (a no-op once it is). While another process switches a
+    new database, SQLite answers "database is locked" at once instead of waiting for the
+    busy timeout, so this retries for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Index:
     """The index database at ``path``; safe to share between threads."""
 
@@ -97,13 +113,34 @@ class Index:
         con = self._con()
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
-            with con:
-                con.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-        elif version != SCHEMA_VERSION:
+            version = self._create(con)
+        if version != SCHEMA_VERSION:
             raise StoreError(
                 f"the index {path} has schema version {version}, this software knows {SCHEMA_VERSION}; "
                 "run 'appliance reindex' to rebuild it from the stored files"
             )
+
+    @staticmethod
+    def _create(con: sqlite3.Connection) -> int:
+        """Create the schema unless another process has just done so; return its version.
+
+        On a new data partition the supervisor, its SCP and a CD import may all open the
+        index at once: the write lock makes one of them the creator, the others find the
+        version it set."""
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            version: int = con.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return version
 
     def _con(self) -> sqlite3.Connection:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
@@ -113,7 +150,7 @@ class Index:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open the index {self.path}: {exc}") from exc
             con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
+            _set_wal(con)
             # Durability comes from the fsynced object files: an index row lost in a power
             # cut is rebuilt from its file at the next start (Store.recover).
             con.execute("PRAGMA synchronous=NORMAL")

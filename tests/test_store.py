@@ -214,3 +214,34 @@ def test_storing_a_uid_waits_while_another_process_or_store_holds_it(tmp_path, r
     stored_while_held(second, lambda: lock.__exit__(None, None, None))
     other.close()
     assert store.index.counts()["instances"] == 2
+
+
+def _open_index(path: Path, barrier, results) -> None:
+    from appliance.index import Index
+
+    barrier.wait()
+    try:
+        Index(path).close()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_creating_a_new_index_at_once_all_open_it(tmp_path):
+    """On a new data partition the supervisor, its SCP and a CD import may create the index
+    at the same moment: one creates the schema, none fails with 'table already exists'."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for round_ in range(8):
+        path = tmp_path / str(round_) / "index.sqlite"
+        path.parent.mkdir()
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_index, args=(path, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes += [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
