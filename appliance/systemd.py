@@ -23,15 +23,24 @@ NOTIFY_SOCKET = "NOTIFY_SOCKET"
 _MAX_DATAGRAM = 4096
 
 
+#: Seconds a notification may wait for room in the receiver's queue before it is dropped.
+SEND_TIMEOUT = 0.5
+
+
 class Notifier:
     """Sends sd_notify messages to ``$NOTIFY_SOCKET`` (read once, at construction)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = SEND_TIMEOUT) -> None:
         self.enabled = bool(os.environ.get(NOTIFY_SOCKET))
         self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._sd is not None and self._sd.socket is not None:
+            # A datagram socket blocks while the receiver's queue is full (only 10 messages
+            # by default): a stalled reader must not stall the supervisor, or even its stop.
+            self._sd.socket.settimeout(timeout)
 
     def send(self, *assignments: str) -> None:
-        """Send ``KEY=VALUE`` assignments in one datagram (a lost message is not an error)."""
+        """Send ``KEY=VALUE`` assignments in one datagram (a lost message is not an error;
+        one that the receiver has no room for within the timeout is lost)."""
         if self._sd is not None and self._sd.socket is not None:
             try:  # sdnotify would encode as Latin-1 and drop what does not fit; systemd reads UTF-8
                 self._sd.socket.sendall("\n".join(assignments).encode("utf-8"))

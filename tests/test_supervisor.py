@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,16 +33,23 @@ class Notifications:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.setblocking(False)
         self.messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        # Read all the time, as systemd does: the queue of a datagram socket holds only 10.
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def drain(self) -> list[dict[str, str]]:
+    def _read(self) -> None:
         while True:
             try:
                 data = self.sock.recv(4096)
-            except BlockingIOError:
-                return self.messages
-            self.messages.append(dict(line.split("=", 1) for line in data.decode("utf-8").splitlines()))
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(dict(line.split("=", 1) for line in data.decode("utf-8").splitlines()))
+
+    def drain(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.messages)
 
     def seen(self, key: str, value: str | None = None) -> dict[str, str] | None:
         for m in self.drain():
@@ -225,3 +233,23 @@ def test_status_and_config_without_a_running_appliance(tmp_path: Path) -> None:
     assert "not running" in r.stdout and "0 studies" in r.stdout
     assert "C-ECHO" not in r.stdout  # none was tried: the note says the supervisor is not running
     assert "note:     the supervisor ('appliance run') is not running" in r.stdout
+
+
+def test_a_stalled_notify_reader_does_not_stall_the_notifier(tmp_path, monkeypatch):
+    """Nobody reads this NOTIFY_SOCKET: once its queue (10 datagrams) is full, each message
+    waits at most the timeout and is dropped, so the supervisor's stop is never stuck."""
+    from appliance.systemd import Notifier
+
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stalled.bind(str(tmp_path / "stalled.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "stalled.sock"))
+    notifier = Notifier(timeout=0.05)
+    sender = threading.Thread(target=lambda: [notifier.status(f"message {i}") for i in range(40)], daemon=True)
+    t = time.monotonic()
+    sender.start()
+    sender.join(30)
+    assert not sender.is_alive(), "sd_notify blocked on a full queue"
+    assert time.monotonic() - t < 10
+    first = stalled.recv(4096)
+    assert first == b"STATUS=message 0"
+    stalled.close()
