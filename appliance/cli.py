@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -22,6 +23,9 @@ from appliance.conformance import SOP_CLASS_LABELS, TRANSFER_SYNTAX_NAMES, SOPCl
 from appliance.errors import ApplianceError
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Environment variable: the pid of the ``appliance run`` that started this SCP.
+SUPERVISOR_PID = "APPLIANCE_SUPERVISOR_PID"
 
 #: Subcommands that other modules add, each with its module. A module has
 #: ``add_commands(subparsers)``, whose handlers take the parsed arguments (with ``config``,
@@ -64,8 +68,17 @@ def open_store(args: argparse.Namespace, cfg: config.Config | None = None):  # t
 # -- scp ---------------------------------------------------------------------------
 
 
+def _orphaned(supervisor: str | None) -> bool:
+    """True when the ``appliance run`` that started this SCP (pid ``supervisor``) has died,
+    even by SIGKILL: an orphan would go on serving the port with settings nobody manages.
+    (``PR_SET_PDEATHSIG`` cannot serve: it fires when the spawning *thread* ends, and the
+    config service spawns SCPs from short-lived request threads.)"""
+    return supervisor is not None and str(os.getppid()) != supervisor
+
+
 def cmd_scp(args: argparse.Namespace) -> int:
     """Run the Storage SCP in the foreground until SIGTERM or SIGINT."""
+    supervisor = os.environ.get(SUPERVISOR_PID) if args.listen_fd is not None else None
     from appliance.ingest import Ingest
     from appliance.scp import StorageServer
 
@@ -118,7 +131,11 @@ def cmd_scp(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
+    while not stop.wait(1.0):
+        if _orphaned(supervisor):
+            logging.getLogger("appliance.scp").warning(
+                "the supervisor ('appliance run') that started this SCP is gone; stopping")
+            break
     notifier.stopping("stopping: finishing associations in flight")
     server.stop()
     store.close(clean=True)

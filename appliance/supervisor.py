@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import config, health
+from appliance.cli import SUPERVISOR_PID
 from appliance.configservice import SOCKET_NAME, ConfigFile, ConfigService, runtime_dir
 from appliance.devices import MediaWatcher
 from appliance.errors import ApplianceError, ConfigError
@@ -292,6 +293,7 @@ class Supervisor:
         cmd += ["scp", "--listen-fd", str(fd)]
         env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")}
         env["NOTIFY_SOCKET"] = str(self.listener.path)
+        env[SUPERVISOR_PID] = str(os.getpid())
         child.proc = subprocess.Popen(cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         self._by_pid = {pid: c for pid, c in self._by_pid.items() if c.proc and c.proc.poll() is None}
         self._by_pid[child.proc.pid] = child

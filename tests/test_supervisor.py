@@ -159,6 +159,19 @@ def test_ready_echo_port_change_restart_and_sigterm(appliance: Appliance) -> Non
     assert not (appliance.runtime / "config.sock").exists()
 
 
+def test_the_scp_ends_when_the_supervisor_is_killed(appliance: Appliance) -> None:
+    """kill -9 of 'appliance run' (no chance to stop its child): the SCP it started gets
+    SIGTERM from the kernel and stops, instead of serving on as an orphan nobody manages."""
+    port = int(appliance.config.read_text().split("port = ")[1].split()[0])
+    wait_for(lambda: appliance.notify.seen("READY", "1"), 60, "READY=1")
+    pid = appliance.scp_pid()
+    appliance.proc.send_signal(signal.SIGKILL)
+    appliance.proc.wait(10)
+    wait_for(lambda: not alive(pid), 20, "the orphaned SCP to stop")
+    assert not echoscu(port)
+    assert "Storage SCP stopped" in appliance.log.read_text()
+
+
 def test_in_flight_association_keeps_old_settings_new_ones_get_new(appliance: Appliance) -> None:
     port = int(appliance.config.read_text().split("port = ")[1].split()[0])
     wait_for(lambda: appliance.notify.seen("READY", "1"), 60, "READY=1")
