@@ -73,10 +73,23 @@ class ScpConfig:
     check_called_ae: bool = False
     #: If not empty, only these calling AE titles may associate.
     allowed_calling_aes: tuple[str, ...] = ()
-    #: Seconds to wait for an A-ASSOCIATE-RQ after a TCP connect, and for a PDU
-    #: inside an association.
+    #: Seconds from a TCP connect until the whole A-ASSOCIATE-RQ must have arrived (a
+    #: deadline, not a silence limit: a peer trickling bytes does not extend it).
     acse_timeout: float = 30.0
+    #: Seconds of silence after which an association is aborted.
     network_timeout: float = 60.0
+    #: Seconds a PDU may take to arrive whole once its first byte came.
+    pdu_timeout: float = 120.0
+    #: Seconds an association may hold a slot without completing a DIMSE message (a
+    #: C-ECHO, or a C-STORE with its data set).
+    idle_timeout: float = 900.0
+    #: Largest DIMSE command set accepted (a real one is a few hundred bytes).
+    max_command_bytes: int = 65536
+    #: Largest A-ASSOCIATE-RQ accepted (a real one, even with 128 contexts, is < 40 KiB).
+    max_associate_rq_bytes: int = 131072
+    #: Connections that have not yet sent a whole A-ASSOCIATE-RQ; beyond this the oldest
+    #: is closed, so a connect flood never locks a scanner out.
+    max_pending_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,18 @@ def validate_network(n: NetworkConfig, where: str = "network") -> list[str]:
     return problems
 
 
+#: The ranges of the ``[scp]`` limits: (field, lowest, highest).
+_SCP_LIMITS: tuple[tuple[str, float, float], ...] = (
+    ("acse_timeout", 1, 3600),
+    ("network_timeout", 1, 3600),
+    ("pdu_timeout", 1, 3600),
+    ("idle_timeout", 10, 86400),
+    ("max_command_bytes", 1024, 1 << 20),
+    ("max_associate_rq_bytes", 16384, 1 << 20),
+    ("max_pending_connections", 8, 4096),
+)
+
+
 def _check(cfg: Config) -> list[str]:
     problems: list[str] = []
     s = cfg.scp
@@ -233,9 +258,11 @@ def _check(cfg: Config) -> list[str]:
         problems.append(f"scp.max_associations {s.max_associations} is out of range; use 1 to 64")
     for ae in s.allowed_calling_aes:
         problems += validate_ae_title(ae, "scp.allowed_calling_aes entry")
-    for name in ("acse_timeout", "network_timeout"):
-        if not 0 < getattr(s, name) <= 3600:
-            problems.append(f"scp.{name} {getattr(s, name)} is out of range; use 1 to 3600 seconds")
+    for name, low, high in _SCP_LIMITS:
+        value = getattr(s, name)
+        if not low <= value <= high:
+            unit = "seconds" if name.endswith("timeout") else "bytes" if name.endswith("bytes") else ""
+            problems.append(f"scp.{name} {value} is out of range; use {low:g} to {high:g} {unit}".rstrip())
     st = cfg.store
     if st.min_free_mb < 0:
         problems.append(f"store.min_free_mb {st.min_free_mb} is negative")
@@ -340,6 +367,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02X} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 

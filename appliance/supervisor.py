@@ -402,6 +402,10 @@ class Supervisor:
             except ApplianceError as exc:
                 log.error("configuration not reloaded: %s", exc)
                 self._notes["reload"] = "config reload failed (see the journal)"
+            except Exception as exc:  # noqa: BLE001 - a reload must never end the supervisor's reloads
+                log.error("configuration not reloaded: unexpected %s: %s", type(exc).__name__, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                self._notes["reload"] = "config reload failed (see the journal)"
         self.notifier.send("READY=1")
         self._refresh.set()
 
