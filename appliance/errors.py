@@ -17,6 +17,10 @@ class StoreFullError(StoreError):
     """The store's disk is full or below its free-space watermark."""
 
 
+class StoreDiskError(StoreError):
+    """The store's disk failed: an I/O error, or it has become read-only."""
+
+
 class MediaError(ApplianceError):
     """A CD or USB medium cannot be read or written."""
 

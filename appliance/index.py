@@ -1,11 +1,13 @@
 """The SQLite index of the store: patient, study, series and instance levels.
 
-WAL mode, one connection per thread, schema versioned with ``PRAGMA user_version``.
+WAL mode, a small pool of connections lent per call, schema versioned with ``PRAGMA user_version``.
 The index is a cache of what the files say: ``Store.reindex`` rebuilds it from them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -14,9 +16,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from appliance.attributes import COLUMNS
-from appliance.errors import StoreError
+from appliance.errors import StoreDiskError, StoreError, StoreFullError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+#: Idle connections kept for the next call; more are opened while needed and closed after.
+MAX_IDLE_CONNECTIONS = 4
+
+_READ = "the index could not be read"
 
 _LEVEL_COLUMNS = {
     level: [c for _, c, lvl in COLUMNS if lvl == level] for level in ("patient", "study", "series", "instance")
@@ -103,22 +112,35 @@ def _set_wal(con: sqlite3.Connection, timeout: float = 30.0) -> None:
 
 
 class Index:
-    """The index database at ``path``; safe to share between threads."""
+    """The index database at ``path``; safe to share between threads.
 
-    def __init__(self, path: Path) -> None:
+    Each method borrows a connection from a small pool for its own duration and gives it
+    back however the method ends, so threads that come and go (one per association) hold
+    no descriptors once they are gone. At most ``max_idle`` connections wait in the pool;
+    extra ones are closed when given back. SQLite's errors leave as :class:`StoreError`
+    (:class:`StoreFullError` for a full disk, :class:`StoreDiskError` for an I/O error or a
+    read-only disk)."""
+
+    def __init__(self, path: Path, *, max_idle: int = MAX_IDLE_CONNECTIONS) -> None:
         self.path = path
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self.max_idle = max_idle
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        con = self._con()
-        version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            version = self._create(con)
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"the index {path} has schema version {version}, this software knows {SCHEMA_VERSION}; "
-                "run 'appliance reindex' to rebuild it from the stored files"
-            )
+        #: Bumped by close(): connections borrowed before are closed when given back.
+        self._generation = 0
+        try:
+            with self._connection("cannot open the index") as con:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    version = self._create(con)
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"the index {path} has schema version {version}, this software knows {SCHEMA_VERSION}; "
+                    "run 'appliance reindex' to rebuild it from the stored files"
+                )
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _create(con: sqlite3.Connection) -> int:
@@ -127,8 +149,7 @@ class Index:
         On a new data partition the supervisor, its SCP and a CD import may all open the
         index at once: the write lock makes one of them the creator, the others find the
         version it set."""
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             version: int = con.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 for statement in _SCHEMA.split(";"):
@@ -136,49 +157,68 @@ class Index:
                         con.execute(statement)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return version
 
-    def _con(self) -> sqlite3.Connection:
-        con: sqlite3.Connection | None = getattr(self._local, "con", None)
-        if con is None:
-            try:
-                con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the index {self.path}: {exc}") from exc
+    def _open(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
             con.row_factory = sqlite3.Row
             _set_wal(con)
             # Durability comes from the fsynced object files: an index row lost in a power
             # cut is rebuilt from its file at the next start (Store.recover).
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute("PRAGMA foreign_keys=ON")
-            self._local.con = con
-            with self._lock:
-                self._all.append(con)
+        except BaseException:
+            con.close()
+            raise
         return con
 
-    def close(self) -> None:
-        """Close every thread's connection."""
+    @contextlib.contextmanager
+    def _connection(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for one call and give it back (or close it) afterwards.
+        ``what`` introduces the message of a :class:`StoreError` made of SQLite's error."""
         with self._lock:
-            for con in self._all:
-                try:
-                    con.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
-        self._local = threading.local()
+            generation = self._generation
+            con = self._idle.pop() if self._idle else None
+        try:
+            if con is None:
+                con = self._open()
+            yield con
+        except sqlite3.Error as exc:
+            raise _index_error(exc, what, self.path) from exc
+        finally:
+            if con is not None:
+                self._give_back(con, generation)
+
+    def _give_back(self, con: sqlite3.Connection, generation: int) -> None:
+        with self._lock:
+            # A connection left inside a transaction (its ROLLBACK failed) is not reused.
+            if generation == self._generation and len(self._idle) < self.max_idle and not con.in_transaction:
+                self._idle.append(con)
+                return
+        _close_quietly(con)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection and run the block as one write transaction."""
+        with self._connection(what) as con, _transaction(con):
+            yield con
+
+    def close(self) -> None:
+        """Close the idle connections; those in use are closed when given back. The index
+        stays usable: a later call opens a new connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+        for con in idle:
+            _close_quietly(con)
 
     # -- writing -------------------------------------------------------------
 
     def add(self, values: dict[str, Any]) -> None:
         """Insert or replace one instance with its patient, study and series rows."""
-        con = self._con()
         now = values["received_at"]
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing("the index could not record the object") as con:
             con.execute(
                 "INSERT INTO patients (patient_id, patient_name) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (values.get("patient_id") or "", values.get("patient_name") or ""),
@@ -203,16 +243,10 @@ class Index:
                 f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})",
                 [values.get(c) for c in _INSTANCE_COLUMNS],
             )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     def remove(self, sop_instance_uid: str) -> None:
         """Delete an instance row, and its series/study/patient rows once empty."""
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing("the index could not drop a row") as con:
             row = con.execute(
                 "SELECT series_uid FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchone()
@@ -220,10 +254,6 @@ class Index:
             if row:
                 con.execute("UPDATE series SET volume_stale = 1 WHERE series_uid = ?", (row[0],))
             self._prune(con)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _prune(con: sqlite3.Connection) -> None:
@@ -233,29 +263,28 @@ class Index:
 
     def clear(self) -> None:
         """Delete every row (before a rebuild)."""
-        con = self._con()
-        with con:
-            con.execute("BEGIN IMMEDIATE")
+        with self._writing("the index could not be cleared") as con:
             for table in ("instances", "series", "studies", "patients"):
                 con.execute(f"DELETE FROM {table}")
 
     def set_verdict(self, series_uid: str, ok: bool | None, reason: str) -> None:
         """Record the 3D verdict of a series."""
-        con = self._con()
-        con.execute(
-            "UPDATE series SET volume_ok = ?, volume_reason = ?, volume_stale = 0 WHERE series_uid = ?",
-            (None if ok is None else int(ok), reason, series_uid),
-        )
+        with self._connection("the index could not record a 3D verdict") as con:
+            con.execute(
+                "UPDATE series SET volume_ok = ?, volume_reason = ?, volume_stale = 0 WHERE series_uid = ?",
+                (None if ok is None else int(ok), reason, series_uid),
+            )
 
     # -- reading -------------------------------------------------------------
 
     def instance(self, sop_instance_uid: str) -> InstanceRow | None:
         """Return the row of one instance, or None."""
-        r = self._con().execute(
-            "SELECT i.*, s.study_uid FROM instances i JOIN series s USING (series_uid)"
-            " WHERE sop_instance_uid = ?",
-            (sop_instance_uid,),
-        ).fetchone()
+        with self._connection(_READ) as con:
+            r = con.execute(
+                "SELECT i.*, s.study_uid FROM instances i JOIN series s USING (series_uid)"
+                " WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
         return None if r is None else _instance_row(r)
 
     def instances(self, series_uid: str | None = None) -> list[InstanceRow]:
@@ -265,35 +294,80 @@ class Index:
         if series_uid is not None:
             sql += " WHERE series_uid = ?"
             args = (series_uid,)
-        return [_instance_row(r) for r in self._con().execute(sql + " ORDER BY i.rowid", args)]
+        with self._connection(_READ) as con:
+            return [_instance_row(r) for r in con.execute(sql + " ORDER BY i.rowid", args)]
 
     def paths(self) -> dict[str, str]:
         """Return {stored path: SOP Instance UID} of every instance."""
-        return {r[0]: r[1] for r in self._con().execute("SELECT path, sop_instance_uid FROM instances")}
+        with self._connection(_READ) as con:
+            return {r[0]: r[1] for r in con.execute("SELECT path, sop_instance_uid FROM instances")}
 
     def geometry(self, series_uid: str) -> list[sqlite3.Row]:
         """Return the rows the 3D verdict needs, for one series."""
-        return self._con().execute(
-            "SELECT sop_instance_uid, sop_class_uid, image_position_patient, image_orientation_patient,"
-            " slice_thickness, spacing_between_slices, number_of_frames FROM instances WHERE series_uid = ?",
-            (series_uid,),
-        ).fetchall()
+        with self._connection(_READ) as con:
+            return con.execute(
+                "SELECT sop_instance_uid, sop_class_uid, image_position_patient, image_orientation_patient,"
+                " slice_thickness, spacing_between_slices, number_of_frames FROM instances WHERE series_uid = ?",
+                (series_uid,),
+            ).fetchall()
 
     def stale_series(self) -> list[str]:
         """Return the series whose 3D verdict must be recomputed."""
-        return [r[0] for r in self._con().execute("SELECT series_uid FROM series WHERE volume_stale = 1")]
+        with self._connection(_READ) as con:
+            return [r[0] for r in con.execute("SELECT series_uid FROM series WHERE volume_stale = 1")]
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
         """Run a read-only query (for listings)."""
-        return iter(self._con().execute(sql, args).fetchall())
+        with self._connection(_READ) as con:
+            return iter(con.execute(sql, args).fetchall())
 
     def counts(self) -> dict[str, int]:
         """Return the number of patients, studies, series and instances."""
-        con = self._con()
-        return {
-            t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("patients", "studies", "series", "instances")
-        }
+        with self._connection(_READ) as con:
+            return {
+                t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("patients", "studies", "series", "instances")
+            }
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """Run the block as one write transaction of ``con``: COMMIT, or ROLLBACK on any error.
+
+    SQLite rolls a transaction back by itself on some errors (a full disk, an I/O error);
+    a ROLLBACK then would fail and hide the error, so it runs only while one is active."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the connection is closed, not reused (see _give_back)
+                log.debug("ROLLBACK failed after an error: %s", exc)
+        raise
+
+
+def _close_quietly(con: sqlite3.Connection) -> None:
+    try:
+        con.close()
+    except sqlite3.Error as exc:  # e.g. the checkpoint at close on a full disk; the WAL keeps the data
+        log.debug("closing an index connection: %s", exc)
+
+
+def _index_error(exc: sqlite3.Error, what: str, path: Path) -> StoreError:
+    """Turn SQLite's ``exc`` into the StoreError a caller branches on."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return StoreFullError(f"the store's disk is full ({what})")
+    if code == sqlite3.SQLITE_READONLY:
+        return StoreDiskError(f"the store's disk is read-only ({what}): {exc}")
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
+        return StoreDiskError(f"the store's disk cannot be written or read ({what}): {exc}")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(f"{what}: the index {path} is damaged ({exc}); run 'appliance reindex' to rebuild it")
+    return StoreError(f"{what}: {exc} (index {path})")
 
 
 def _instance_row(r: sqlite3.Row) -> InstanceRow:

@@ -245,3 +245,53 @@ def test_processes_creating_a_new_index_at_once_all_open_it(tmp_path):
         for p in procs:
             p.join(60)
     assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_threads_that_come_and_go_give_back_their_index_descriptors(tmp_path, rules):
+    """The SCP runs one thread per association: 300 of them storing and looking up through
+    one Store leave no more descriptors open than the index's few idle connections hold
+    (they used to keep index.sqlite and its WAL open each, until C-STOREs failed at the
+    descriptor limit), and close() gives back every one."""
+    before_store = _open_fds()
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    ingest = Ingest(store, rules)
+    put_series(ingest, 1)
+    start = _open_fds()
+    datasets = iter(ct_series(300, rows=4, cols=4))
+    failures = []
+
+    def association() -> None:
+        ds = next(datasets)
+        out = ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                            sop_instance_uid=None, source=NET)
+        if not out.ok or store.locate(ds.SOPInstanceUID) != out.path or not store.index.counts()["instances"]:
+            failures.append(out.comment)
+
+    def associations(n: int, at_once: int) -> None:
+        for _ in range(0, n, at_once):
+            threads = [threading.Thread(target=association) for _ in range(at_once)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+
+    associations(150, 1)  # one after another
+    assert not failures, failures[:3]
+    assert _open_fds() <= start + 2, os.listdir("/proc/self/fd")
+    # Ten at once: more connections are open while they overlap (and SQLite keeps the
+    # database descriptors of closed ones for reuse while others hold its locks), but the
+    # count is bounded by how many ran at once, not by how many came and went.
+    associations(30, 10)
+    warm = _open_fds()
+    assert warm <= start + 3 * 10
+    associations(120, 10)
+    assert not failures, failures[:3]
+    assert _open_fds() <= warm + 2
+    assert store.index.counts()["instances"] == 301
+    store.close()
+    assert _open_fds() <= before_store
