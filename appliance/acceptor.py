@@ -1,11 +1,11 @@
 """Our association acceptor: the DICOM upper layer (PS3.8) and the DIMSE C-ECHO and
-C-STORE services (PS3.7) of the Storage SCP, one thread per connection.
+C-STORE services (PS3.7) of the Storage SCP.
 
 This replaces pynetdicom's acceptor on the receive path, for three reasons the benchmarks
 and the robustness tests showed:
 
 * **Speed.** pynetdicom spends 5-7 ms of CPU per CT image in its event queues and polling
-  loops; DCMTK spends about 1.3 ms. Here a connection thread reads PDUs with blocking
+  loops; DCMTK spends about 1.3 ms. Here an association's thread reads PDUs with blocking
   ``recv_into`` and streams P-DATA straight into the object's temp file.
 * **Memory.** A data set is never held in memory, so a 1 GiB object is received in a few
   MiB of buffers.
@@ -15,15 +15,30 @@ and the robustness tests showed:
 
 pynetdicom still decodes and encodes the association PDUs (A-ASSOCIATE-RQ/AC/RJ) and
 negotiates presentation contexts, so that logic is not written twice.
+
+**Bounded everything** (the :class:`Settings`, from ``[scp]``). One thread, ``scp-accept``,
+accepts connections and reads their A-ASSOCIATE-RQs without blocking, each into a buffer
+that grows only as bytes arrive (never from a length the peer announced), up to
+``max_associate_rq_bytes``, and by a deadline of ``acse_timeout`` from the connect. At most
+``max_pending_connections`` such connections are kept (the oldest is closed). Only an
+accepted association gets a thread, so threads are bounded by ``max_associations``. Inside an
+association: ``network_timeout`` of silence, ``pdu_timeout`` for one whole PDU once it has
+started, ``idle_timeout`` without completing a DIMSE message, ``max_command_bytes`` for a
+command set, and the PDU size we advertised. When the process runs out of descriptors
+(EMFILE), the accept loop sheds the oldest pending connections, backs off briefly and goes
+on; it never ends but at :meth:`Acceptor.stop`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import selectors
 import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -61,15 +76,40 @@ C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 NO_DATA_SET = 0x0101
 
-#: Connections that have not sent an A-ASSOCIATE-RQ yet, beyond which the oldest is closed.
-MAX_IDLE_CONNECTIONS = 256
-#: Largest A-ASSOCIATE-RQ we read; a real one is a few KiB.
-_MAX_ASSOCIATE_RQ = 1 << 20
+# DIMSE command elements (PS3.7 E.1-1), group 0000
+AFFECTED_SOP_CLASS_UID = 0x00000002
+COMMAND_FIELD = 0x00000100
+MESSAGE_ID = 0x00000110
+MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+COMMAND_DATA_SET_TYPE = 0x00000800
+STATUS = 0x00000900
+ERROR_COMMENT = 0x00000902
+AFFECTED_SOP_INSTANCE_UID = 0x00001000
+
+#: The smallest A-ASSOCIATE-RQ (PS3.8 9.3.2: the fixed fields alone are 68 bytes).
+_MIN_ASSOCIATE_RQ = 68
 _ERROR_COMMENT_MAX = 64
+#: Connections accepted in one go before the loop looks at its other work.
+_ACCEPT_BURST = 64
+#: Seconds the accept loop pauses after running out of descriptors.
+_EMFILE_BACKOFF = 0.1
+#: Seconds without EMFILE after which a burst of them is over (and logged as such).
+_BURST_QUIET = 10.0
+#: Seconds of accept(2) failing for want of descriptors, without one success, after which
+#: the acceptor reports that it is not accepting.
+_STUCK_AFTER = 10.0
+#: Errors of accept(2) that mean "out of descriptors or memory": shed, back off, go on.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: A peer's repeated protocol errors are logged once per this many seconds.
+_LOG_EVERY = 60.0
 
 
 class ProtocolError(Exception):
     """The peer broke the upper-layer or DIMSE protocol; the association is aborted."""
+
+
+class DeadlineExpired(Exception):
+    """A peer was too slow (silence, a PDU, or no DIMSE message completed); aborted."""
 
 
 class IncomingObject(Protocol):
@@ -104,7 +144,7 @@ OpenStream = Callable[[str, str, str, str], IncomingObject]
 
 @dataclass(frozen=True)
 class Settings:
-    """What the acceptor needs of the ``[scp]`` configuration."""
+    """What the acceptor needs of the ``[scp]`` configuration (see :class:`ScpConfig`)."""
 
     ae_title: str
     max_pdu: int
@@ -113,6 +153,28 @@ class Settings:
     allowed_calling_aes: tuple[str, ...]
     acse_timeout: float
     network_timeout: float
+    pdu_timeout: float = 120.0
+    idle_timeout: float = 900.0
+    max_command_bytes: int = 65536
+    max_associate_rq_bytes: int = 131072
+    max_pending_connections: int = 256
+
+
+@dataclass(frozen=True)
+class AcceptorState:
+    """What the acceptor reports of itself (for the supervisor's health check)."""
+
+    accepting: bool
+    #: Why it is not accepting, or what went wrong last ("" when nothing did).
+    problem: str
+    associations: int
+    pending: int
+    #: Connections closed unserved because descriptors ran out or too many were pending.
+    shed: int
+    associations_served: int
+    #: Outcome of the last C-STORE: "" (none yet), "ok", or the refusal's status and comment.
+    last_store: str
+    last_store_at: float
 
 
 @dataclass
@@ -188,6 +250,55 @@ def _int(value: bytes | None) -> int:
     return int(struct.unpack("<H", value)[0])
 
 
+class _RateLimitedLog:
+    """Logs a message at most once per ``every`` seconds per key, then says how many were
+    left out: a flood or a fuzzer must not flood the journal."""
+
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (-self.every, 0))
+            if now - last < self.every:
+                self._seen[key] = (last, suppressed + 1)
+                return
+            self._seen[key] = (now, 0)
+            self._seen.move_to_end(key)
+            while len(self._seen) > 1024:
+                self._seen.popitem(last=False)
+        if suppressed:
+            msg += " (%d more like it in the last %.0f s)"
+            args = (*args, suppressed, now - last)
+        log.log(level, msg, *args)
+
+
+class _QuietPynetdicom(logging.Filter):
+    """Drops pynetdicom's log records while it decodes a peer's PDU in the accept thread:
+    a malformed A-ASSOCIATE-RQ is our one warning line, not pynetdicom's traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+@dataclass
+class _Pending:
+    """A connection that has not yet sent its whole A-ASSOCIATE-RQ."""
+
+    sock: socket.socket
+    peer: str
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+    need: int = 6  # the PDU header first, then the whole PDU
+
+
 # -- the acceptor -------------------------------------------------------------------------
 
 
@@ -206,11 +317,26 @@ class Acceptor:
             cx.abstract_syntax = str(row.abstract_syntax)
             cx.transfer_syntax = [str(ts) for ts in row.transfer_syntaxes]
         self._lock = threading.Lock()
-        self._associated: set[socket.socket] = set()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        # Sockets of accepted associations, and their threads.
+        self._associated: dict[socket.socket, threading.Thread] = {}
+        # Connections still sending their A-ASSOCIATE-RQ, oldest first (accept thread only).
+        self._pending: OrderedDict[socket.socket, _Pending] = OrderedDict()
         self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._quiet = _QuietPynetdicom()
+        self._ratelimited = _RateLimitedLog()
+        self._out_of_fds_since: float | None = None  # backing off since
+        self._burst_last: float | None = None  # the last EMFILE of a burst still logged as one
+        self._failing_since: float | None = None  # EMFILE without an accept in between
+        self._shed_in_burst = 0
+        self._shed = 0
+        self._served = 0
+        self._problem = ""
+        self._last_store = ""
+        self._last_store_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -228,10 +354,16 @@ class Acceptor:
                 raise
         try:
             sock.listen(128)
+            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
         self._listener = sock
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        for logger in _pynetdicom_loggers():
+            logger.addFilter(self._quiet)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._accept_thread.start()
         addr = sock.getsockname()
@@ -242,116 +374,257 @@ class Acceptor:
         with self._lock:
             return len(self._associated)
 
+    def state(self) -> AcceptorState:
+        """A snapshot of how the acceptor is doing."""
+        thread = self._accept_thread
+        alive = thread is not None and thread.is_alive()
+        with self._lock:
+            return AcceptorState(
+                accepting=alive and not self._stopping.is_set() and (
+                    self._failing_since is None or _now() - self._failing_since < _STUCK_AFTER),
+                problem=self._problem if alive or self._stopping.is_set() else
+                (self._problem or "the accept loop has ended"),
+                associations=len(self._associated),
+                pending=len(self._pending),
+                shed=self._shed,
+                associations_served=self._served,
+                last_store=self._last_store,
+                last_store_at=self._last_store_at,
+            )
+
     def stop(self, grace: float) -> None:
         """Stop accepting; give associations ``grace`` seconds, then abort them."""
         self._stopping.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
-        with self._lock:
-            idle = [s for s in self._connections if s not in self._associated]
-        for s in idle:  # connected, never asked to associate: just close
-            _close(s)
+        if self._listener is not None:
+            self._listener.close()
+        for p in list(self._pending.values()):  # connected, never associated: just close
+            _close(p.sock)
+        self._pending.clear()
         deadline = _now() + grace
         while self.associated() and _now() < deadline:
             time.sleep(0.05)
         with self._lock:
-            remaining = list(self._connections.items())
+            remaining = list(self._associated.items())
         for s, _ in remaining:
             try:
                 s.sendall(_abort_pdu(0))
             except OSError:
                 pass
-            _close(s)
+            _shutdown(s)
         for _, t in remaining:
             t.join(timeout=5)
+        if self._selector is not None:
+            self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        for logger in _pynetdicom_loggers():
+            logger.removeFilter(self._quiet)
+
+    # -- the accept thread ----------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        """Accept and read A-ASSOCIATE-RQs until :meth:`stop`. Whatever goes wrong in one
+        round is logged and the loop goes on: a Storage SCP that stops accepting while its
+        process lives is the worst failure it can have."""
+        self._quiet.thread = threading.get_ident()
+        failures = 0
         while not self._stopping.is_set():
             try:
-                conn, addr = self._listener.accept()
-            except OSError:
+                self._accept_round()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one round
+                failures += 1
+                with self._lock:
+                    self._problem = f"accepting failed: {type(exc).__name__}: {exc}"
+                log.exception("the accept loop failed (%d time(s) in a row); going on", failures)
+                self._stopping.wait(min(5.0, 0.1 * 2**failures))
+
+    def _accept_round(self) -> None:
+        assert self._selector is not None and self._listener is not None
+        now = _now()
+        timeout = 1.0
+        if self._pending:
+            timeout = min(timeout, max(0.0, min(p.deadline for p in self._pending.values()) - now))
+        if self._out_of_fds_since is not None:
+            timeout = min(timeout, _EMFILE_BACKOFF)
+        for key, _ in self._selector.select(timeout):
+            if self._stopping.is_set():
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A peer that vanishes without a FIN is noticed in about a minute.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-            t = threading.Thread(target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"),
-                                 name=f"scp-{addr[0]}:{addr[1]}", daemon=True)
+            if key.fileobj is self._listener:
+                self._accept_burst()
+            elif key.fileobj is self._wake_r:
+                self._wake_r.recv(64)
+            else:
+                pending = self._pending.get(key.fileobj)  # type: ignore[call-overload]
+                if pending is not None:
+                    self._read_pending(pending)
+        now = _now()
+        self._expire(now)
+        if self._out_of_fds_since is not None and now - self._out_of_fds_since >= _EMFILE_BACKOFF:
+            self._resume_accepting()
+        if self._burst_last is not None and now - self._burst_last >= _BURST_QUIET:
+            self._burst_last = None
             with self._lock:
-                self._connections[conn] = t
-                idle = [c for c in self._connections if c not in self._associated]
-            if len(idle) > MAX_IDLE_CONNECTIONS:
-                # A flood of connects that never associate: drop the oldest, so a scanner
-                # (which sends its A-ASSOCIATE-RQ at once) always gets a thread.
-                log.warning("%d connections have not asked to associate; closing the oldest", len(idle))
-                _close(idle[0])
-            t.start()
+                self._problem = ""
+            log.warning("accepting connections normally again; %d waiting connection(s) were closed "
+                        "to make room", self._shed_in_burst)
+            self._shed_in_burst = 0
 
-    # -- one connection ----------------------------------------------------------------
-
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        assoc: Association | None = None
-        try:
-            conn.settimeout(self.settings.acse_timeout)
-            assoc = self._associate(conn, peer)
-            if assoc is None:
-                return
-            _kernel_timeout(conn, self.settings.network_timeout)
-            self._run(conn, assoc)
-        except ProtocolError as exc:
-            log.warning("aborting association with %s: %s", assoc.calling_ae if assoc else peer, exc)
+    def _accept_burst(self) -> None:
+        assert self._listener is not None
+        for _ in range(_ACCEPT_BURST):
             try:
-                conn.sendall(_abort_pdu(2))
-            except OSError:
-                pass
-        except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-            if assoc is not None:
-                log.warning("association with %s timed out after %.0f s of silence; aborting",
-                            assoc.calling_ae, self.settings.network_timeout)
-                try:
-                    conn.sendall(_abort_pdu(0))
-                except OSError:
-                    pass
-        except (ConnectionError, OSError) as exc:
-            if assoc is not None and not self._stopping.is_set():
-                log.warning("connection from %s (%s) lost: %s", assoc.calling_ae, peer, exc)
-        finally:
-            with self._lock:
-                self._associated.discard(conn)
-                self._connections.pop(conn, None)
-            _close(conn)
-            if assoc is not None and self.on_association_end is not None:
-                try:
-                    self.on_association_end(assoc)
-                except Exception:  # the end hook is advisory; never break the server
-                    log.exception("association end hook failed")
+                conn, addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._out_of_descriptors(exc)
+                    return
+                if self._stopping.is_set():
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall): this one connection is gone.
+                self._ratelimited(logging.INFO, "accept", "a connection could not be accepted: %s", exc.strerror)
+                continue
+            self._failing_since = None
+            self._add_pending(conn, f"{addr[0]}:{addr[1]}")
 
-    def _associate(self, conn: socket.socket, peer: str) -> Association | None:
-        """Read the A-ASSOCIATE-RQ and answer it; return the association if accepted."""
-        pdu_type, length = _read_header(conn)
-        if pdu_type != A_ASSOCIATE_RQ_PDU or not 68 <= length <= _MAX_ASSOCIATE_RQ:
-            log.info("connection from %s did not start with a valid A-ASSOCIATE-RQ; closed", peer)
-            return None
-        raw = bytes([pdu_type, 0]) + struct.pack(">L", length) + _read_exact(conn, length)
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        """accept(2) failed for want of descriptors: close the oldest connections that have
+        not associated, and stop polling the listener for a moment (its backlog would wake
+        us at once). Logged once per burst."""
+        now = _now()
+        if self._burst_last is None:
+            log.warning("out of resources accepting connections (%s) with %d association(s) and %d "
+                        "connection(s) waiting to associate; closing the oldest waiting ones",
+                        exc.strerror, self.associated(), len(self._pending))
+            self._shed_in_burst = 0
+        self._burst_last = now
+        if self._failing_since is None:
+            self._failing_since = now
+        if self._out_of_fds_since is None:
+            assert self._selector is not None and self._listener is not None
+            self._selector.unregister(self._listener)
+        self._out_of_fds_since = now
+        with self._lock:
+            self._problem = f"out of descriptors accepting connections ({exc.strerror})"
+        for _ in range(max(1, len(self._pending) // 4)):
+            if not self._pending:
+                break
+            self._shed_oldest()
+
+    def _resume_accepting(self) -> None:
+        if self._out_of_fds_since is None:
+            return
+        assert self._selector is not None and self._listener is not None
+        try:
+            self._selector.register(self._listener, selectors.EVENT_READ)
+        except KeyError:
+            pass
+        self._out_of_fds_since = None
+
+    def _shed_oldest(self) -> None:
+        _, pending = self._pending.popitem(last=False)
+        self._drop_pending(pending)
+        with self._lock:
+            self._shed += 1
+        self._shed_in_burst += 1
+
+    def _add_pending(self, conn: socket.socket, peer: str) -> None:
+        assert self._selector is not None
+        conn.setblocking(False)
+        self._pending[conn] = _Pending(conn, peer, _now() + self.settings.acse_timeout)
+        self._selector.register(conn, selectors.EVENT_READ)
+        if len(self._pending) > self.settings.max_pending_connections:
+            # A flood of connects that never associate: drop the oldest, so a scanner
+            # (which sends its A-ASSOCIATE-RQ at once) always gets its turn.
+            if self._burst_last is None:
+                self._ratelimited(logging.WARNING, "pending",
+                                  "%d connections have not asked to associate; closing the oldest",
+                                  len(self._pending))
+            self._shed_oldest()
+
+    def _drop_pending(self, pending: _Pending) -> None:
+        assert self._selector is not None
+        self._pending.pop(pending.sock, None)
+        try:
+            self._selector.unregister(pending.sock)
+        except (KeyError, ValueError):
+            pass
+        _close(pending.sock)
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            pending = next(iter(self._pending.values()))  # oldest first: deadlines in order
+            if pending.deadline > now:
+                return
+            if pending.buf:
+                self._ratelimited(logging.WARNING, f"slow {_host(pending.peer)}",
+                                  "connection from %s sent only %d bytes of its A-ASSOCIATE-RQ within "
+                                  "%.0f s; closed", pending.peer, len(pending.buf), self.settings.acse_timeout)
+            else:
+                self._ratelimited(logging.INFO, f"silent {_host(pending.peer)}",
+                                  "connection from %s sent no A-ASSOCIATE-RQ within %.0f s; closed",
+                                  pending.peer, self.settings.acse_timeout)
+            self._drop_pending(pending)
+
+    def _read_pending(self, pending: _Pending) -> None:
+        """Read what has arrived of ``pending``'s A-ASSOCIATE-RQ; act once it is whole."""
+        try:
+            data = pending.sock.recv(min(65536, pending.need - len(pending.buf)))
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop_pending(pending)
+            return
+        if not data:
+            self._drop_pending(pending)
+            return
+        pending.buf += data
+        if len(pending.buf) < pending.need:
+            return
+        if pending.need == 6:
+            pdu_type = pending.buf[0]
+            (length,) = struct.unpack_from(">L", pending.buf, 2)
+            if pdu_type != A_ASSOCIATE_RQ_PDU or not _MIN_ASSOCIATE_RQ <= length <= self.settings.max_associate_rq_bytes:
+                self._ratelimited(
+                    logging.INFO, f"bad {_host(pending.peer)}",
+                    "connection from %s did not start with a valid A-ASSOCIATE-RQ (PDU type 0x%02X, "
+                    "%d bytes; at most %d); closed", pending.peer, pdu_type, length,
+                    self.settings.max_associate_rq_bytes)
+                self._drop_pending(pending)
+                return
+            pending.need = 6 + length
+            return
+        # The whole A-ASSOCIATE-RQ is here: the connection leaves the pending set.
+        assert self._selector is not None
+        self._pending.pop(pending.sock, None)
+        self._selector.unregister(pending.sock)
+        try:
+            self._on_associate_rq(pending.sock, pending.peer, bytes(pending.buf))
+        except OSError:
+            _close(pending.sock)
+
+    def _on_associate_rq(self, conn: socket.socket, peer: str, raw: bytes) -> None:
+        """Decide on a whole A-ASSOCIATE-RQ: reject it here, or take a slot and hand the
+        connection to a thread of its own, which negotiates and serves the association."""
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(raw)
             primitive = rq.to_primitive()
-        except Exception:  # pynetdicom raises a variety of errors on malformed items
-            log.warning("malformed A-ASSOCIATE-RQ from %s; aborted", peer)
-            conn.sendall(_abort_pdu(2))
-            return None
-        calling = (primitive.calling_ae_title or "").strip()
-        called = (primitive.called_ae_title or "").strip()
+            calling = (primitive.calling_ae_title or "").strip()
+            called = (primitive.called_ae_title or "").strip()
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed items
+            self._ratelimited(logging.WARNING, f"malformed {_host(peer)}",
+                              "malformed A-ASSOCIATE-RQ from %s (%s); aborted", peer, _brief(exc))
+            _send_and_close(conn, _abort_pdu(2))
+            return
         s = self.settings
         reject: tuple[int, int, int] | None = None
         if not rq.protocol_version & 0x0001:
@@ -363,17 +636,72 @@ class Acceptor:
         elif primitive.application_context_name != APPLICATION_CONTEXT_NAME:
             reject = (0x01, 0x01, 0x02)  # application context name not supported
         if reject is None:
+            thread = threading.Thread(target=self._serve, args=(conn, peer, primitive),
+                                      name=f"scp-{peer}", daemon=True)
             with self._lock:
                 if len(self._associated) >= s.max_associations:
                     reject = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
                 else:
-                    self._associated.add(conn)
+                    self._associated[conn] = thread
         if reject is not None:
-            log.warning("association from %s (%s) to '%s' rejected: %s", calling, peer, called,
-                        _REJECT_REASONS.get(reject, str(reject)))
-            conn.sendall(_reject_pdu(*reject))
-            return None
+            self._ratelimited(logging.WARNING, f"rejected {calling} {_host(peer)} {reject}",
+                              "association from %s (%s) to '%s' rejected: %s", calling, peer, called,
+                              _REJECT_REASONS.get(reject, str(reject)))
+            _send_and_close(conn, _reject_pdu(*reject))
+            return
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of tasks or memory
+            with self._lock:
+                self._associated.pop(conn, None)
+                self._problem = f"cannot start a thread for an association: {exc}"
+            log.error("association from %s (%s) aborted: cannot start a thread (%s)", calling, peer, exc)
+            _send_and_close(conn, _abort_pdu(2))
 
+    # -- one association, in its own thread ----------------------------------------------
+
+    def _serve(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> None:
+        """Negotiate and serve one association; whatever happens, release its slot, its
+        socket and its temp file, and log once."""
+        assoc: Association | None = None
+        who = peer
+        try:
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A peer that vanishes without a FIN is noticed in about a minute.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            reader = _Reader(conn, self.settings)
+            assoc = self._accept_association(conn, peer, primitive)
+            who = f"{assoc.calling_ae} ({peer})"
+            self._run(conn, reader, assoc)
+        except ProtocolError as exc:
+            log.warning("aborting association with %s: %s", who, exc)
+            _send_quietly(conn, _abort_pdu(2))
+        except DeadlineExpired as exc:
+            log.warning("aborting association with %s: %s", who, exc)
+            _send_quietly(conn, _abort_pdu(0))
+        except (ConnectionError, OSError) as exc:
+            if not self._stopping.is_set():
+                log.warning("connection from %s lost: %s", who, exc.strerror or exc)
+        except Exception:  # noqa: BLE001 - one association's bug must never end the server
+            log.exception("unexpected error serving %s; association aborted", who)
+            _send_quietly(conn, _abort_pdu(2))
+        finally:
+            with self._lock:
+                self._associated.pop(conn, None)
+                self._served += 1
+            _close(conn)
+            if assoc is not None and self.on_association_end is not None:
+                try:
+                    self.on_association_end(assoc)
+                except Exception:  # noqa: BLE001 - the end hook is advisory; never break the server
+                    log.exception("association end hook failed")
+
+    def _accept_association(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> Association:
+        """Negotiate the presentation contexts and send the A-ASSOCIATE-AC."""
         rq_contexts = primitive.presentation_context_definition_list
         results, _ = negotiate_as_acceptor(rq_contexts, self._supported, None)
         accepted = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
@@ -381,6 +709,7 @@ class Acceptor:
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
+        calling = (primitive.calling_ae_title or "").strip()
         conn.sendall(self._accept_pdu(primitive, results))
         assoc = Association(calling, peer, accepted, peer_max)
         log.log(assoc.log_level, "association from %s (%s) accepted, %d of %d context(s)", calling, peer,
@@ -405,22 +734,28 @@ class Acceptor:
         ac.from_primitive(prim)
         return bytes(ac.encode())
 
-    def _run(self, conn: socket.socket, assoc: Association) -> None:
+    def _run(self, conn: socket.socket, reader: "_Reader", assoc: Association) -> None:
         """Serve P-DATA until release or abort."""
-        limit = self.settings.max_pdu + 6
+        s = self.settings
+        limit = s.max_pdu + 6
         command = bytearray()
         command_cx: int | None = None
         incoming: IncomingObject | None = None
         request: dict[int, bytes] | None = None
         header = bytearray(6)
-        buf = bytearray(min(self.settings.max_pdu, 1 << 20) + 64)
+        buf = bytearray(min(s.max_pdu, 1 << 20) + 64)
+        idle_deadline = _now() + s.idle_timeout
         try:
             while True:
-                _read_into(conn, memoryview(header), 6)
+                reader.pdu(memoryview(header), 6, idle_deadline, first=True)
+                if _now() >= idle_deadline:
+                    raise DeadlineExpired(f"no DIMSE message completed in {s.idle_timeout:.0f} s")
                 pdu_type = header[0]
                 (length,) = struct.unpack_from(">L", header, 2)
                 if pdu_type == A_RELEASE_RQ_PDU:
-                    _read_exact(conn, length)
+                    if length != 4:
+                        raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (it has 4)")
+                    reader.pdu(memoryview(buf), length, idle_deadline)
                     if incoming is not None or command:
                         raise ProtocolError("A-RELEASE-RQ in the middle of a message")
                     conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
@@ -432,11 +767,11 @@ class Acceptor:
                 if pdu_type != P_DATA_TF_PDU:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
                 if length > limit or length < 6:
-                    raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {self.settings.max_pdu})")
+                    raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {s.max_pdu})")
                 if len(buf) < length:
                     buf = bytearray(length)
                 view = memoryview(buf)[:length]
-                _read_into(conn, view, length)
+                reader.pdu(view, length, idle_deadline)
                 pos = 0
                 while pos < length:
                     if pos + 6 > length:
@@ -453,12 +788,18 @@ class Acceptor:
                     if control & 0x01:  # command fragment
                         if incoming is not None:
                             raise ProtocolError("a command arrived in the middle of a data set")
+                        if len(command) + len(data) > s.max_command_bytes:
+                            raise ProtocolError(
+                                f"a DIMSE command set of more than {s.max_command_bytes} bytes "
+                                "(a real one is a few hundred)")
                         command += data
                         command_cx = cx_id
                         if control & 0x02:
                             request = decode_command(bytes(command))
                             command.clear()
                             incoming = self._on_command(conn, assoc, cx_id, request)
+                            if incoming is None:  # a C-ECHO: the message is complete
+                                idle_deadline = _now() + s.idle_timeout
                     else:  # data set fragment
                         if incoming is None or request is None or cx_id != command_cx:
                             raise ProtocolError("data set fragment without a C-STORE request")
@@ -467,35 +808,36 @@ class Acceptor:
                             done, incoming = incoming, None
                             self._finish_store(conn, assoc, cx_id, request, done)
                             request = None
+                            idle_deadline = _now() + s.idle_timeout
         finally:
             if incoming is not None:
                 incoming.discard()
 
     def _on_command(self, conn: socket.socket, assoc: Association, cx_id: int,
                     request: dict[int, bytes]) -> IncomingObject | None:
-        field_ = _int(request.get(0x00000100))
-        message_id = _int(request.get(0x00000110))
+        field_ = _int(request.get(COMMAND_FIELD))
+        message_id = _int(request.get(MESSAGE_ID))
         cx = assoc.contexts[cx_id]
         if field_ == C_ECHO_RQ:
             if str(cx.abstract_syntax) != SOPClass.VERIFICATION:
                 raise ProtocolError("C-ECHO on a storage context")
-            self._send_command(conn, assoc, cx_id, [
-                (0x00000002, _uid(_text(request.get(0x00000002)) or SOPClass.VERIFICATION)),
-                (0x00000100, _us(C_ECHO_RSP)),
-                (0x00000120, _us(message_id)),
-                (0x00000800, _us(NO_DATA_SET)),
-                (0x00000900, _us(Status.SUCCESS)),
+            self._send_command(conn, cx_id, [
+                (AFFECTED_SOP_CLASS_UID, _uid(SOPClass.VERIFICATION)),
+                (COMMAND_FIELD, _us(C_ECHO_RSP)),
+                (MESSAGE_ID_BEING_RESPONDED_TO, _us(message_id)),
+                (COMMAND_DATA_SET_TYPE, _us(NO_DATA_SET)),
+                (STATUS, _us(Status.SUCCESS)),
             ])
             return None
         if field_ == C_STORE_RQ:
             if str(cx.abstract_syntax) not in SCP_STORAGE_CLASSES:
                 raise ProtocolError("C-STORE on the verification context")
-            if _int(request.get(0x00000800)) == NO_DATA_SET:
+            if _int(request.get(COMMAND_DATA_SET_TYPE)) == NO_DATA_SET:
                 raise ProtocolError("C-STORE request without a data set")
             return self.open_stream(
                 str(cx.transfer_syntax[0]),
                 str(cx.abstract_syntax),
-                _text(request.get(0x00001000)),
+                _text(request.get(AFFECTED_SOP_INSTANCE_UID)),
                 assoc.calling_ae,
             )
         raise ProtocolError(f"unsupported DIMSE command 0x{field_:04X}")
@@ -505,24 +847,70 @@ class Acceptor:
         result = incoming.finish()
         if result.ok and result.series_uid:
             assoc.touched_series.add(result.series_uid)
+        with self._lock:
+            self._last_store = "ok" if result.ok else f"0x{int(result.status):04X} {result.comment}"
+            self._last_store_at = time.time()
         elements = [
-            (0x00000002, _uid(str(assoc.contexts[cx_id].abstract_syntax))),
-            (0x00000100, _us(C_STORE_RSP)),
-            (0x00000120, _us(_int(request.get(0x00000110)))),
-            (0x00000800, _us(NO_DATA_SET)),
-            (0x00000900, _us(int(result.status))),
+            (AFFECTED_SOP_CLASS_UID, _uid(str(assoc.contexts[cx_id].abstract_syntax))),
+            (COMMAND_FIELD, _us(C_STORE_RSP)),
+            (MESSAGE_ID_BEING_RESPONDED_TO, _us(_int(request.get(MESSAGE_ID)))),
+            (COMMAND_DATA_SET_TYPE, _us(NO_DATA_SET)),
+            (STATUS, _us(int(result.status))),
         ]
         if not result.ok:
-            elements.append((0x00000902, _comment(result.comment).encode("ascii", "replace")))
-        elements.append((0x00001000, _uid(_text(request.get(0x00001000)))))
-        self._send_command(conn, assoc, cx_id, elements)
+            elements.append((ERROR_COMMENT, _comment(result.comment).encode("ascii", "replace")))
+        # The peer's own bytes, whatever they hold: the response must name what it sent.
+        elements.append((AFFECTED_SOP_INSTANCE_UID, (request.get(AFFECTED_SOP_INSTANCE_UID) or b"").rstrip(b"\x00")))
+        self._send_command(conn, cx_id, elements)
 
-    def _send_command(self, conn: socket.socket, assoc: Association, cx_id: int,
-                      elements: list[tuple[int, bytes]]) -> None:
+    def _send_command(self, conn: socket.socket, cx_id: int, elements: list[tuple[int, bytes]]) -> None:
         cmd = encode_command(elements)
         # A command set is a few hundred bytes: one PDV fits any negotiated PDU size.
         pdv = struct.pack(">LBB", len(cmd) + 2, cx_id, 0x03) + cmd
         conn.sendall(struct.pack(">BBL", P_DATA_TF_PDU, 0, len(pdv)) + pdv)
+
+
+class _Reader:
+    """Reads whole PDUs of one association under its deadlines.
+
+    The kernel enforces a receive timeout (SO_RCVTIMEO) of the shortest limit, so the data
+    path makes one ``recv_into`` per PDU and no extra system call; only when a read comes
+    back short or empty (a timeout, a signal) are the deadlines checked here:
+    ``network_timeout`` of silence, ``pdu_timeout`` for a PDU once its first byte came, and
+    the caller's ``idle`` deadline for completing a DIMSE message."""
+
+    def __init__(self, conn: socket.socket, s: Settings) -> None:
+        self.conn = conn
+        self.s = s
+        self.tick = min(s.network_timeout, s.pdu_timeout, s.idle_timeout)
+        self.last_byte = _now()
+        self.pdu_deadline = 0.0
+        _kernel_timeout(conn, self.tick)
+
+    def pdu(self, view: memoryview, n: int, idle: float, *, first: bool = False) -> None:
+        """Fill ``view[:n]``; ``first``: these are the first bytes of a PDU."""
+        got = 0
+        while got < n:
+            try:
+                r = self.conn.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO expired with nothing read
+                r = -1
+            if r == 0:
+                raise ConnectionError("the peer closed the connection")
+            now = _now()
+            if r > 0:
+                if first and got == 0:
+                    self.pdu_deadline = now + self.s.pdu_timeout
+                got += r
+                self.last_byte = now
+                if got == n:
+                    return
+            if now - self.last_byte >= self.s.network_timeout:
+                raise DeadlineExpired(f"silent for {self.s.network_timeout:.0f} s")
+            if (got or not first) and now >= self.pdu_deadline:
+                raise DeadlineExpired(f"a PDU took longer than {self.s.pdu_timeout:.0f} s to arrive")
+            if now >= idle:
+                raise DeadlineExpired(f"no DIMSE message completed in {self.s.idle_timeout:.0f} s")
 
 
 _REJECT_REASONS = {
@@ -563,33 +951,52 @@ def _kernel_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-def _close(sock: socket.socket) -> None:
+def _shutdown(sock: socket.socket) -> None:
+    """Wake the thread blocked reading ``sock`` (it closes the socket itself)."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    sock.close()
 
 
-def _read_header(conn: socket.socket) -> tuple[int, int]:
-    head = bytearray(6)
-    _read_into(conn, memoryview(head), 6)
-    return head[0], int(struct.unpack_from(">L", head, 2)[0])
+def _close(sock: socket.socket) -> None:
+    _shutdown(sock)
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
-def _read_into(conn: socket.socket, view: memoryview, n: int) -> None:
-    """Fill ``view[:n]`` from ``conn``. With MSG_WAITALL the kernel gathers a whole PDU in
-    one system call instead of returning once per arriving segment; it returns early only
-    on a timeout, a signal or a closed connection, which the loop handles."""
-    got = 0
-    while got < n:
-        r = conn.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
-        if r == 0:
-            raise ConnectionError("the peer closed the connection")
-        got += r
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send a last PDU (an A-ABORT) if the peer is still there to read it."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
 
 
-def _read_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    _read_into(conn, memoryview(buf), n)
-    return bytes(buf)
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Send a short last PDU on a non-blocking socket without waiting, then close: a peer
+    that does not read its A-ASSOCIATE-RJ must not stall the accept thread."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+    _close(sock)
+
+
+def _pynetdicom_loggers() -> list[logging.Logger]:
+    """pynetdicom's module loggers: a filter on a logger sees only what is logged to that
+    very logger, not what its children propagate."""
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("pynetdicom")]
+    return [logging.getLogger(name) for name in names]
+
+
+def _host(peer: str) -> str:
+    """The address part of ``host:port`` (log lines are rate-limited per address)."""
+    return peer.rsplit(":", 1)[0]
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -131,11 +131,9 @@ def cmd_scp(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    while not stop.wait(1.0):
-        if _orphaned(supervisor):
-            logging.getLogger("appliance.scp").warning(
-                "the supervisor ('appliance run') that started this SCP is gone; stopping")
-            break
+    from appliance.scp import serve_until_stopped
+
+    serve_until_stopped(server, store.data_dir, notifier.send, stop, lambda: _orphaned(supervisor))
     notifier.stopping("stopping: finishing associations in flight")
     server.stop()
     store.close(clean=True)

@@ -92,13 +92,19 @@ class Health:
     activity: str = ""
     #: Other problems worth a person's attention (a failed config reload, a child restarting).
     notes: tuple[str, ...] = ()
+    #: What the SCP's own report says is wrong ("" when nothing): not accepting connections,
+    #: cannot store, or no report at all. Fails the check, so the watchdog stops.
+    scp_problem: str = ""
+    #: The SCP's own numbers: associations, open files, threads, memory, the last store.
+    scp_detail: str = ""
 
     @property
     def ok(self) -> bool:
         """True when the watchdog may be fed: the SCP answers and the store takes writes.
 
         A full disk is reported but does not fail the check: a restart cannot free space."""
-        return self.scp_answered and (not self.store_problem or self.store_problem.startswith("store full"))
+        return (self.scp_answered and not self.scp_problem
+                and (not self.store_problem or self.store_problem.startswith("store full")))
 
     def status_line(self) -> str:
         """One line for ``STATUS=``: ``listening ELEKTA_STORAGE:104 · 1,234 studies · disk 41% used``."""
@@ -107,6 +113,8 @@ class Health:
             parts.append(f"SCP {self.listening or 'not running'} does not answer C-ECHO")
         else:
             parts.append(f"listening {self.listening}")
+        if self.scp_problem:
+            parts.append(self.scp_problem)
         if self.store_problem:
             parts.append(self.store_problem)
         parts.append(f"{self.counts.get('studies', 0):,} studies")
@@ -126,6 +134,12 @@ class Health:
             f"health:   {'OK' if self.ok else 'DEGRADED'}",
             f"scp:      {('listening ' + self.listening) if self.listening else 'not running'}"
             + (" (no answer to a loopback C-ECHO)" if self.listening and not self.scp_answered else ""),
+        ]
+        if self.scp_problem:
+            lines.append(f"scp:      PROBLEM: {self.scp_problem}")
+        if self.scp_detail:
+            lines.append(f"scp:      {self.scp_detail}")
+        lines += [
             f"store:    {self.store_problem or 'writable'}; disk {self.disk_used_percent:.0f}% used",
             f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
             f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances",
@@ -172,6 +186,39 @@ def echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> str | Non
         return None
     finally:
         assoc.release()
+
+
+#: Seconds without a report after which the SCP is taken for hung (it reports every 5 s).
+SCP_REPORT_STALE = 20.0
+
+
+def scp_report_view(report: dict[str, str], age: float | None, uptime: float) -> tuple[str, str]:
+    """Read the SCP's report (:func:`appliance.scp.report`, ``age`` seconds old, None if
+    none came in ``uptime`` seconds): return (what is wrong or "", its numbers in one line)."""
+    if age is None:
+        if uptime > SCP_REPORT_STALE:
+            return f"the Storage SCP has sent no report in {uptime:.0f} s (hung, or an older version)", ""
+        return "", ""
+    problem = ""
+    if age > SCP_REPORT_STALE:
+        problem = f"the Storage SCP has not reported for {age:.0f} s (hung?)"
+    elif report.get("X_ACCEPTING") != "1":
+        problem = ("the Storage SCP is not accepting connections: "
+                   f"{report.get('X_PROBLEM') or 'reason unknown'}; scanners cannot connect")
+    elif report.get("X_SELF_STORE", "ok") not in ("ok", "") and \
+            not report["X_SELF_STORE"].startswith("store full"):
+        problem = f"the Storage SCP cannot store: {report['X_SELF_STORE']}"
+    rss_mb = int(report.get("X_RSS_KB", "0") or 0) // 1024
+    detail = (f"{report.get('X_ASSOCIATIONS', '?')} association(s), {report.get('X_PENDING', '?')} waiting to "
+              f"associate, {report.get('X_FDS', '?')} open files, {report.get('X_THREADS', '?')} threads, "
+              f"{rss_mb} MB; {report.get('X_SERVED', '?')} associations served")
+    if report.get("X_SHED", "0") not in ("0", ""):
+        detail += f", {report['X_SHED']} idle connection(s) closed unserved"
+    last = report.get("X_LAST_STORE", "")
+    if last:
+        ago = report.get("X_LAST_STORE_AGE", "")
+        detail += f"; last store {'OK' if last == 'ok' else 'refused ' + last}" + (f" {ago} s ago" if ago else "")
+    return problem, detail
 
 
 def loopback(bind: str) -> str:

@@ -11,14 +11,27 @@ requestor proposes them in, and only peers that sent an A-ASSOCIATE-RQ hold one 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from appliance.acceptor import Acceptor, Association, Settings
+from appliance.acceptor import Acceptor, AcceptorState, Association, Settings
 from appliance.config import ScpConfig
 from appliance.ingest import Ingest
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the SCP's reports to its supervisor (its notify channel).
+REPORT_INTERVAL = 5.0
+#: Seconds between two self-stores into the scratch area.
+SELF_STORE_INTERVAL = 60.0
+#: The report's fields (sd_notify assignments of our own, next to STATUS=).
+REPORT_FIELDS = ("X_ACCEPTING", "X_PROBLEM", "X_ASSOCIATIONS", "X_PENDING", "X_SHED", "X_SERVED",
+                 "X_FDS", "X_THREADS", "X_RSS_KB", "X_LAST_STORE", "X_LAST_STORE_AGE", "X_SELF_STORE")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,11 @@ class StorageServer:
                 allowed_calling_aes=tuple(cfg.allowed_calling_aes),
                 acse_timeout=cfg.acse_timeout,
                 network_timeout=cfg.network_timeout,
+                pdu_timeout=cfg.pdu_timeout,
+                idle_timeout=cfg.idle_timeout,
+                max_command_bytes=cfg.max_command_bytes,
+                max_associate_rq_bytes=cfg.max_associate_rq_bytes,
+                max_pending_connections=cfg.max_pending_connections,
             ),
             ingest.open_stream,
             self._on_association_end,
@@ -60,6 +78,10 @@ class StorageServer:
         self._where = Listening(self.cfg.ae_title, host, port)
         log.info("Storage SCP %s listening on %s:%d", self.cfg.ae_title, host, port)
         return self._where
+
+    @property
+    def listening(self) -> bool:
+        return self._where is not None
 
     @property
     def port(self) -> int:
@@ -84,3 +106,118 @@ class StorageServer:
         """Recompute the 3D verdict of the series this association stored into."""
         if assoc.touched_series:
             self.ingest.store.update_verdicts(sorted(assoc.touched_series))
+
+    def state(self) -> AcceptorState:
+        """How the network side is doing (accepting, associations, the last store)."""
+        return self._acceptor.state()
+
+
+def self_store(data_dir: Path) -> str:
+    """Store a small file the way an object is stored (temp file in ``tmp/``, write,
+    fsync, rename into ``scratch/``, fsync of the folder), then remove it; return "" or
+    what went wrong, in words. ``scratch/`` is never indexed or exported."""
+    import errno
+
+    scratch = data_dir / "scratch"
+    tmp = data_dir / "tmp" / f"{os.getpid()}-self-store.part"
+    final = scratch / f"{os.getpid()}-self-store.dcm"
+    try:
+        scratch.mkdir(exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 128 + b"DICM" + b"self-store of the Storage SCP\n" * 128)
+            os.replace(tmp, final)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        final.unlink()
+        return ""
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            return "store full (no space left on the disk)"
+        if exc.errno == errno.EROFS:
+            return "store degraded: its file system is read-only"
+        if exc.errno == errno.EIO:
+            return "store degraded: input/output error (disk failing?)"
+        return f"store not writable: {exc.strerror}"
+
+
+def process_usage() -> tuple[int, int, int]:
+    """This process's open descriptors, threads and resident memory in KiB."""
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    rss_kb = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss_kb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return fds, threading.active_count(), rss_kb
+
+
+def report(server: StorageServer, self_store_result: str) -> list[str]:
+    """The SCP's report to its supervisor, as sd_notify assignments (one datagram)."""
+    st = server.state()
+    fds, threads, rss_kb = process_usage()
+    age = f"{time.time() - st.last_store_at:.0f}" if st.last_store_at else ""
+    problem = st.problem or ("" if st.accepting else "not accepting connections")
+    where = f"{server.cfg.ae_title}:{server.port}" if server.listening else "stopped"
+    status = f"listening {where} · {st.associations} association(s)" if st.accepting else \
+        f"NOT ACCEPTING on {where}: {problem}"
+    values = {
+        "X_ACCEPTING": "1" if st.accepting else "0",
+        "X_PROBLEM": problem,
+        "X_ASSOCIATIONS": str(st.associations),
+        "X_PENDING": str(st.pending),
+        "X_SHED": str(st.shed),
+        "X_SERVED": str(st.associations_served),
+        "X_FDS": str(fds),
+        "X_THREADS": str(threads),
+        "X_RSS_KB": str(rss_kb),
+        "X_LAST_STORE": st.last_store,
+        "X_LAST_STORE_AGE": age,
+        "X_SELF_STORE": self_store_result or "ok",
+    }
+    # One assignment per line: a value never spans lines.
+    return [f"STATUS={status}"] + [f"{k}={' '.join(v.split())}" for k, v in values.items()]
+
+
+def serve_until_stopped(server: StorageServer, data_dir: Path, send: Callable[..., None],
+                        stop: threading.Event, orphaned: Callable[[], bool]) -> None:
+    """The SCP process's main loop: every second, check whether the supervisor is still
+    there (``orphaned``); every :data:`REPORT_INTERVAL`, send the report (``send``, the
+    notifier); every :data:`SELF_STORE_INTERVAL`, self-store. Returns when ``stop`` is set
+    or the supervisor is gone."""
+    last_report = last_self_store = 0.0
+    self_store_result = ""
+    while True:
+        now = time.monotonic()
+        if now - last_self_store >= SELF_STORE_INTERVAL:
+            last_self_store = now
+            result = self_store(data_dir)
+            if result != self_store_result:
+                if result:
+                    log.error("self-store failed: %s", result)
+                else:
+                    log.info("self-store works again")
+            self_store_result = result
+        if now - last_report >= REPORT_INTERVAL:
+            last_report = now
+            try:
+                send(*report(server, self_store_result))
+            except Exception:  # noqa: BLE001 - the report is advisory; serving goes on
+                log.exception("cannot report to the supervisor")
+        if stop.wait(1.0):
+            return
+        if orphaned():
+            log.warning("the supervisor ('appliance run') that started this SCP is gone; stopping")
+            return

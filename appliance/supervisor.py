@@ -94,6 +94,10 @@ class ScpChild:
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     retired: bool = False
+    #: The SCP's last report (``X_*`` fields, see :func:`appliance.scp.report`) and when it came.
+    report: dict[str, str] = dataclasses.field(default_factory=dict)
+    report_at: float = 0.0
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def port(self) -> int:
@@ -139,6 +143,7 @@ class Supervisor:
         self.cfg = cfile.load()
         self.notifier = Notifier()
         self.store: Store | None = None
+        self._scp_problem = ""
         self._cfg_lock = threading.RLock()  # one config change (set, reload) at a time
         self._scp: ScpChild | None = None
         self._retired: list[ScpChild] = []
@@ -294,6 +299,8 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")}
         env["NOTIFY_SOCKET"] = str(self.listener.path)
         env[SUPERVISOR_PID] = str(os.getpid())
+        child.started_at = time.monotonic()
+        child.report, child.report_at = {}, 0.0
         child.proc = subprocess.Popen(cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         self._by_pid = {pid: c for pid, c in self._by_pid.items() if c.proc and c.proc.poll() is None}
         self._by_pid[child.proc.pid] = child
@@ -315,6 +322,11 @@ class Supervisor:
                 self._refresh.set()
             if note.fields.get("STOPPING") == "1":
                 child.stopping.set()
+            if "X_ACCEPTING" in note.fields:
+                child.report = note.fields
+                child.report_at = time.monotonic()
+                if note.fields["X_ACCEPTING"] != "1" or note.fields.get("X_SELF_STORE", "ok") != "ok":
+                    self._refresh.set()
 
     def _terminate(self, child: ScpChild) -> None:
         if child.proc is not None and child.proc.poll() is None:
@@ -442,7 +454,7 @@ class Supervisor:
         child = self._scp
         port = child.port if child is not None and child.ready.is_set() else None
         assert self.store is not None and self.jobs is not None
-        return health.check(
+        h = health.check(
             self.store,
             ae_title=self.cfg.scp.ae_title,
             host=health.loopback(self.cfg.scp.bind),
@@ -450,6 +462,24 @@ class Supervisor:
             activity=self.jobs.activity,
             notes=tuple(self._notes.values()),
         )
+        return self._with_scp_report(h)
+
+    def _with_scp_report(self, h: health.Health) -> health.Health:
+        """``h`` with what the SCP last reported of itself: a C-ECHO answered does not prove
+        that it accepts connections (its accept loop may have stopped) or can store."""
+        child = self._scp
+        if child is None or not child.ready.is_set() or child.proc is None or child.proc.poll() is not None:
+            return h
+        problem, detail = health.scp_report_view(child.report, time.monotonic() - child.report_at
+                                                 if child.report_at else None,
+                                                 time.monotonic() - child.started_at)
+        if problem != self._scp_problem:
+            if problem:
+                log.error("Storage SCP: %s", problem)
+            else:
+                log.warning("Storage SCP: healthy again (was: %s)", self._scp_problem)
+            self._scp_problem = problem
+        return dataclasses.replace(h, scp_problem=problem, scp_detail=detail)
 
     def _check_loop(self) -> None:
         interval = min(watchdog_interval() or CHECK_INTERVAL, CHECK_INTERVAL)
@@ -473,9 +503,9 @@ class Supervisor:
         else:
             assert self.jobs is not None
             results = health.last_results(self.data_dir)
-            self._last = dataclasses.replace(
+            self._last = self._with_scp_report(dataclasses.replace(
                 self._last, activity=self.jobs.activity, notes=tuple(self._notes.values()),
-                last_import=results.get("import"), last_export=results.get("export"))
+                last_import=results.get("import"), last_export=results.get("export")))
         line = self._last.status_line()
         if self._last.scp_answered and not self._ready_sent:
             self._ready_sent = True

@@ -167,3 +167,63 @@ def encode(ds: Dataset, ts: str = TransferSyntax.EXPLICIT_LE) -> bytes:
     clean.update(ds)
     write_dataset(buf, clean)
     return buf.getvalue()
+
+
+# -- raw upper-layer PDUs (PS3.8 9.3), for tests that must misbehave as a client ----------
+
+
+def associate_rq_pdu(called: str = "ELEKTA_STORAGE",
+                     contexts: list[tuple[str, list[str]]] | None = None, calling: str = "RAW") -> bytes:
+    """A real A-ASSOCIATE-RQ PDU (default: the Verification context in Implicit VR LE)."""
+    from pynetdicom import build_context
+    from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.transport import AddressInformation
+
+    prim = A_ASSOCIATE()
+    prim.application_context_name = APPLICATION_CONTEXT_NAME
+    prim.calling_ae_title = calling
+    prim.called_ae_title = called
+    prim.calling_presentation_address = AddressInformation("127.0.0.1", 1)
+    prim.called_presentation_address = AddressInformation("127.0.0.1", 2)
+    cxs = []
+    for i, (abstract, syntaxes) in enumerate(contexts or [(SOPClass.VERIFICATION, [TransferSyntax.IMPLICIT_LE])]):
+        cx = build_context(abstract, syntaxes)
+        cx.context_id = 2 * i + 1
+        cxs.append(cx)
+    prim.presentation_context_definition_list = cxs
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    prim.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return bytes(pdu.encode())
+
+
+def p_data_pdu(cx_id: int, control: int, data: bytes) -> bytes:
+    """A P-DATA-TF PDU with one PDV item (control: bit 0 command, bit 1 last fragment)."""
+    import struct
+
+    pdv = struct.pack(">LBB", len(data) + 2, cx_id, control) + data
+    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one PDU: (type, body); (0, b"") when the peer closed the connection."""
+    import struct
+
+    head = b""
+    while len(head) < 6:
+        chunk = sock.recv(6 - len(head))
+        if not chunk:
+            return 0, b""
+        head += chunk
+    (length,) = struct.unpack(">L", head[2:])
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            return 0, b""
+        body += chunk
+    return head[0], body

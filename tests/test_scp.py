@@ -461,7 +461,7 @@ def test_a_large_object_is_streamed_not_held_in_memory(make_server, tmp_path):
 
 def test_a_connect_flood_cannot_exhaust_the_server(server, tmp_path):
     """More idle connections than the acceptor keeps: the oldest are closed, storing works."""
-    from appliance.acceptor import MAX_IDLE_CONNECTIONS
+    MAX_IDLE_CONNECTIONS = ScpConfig().max_pending_connections
 
     files = write_series(ct_series(2), tmp_path / "s")
     socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_IDLE_CONNECTIONS + 40)]
