@@ -240,13 +240,18 @@ def store_problem(data_dir: Path) -> str:
         return ""
     except OSError as exc:
         probe.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            return "store full (no space left on the disk)"
-        if exc.errno == errno.EROFS:
-            return "store degraded: its file system is read-only"
-        if exc.errno == errno.EIO:
-            return "store degraded: input/output error (disk failing?)"
-        return f"store not writable: {exc.strerror}"
+        return store_error_words(exc)
+
+
+def store_error_words(exc: OSError) -> str:
+    """What an error writing the store means, in words (a full disk starts "store full")."""
+    if exc.errno == errno.ENOSPC:
+        return "store full (no space left on the disk)"
+    if exc.errno == errno.EROFS:
+        return "store degraded: its file system is read-only"
+    if exc.errno == errno.EIO:
+        return "store degraded: input/output error (disk failing?)"
+    return f"store not writable: {exc.strerror}"
 
 
 def check(

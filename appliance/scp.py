@@ -21,6 +21,7 @@ from typing import Callable
 
 from appliance.acceptor import Acceptor, AcceptorState, Association, Settings
 from appliance.config import ScpConfig
+from appliance.health import store_error_words
 from appliance.ingest import Ingest
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def self_store(data_dir: Path) -> str:
     """Store a small file the way an object is stored (temp file in ``tmp/``, write,
     fsync, rename into ``scratch/``, fsync of the folder), then remove it; return "" or
     what went wrong, in words. ``scratch/`` is never indexed or exported."""
-    import errno
-
     scratch = data_dir / "scratch"
     tmp = data_dir / "tmp" / f"{os.getpid()}-self-store.part"
     final = scratch / f"{os.getpid()}-self-store.dcm"
@@ -140,13 +139,7 @@ def self_store(data_dir: Path) -> str:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         final.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            return "store full (no space left on the disk)"
-        if exc.errno == errno.EROFS:
-            return "store degraded: its file system is read-only"
-        if exc.errno == errno.EIO:
-            return "store degraded: input/output error (disk failing?)"
-        return f"store not writable: {exc.strerror}"
+        return store_error_words(exc)
 
 
 def process_usage() -> tuple[int, int, int]:

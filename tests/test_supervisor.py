@@ -266,3 +266,25 @@ def test_a_stalled_notify_reader_does_not_stall_the_notifier(tmp_path, monkeypat
     first = stalled.recv(4096)
     assert first == b"STATUS=message 0"
     stalled.close()
+
+
+def test_status_shows_what_the_scp_reports_of_itself(appliance: Appliance) -> None:
+    """The SCP reports its associations, open files, threads, memory and last store over its
+    notify channel; 'appliance status' shows them, so a leak is seen before it stops storing."""
+    wait_for(lambda: appliance.notify.seen("READY", "1"), 60, "READY=1")
+    port = int(appliance.status()["listening"].rsplit(":", 1)[1])
+    r = run([dcmtk("storescu"), "-to", "10", "-aec", "ELEKTA_STORAGE", "127.0.0.1", str(port),
+             str(_one_ct(appliance.data.parent))])
+    assert r.returncode == 0, r.stderr
+    status = wait_for(lambda: (s := appliance.status()) and "last store OK" in s["scp_detail"] and s, 30,
+                      "the SCP's report of its last store")
+    assert status["ok"] and status["scp_problem"] == ""
+    assert "open files" in status["scp_detail"] and "threads" in status["scp_detail"]
+    text = appliance.cli("status").stdout
+    assert "open files" in text and "last store OK" in text
+
+
+def _one_ct(folder: Path) -> Path:
+    from helpers import ct_series, write_series
+
+    return write_series(ct_series(1), folder / "ct")[0]
