@@ -325,7 +325,8 @@ class Acceptor:
         self._selector: selectors.BaseSelector | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None  # stop() wakes the accept thread through these
+        self._wake_w: socket.socket | None = None
         self._quiet = _QuietPynetdicom()
         self._ratelimited = _RateLimitedLog()
         self._out_of_fds_since: float | None = None  # backing off since
@@ -359,6 +360,7 @@ class Acceptor:
             sock.close()
             raise
         self._listener = sock
+        self._wake_r, self._wake_w = socket.socketpair()
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -395,10 +397,8 @@ class Acceptor:
     def stop(self, grace: float) -> None:
         """Stop accepting; give associations ``grace`` seconds, then abort them."""
         self._stopping.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        if self._wake_w is not None:
+            _send_quietly(self._wake_w, b"x")
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
         if self._listener is not None:
@@ -421,8 +421,9 @@ class Acceptor:
             t.join(timeout=5)
         if self._selector is not None:
             self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
         for logger in _pynetdicom_loggers():
             logger.removeFilter(self._quiet)
 
@@ -459,6 +460,7 @@ class Acceptor:
             if key.fileobj is self._listener:
                 self._accept_burst()
             elif key.fileobj is self._wake_r:
+                assert self._wake_r is not None
                 self._wake_r.recv(64)
             else:
                 pending = self._pending.get(key.fileobj)  # type: ignore[call-overload]

@@ -220,10 +220,19 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    """Rebuild the index from the stored files."""
-    store = open_store(args)
-    n = store.reindex()
-    store.close(clean=False)
+    """Rebuild the index from the stored files. On a full or failing disk this stops with one
+    line saying whether the old index was kept or must be rebuilt again (exit 1)."""
+    from appliance.errors import StoreDiskError, StoreFullError
+
+    try:
+        store = open_store(args)
+    except (StoreFullError, StoreDiskError) as exc:
+        remedy = "Free space" if isinstance(exc, StoreFullError) else "Check the disk"
+        raise type(exc)(f"{exc}; nothing was changed. {remedy}, then run 'appliance reindex' again") from exc
+    try:
+        n = store.reindex()
+    finally:
+        store.close(clean=False)
     print(f"reindexed {n} stored object(s) under {store.data_dir}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -24,6 +25,9 @@ SCHEMA_VERSION = 1
 
 #: Idle connections kept for the next call; more are opened while needed and closed after.
 MAX_IDLE_CONNECTIONS = 4
+
+#: Below this many free bytes, an I/O error of SQLite is taken for a full disk.
+NEARLY_FULL = 2**20
 
 _READ = "the index could not be read"
 
@@ -359,15 +363,26 @@ def _close_quietly(con: sqlite3.Connection) -> None:
 def _index_error(exc: sqlite3.Error, what: str, path: Path) -> StoreError:
     """Turn SQLite's ``exc`` into the StoreError a caller branches on."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_IOERR and _nearly_full(path):
+        code = sqlite3.SQLITE_FULL  # e.g. growing index.sqlite-shm: SQLite says "disk I/O error"
     if code == sqlite3.SQLITE_FULL:
-        return StoreFullError(f"the store's disk is full ({what})")
+        return StoreFullError(f"the store's disk is full: {what}")
     if code == sqlite3.SQLITE_READONLY:
-        return StoreDiskError(f"the store's disk is read-only ({what}): {exc}")
+        return StoreDiskError(f"the store's disk is read-only: {what} ({exc})")
     if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
-        return StoreDiskError(f"the store's disk cannot be written or read ({what}): {exc}")
+        return StoreDiskError(f"the store's disk cannot be written or read: {what} ({exc})")
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return StoreError(f"{what}: the index {path} is damaged ({exc}); run 'appliance reindex' to rebuild it")
     return StoreError(f"{what}: {exc} (index {path})")
+
+
+def _nearly_full(path: Path) -> bool:
+    """True if the file system holding ``path`` has less than :data:`NEARLY_FULL` free."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
 
 
 def _instance_row(r: sqlite3.Row) -> InstanceRow:

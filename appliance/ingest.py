@@ -8,7 +8,6 @@ SOP Instance UID and where the object came from.
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -30,8 +29,8 @@ from appliance.conformance import (
     TransferSyntax,
     allowed_character_sets,
 )
-from appliance.errors import StoreError, StoreFullError
-from appliance.store import DuplicateConflict, Store, StoredObject
+from appliance.errors import StoreDiskError, StoreError, StoreFullError
+from appliance.store import DuplicateConflict, Store, StoredObject, remove_temp, store_error
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +144,10 @@ class Ingest:
                 raise Refused(Status.OUT_OF_RESOURCES, str(exc)) from None
         except Refused as r:
             return self._refused(r, uid, source)
+        except StoreDiskError as exc:
+            # Not the object's fault: Out of Resources tells the sender to try again later.
+            log.error("could not store SOP Instance %s from %s: %s", uid, source, exc)
+            return Outcome(Status.OUT_OF_RESOURCES, str(exc), uid)
         except StoreError as exc:
             log.error("could not store SOP Instance %s from %s: %s", uid, source, exc)
             return Outcome(Status.PROCESSING_FAILURE, str(exc), uid)
@@ -302,7 +305,7 @@ class IncomingObject:
         self.size = 0
         self._fd = -1
         self._tmp: Path | None = None
-        self._error: OSError | StoreError | None = None
+        self._error: StoreError | None = None
         self._refusal = ingest.space_status()
         if self._refusal is None:
             try:
@@ -310,7 +313,9 @@ class IncomingObject:
                 meta = dicomio.file_meta(sop_class_uid, sop_instance_uid, ts, source.calling_ae)
                 self._meta_len = len(meta)
                 self._write(memoryview(meta))
-            except (StoreError, dicomio.EncodingError) as exc:
+            except StoreError as exc:
+                self._error = exc
+            except dicomio.EncodingError as exc:
                 self._error = StoreError(str(exc))
 
     def _write(self, data: memoryview) -> None:
@@ -318,7 +323,7 @@ class IncomingObject:
             while data:
                 data = data[os.write(self._fd, data):]
         except OSError as exc:
-            self._error = exc
+            self._error = store_error(exc, "cannot write to the store")
             self._close()
 
     def write(self, data: memoryview) -> None:
@@ -339,19 +344,23 @@ class IncomingObject:
         finally:
             self.discard()
 
-    def _write_failure(self, err: OSError | StoreError) -> Outcome:
-        if isinstance(err, StoreFullError) or getattr(err, "errno", None) == errno.ENOSPC:
-            return self.ingest._refused(
-                Refused(Status.OUT_OF_RESOURCES, "the store's disk is full; nothing was stored. Free space to resume"),
-                self.sop_instance_uid, self.source)
+    def _write_failure(self, err: StoreError) -> Outcome:
+        if isinstance(err, StoreFullError):
+            return self.ingest._refused(Refused(Status.OUT_OF_RESOURCES, str(err)), self.sop_instance_uid,
+                                        self.source)
         log.error("could not store SOP Instance %s from %s: %s", self.sop_instance_uid, self.source, err)
-        return Outcome(Status.PROCESSING_FAILURE, f"cannot write to the store: {err}", self.sop_instance_uid)
+        status = Status.OUT_OF_RESOURCES if isinstance(err, StoreDiskError) else Status.PROCESSING_FAILURE
+        return Outcome(status, str(err), self.sop_instance_uid)
 
     def _validate_and_commit(self) -> Outcome:
         assert self._tmp is not None
         tmp = self._tmp
         total = self._meta_len + self.size
-        with mmap.mmap(self._fd, total, prot=mmap.PROT_READ) as mapped:
+        try:
+            mapped = mmap.mmap(self._fd, total, prot=mmap.PROT_READ)
+        except OSError as exc:
+            return self._write_failure(store_error(exc, "cannot read back the received object"))
+        with mapped:
             view = memoryview(mapped)
             body = view[self._meta_len:]
             try:
@@ -376,6 +385,6 @@ class IncomingObject:
         """Drop whatever was received and not stored (idempotent)."""
         self._close()
         if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+            remove_temp(self._tmp)
             self._tmp = None
 

@@ -8,11 +8,16 @@ Layout under the data directory::
     quarantine/                                   incomplete files found after a power cut
     index.sqlite                                  the index (WAL)
     .in-use, .uid-locks                           writer and per-UID locks (see Store)
+    .clean-shutdown, .reconcile-needed            whether the next start must reconcile
 
 An object is written to ``tmp/``, fsynced, renamed into ``objects/`` (the directory is
 fsynced too), and only then indexed; only then does the sender hear success. After a crash
 the files are the truth: :meth:`Store.recover` indexes files the index lacks and drops rows
 whose file is gone.
+
+A full disk (or an I/O error, a read-only disk) at any step raises StoreFullError
+(StoreDiskError) and leaves the object either stored and indexed or absent. If undoing a
+step fails too, the store withholds the clean-shutdown mark, so the next start reconciles.
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from appliance import attributes, dicomio, volume
 from appliance.conformance import TransferSyntax
 from appliance.config import DuplicatePolicy
-from appliance.errors import StoreError, StoreFullError
+from appliance.errors import StoreDiskError, StoreError, StoreFullError
 from appliance.index import Index, InstanceRow
 
 log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CLEAN_MARK = ".clean-shutdown"
+#: Left when index and files may disagree (a cleanup failed): no writer marks a clean
+#: shutdown while it exists, and the next start reconciles and removes it.
+_RECONCILE_NOTE = ".reconcile-needed"
 
 
 class DuplicateConflict(StoreError):
@@ -132,6 +140,8 @@ class Store:
         self._lock = threading.Lock()
         self._bucket_locks = [threading.Lock() for _ in range(_UID_LOCK_BUCKETS)]
         self._uid_lock_file: int | None = None
+        #: Why index and files may disagree (a cleanup failed), or None.
+        self._mismatch: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -145,10 +155,19 @@ class Store:
                 continue  # another process (the supervisor's CD import, an older SCP) is writing it
             log.info("removing unfinished object %s left by an earlier run", leftover.name)
             leftover.unlink(missing_ok=True)
+        result = {"indexed": 0, "dropped": 0}
         if alone and self._unclean:
-            result = self.recover()
-        else:  # a clean stop, or another live process has the store: nothing crashed
-            result = {"indexed": 0, "dropped": 0}
+            try:
+                result = self.recover()
+            except (StoreFullError, StoreDiskError) as exc:
+                # Serve anyway (objects are refused while the disk is full); retry next start.
+                self._note_mismatch(f"checking the store's index against its files after an unclean stop "
+                                    f"did not finish: {exc}")
+            else:
+                self._mismatch = None
+                with contextlib.suppress(OSError):
+                    (self.data_dir / _RECONCILE_NOTE).unlink(missing_ok=True)
+        # else a clean stop, or another live process has the store: nothing crashed
         self.update_verdicts()
         return result
 
@@ -165,7 +184,7 @@ class Store:
         try:
             self._lockfile = open(self.data_dir / ".in-use", "a+b")
         except OSError as exc:
-            raise _store_error(exc, "cannot open the store's lock file") from exc
+            raise store_error(exc, "cannot open the store's lock file") from exc
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
@@ -173,7 +192,7 @@ class Store:
             alone = False
         fcntl.flock(self._lockfile, fcntl.LOCK_SH)
         mark = self.data_dir / _CLEAN_MARK
-        self._unclean = alone and not mark.exists()
+        self._unclean = alone and (not mark.exists() or (self.data_dir / _RECONCILE_NOTE).exists())
         if mark.exists():
             mark.unlink(missing_ok=True)
             _fsync_dir(self.data_dir)
@@ -190,14 +209,23 @@ class Store:
         if self._lockfile is None:
             return
         try:
+            if clean and (self._mismatch is not None or (self.data_dir / _RECONCILE_NOTE).exists()):
+                log.warning("not marking a clean shutdown: the store's index and files may disagree (%s); "
+                            "the next start checks and reconciles them",
+                            self._mismatch or f"{_RECONCILE_NOTE} is present")
+                clean = False
             if clean:
                 try:
                     fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     pass  # another writer is still running; it will mark when it stops
                 else:
-                    (self.data_dir / _CLEAN_MARK).touch()
-                    _fsync_dir(self.data_dir)
+                    try:
+                        (self.data_dir / _CLEAN_MARK).touch()
+                        _fsync_dir(self.data_dir)
+                    except OSError as exc:
+                        log.warning("cannot mark a clean shutdown (%s); the next start checks the store's "
+                                    "index against its files", exc.strerror)
         finally:
             self._lockfile.close()
             self._lockfile = None
@@ -214,6 +242,8 @@ class Store:
                 try:
                     self._index_file(path, calling_ae=None, origin="recovered")
                     indexed += 1
+                except (StoreFullError, StoreDiskError):
+                    raise  # the disk, not the file: keep the file where it is
                 except (StoreError, dicomio.EncodingError, attributes.AttributeDecodeError, OSError) as exc:
                     # Never acknowledged (its index row would exist): an object cut short by a
                     # power failure. Keep it out of sight, but keep it.
@@ -236,17 +266,53 @@ class Store:
         return result
 
     def reindex(self) -> int:
-        """Rebuild the whole index from the stored files; return how many were indexed."""
-        self.index.clear()
+        """Rebuild the whole index from the stored files; return how many were indexed.
+
+        On a full or failing disk it stops with StoreFullError or StoreDiskError saying
+        whether the index was left as it was or rebuilt in part (then the next start of the
+        service reconciles it, and running reindex again completes it)."""
+        paths = sorted(self.objects.rglob("*.dcm"))
+        try:
+            self.index.clear()
+        except (StoreFullError, StoreDiskError) as exc:
+            raise type(exc)(f"{exc}; the index was left as it was. {_remedy(exc)}, then run "
+                            "'appliance reindex' again") from exc
         count = 0
-        for path in sorted(self.objects.rglob("*.dcm")):
+        for path in paths:
             try:
                 self._index_file(path, calling_ae=None, origin="reindex")
                 count += 1
+            except (StoreFullError, StoreDiskError) as exc:
+                self._withhold_clean_mark()
+                raise type(exc)(f"{exc}; the index was rebuilt only in part ({count} of {len(paths)} "
+                                f"objects). {_remedy(exc)}, then run 'appliance reindex' again") from exc
             except (StoreError, dicomio.EncodingError, OSError) as exc:
                 log.warning("stored file %s cannot be indexed: %s", path, exc)
+        with contextlib.suppress(OSError):
+            (self.data_dir / _RECONCILE_NOTE).unlink(missing_ok=True)
         self.update_verdicts()
         return count
+
+    def _note_mismatch(self, what: str) -> None:
+        """Index and files may disagree because of ``what``: say so, and make sure the next
+        start reconciles them."""
+        self._mismatch = what
+        log.error("%s. Until the service is restarted, which checks and repairs this, the list of stored "
+                  "objects may not match the files on the disk", what)
+        self._withhold_clean_mark()
+
+    def _withhold_clean_mark(self) -> None:
+        """Make the next start reconcile index and files, even if another writer still running
+        stops cleanly: remove the clean-shutdown mark and leave the reconcile note (both work
+        on a full disk, unless it also has no inode left; this process then still withholds
+        the mark at close)."""
+        for step in ((self.data_dir / _CLEAN_MARK).unlink, (self.data_dir / _RECONCILE_NOTE).touch):
+            try:
+                step()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.debug("withholding the clean-shutdown mark: %s", exc)
 
     def _index_file(self, path: Path, calling_ae: str | None, origin: str) -> None:
         data = path.read_bytes()
@@ -313,7 +379,7 @@ class Store:
         try:
             return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
-            raise _store_error(exc, "cannot create a file in the store") from exc
+            raise store_error(exc, "cannot create a file in the store") from exc
 
     def put(
         self,
@@ -339,12 +405,12 @@ class Store:
                     while view:
                         view = view[os.write(fd, view):]
             except OSError as exc:
-                raise _store_error(exc, "cannot write to the store") from exc
+                raise store_error(exc, "cannot write to the store") from exc
             return self.commit(tmp, fd, body, attrs, transfer_syntax, len(meta) + len(body),
                                calling_ae=calling_ae, origin=origin, flags=flags, policy=policy)
         finally:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            remove_temp(tmp)
 
     def commit(
         self,
@@ -376,36 +442,79 @@ class Store:
         try:
             with self._uid_lock(uid):
                 old = self.index.instance(uid)
-                moved: Path | None = None
-                if old is not None and (self.data_dir / old.path).exists():
+                old_path = None if old is None else self.data_dir / old.path
+                if old is not None and old_path is not None and old_path.exists():
                     if self._same_as_stored(old, body, transfer_syntax):
-                        return StoredObject(uid, self.data_dir / old.path, already_stored=True)
+                        return StoredObject(uid, old_path, already_stored=True)
                     if policy is DuplicatePolicy.REJECT:
                         raise DuplicateConflict(
                             f"a different object with SOP Instance UID {uid} is already stored "
                             f"(received {old.received_at} from {old.calling_ae or 'media'}); "
                             "the stored one was kept"
                         )
-                    moved = self._supersede(self.data_dir / old.path)
+                else:
+                    old_path = None
+                return self._place(tmp, fd, final, old_path, uid,
+                                   lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae,
+                                                     origin, flags))
+        except OSError as exc:  # the UID lock
+            raise store_error(exc, f"cannot store {uid}") from exc
+
+    def _place(self, tmp: Path, fd: int, final: Path, old_path: Path | None, uid: str,
+               row: Callable[[], dict[str, Any]]) -> StoredObject:
+        """Supersede ``old_path`` (if any), rename ``tmp`` to ``final``, fsync, index.
+
+        Any failure undoes the steps done (see :meth:`_undo`) and raises a StoreError."""
+        moved: Path | None = None
+        placed = False
+        try:
+            try:
+                if old_path is not None:
+                    dest = self._superseded_name(old_path)
+                    os.replace(old_path, dest)
+                    moved = dest
+                    _fsync_dir(self.superseded)
                 if not final.parent.is_dir():
                     final.parent.mkdir(parents=True, exist_ok=True)
                     _fsync_dir(final.parent.parent)
                     _fsync_dir(final.parent.parent.parent)
                 os.replace(tmp, final)
-                try:
-                    os.fsync(fd)  # ENOSPC of delayed allocation shows up here
-                    _fsync_dir(final.parent)
-                except OSError:
-                    final.unlink(missing_ok=True)
-                    if moved is not None:
-                        os.replace(moved, self.data_dir / old.path)  # type: ignore[union-attr]
-                    raise
-                self.index.add(
-                    self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags)
-                )
-                return StoredObject(uid, final, already_stored=False, superseded=moved)
-        except OSError as exc:
-            raise _store_error(exc, f"cannot store {uid}") from exc
+                placed = True
+                os.fsync(fd)  # ENOSPC of delayed allocation (or a thin disk) shows up here
+                _fsync_dir(final.parent)
+            except OSError as exc:
+                raise store_error(exc, f"cannot store {uid}") from exc
+            self.index.add(row())
+        except StoreError as exc:
+            undone = self._undo(uid, final if placed else None, moved, old_path)
+            raise _not_stored(exc, undone) from exc
+        if moved is not None:
+            log.warning("replaced stored object %s; the previous version is kept as %s", final.name, moved)
+        return StoredObject(uid, final, already_stored=False, superseded=moved)
+
+    def _undo(self, uid: str, final: Path | None, moved: Path | None, old_path: Path | None) -> bool:
+        """Take back a failed store: remove the new file ``final``, move the superseded
+        ``moved`` back to ``old_path``. Return False (and note the mismatch) if that fails."""
+        problems = []
+        if final is not None:
+            try:
+                final.unlink(missing_ok=True)
+            except OSError as exc:
+                problems.append(f"its file {final.relative_to(self.data_dir)} could not be removed ({exc.strerror})")
+        if moved is not None and old_path is not None:
+            try:
+                os.replace(moved, old_path)
+            except OSError as exc:
+                problems.append(f"the previous version could not be moved back from "
+                                f"{moved.relative_to(self.data_dir)} ({exc.strerror})")
+        for folder in {p.parent for p in (final, old_path) if p is not None}:
+            with contextlib.suppress(OSError):
+                _fsync_dir(folder)
+        if problems:
+            self._note_mismatch(f"storing SOP Instance {uid} failed, and undoing it failed too: "
+                                + "; ".join(problems))
+            return False
+        return True
 
     def _same_as_stored(self, old: InstanceRow, body: bytes | memoryview, transfer_syntax: str) -> bool:
         """True if ``body`` holds the same object as the stored one: the same bytes, or
@@ -421,13 +530,9 @@ class Store:
             log.warning("cannot compare with stored %s: %s", old.sop_instance_uid, exc)
             return False
 
-    def _supersede(self, path: Path) -> Path:
+    def _superseded_name(self, path: Path) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        dest = self.superseded / f"{stamp}-{path.name}"
-        os.replace(path, dest)
-        _fsync_dir(self.superseded)
-        log.warning("replaced stored object %s; the previous version is kept as %s", path.name, dest)
-        return dest
+        return self.superseded / f"{stamp}-{path.name}"
 
     @contextlib.contextmanager
     def _uid_lock(self, uid: str) -> Iterator[None]:
@@ -459,7 +564,7 @@ class Store:
                     try:
                         self._uid_lock_file = os.open(self.data_dir / ".uid-locks", os.O_RDWR | os.O_CREAT, 0o640)
                     except OSError as exc:
-                        raise _store_error(exc, "cannot open the store's lock file") from exc
+                        raise store_error(exc, "cannot open the store's lock file") from exc
         return self._uid_lock_file
 
     # -- reading ---------------------------------------------------------------
@@ -473,7 +578,14 @@ class Store:
         return self.index.instances(series_uid)
 
     def update_verdicts(self, series: Iterator[str] | list[str] | None = None) -> None:
-        """Recompute the 3D verdict of the given series (default: every stale one)."""
+        """Recompute the 3D verdict of the given series (default: every stale one). On a full
+        or failing disk the verdicts stay stale (recomputed next time) and a warning is logged."""
+        try:
+            self._update_verdicts(series)
+        except (StoreFullError, StoreDiskError) as exc:
+            log.warning("3D verdicts not updated (%s); they are computed again later", exc)
+
+    def _update_verdicts(self, series: Iterator[str] | list[str] | None) -> None:
         for series_uid in series if series is not None else self.index.stale_series():
             rows = self.index.geometry(series_uid)
             if not rows:
@@ -493,10 +605,51 @@ class Store:
             self.index.set_verdict(series_uid, v.ok, v.reason)
 
 
-def _store_error(exc: OSError, what: str) -> StoreError:
-    if exc.errno == errno.ENOSPC:
-        return StoreFullError("the store's disk is full; nothing was stored. Free space to resume")
+#: The first words of a refusal are what the sender sees (an Error Comment holds 64 characters).
+_FULL = "the disk is full; nothing was stored. Free space to resume"
+
+
+def store_error(exc: OSError, what: str) -> StoreError:
+    """The StoreError for ``exc`` met while storing: StoreFullError for a full disk,
+    StoreDiskError for an I/O error or a read-only disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFullError(_FULL)
+    if exc.errno == errno.EROFS:
+        return StoreDiskError(f"the disk is read-only; nothing was stored. Check the disk ({what}: the system "
+                              "makes the store's disk read-only after disk errors)")
+    if exc.errno == errno.EIO:
+        return StoreDiskError(f"the disk reports I/O errors; nothing was stored. Check the disk ({what})")
     return StoreError(f"{what}: {exc.strerror}")
+
+
+def _remedy(exc: StoreError) -> str:
+    return "Free space" if isinstance(exc, StoreFullError) else "Check the disk"
+
+
+def _not_stored(exc: StoreError, undone: bool) -> StoreError:
+    """``exc`` (from a step of storing), saying first what became of the object."""
+    message = str(exc)
+    if not undone:
+        message = (f"storing failed and could not be undone; a restart repairs the store. {_remedy(exc)} "
+                   f"({message})")
+    elif "nothing was stored" in message:
+        pass
+    elif isinstance(exc, StoreFullError):
+        message = f"{_FULL} ({message})"
+    elif isinstance(exc, StoreDiskError):
+        message = f"the disk failed; nothing was stored. Check the disk ({message})"
+    else:
+        message = f"nothing was stored: {message}"
+    return type(exc)(message)
+
+
+def remove_temp(tmp: Path) -> None:
+    """Remove the temp file ``tmp`` if it is there; a failure is left to the next start,
+    which empties ``tmp/``."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot remove %s: %s", tmp, exc.strerror)
 
 
 def _vec(value: str | None) -> tuple[float, ...] | None:
