@@ -4,8 +4,9 @@ Part 10 file meta header.
 pydicom decodes leniently (a truncated value is read short, a lying length is believed
 as far as it goes). Before anything is stored, :func:`walk` proves that every element of
 a data set fits in the bytes received, that sequences and items are closed, and that
-nothing trails the last element. It reports where the top-level elements lie, so that
-the Pixel Data length and its group length can be checked without decoding pixels.
+nothing trails the last element; in Explicit VR also that every VR is one of PS3.5. It
+reports where the top-level elements lie, so that the Pixel Data length and its group
+length can be checked without decoding pixels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 PIXEL_DATA_GROUP_LENGTH = 0x7FE00000
 
+#: The VRs of PS3.5 Table 6.2-1, all of which pydicom 3 reads.
+VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+    b"US UT UV".split()
+)
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _MAX_DEPTH = 32
@@ -61,8 +67,21 @@ class Layout:
         )
 
 
-def _tag_str(tag: int) -> str:
+def tag_str(tag: int) -> str:
+    """``(GGGG,EEEE)``, as a tag is written in messages."""
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _bad_vr(tag: int, vr: bytes, pos: int) -> str:
+    """The refusal of an Explicit VR element whose VR is not in PS3.5 Table 6.2-1.
+
+    PS3.5 7.1.2 reads an unknown VR with the 4-byte length of UN, pydicom 3 with a 2-byte
+    length: readers disagree on where the next element starts, so what was checked here is
+    not what would be read back. Tag and VR come first: an Error Comment keeps 64 characters."""
+    if 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+        return (f"unknown VR '{vr.decode()}' in {tag_str(tag)} at byte {pos}: not a VR of PS3.5 "
+                "Table 6.2-1, so its length cannot be read reliably")
+    return f"no valid VR in {tag_str(tag)} at byte {pos} ({vr!r})"
 
 
 class _Walker:
@@ -79,7 +98,7 @@ class _Walker:
         """Raise unless ``n`` bytes from ``pos`` are there; ``what`` may name ``{tag}``
         and ``{n}`` (formatted only on failure: this runs for every element)."""
         if pos + n > self.size:
-            what = what.format(tag=_tag_str(tag), n=n)
+            what = what.format(tag=tag_str(tag), n=n)
             raise EncodingError(
                 f"the data set ends after {self.size} bytes, inside {what} "
                 f"(needs {pos + n - self.size} more bytes); it was truncated or a length is wrong"
@@ -97,8 +116,8 @@ class _Walker:
             (length,) = self._u32.unpack_from(self.buf, pos + 4)
             return tag, None, length, pos + 8
         vr = bytes(self.buf[pos + 4 : pos + 6])
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-            raise EncodingError(f"element {_tag_str(tag)} at byte {pos} has no valid VR ({vr!r})")
+        if vr not in VRS:
+            raise EncodingError(_bad_vr(tag, vr, pos))
         if vr in _LONG_VRS:
             self.need(pos, 12, "the header of {tag}", tag)
             (length,) = self._u32.unpack_from(self.buf, pos + 8)
@@ -111,7 +130,7 @@ class _Walker:
         value offset, end)."""
         tag, vr, length, vpos = self.header(pos, implicit)
         if tag >> 16 == 0xFFFE:
-            raise EncodingError(f"unexpected item tag {_tag_str(tag)} at byte {pos}")
+            raise EncodingError(f"unexpected item tag {tag_str(tag)} at byte {pos}")
         if length == UNDEFINED_LENGTH:
             if vr is None or vr == b"SQ":
                 end = self.sequence(vpos, None, implicit, depth + 1)
@@ -121,7 +140,7 @@ class _Walker:
             elif vr in (b"OB", b"OW") and tag == PIXEL_DATA:
                 end = self.fragments(vpos)
             else:
-                raise EncodingError(f"element {_tag_str(tag)} ({vr.decode()}) has undefined length")
+                raise EncodingError(f"element {tag_str(tag)} ({vr.decode()}) has undefined length")
             return tag, vr, length, vpos, end
         self.need(vpos, length, "the value of {tag} ({n} bytes)", tag)
         end = vpos + length
@@ -154,7 +173,7 @@ class _Walker:
                     raise EncodingError(f"sequence delimiter inside a defined-length sequence at byte {pos}")
                 return vpos
             if tag != ITEM:
-                raise EncodingError(f"expected a sequence item at byte {pos}, found {_tag_str(tag)}")
+                raise EncodingError(f"expected a sequence item at byte {pos}, found {tag_str(tag)}")
             if length == UNDEFINED_LENGTH:
                 pos = self.items_body(vpos, None, implicit, depth)
             else:
@@ -184,7 +203,7 @@ def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Lay
     while pos < w.size:
         tag, vr, length, vpos, end = w.element(pos, implicit_vr, 0)
         if tag in top:
-            raise EncodingError(f"element {_tag_str(tag)} appears twice")
+            raise EncodingError(f"element {tag_str(tag)} appears twice")
         top[tag] = Element(tag, vr, pos, vpos, None if length == UNDEFINED_LENGTH else length, end)
         pos = end
     return Layout(top, w.size)

@@ -69,3 +69,37 @@ def test_file_meta_reads_back_with_pydicom(tmp_path):
 def test_split_part10_refuses_non_dicom():
     with pytest.raises(dicomio.EncodingError, match="DICM"):
         dicomio.split_part10(b"hello" * 100)
+
+
+def _with_raw_element(vr, value, ts=TransferSyntax.EXPLICIT_LE):
+    """A generated CT data set with the private element (0009,1001) encoded by hand as ``vr``."""
+    from helpers import ct_series
+
+    ds = ct_series(1)[0]
+    low, high = Dataset(), Dataset()
+    for elem in ds:
+        (low if elem.tag < 0x00090000 else high).add(elem)
+    end = "<" if TransferSyntax(ts).is_little_endian else ">"
+    raw = struct.pack(end + "HH2sH", 0x0009, 0x1001, vr, len(value)) + value
+    return encode(low, ts) + raw + encode(high, ts)
+
+
+def test_vrs_are_those_pydicom_reads():
+    from pydicom.valuerep import STANDARD_VR
+
+    assert dicomio.VRS == {vr.encode() for vr in STANDARD_VR}
+
+
+@pytest.mark.parametrize("vr", [b"TS", b"LK", b"ZZ", b"AA"])
+def test_unknown_vr_is_refused_naming_tag_and_vr(vr):
+    # PS3.5 7.1.2 would read it with a 4-byte length, pydicom with a 2-byte one.
+    body = _with_raw_element(vr, b"ABCD")
+    with pytest.raises(dicomio.EncodingError, match=rf"unknown VR '{vr.decode()}' in \(0009,1001\)"):
+        dicomio.walk(body, False, True)
+
+
+def test_every_known_short_vr_walks():
+    for vr in sorted(dicomio.VRS - {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                                    b"UR", b"UT", b"UV"}):
+        layout = dicomio.walk(_with_raw_element(vr, b"\x00" * 8), False, True)
+        assert layout.elements[0x00091001].vr == vr

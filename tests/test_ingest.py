@@ -228,3 +228,41 @@ def test_fast_attribute_decoding_agrees_with_pydicom(s):
             assert got[column] == pytest.approx(float(value)), column
         elif column == "image_position_patient":
             assert [float(v) for v in got[column].split("\\")] == pytest.approx([float(v) for v in value])
+
+
+def _with_private(ds, vr, value):
+    """``ds`` encoded in Explicit VR LE with the private element (0009,1001) written by hand as ``vr``."""
+    import struct
+
+    from pydicom.dataset import Dataset
+
+    low, high = Dataset(), Dataset()
+    for elem in ds:
+        (low if elem.tag < 0x00090000 else high).add(elem)
+    raw = struct.pack("<HH2sH", 0x0009, 0x1001, vr, len(value)) + value
+    return encode(low) + raw + encode(high)
+
+
+@pytest.mark.parametrize("vr", [b"TS", b"LK"])
+def test_an_unknown_vr_is_refused_every_time_it_is_sent(ingest, vr):
+    ds = ct_series(1)[0]
+    body = _with_private(ds, vr, b"ABCD")
+    for again in (body, body, _with_private(_changed(ds), vr, b"WXYZ")):  # the same, then other content
+        out = ingest.accept(again, TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                            sop_instance_uid=ds.SOPInstanceUID, source=NET)
+        assert out.status == Status.CANNOT_UNDERSTAND
+        # An Error Comment (LO) keeps 64 characters: they name the tag and the VR.
+        assert f"unknown VR '{vr.decode()}' in (0009,1001)" in out.comment[:64], out.comment
+    assert ingest.store.index.counts()["instances"] == 0 and list(ingest.store.objects.rglob("*.dcm")) == []
+
+
+def test_an_unknown_vr_leaves_the_stored_object_alone(ingest):
+    ds = ct_series(1)[0]
+    ok = ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                       sop_instance_uid=None, source=NET)
+    stored = ok.path.read_bytes()
+    for body in (_with_private(ds, b"TS", b"ABCD"), _with_private(_changed(ds), b"TS", b"ABCD")):
+        out = ingest.accept(body, TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                            sop_instance_uid=None, source=NET)
+        assert out.status == Status.CANNOT_UNDERSTAND and "unknown VR 'TS'" in out.comment
+    assert ok.path.read_bytes() == stored and ingest.store.index.counts()["instances"] == 1
