@@ -47,7 +47,7 @@ from appliance.index import Index, InstanceRow
 
 log = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _CLEAN_MARK = ".clean-shutdown"
 #: Left when index and files may disagree (a cleanup failed): no writer marks a clean
 #: shutdown while it exists, and the next start reconciles and removes it.
@@ -75,7 +75,7 @@ def path_component(uid: str) -> str:
 
     A well-formed UID (digits and dots, at most 64 characters) is used as it is; anything
     else is replaced by a hash, so no UID can name a path outside the store."""
-    if len(uid) <= 64 and _UID_RE.match(uid):
+    if len(uid) <= 64 and _UID_RE.fullmatch(uid):
         return uid
     return "h" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 

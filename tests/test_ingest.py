@@ -266,3 +266,19 @@ def test_an_unknown_vr_leaves_the_stored_object_alone(ingest):
                             sop_instance_uid=None, source=NET)
         assert out.status == Status.CANNOT_UNDERSTAND and "unknown VR 'TS'" in out.comment
     assert ok.path.read_bytes() == stored and ingest.store.index.counts()["instances"] == 1
+
+
+def test_a_uid_with_a_trailing_newline_is_not_a_file_name(ingest):
+    from appliance.store import path_component
+
+    assert path_component("1.2.3") == "1.2.3"
+    assert path_component("1.2.3\n") != "1.2.3\n" and "\n" not in path_component("1.2.3\n")
+    ds = ct_series(1)[0]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, ds[keyword].value + "\n")
+    out = ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                        sop_instance_uid=ds.SOPInstanceUID, source=NET)
+    assert out.ok, out.comment
+    parts = out.path.relative_to(ingest.store.objects).parts
+    assert len(parts) == 3 and not any("\n" in p for p in parts), parts
+    assert ingest.store.locate(ds.SOPInstanceUID) == out.path
