@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_keyword, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from appliance.dicomio import Layout
+from appliance.dicomio import EncodingError, Layout, tag_str
 
 #: (keyword, index column, level). Level is where the value lives in the index.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -65,8 +66,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class AttributeDecodeError(ValueError):
-    """An attribute cannot be decoded (bad value, unknown character set...)."""
+class AttributeDecodeError(EncodingError):
+    """An attribute cannot be decoded (bad value, unknown character set...): an encoding
+    error of the data set, so whoever reads a stored file (reindex, recover) handles it as one."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,24 @@ _TAGS: dict[str, tuple[int, str]] = {
 _SPECIFIC_CHARACTER_SET = 0x00080005
 
 
+def _allowed_vrs(tag: int) -> frozenset[bytes]:
+    # "US or SS" is one of two; UN is what a sender that lacks the tag in its dictionary writes.
+    return frozenset(v.encode() for v in dictionary_VR(tag).split(" or ")) | {b"UN"}
+
+
+#: The VRs each element read here may have in Explicit VR: its VR in PS3.6. A value in
+#: another VR would be read by pydicom in that VR, not as decoded here (and pydicom cannot
+#: take a Specific Character Set that is not text).
+_VRS = {tag: _allowed_vrs(tag) for tag, _ in [*_TAGS.values(), (_SPECIFIC_CHARACTER_SET, "")]}
+#: The longest UID a Part 10 file meta header holds (a 2-byte length, padded to even). A
+#: UID has at most 64 characters (PS3.5 9.1); longer ones are stored (their file names are
+#: hashed), up to this.
+_UID_MAX = 0xFFFE
+#: IS values the index can hold (SQLite INTEGER). Wider than PS3.5's -2^31..2^31-1, so that
+#: every object stored so far stays indexable; beyond it, storing the row would fail.
+_INT_RANGE = range(-(2**63), 2**63)
+
+
 def _ascii(raw: bytes) -> str:
     return raw.decode("ascii", "replace").strip(" \x00")
 
@@ -154,15 +174,19 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
         e = elements.get(tag)
         if e is None or e.length is None:
             return None
+        if e.vr is not None and e.vr not in _VRS[tag]:
+            allowed = " or ".join(sorted(v.decode() for v in _VRS[tag] - {b"UN"}))
+            raise ValueError(f"encoded as {e.vr.decode('ascii', 'replace')}; its VR is {allowed} (PS3.6)")
         return bytes(buf[e.value_offset : e.value_offset + e.length])
 
-    cs_raw = raw(_SPECIFIC_CHARACTER_SET)
-    charsets: tuple[str, ...] = ()
-    if cs_raw is not None:
-        terms = tuple(t.strip(" \x00") for t in cs_raw.decode("ascii", "replace").split("\\"))
-        charsets = () if all(t == "" for t in terms) else terms
     values: dict[str, Any] = {}
+    tag = _SPECIFIC_CHARACTER_SET
     try:
+        cs_raw = raw(tag)
+        charsets: tuple[str, ...] = ()
+        if cs_raw is not None:
+            terms = tuple(t.strip(" \x00") for t in cs_raw.decode("ascii", "replace").split("\\"))
+            charsets = () if all(t == "" for t in terms) else terms
         encodings = convert_encodings(list(charsets) or ["ISO_IR 6"])
         for column, (tag, kind) in _TAGS.items():
             value = raw(tag)
@@ -170,6 +194,9 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
                 continue
             if kind == "text":
                 values[column] = _ascii(value)
+                if len(values[column]) > _UID_MAX and b"UI" in _VRS[tag]:
+                    raise ValueError(f"a UID of {len(values[column])} characters cannot be stored; "
+                                     "a UID has at most 64")
             elif kind == "multi":
                 values[column] = _multi(value)
             elif kind == "person":
@@ -186,11 +213,14 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
                 if first == "":
                     values[column] = None
                 elif kind == "int":
-                    values[column] = int(float(first))
+                    number = int(float(first))
+                    if number not in _INT_RANGE:
+                        raise ValueError(f"IS value {first!r} is out of range")
+                    values[column] = number
                 else:
                     values[column] = float(first)
     except (ValueError, TypeError, LookupError, OverflowError) as exc:
-        raise AttributeDecodeError(f"an attribute cannot be decoded: {exc}") from exc
+        raise AttributeDecodeError(f"{tag_str(tag)} {dictionary_keyword(tag)}: {exc}") from exc
     if values.get("pixel_representation") == 1 and values.get("pixel_padding_value") is not None:
         v = values["pixel_padding_value"]
         values["pixel_padding_value"] = v - 0x10000 if v >= 0x8000 else v  # SS, not US
@@ -221,10 +251,18 @@ def _normalised(ds: Dataset, little_endian: bool) -> list[tuple[int, Any]]:
 
 def same_content(a: bytes | memoryview, ts_a: str, b: bytes | memoryview, ts_b: str) -> bool:
     """True when two encoded data sets hold the same values (e.g. one object re-encoded
-    in another transfer syntax); pixel data is compared value by value."""
+    in another transfer syntax); pixel data is compared value by value.
+
+    Raises :class:`AttributeDecodeError` when pydicom cannot read a value of either."""
     from appliance.conformance import TransferSyntax
 
     sa, sb = TransferSyntax(ts_a), TransferSyntax(ts_b)
-    da = read_dataset(BytesIO(bytes(a)), sa.is_implicit_vr, sa.is_little_endian)
-    db = read_dataset(BytesIO(bytes(b)), sb.is_implicit_vr, sb.is_little_endian)
-    return _normalised(da, sa.is_little_endian) == _normalised(db, sb.is_little_endian)
+    try:
+        da = read_dataset(BytesIO(bytes(a)), sa.is_implicit_vr, sa.is_little_endian)
+        db = read_dataset(BytesIO(bytes(b)), sb.is_implicit_vr, sb.is_little_endian)
+        return _normalised(da, sa.is_little_endian) == _normalised(db, sb.is_little_endian)
+    except Exception as exc:
+        # Every value is read here, not only the few that read() checks, and pydicom reads
+        # hostile values with whatever its converters raise: a wrong-length binary value in
+        # Implicit VR, an IS of 'inf', a private sequence that is not one...
+        raise AttributeDecodeError(f"pydicom cannot read a value: {type(exc).__name__}: {exc}") from exc

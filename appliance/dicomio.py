@@ -4,9 +4,9 @@ Part 10 file meta header.
 pydicom decodes leniently (a truncated value is read short, a lying length is believed
 as far as it goes). Before anything is stored, :func:`walk` proves that every element of
 a data set fits in the bytes received, that sequences and items are closed, and that
-nothing trails the last element; in Explicit VR also that every VR is one of PS3.5. It
-reports where the top-level elements lie, so that the Pixel Data length and its group
-length can be checked without decoding pixels.
+nothing trails the last element; in Explicit VR also that every VR is one of PS3.5 and
+that binary numbers come in whole values. It reports where the top-level elements lie,
+so that the Pixel Data length and its group length can be checked without decoding pixels.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
     b"US UT UV".split()
 )
+#: Bytes per value of the VRs read as numbers (PS3.5 Table 6.2-1): a value's length is a
+#: multiple of it, or a reader cannot split it into values.
+_VALUE_SIZES = {b"AT": 4, b"FD": 8, b"FL": 4, b"SL": 4, b"SS": 2, b"SV": 8, b"UL": 4, b"US": 2, b"UV": 8}
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _MAX_DEPTH = 32
@@ -143,6 +146,9 @@ class _Walker:
                 raise EncodingError(f"element {tag_str(tag)} ({vr.decode()}) has undefined length")
             return tag, vr, length, vpos, end
         self.need(vpos, length, "the value of {tag} ({n} bytes)", tag)
+        if vr is not None and length % _VALUE_SIZES.get(vr, 1):
+            raise EncodingError(f"{tag_str(tag)} {vr.decode()} value of {length} bytes is not a multiple "
+                                f"of {_VALUE_SIZES[vr]}, the size of one {vr.decode()} value")
         end = vpos + length
         if vr == b"SQ" and length:
             self.sequence(vpos, end, implicit, depth + 1)

@@ -103,3 +103,12 @@ def test_every_known_short_vr_walks():
                                     b"UR", b"UT", b"UV"}):
         layout = dicomio.walk(_with_raw_element(vr, b"\x00" * 8), False, True)
         assert layout.elements[0x00091001].vr == vr
+
+
+@pytest.mark.parametrize("vr, length", [(b"SL", 2), (b"US", 3), (b"SS", 1), (b"FD", 4), (b"AT", 6), (b"UL", 5)])
+@pytest.mark.parametrize("ts", [TransferSyntax.EXPLICIT_LE, TransferSyntax.EXPLICIT_BE])
+def test_binary_numbers_in_part_values_are_refused(vr, length, ts):
+    body = _with_raw_element(vr, b"\x01" * length, ts)
+    syntax = TransferSyntax(ts)
+    with pytest.raises(dicomio.EncodingError, match=rf"\(0009,1001\) {vr.decode()} value of {length} bytes"):
+        dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
