@@ -484,7 +484,13 @@ class Store:
                 _fsync_dir(final.parent)
             except OSError as exc:
                 raise store_error(exc, f"cannot store {uid}") from exc
-            self.index.add(row())
+            try:
+                self.index.add(row())
+            except StoreDiskError:
+                # An I/O error at COMMIT leaves unknown whether the row was written: the
+                # next start checks (a row whose file the undo removes is dropped then).
+                self._withhold_clean_mark()
+                raise
         except StoreError as exc:
             undone = self._undo(uid, final if placed else None, moved, old_path)
             raise _not_stored(exc, undone) from exc
