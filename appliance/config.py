@@ -262,7 +262,7 @@ def _check(cfg: Config) -> list[str]:
         value = getattr(s, name)
         if not low <= value <= high:
             unit = "seconds" if name.endswith("timeout") else "bytes" if name.endswith("bytes") else ""
-            problems.append(f"scp.{name} {value} is out of range; use {low:g} to {high:g} {unit}".rstrip())
+            problems.append(f"scp.{name} {value} is out of range; use {low} to {high} {unit}".rstrip())
     st = cfg.store
     if st.min_free_mb < 0:
         problems.append(f"store.min_free_mb {st.min_free_mb} is negative")

@@ -229,6 +229,28 @@ def test_sighup_reloads_the_file_and_an_invalid_file_is_not_applied(appliance: A
     assert echoscu(new_port, "RELOADED")
 
 
+
+def test_sighup_with_a_file_that_is_not_utf8_is_reported_and_the_next_reload_works(appliance: Appliance) -> None:
+    n = appliance.notify
+    wait_for(lambda: n.seen("READY", "1"), 60, "READY=1")
+    port = int(appliance.status()["listening"].rsplit(":", 1)[1])
+    appliance.config.write_bytes(f'[scp]\nport = {port}\nbind = "127.0.0.1"\nae_title = "RÉSEAU"\n'.encode("latin-1"))
+    appliance.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reload failed" in " ".join(appliance.status()["notes"]), 20, "the failed reload")
+    log = appliance.log.read_text(errors="replace")
+    assert "is not UTF-8 text" in log and "save it as UTF-8" in log, log
+    assert "unexpected" not in log and "Traceback" not in log, log  # a ConfigError, not the catch-all
+    assert appliance.proc.poll() is None and echoscu(port)  # the old settings still serve
+
+    new_port = free_port()
+    appliance.config.write_text(f'[scp]\nport = {new_port}\nbind = "127.0.0.1"\nae_title = "RESEAU"\n')
+    appliance.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: echoscu(new_port, "RESEAU"), 30, "the settings of the next reload")
+    status = appliance.status()
+    assert status["listening"] == f"RESEAU:{new_port}"
+    assert "config reload failed" not in " ".join(status["notes"])
+
+
 def test_status_and_config_without_a_running_appliance(tmp_path: Path) -> None:
     cfg = tmp_path / "appliance.toml"
     cfg.write_text("[scp]\nport = 11112\n")
