@@ -120,3 +120,15 @@ def test_the_scp_limits_have_the_documented_defaults():
     assert (s.max_command_bytes, s.max_associate_rq_bytes, s.max_pending_connections) == (65536, 131072, 256)
     for name, low, high, _ in SCP_LIMITS:
         assert low <= getattr(s, name) <= high, name
+
+
+def test_the_readme_example_is_the_defaults():
+    import re
+    import tomllib
+
+    from helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    assert config.from_dict(tomllib.loads(example)) == Config()
