@@ -361,8 +361,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse the TOML file at ``path``; raise one ConfigError a person can act on."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # utf-8-sig: a file saved by an editor that writes a byte-order mark reads as written.
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:

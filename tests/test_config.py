@@ -132,3 +132,12 @@ def test_the_readme_example_is_the_defaults():
     section = text[text.index("## Configuration"):]
     example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
     assert config.from_dict(tomllib.loads(example)) == Config()
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_as_written(tmp_path):
+    from appliance import config
+
+    path = tmp_path / "appliance.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'[scp]\nport = 11112\nae_title = "BOM_AE"\n')
+    cfg = config.load(path)
+    assert cfg.scp.port == 11112 and cfg.scp.ae_title == "BOM_AE"
