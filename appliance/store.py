@@ -494,6 +494,9 @@ class Store:
         except StoreError as exc:
             undone = self._undo(uid, final if placed else None, moved, old_path)
             raise _not_stored(exc, undone) from exc
+        except BaseException:  # a bug, or an interrupt: still never a file without its row
+            self._undo(uid, final if placed else None, moved, old_path)
+            raise
         if moved is not None:
             log.warning("replaced stored object %s; the previous version is kept as %s", final.name, moved)
         return StoredObject(uid, final, already_stored=False, superseded=moved)
