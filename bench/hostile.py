@@ -339,18 +339,25 @@ def connect_flood(
     rate: float,
     *,
     hold: float = 1.0,
-    connect_timeout: float = 2.0,
+    connect_timeout: float = 1.0,
+    seconds: float | None = None,
     while_held: Callable[[], object] | None = None,
 ) -> FloodReport:
     """Open ``n`` bare TCP connections at ``rate`` per second and hold them open, never
     sending a byte; once all are made call ``while_held()`` (its result is reported), hold
-    them ``hold`` s more, then close them all."""
+    them ``hold`` s more, then close them all. Connects not made within ``seconds`` (by
+    default n/rate + 5: an SCP that stopped accepting makes each wait ``connect_timeout``)
+    count as failed without being tried."""
     _ensure_fds(n + 256)
     start = time.monotonic()
+    give_up = start + (n / rate + 5.0 if seconds is None else seconds)
     socks: list[socket.socket] = []
     failed = 0
     try:
         for i in range(n):
+            if time.monotonic() > give_up:
+                failed += n - i
+                break
             due = start + i / rate
             now = time.monotonic()
             if due > now:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -183,19 +184,26 @@ WARM_UP = 40
 def test_1000_storing_associations_leave_fds_threads_and_memory_flat(start_scp, tmp_path: Path) -> None:
     """1,000 DCMTK storescu associations, 4 at a time, one small CT each, ten to a series
     (every tenth a re-send of the previous object, a success that changes nothing), under
-    256 descriptors:
-    every one is stored, and the SCP's descriptors, threads and memory end where they began."""
+    256 descriptors: every one is stored, and the SCP's descriptors, threads and memory end
+    where they began."""
     scp = start_scp()
     copies = Copies("ct_ele", tmp_path / "send")
     storescu = dcmtk("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
+    failures: list[str] = []
+
+    give_up = threading.Event()  # after a few failures or the time budget: the test stays bounded
+    budget = time.monotonic() + 100
 
     def send(number: int) -> str | None:
+        if give_up.is_set() or time.monotonic() > budget:
+            give_up.set()
+            return f"association {number}: not tried (earlier failures or out of time)"
         path = copies.write(number, same_as=number - 1 if number % 10 == 9 else None)
         proc = subprocess.run(
-            [storescu, "-v", "-R", "-aet", "SOAK", "-aec", scp.target.ae_title, "-to", "30", "-ta", "30",
-             "-td", "30", "127.0.0.1", str(scp.port), str(path)],
-            capture_output=True, text=True, errors="replace", timeout=60, env=env,
+            [storescu, "-v", "-R", "-aet", "SOAK", "-aec", scp.target.ae_title, "-to", "10", "-ta", "10",
+             "-td", "10", "127.0.0.1", str(scp.port), str(path)],
+            capture_output=True, text=True, errors="replace", timeout=30, env=env,
         )
         statuses = store_status(proc.stdout + proc.stderr)
         if proc.returncode != 0 or statuses != ["Success"]:
@@ -208,16 +216,17 @@ def test_1000_storing_associations_leave_fds_threads_and_memory_flat(start_scp, 
         assert [e for e in pool.map(send, range(WARM_UP)) if e] == []
     base = scp.stats()
     peak = base
-    failures: list[str] = []
     with ThreadPoolExecutor(4) as pool:
         for n, error in enumerate(pool.map(send, range(WARM_UP, WARM_UP + 1000))):
             if error:
                 failures.append(error)
+                if len(failures) >= 5:
+                    give_up.set()
             if n % 50 == 0:
                 now = scp.stats()
                 peak = ProcStats(max(peak.fds, now.fds), max(peak.threads, now.threads), max(peak.rss, now.rss),
                                  now.hwm)
-    assert failures == [], f"{len(failures)} of 1000 associations failed; first: {failures[:3]}\n{scp.log()[-3000:]}"
+    assert failures == [], f"{len(failures)} of 1000 associations failed or were not tried; first: {failures[:3]}\n{scp.log()[-3000:]}"
     end = scp.settle(base, 10)
     assert end.rss <= base.rss + max(8 * MiB, base.rss // 20), f"RSS {base.rss} -> {end.rss} (peak {peak})"
 
