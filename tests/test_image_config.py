@@ -52,3 +52,29 @@ def test_a_pattern_no_module_matches_fails_the_check(tmp_path):
     done = subprocess.run([sys.executable, ROOT / "image" / "tools" / "check_initrd.py", conf, initrd],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _unit_setting(name: str) -> str:
+    unit = (ROOT / "udev" / "units" / "appliance.service").read_text()
+    values = [line.split("=", 1)[1].strip() for line in unit.splitlines() if line.startswith(f"{name}=")]
+    assert len(values) == 1, f"appliance.service sets {name}= {len(values)} times"
+    return values[0]
+
+
+def test_the_unit_s_descriptor_and_task_limits_cover_the_scp_at_its_configured_maxima():
+    from appliance.config import ScpConfig, from_dict
+    from appliance.errors import ConfigError
+
+    most = 64  # the highest scp.max_associations the configuration accepts
+    from_dict({"scp": {"max_associations": most}})
+    try:
+        from_dict({"scp": {"max_associations": most + 1}})
+    except ConfigError:
+        pass
+    else:
+        raise AssertionError(f"scp.max_associations {most + 1} is accepted: resize LimitNOFILE and TasksMax")
+    per_association = 4  # socket, temp file, pooled index connection (database + WAL)
+    base = 40
+    assert int(_unit_setting("LimitNOFILE")) >= most * per_association + ScpConfig().max_pending_connections + base
+    assert int(_unit_setting("TasksMax")) >= most + base
+    assert _unit_setting("MemoryMax").endswith(("M", "G"))
