@@ -876,10 +876,11 @@ class _Reader:
     """Reads whole PDUs of one association under its deadlines.
 
     The kernel enforces a receive timeout (SO_RCVTIMEO) of the shortest limit, so the data
-    path makes one ``recv_into`` per PDU and no extra system call; only when a read comes
-    back short or empty (a timeout, a signal) are the deadlines checked here:
-    ``network_timeout`` of silence, ``pdu_timeout`` for a PDU once its first byte came, and
-    the caller's ``idle`` deadline for completing a DIMSE message."""
+    path makes one ``recv_into`` per PDU header and one per body, and no extra system call.
+    Only when a read comes back short or empty (a slow peer, a timeout) are the deadlines
+    checked here, and the receive timeout is shortened to wake up in time for the nearest:
+    ``network_timeout`` of silence, ``pdu_timeout`` for a PDU from its first byte, and the
+    caller's ``idle`` deadline for completing a DIMSE message."""
 
     def __init__(self, conn: socket.socket, s: Settings) -> None:
         self.conn = conn
@@ -887,14 +888,17 @@ class _Reader:
         self.tick = min(s.network_timeout, s.pdu_timeout, s.idle_timeout)
         self.last_byte = _now()
         self.pdu_deadline = 0.0
+        self._timeout = self.tick
         _kernel_timeout(conn, self.tick)
 
     def pdu(self, view: memoryview, n: int, idle: float, *, first: bool = False) -> None:
-        """Fill ``view[:n]``; ``first``: these are the first bytes of a PDU."""
+        """Fill ``view[:n]``; ``first``: these are the first bytes of a PDU, whose deadline
+        starts with the first byte that arrives (so that read does not wait for all ``n``)."""
         got = 0
-        while got < n:
+        flags = 0 if first else socket.MSG_WAITALL
+        while True:
             try:
-                r = self.conn.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
+                r = self.conn.recv_into(view[got:n], n - got, flags)
             except BlockingIOError:  # SO_RCVTIMEO expired with nothing read
                 r = -1
             if r == 0:
@@ -905,14 +909,27 @@ class _Reader:
                     self.pdu_deadline = now + self.s.pdu_timeout
                 got += r
                 self.last_byte = now
+                flags = socket.MSG_WAITALL
                 if got == n:
-                    return
+                    break
+            in_pdu = got > 0 or not first
             if now - self.last_byte >= self.s.network_timeout:
                 raise DeadlineExpired(f"silent for {self.s.network_timeout:.0f} s")
-            if (got or not first) and now >= self.pdu_deadline:
+            if in_pdu and now >= self.pdu_deadline:
                 raise DeadlineExpired(f"a PDU took longer than {self.s.pdu_timeout:.0f} s to arrive")
             if now >= idle:
                 raise DeadlineExpired(f"no DIMSE message completed in {self.s.idle_timeout:.0f} s")
+            nearest = min(self.last_byte + self.s.network_timeout, idle,
+                          self.pdu_deadline if in_pdu else idle)
+            self._set_timeout(max(0.01, min(self.tick, nearest - now)))
+        if self._timeout != self.tick:
+            self._set_timeout(self.tick)
+
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._timeout:
+            self._timeout = seconds
+            tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
 
 _REJECT_REASONS = {
