@@ -34,17 +34,17 @@ SUPERVISOR_PID = "APPLIANCE_SUPERVISOR_PID"
 #: start runs ``appliance scp``, and the serial console ``appliance console``, and neither
 #: should wait for the exporter or the RT code to load (seconds on the box's slow start).
 COMMANDS: dict[str, str] = {
-    "import": "appliance.importer",
-    "echo": "appliance.sender",
-    "send": "appliance.sender",
-    "export": "appliance.exporter",
-    "queue": "appliance.exporter",
-    "rt-export": "appliance.rtexport",
-    "config": "appliance.configservice",
-    "status": "appliance.configservice",
-    "run": "appliance.supervisor",
-    "console": "appliance.console",
-    "network": "appliance.console",
+    "import": "appliance.media.importer",
+    "echo": "appliance.net.sender",
+    "send": "appliance.net.sender",
+    "export": "appliance.media.exporter",
+    "queue": "appliance.media.exporter",
+    "rt-export": "appliance.rt.rtexport",
+    "config": "appliance.ops.configservice",
+    "status": "appliance.ops.configservice",
+    "run": "appliance.ops.supervisor",
+    "console": "appliance.ops.console",
+    "network": "appliance.ops.console",
 }
 
 
@@ -59,7 +59,7 @@ def load_config(args: argparse.Namespace) -> config.Config:
 
 
 def open_store(args: argparse.Namespace, cfg: config.Config | None = None):  # type: ignore[no-untyped-def]
-    from appliance.store import Store
+    from appliance.store.store import Store
 
     cfg = cfg or load_config(args)
     return Store(data_dir(args), slice_tolerance_mm=cfg.store.slice_tolerance_mm)
@@ -79,8 +79,8 @@ def _orphaned(supervisor: str | None) -> bool:
 def cmd_scp(args: argparse.Namespace) -> int:
     """Run the Storage SCP in the foreground until SIGTERM or SIGINT."""
     supervisor = os.environ.get(SUPERVISOR_PID) if args.listen_fd is not None else None
-    from appliance.ingest import Ingest
-    from appliance.scp import StorageServer
+    from appliance.store.ingest import Ingest
+    from appliance.net.scp import StorageServer
 
     cfg = config.with_overrides(
         load_config(args),
@@ -120,7 +120,7 @@ def cmd_scp(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    from appliance.systemd import Notifier
+    from appliance.adapters.systemd import Notifier
 
     notifier = Notifier()
     notifier.ready(f"listening {where.ae_title}:{where.port}")
@@ -131,7 +131,7 @@ def cmd_scp(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    from appliance.scp import serve_until_stopped
+    from appliance.net.scp import serve_until_stopped
 
     serve_until_stopped(server, store.data_dir, notifier.send, stop, lambda: _orphaned(supervisor))
     notifier.stopping("stopping: finishing associations in flight")

@@ -20,7 +20,7 @@ _PRIORITY = {
 
 
 class JournalFormatter(logging.Formatter):
-    """``<6>appliance.scp: message`` lines that journald turns into priorities."""
+    """``<6>appliance.net.scp: message`` lines that journald turns into priorities."""
 
     def format(self, record: logging.LogRecord) -> str:
         prio = _PRIORITY.get(record.levelno, 6)

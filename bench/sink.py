@@ -2,7 +2,7 @@
 
 ``scripts/bench-scp --floor`` runs it beside ours and DCMTK's storescp, to measure what the
 sender, loopback and our protocol code cost on their own. It speaks the same upper layer
-and DIMSE as ``appliance scp`` (it *is* :class:`appliance.acceptor.Acceptor`), answers
+and DIMSE as ``appliance scp`` (it *is* :class:`appliance.net.acceptor.Acceptor`), answers
 every C-STORE with Success as soon as the last fragment is in, and writes nothing per
 object, so that ours minus the sink is what storing costs. On SIGTERM it writes the number
 of data sets it received to ``<data-dir>/received`` and exits 0.
@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 from typing import cast
 
-from appliance.acceptor import Acceptor, Settings
+from appliance.net.acceptor import Acceptor, Settings
 from appliance.conformance import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_SCP_AE_TITLE, Status
-from appliance.ingest import IncomingObject, Outcome
+from appliance.store.ingest import IncomingObject, Outcome
 
 #: Where the sink leaves its count, under --data-dir.
 COUNT_FILE = "received"

@@ -7,9 +7,9 @@ from typing import Iterator
 import pytest
 
 from appliance.config import Config, ScpConfig, StoreConfig
-from appliance.ingest import Ingest
-from appliance.scp import StorageServer
-from appliance.store import Store
+from appliance.store.ingest import Ingest
+from appliance.net.scp import StorageServer
+from appliance.store.store import Store
 
 
 @pytest.fixture

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
-from appliance import health
-from appliance.acceptor import Acceptor, Settings, encode_command
+from appliance.ops import health
+from appliance.net.acceptor import Acceptor, Settings, encode_command
 from appliance.config import ScpConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
-from appliance.scp import report
+from appliance.net.scp import report
 from helpers import (
     ROOT,
     associate_rq_pdu,
@@ -199,7 +199,7 @@ def test_an_exception_in_a_connection_thread_is_logged_once_and_the_server_serve
             (0x00000800, struct.pack("<H", 0x0000)),
             (0x00001000, b"1.2.3.4"),
         ])
-        with caplog.at_level(logging.WARNING, logger="appliance.acceptor"):
+        with caplog.at_level(logging.WARNING, logger="appliance.net.acceptor"):
             s.sendall(p_data_pdu(1, 0x03, command))
             kind, _ = read_pdu(s)
             s.close()

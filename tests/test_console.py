@@ -34,10 +34,12 @@ from typing import Iterator
 
 import pytest
 
-from appliance import health, network
+from appliance.ops import health
+
+from appliance.adapters import network
 from appliance.config import NetworkConfig, NetworkMode, StoreConfig, load
-from appliance.configservice import ConfigFile
-from appliance.console import Console, Settings
+from appliance.ops.configservice import ConfigFile
+from appliance.ops.console import Console, Settings
 from helpers import ct_series, dcmtk, free_port, run, wait_for, write_series
 from test_supervisor import Appliance, Notifications, echoscu
 
@@ -140,10 +142,10 @@ def test_destinations_add_edit_remove_in_the_file(setup: Setup) -> None:
 
 
 def test_usb_queue_policy_and_last_result(setup: Setup) -> None:
-    from appliance.importer import run_import
-    from appliance.ingest import Ingest
-    from appliance.store import Store
-    from appliance.exporter import ExportState
+    from appliance.media.importer import run_import
+    from appliance.store.ingest import Ingest
+    from appliance.store.store import Store
+    from appliance.media.exporter import ExportState
 
     series = ct_series(3)
     write_series(series, setup.tmp / "series")
@@ -196,7 +198,7 @@ def test_status_without_a_running_appliance(setup: Setup) -> None:
 
 def test_log_file_tail(setup: Setup) -> None:
     log = setup.tmp / "appliance.log"
-    log.write_text("".join(f"<6>appliance.scp: line {i}\n" for i in range(40)))
+    log.write_text("".join(f"<6>appliance.net.scp: line {i}\n" for i in range(40)))
     text, _ = setup.console(keys("7", "", "q"), log_file=log)
     assert has(text, f"== Log ({log})")
     assert has(text, "line 39") and has(text, "line 22") and "line 21\n" not in text

@@ -4,7 +4,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.conformance import TransferSyntax
 from helpers import encode, sample, samples
 

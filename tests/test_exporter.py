@@ -25,13 +25,17 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet, is_conformant_file_id
 from pydicom.uid import generate_uid
 
-from appliance import attributes, cli, config, dicomio, exporter, usbtarget
+from appliance.dicom import attributes, dicomio
+
+from appliance import cli, config
+
+from appliance.media import exporter, usbtarget
 from appliance.config import Config, ExportPolicy, StoreConfig, UsbConfig
 from appliance.conformance import SOPClass, TransferSyntax
 from appliance.errors import ConfigError, MediaError
-from appliance.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
-from appliance.ingest import Ingest, Source
-from appliance.store import Store
+from appliance.media.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
+from appliance.store.ingest import Ingest, Source
+from appliance.store.store import Store
 
 from helpers import ct_series, dcmtk, encode, samples
 

@@ -16,8 +16,8 @@ from pynetdicom import AE
 
 from appliance.config import ScpConfig, StoreConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
-from appliance.ingest import Ingest, Source
-from appliance.store import Store
+from appliance.store.ingest import Ingest, Source
+from appliance.store.store import Store
 from conftest import RunningServer
 from helpers import ROOT, ct_series, encode
 

@@ -7,10 +7,10 @@ import struct
 import pytest
 from pydicom.datadict import tag_for_keyword
 
-from appliance import dicomio
-from appliance.attributes import COLUMNS
+from appliance.dicom import dicomio
+from appliance.dicom.attributes import COLUMNS
 from appliance.conformance import Status, TransferSyntax
-from appliance.ingest import Outcome, Source
+from appliance.store.ingest import Outcome, Source
 from helpers import ct_series, encode, sample
 
 NET = Source("SCANNER")

@@ -18,7 +18,7 @@ from pydicom.fileset import FileSet
 from appliance import cli
 from appliance.conformance import TransferSyntax
 from appliance.errors import MediaError
-from appliance.importer import (
+from appliance.media.importer import (
     FolderDisc,
     IsoDisc,
     MediumKind,

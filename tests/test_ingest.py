@@ -5,10 +5,10 @@ import copy
 import pydicom
 import pytest
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.config import DuplicatePolicy, StoreConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
-from appliance.ingest import Ingest, Source
+from appliance.store.ingest import Ingest, Source
 from helpers import ct_series, encode, sample, samples
 
 NET = Source("SCANNER")
@@ -195,7 +195,7 @@ def test_series_verdict_is_recorded(ingest):
 
 
 def test_every_index_column_is_decoded():
-    from appliance import attributes
+    from appliance.dicom import attributes
 
     columns = {c for _, c, _ in attributes.COLUMNS} - {"charset"}
     assert columns == set(attributes._TAGS)
@@ -205,7 +205,7 @@ def test_every_index_column_is_decoded():
                                and not s.transfer_syntax.startswith("1.2.840.10008.1.2.4")],
                          ids=lambda s: s.name)
 def test_fast_attribute_decoding_agrees_with_pydicom(s):
-    from appliance import attributes
+    from appliance.dicom import attributes
 
     data = s.path.read_bytes()
     off, ts = dicomio.split_part10(data)
@@ -269,7 +269,7 @@ def test_an_unknown_vr_leaves_the_stored_object_alone(ingest):
 
 
 def test_a_uid_with_a_trailing_newline_is_not_a_file_name(ingest):
-    from appliance.store import path_component
+    from appliance.store.store import path_component
 
     assert path_component("1.2.3") == "1.2.3"
     assert path_component("1.2.3\n") != "1.2.3\n" and "\n" not in path_component("1.2.3\n")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import health
+from appliance.ops import health
 from appliance.config import Config, StoreConfig
-from appliance.devices import Change, MediaEvent, MediaWatcher, MediumKind, media_event
-from appliance.media import MediaJobs
-from appliance.store import Store
+from appliance.adapters.devices import Change, MediaEvent, MediaWatcher, MediumKind, media_event
+from appliance.jobs.media import MediaJobs
+from appliance.store.store import Store
 
 from helpers import ct_series, wait_for, write_series
 
@@ -117,11 +117,11 @@ def test_cd_imported_once_for_the_duplicate_change_events(tmp_path: Path, store:
     jobs.start()
     watcher = MediaWatcher(jobs.submit)
     # QEMU and real drives: tray open, tray close, two identical change events.
-    with caplog.at_level(logging.INFO, logger="appliance.devices"):
+    with caplog.at_level(logging.INFO, logger="appliance.adapters.devices"):
         watcher.handle(cd(str(iso)))
         watcher.handle(cd(str(iso)))
     # The journal tells of the insertion once, not once per udev event.
-    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "appliance.devices"] == [
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "appliance.adapters.devices"] == [
         f"cd inserted in {iso}"]
     wait_for(lambda: jobs.idle() and jobs.results, 60, "the import")
     assert len(jobs.results) == 1
@@ -148,7 +148,7 @@ def test_usb_export_waits_for_the_cd_import_one_job_at_a_time(tmp_path: Path, st
     subprocess.run(["truncate", "-s", "8M", str(fat)], check=True)
     subprocess.run(["mformat", "-i", str(fat), "::"], check=True, capture_output=True)
     jobs = MediaJobs(store, lambda: settings)
-    assert jobs.export is not None, "the USB writer (appliance.exporter) is part of this build"
+    assert jobs.export is not None, "the USB writer (appliance.media.exporter) is part of this build"
     watcher = MediaWatcher(jobs.submit)
     # Both media arrive before the worker starts: the stick must wait for the disc.
     watcher.handle(cd(str(iso)))

@@ -26,8 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from appliance.cli import main
 from appliance.config import Config
 from appliance.conformance import SPATIAL_REGISTRATION, UID_ROOT, SOPClass, TransferSyntax, new_uid
-from appliance.rtexport import GridOptions, RTExportError, build, read_dose
-from appliance.store import Store
+from appliance.rt.rtexport import GridOptions, RTExportError, build, read_dose
+from appliance.store.store import Store
 
 from helpers import dcmtk
 from test_sender import PEER_AE, put, storescp  # noqa: F401 - storescp is a fixture

@@ -20,7 +20,7 @@ from pynetdicom import AE, build_context
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.transport import AddressInformation
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.config import ScpConfig, StoreConfig
 from appliance.conformance import JPEG_LOSSLESS, SOPClass, Status, TransferSyntax
 from helpers import ROOT, ct_series, dcmtk, run, sample, samples, wait_for, write_series

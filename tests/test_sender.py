@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
 from appliance import config as config_mod
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.cli import main
 from appliance.config import Destination, StoreConfig
 from appliance.conformance import (
@@ -28,8 +28,8 @@ from appliance.conformance import (
     TransferSyntax,
 )
 from appliance.errors import ConfigError, NetworkError
-from appliance.ingest import Ingest, Source
-from appliance.sender import (
+from appliance.store.ingest import Ingest, Source
+from appliance.net.sender import (
     ClientSettings,
     ExportRefused,
     Outcome,
@@ -37,7 +37,7 @@ from appliance.sender import (
     plan_export,
     send,
 )
-from appliance.store import Store
+from appliance.store.store import Store
 
 from helpers import ct_series, dcmtk, encode, free_port, sample, wait_for
 from test_transcode import assert_same_values

@@ -24,7 +24,7 @@ from typing import Iterator
 import pydicom
 import pytest
 
-from appliance.index import MAX_IDLE_CONNECTIONS, Index
+from appliance.store.index import MAX_IDLE_CONNECTIONS, Index
 from bench.hostile import (
     ProcStats,
     RoundTrip,

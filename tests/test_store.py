@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.config import StoreConfig
 from appliance.conformance import Status, TransferSyntax
-from appliance.ingest import Ingest, Source
-from appliance.store import Store, path_component
+from appliance.store.ingest import Ingest, Source
+from appliance.store.store import Store, path_component
 from helpers import ct_series, encode, sample
 
 NET = Source("SCANNER")
@@ -166,7 +166,7 @@ def test_an_incomplete_file_left_by_a_power_cut_is_quarantined(tmp_path, rules):
 _HOLD_UID_LOCK = """
 import sys
 from pathlib import Path
-from appliance.store import Store
+from appliance.store.store import Store
 store = Store(Path(sys.argv[1]))
 with store._uid_lock(sys.argv[2]):
     print("locked", flush=True)
@@ -217,7 +217,7 @@ def test_storing_a_uid_waits_while_another_process_or_store_holds_it(tmp_path, r
 
 
 def _open_index(path: Path, barrier, results) -> None:
-    from appliance.index import Index
+    from appliance.store.index import Index
 
     barrier.wait()
     try:

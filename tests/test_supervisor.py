@@ -273,7 +273,7 @@ def test_status_and_config_without_a_running_appliance(tmp_path: Path) -> None:
 def test_a_stalled_notify_reader_does_not_stall_the_notifier(tmp_path, monkeypatch):
     """Nobody reads this NOTIFY_SOCKET: once its queue (10 datagrams) is full, each message
     waits at most the timeout and is dropped, so the supervisor's stop is never stuck."""
-    from appliance.systemd import Notifier
+    from appliance.adapters.systemd import Notifier
 
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     stalled.bind(str(tmp_path / "stalled.sock"))

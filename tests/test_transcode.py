@@ -12,9 +12,9 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 
-from appliance import transcode
+from appliance.dicom import transcode
 from appliance.conformance import TransferSyntax
-from appliance.transcode import TranscodeError, Transcoded, to_implicit_le
+from appliance.dicom.transcode import TranscodeError, Transcoded, to_implicit_le
 
 from helpers import SAMPLES, Sample, ct_series, encode, samples
 

@@ -1,4 +1,4 @@
-from appliance.volume import Slice, verdict
+from appliance.dicom.volume import Slice, verdict
 
 
 def stack(n, spacing=2.0, thickness=2.0, sbs=2.0, orient=(1, 0, 0, 0, 1, 0)):

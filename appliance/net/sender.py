@@ -10,7 +10,7 @@
   not in Table 6 and are refused with that reason.
 * :func:`send` sends a plan over one association that proposes only the contexts of
   Tables 6 and 7 the plan needs, each with Implicit VR LE only, re-encoding every object
-  with :mod:`appliance.transcode`. One export runs at a time per store, across processes
+  with :mod:`appliance.dicom.transcode`. One export runs at a time per store, across processes
   (an exclusive ``flock`` on ``export.lock`` in the data directory); others wait their turn.
 
 pynetdicom objects stay inside this module; callers get frozen dataclasses.
@@ -58,9 +58,9 @@ from appliance.conformance import (
     Status,
 )
 from appliance.errors import ApplianceError, ConfigError, NetworkError
-from appliance.index import InstanceRow
-from appliance.store import Store
-from appliance.transcode import Transcoded, TranscodeError, to_implicit_le
+from appliance.store.index import InstanceRow
+from appliance.store.store import Store
+from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 
 log = logging.getLogger(__name__)
 

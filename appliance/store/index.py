@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from appliance.attributes import COLUMNS
+from appliance.dicom.attributes import COLUMNS
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)

@@ -382,7 +382,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print health, counts, disk use and the last import and export; exit 1 when degraded."""
-    from appliance import cli, health
+    from appliance import cli
+    from appliance.ops import health
 
     def offline() -> dict[str, Any]:
         store = cli.open_store(args)

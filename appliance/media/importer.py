@@ -5,7 +5,7 @@ folder. Images and drives are read in userspace with pycdlib: no mount, no iso96
 driver and nothing written. Every file is read (Rock Ridge names first, then Joliet, then
 ISO 9660); a file is a DICOM object if it has ``DICM`` at byte 128. The DICOMDIR is ignored.
 
-Objects that Table 9 lists go through :class:`appliance.ingest.Ingest`, the same door and
+Objects that Table 9 lists go through :class:`appliance.store.ingest.Ingest`, the same door and
 validation as a network C-STORE. JPEG Lossless objects are decoded with pydicom and pylibjpeg
 and stored as Explicit VR Little Endian, with the same pixel values. Everything else is
 skipped with its reason. One bad file (a read error, a corrupt data set) is reported, and the
@@ -37,7 +37,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.conformance import (
     SOP_CLASS_LABELS,
     TABLE_9,
@@ -47,7 +47,7 @@ from appliance.conformance import (
     syntaxes_for,
 )
 from appliance.errors import MediaError
-from appliance.ingest import Ingest, Outcome, Source
+from appliance.store.ingest import Ingest, Outcome, Source
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Children:
 * the Storage SCP, a child process (``python -m appliance scp --listen-fd N``) serving a
   listening socket the supervisor binds: bind errors surface here, before a setting is
   committed, and a restarted SCP finds connections waiting in the socket's backlog;
-* the config service (:mod:`appliance.configservice`) and the media watcher
-  (:mod:`appliance.devices`) with its job worker (:mod:`appliance.media`), threads.
+* the config service (:mod:`appliance.ops.configservice`) and the media watcher
+  (:mod:`appliance.adapters.devices`) with its job worker (:mod:`appliance.jobs.media`), threads.
 
 A child that dies is logged and restarted with backoff (1 s doubling to 30 s); the others
 keep running. ``READY=1`` goes to systemd once the SCP accepts associations, ``STATUS=``
@@ -36,16 +36,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import config, health
+from appliance import config
+
+from appliance.ops import health
 from appliance.cli import SUPERVISOR_PID
-from appliance.configservice import SOCKET_NAME, ConfigFile, ConfigService, runtime_dir
-from appliance.devices import MediaWatcher
+from appliance.ops.configservice import SOCKET_NAME, ConfigFile, ConfigService, runtime_dir
+from appliance.adapters.devices import MediaWatcher
 from appliance.errors import ApplianceError, ConfigError
-from appliance.systemd import Notifier, NotifyListener, watchdog_interval
+from appliance.adapters.systemd import Notifier, NotifyListener, watchdog_interval
 
 if TYPE_CHECKING:  # imported once the SCP is spawned (see Supervisor._open_store)
-    from appliance.media import MediaJobs
-    from appliance.store import Store
+    from appliance.jobs.media import MediaJobs
+    from appliance.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class ScpChild:
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     retired: bool = False
-    #: The SCP's last report (``X_*`` fields, see :func:`appliance.scp.report`) and when it came.
+    #: The SCP's last report (``X_*`` fields, see :func:`appliance.net.scp.report`) and when it came.
     report: dict[str, str] = dataclasses.field(default_factory=dict)
     report_at: float = 0.0
     started_at: float = dataclasses.field(default_factory=time.monotonic)
@@ -270,8 +272,8 @@ class Supervisor:
 
         Their modules load pydicom and numpy, seconds on the box's slow start: they are
         imported after the SCP is spawned, so the two processes load them side by side."""
-        from appliance.media import MediaJobs
-        from appliance.store import Store
+        from appliance.jobs.media import MediaJobs
+        from appliance.store.store import Store
 
         self.store = Store(self.data_dir, slice_tolerance_mm=self.cfg.store.slice_tolerance_mm)
         self.jobs = MediaJobs(self.store, lambda: self.cfg, on_change=self._refresh.set)

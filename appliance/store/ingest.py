@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from appliance import attributes, dicomio
+from appliance.dicom import attributes, dicomio
 from appliance.config import StoreConfig
 from appliance.conformance import (
     ACCEPTED_MODALITIES,
@@ -30,7 +30,7 @@ from appliance.conformance import (
     allowed_character_sets,
 )
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.store import DuplicateConflict, Store, StoredObject, remove_temp, store_error
+from appliance.store.store import DuplicateConflict, Store, StoredObject, remove_temp, store_error
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The network adapter: the live state of the interfaces (pyroute2) and the persistent setting.
 
 The image's network stack is **systemd-networkd**. The setting (``[network]`` of the config
-file) is written as one generated file, ``NETWORKD_DIR/10-appliance.network``, which networkd
+file) is written as one generated file, ``NETWORKD_DIR/10-appliance.adapters.network``, which networkd
 applies at every boot: DHCP, or a static address, prefix, gateway and DNS servers.
 A static setting is also applied at once with pyroute2 (address, link up, default route),
 and networkd is asked to reload when it runs (so DHCP and DNS follow without a reboot).
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Where systemd-networkd reads its configuration on the box.
 DEFAULT_NETWORKD_DIR = Path("/etc/systemd/network")
-NETWORK_FILE = "10-appliance.network"
+NETWORK_FILE = "10-appliance.adapters.network"
 #: What a ``.network`` file matches when no interface is named: every wired interface.
 _ANY_ETHERNET = "en* eth*"
 _IFF_UP = 0x1

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import config, health
+from appliance import config
+
+from appliance.ops import health
 from appliance.config import Config, ExportPolicy
-from appliance.configservice import ConfigFile, request
+from appliance.ops.configservice import ConfigFile, request
 from appliance.conformance import MIN_PDU
 from appliance.errors import ApplianceError, ConfigError
 
@@ -64,7 +66,7 @@ class Settings:
             d = self._ask("status")
             return health.Health.from_dict({k: v for k, v in d.items() if k != "children"})
         except (FileNotFoundError, ConnectionRefusedError):
-            from appliance.store import Store
+            from appliance.store.store import Store
 
             store = Store(data_dir)
             try:

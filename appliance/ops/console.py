@@ -8,7 +8,7 @@ before anything is saved, and an error says what was wrong and what is allowed.
 Changes go through the config service of ``appliance run`` when it runs, so they take effect
 at once (a new port or AE title restarts the Storage SCP); otherwise they are written to the
 config file and apply at the next start. The network setting is also written as a
-systemd-networkd file and applied at once (:mod:`appliance.network`).
+systemd-networkd file and applied at once (:mod:`appliance.adapters.network`).
 
 The console depends on nothing but its two streams and local files and sockets: a wrong
 gateway or an address conflict costs the box its network, never this menu.
@@ -30,10 +30,12 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from appliance import __version__, config, health
+from appliance import __version__, config
+
+from appliance.ops import health
 from appliance.config import Config, Destination, NetworkMode
-from appliance.configservice import SOCKET_NAME, ConfigFile, runtime_dir
-from appliance.consolesettings import (
+from appliance.ops.configservice import SOCKET_NAME, ConfigFile, runtime_dir
+from appliance.ops.consolesettings import (
     DEST_FIELDS,
     EJECT_FIELD,
     POLICY_FIELD,
@@ -387,7 +389,7 @@ class Console:
         self.save(changes)
 
     def _echo(self, name: str, d: Destination) -> None:
-        from appliance import sender
+        from appliance.net import sender
 
         self.say(f"Sending a C-ECHO to {name} ({d.ae_title} at {d.host}:{d.port}); this takes up to "
                  f"{sender.DEFAULT_ECHO_TIMEOUT:g} s...")
@@ -399,8 +401,8 @@ class Console:
         self.say(f"Echo OK: {name} answered. {result}")
 
     def usb(self) -> None:
-        from appliance.exporter import ExportState, level_of
-        from appliance.store import Store
+        from appliance.media.exporter import ExportState, level_of
+        from appliance.store.store import Store
 
         store = Store(self.data_dir)
         state = ExportState(self.data_dir)
@@ -499,7 +501,7 @@ class Console:
     # -- network --------------------------------------------------------------------------------
 
     def network(self) -> None:
-        from appliance import network
+        from appliance.adapters import network
 
         directory = self.networkd_dir or network.DEFAULT_NETWORKD_DIR
         while True:
@@ -537,7 +539,7 @@ class Console:
                 self.say(f"'{choice}' is not on the menu.")
 
     def _set_network(self, cfg: Config, mode: NetworkMode, st: Any) -> None:
-        from appliance import network
+        from appliance.adapters import network
 
         n = cfg.network
         suggested = n.interface or (network.default_interface(st) if st is not None else "")
@@ -579,7 +581,7 @@ class Console:
         except ConfigError as exc:
             self.error(exc)
             return
-        from appliance import network as _network
+        from appliance.adapters import network as _network
 
         if self.live_network:
             try:
@@ -596,7 +598,7 @@ class Console:
             self._apply_network(new.network)
 
     def _apply_network(self, n: config.NetworkConfig) -> None:
-        from appliance import network
+        from appliance.adapters import network
 
         directory = self.networkd_dir or network.DEFAULT_NETWORKD_DIR
         try:
@@ -714,7 +716,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_network(args: argparse.Namespace) -> int:
     """Show the interfaces, or write and apply the [network] setting of the config file."""
-    from appliance import network
+    from appliance.adapters import network
 
     if args.action == "show":
         st = network.state()

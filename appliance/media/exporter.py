@@ -4,7 +4,7 @@
 when a stick is inserted. What it writes:
 
 * every selected object whose SOP class is in Table 10 or 11, as a Part 10 file in Implicit
-  VR Little Endian (:func:`appliance.transcode.to_implicit_le`: no value changes);
+  VR Little Endian (:func:`appliance.dicom.transcode.to_implicit_le`: no value changes);
 * File IDs ``DICOM/STxxxxxx/SExxxxxx/IMxxxxxx``: uppercase, 8 characters, 4 levels. The
   ``x`` are derived from the study, series and instance UIDs, so the same object always gets
   the same name on a stick (a retry after a pulled stick overwrites its own half-done files);
@@ -18,7 +18,7 @@ read back, parsed and its pixel data compared with the store; the DICOMDIR is wr
 incomplete; then everything is synced and a block device unmounted before the report says
 "safe to remove". The store is only read.
 
-Targets (:mod:`appliance.usbtarget`): a mounted folder; a USB partition's block device (the
+Targets (:mod:`appliance.media.usbtarget`): a mounted folder; a USB partition's block device (the
 appliance checks in sysfs that it is a removable USB disk, mounts it and unmounts it); or a
 FAT image file, written in userspace with mtools (for machines whose kernel has no vfat,
 such as CI).
@@ -60,10 +60,10 @@ from pydicom.fileset import FileSet
 from appliance.config import Config, ExportPolicy
 from appliance.conformance import TABLE_10, TABLE_11, SOPClass, TransferSyntax, syntaxes_for
 from appliance.errors import ApplianceError, MediaError
-from appliance.index import InstanceRow
-from appliance.store import Store
-from appliance.transcode import Transcoded, TranscodeError, to_implicit_le
-from appliance.usbtarget import Medium, open_medium
+from appliance.store.index import InstanceRow
+from appliance.store.store import Store
+from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
+from appliance.media.usbtarget import Medium, open_medium
 
 log = logging.getLogger(__name__)
 

@@ -123,7 +123,7 @@ class IncomingObject(Protocol):
 
 
 class StoreResult(Protocol):
-    """What :meth:`IncomingObject.finish` answers (an :class:`appliance.ingest.Outcome`)."""
+    """What :meth:`IncomingObject.finish` answers (an :class:`appliance.store.ingest.Outcome`)."""
 
     @property
     def status(self) -> Status: ...

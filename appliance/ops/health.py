@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.conformance import Status
 
 if TYPE_CHECKING:
-    from appliance.store import Store
+    from appliance.store.store import Store
 
 # pynetdicom and the store (pydicom, numpy) are imported where used: the serial console and
 # the supervisor import this module, and at the box's start every second counts.
@@ -193,7 +193,7 @@ SCP_REPORT_STALE = 20.0
 
 
 def scp_report_view(report: dict[str, str], age: float | None, uptime: float) -> tuple[str, str]:
-    """Read the SCP's report (:func:`appliance.scp.report`, ``age`` seconds old, None if
+    """Read the SCP's report (:func:`appliance.net.scp.report`, ``age`` seconds old, None if
     none came in ``uptime`` seconds): return (what is wrong or "", its numbers in one line)."""
     if age is None:
         if uptime > SCP_REPORT_STALE:
@@ -276,7 +276,7 @@ def offline(store: Store) -> Health:
 
 
 def _gather(store: Store, listening: str, answered: bool, activity: str, notes: tuple[str, ...]) -> Health:
-    from appliance.store import disk_usage_percent
+    from appliance.store.store import disk_usage_percent
 
     results = last_results(store.data_dir)
     return Health(

@@ -9,12 +9,12 @@ that references every dose, the structure set and the Frame of Reference.
 * The dose file is an RT Dose on any grid and orientation, or a NIfTI or MetaImage volume
   read with SimpleITK (whose physical space is DICOM's LPS patient space). Its units,
   geometry and frame of reference are checked; ambiguity is refused (:class:`RTExportError`).
-* Values are interpolated with :func:`appliance.dosegrid.resample` (scipy, trilinear by
+* Values are interpolated with :func:`appliance.dicom.dosegrid.resample` (scipy, trilinear by
   default); points outside the input are 0 and counted in the report.
 * Generated objects carry new UIDs under :data:`appliance.conformance.UID_ROOT`, the
   structure set's patient, study and Specific Character Set, and are encoded once in
   Implicit VR LE; :func:`send` and :func:`write_usb` pass them, with the image series and the
-  structure set, through :func:`appliance.sender.send` and :func:`appliance.exporter.export`.
+  structure set, through :func:`appliance.net.sender.send` and :func:`appliance.media.exporter.export`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 
-from appliance import __version__, dosegrid, exporter, sender
+from appliance import __version__
+
+from appliance.dicom import dosegrid
+
+from appliance.media import exporter
+
+from appliance.net import sender
 from appliance.config import Config, Destination
 from appliance.conformance import SPATIAL_REGISTRATION, SOPClass, TransferSyntax, new_uid
-from appliance.dosegrid import GeometryError, Grid, Lattice
+from appliance.dicom.dosegrid import GeometryError, Grid, Lattice
 from appliance.errors import ApplianceError, ConfigError
-from appliance.store import Store
-from appliance.transcode import Transcoded
+from appliance.store.store import Store
+from appliance.dicom.transcode import Transcoded
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +624,7 @@ def _encode(ds: Dataset) -> Transcoded:
 def send(store: Store, export: RTExport, peer: Destination, settings: sender.ClientSettings | None = None,
          progress: Callable[[sender.ObjectResult], None] | None = None) -> sender.ExportReport:
     """Send the image series, the structure set and the generated objects over one association
-    (Tables 6 and 7, Implicit VR LE), through :func:`appliance.sender.send`."""
+    (Tables 6 and 7, Implicit VR LE), through :func:`appliance.net.sender.send`."""
     plan = sender.plan_export(store, series=[export.series_uid])
     if plan.refused:
         raise RTExportError("the image series cannot be exported: " + "; ".join(str(r) for r in plan.refused))
@@ -632,7 +638,7 @@ def send(store: Store, export: RTExport, peer: Destination, settings: sender.Cli
 def write_usb(target: Path, store: Store, cfg: Config, export: RTExport,
               progress: Callable[[exporter.ExportProgress], None] | None = None) -> exporter.ExportReport:
     """Write the image series, the structure set's series and the generated objects as one
-    file-set with its DICOMDIR (Tables 10 and 11), through :func:`appliance.exporter.export`."""
+    file-set with its DICOMDIR (Tables 10 and 11), through :func:`appliance.media.exporter.export`."""
     selection = exporter.Selection.explicit(series=(export.series_uid, export.structure_set_series_uid))
     return exporter.export(target, store, cfg, selection, progress, extra=export.objects)
 

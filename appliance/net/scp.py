@@ -1,8 +1,8 @@
 """The Storage Server: a C-ECHO and C-STORE SCP accepting exactly Tables 2 and 3.
 
-The network side is :mod:`appliance.acceptor` (our upper layer, which streams each data
+The network side is :mod:`appliance.net.acceptor` (our upper layer, which streams each data
 set into the store's temp file); every C-STORE goes through
-:class:`appliance.ingest.Ingest`, the one door into the store. Transfer syntaxes are chosen
+:class:`appliance.store.ingest.Ingest`, the one door into the store. Transfer syntaxes are chosen
 in the statement's order (Implicit LE, Explicit LE, Explicit BE), whatever order the
 requestor proposes them in, and only peers that sent an A-ASSOCIATE-RQ hold one of the
 ``max_associations`` slots.
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from appliance.acceptor import Acceptor, AcceptorState, Association, Settings
+from appliance.net.acceptor import Acceptor, AcceptorState, Association, Settings
 from appliance.config import ScpConfig
-from appliance.health import store_error_words
-from appliance.ingest import Ingest
+from appliance.ops.health import store_error_words
+from appliance.store.ingest import Ingest
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from appliance import attributes, dicomio, volume
+from appliance.dicom import attributes, dicomio, volume
 from appliance.conformance import TransferSyntax
 from appliance.config import DuplicatePolicy
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.index import Index, InstanceRow
+from appliance.store.index import Index, InstanceRow
 
 log = logging.getLogger(__name__)
 

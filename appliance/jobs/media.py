@@ -4,7 +4,7 @@
 thread runs the jobs in order, so two media never interleave. An insertion is recognised
 once: a drive's duplicate ``change`` events for the same disc (tray open and close) are
 dropped until the medium is removed or a different one appears. Each outcome is kept
-(:func:`appliance.health.record_result`) for ``STATUS=`` and ``appliance status``.
+(:func:`appliance.ops.health.record_result`) for ``STATUS=`` and ``appliance status``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance import health
+from appliance.ops import health
 from appliance.config import Config
-from appliance.devices import Change, MediaEvent, MediumKind
+from appliance.adapters.devices import Change, MediaEvent, MediumKind
 from appliance.errors import ApplianceError, MediaError
-from appliance.importer import keep_report, run_import
-from appliance.ingest import Ingest
-from appliance.store import Store
+from appliance.media.importer import keep_report, run_import
+from appliance.store.ingest import Ingest
+from appliance.store.store import Store
 
 log = logging.getLogger(__name__)
 
-#: What the USB export is called with; ``appliance.exporter.export`` when it is present.
+#: What the USB export is called with; ``appliance.media.exporter.export`` when it is present.
 Exporter = Callable[..., Any]
 
 
@@ -34,9 +34,9 @@ class _Cancelled(MediaError):
 
 
 def usb_exporter() -> Exporter | None:
-    """The USB writer of issue 5 (``appliance.exporter.export``), or None in a build without it."""
+    """The USB writer of issue 5 (``appliance.media.exporter.export``), or None in a build without it."""
     try:
-        from appliance import exporter
+        from appliance.media import exporter
     except ImportError:
         return None
     return exporter.export
@@ -168,7 +168,7 @@ class MediaJobs:
     def _export(self, event: MediaEvent) -> tuple[bool, str]:
         if self.export is None:
             raise MediaError(
-                f"USB stick in {event.device} not written: this build has no USB writer (appliance.exporter)"
+                f"USB stick in {event.device} not written: this build has no USB writer (appliance.media.exporter)"
             )
         cfg = self.settings()
         what = f"exporting to USB '{event.label}'"

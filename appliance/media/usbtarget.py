@@ -4,7 +4,7 @@
 used after sysfs says it is a removable USB disk (:func:`removable_usb_refusal`); the
 appliance mounts it and unmounts it. A FAT image file is written in userspace with mtools,
 for machines whose kernel has no vfat (such as CI). Each medium reports its free space and
-cluster size, so the exporter can check before it writes (``appliance.exporter``).
+cluster size, so the exporter can check before it writes (``appliance.media.exporter``).
 """
 
 from __future__ import annotations

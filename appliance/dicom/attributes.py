@@ -1,7 +1,7 @@
 """Reading the Table 12 attributes (appendix A) out of an encoded data set.
 
 Table 12 attributes are all top-level elements, so they are decoded straight from the
-layout :func:`appliance.dicomio.walk` found (this is on the hot path of every C-STORE),
+layout :func:`appliance.dicom.dicomio.walk` found (this is on the hot path of every C-STORE),
 with text decoded in the object's own Specific Character Set by pydicom's codecs. The
 result is plain Python values keyed by index column, so no pydicom object leaves this
 module.
@@ -22,7 +22,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from appliance.dicomio import EncodingError, Layout, tag_str
+from appliance.dicom.dicomio import EncodingError, Layout, tag_str
 
 #: (keyword, index column, level). Level is where the value lives in the index.
 COLUMNS: tuple[tuple[str, str, str], ...] = (

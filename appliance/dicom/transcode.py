@@ -38,7 +38,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from appliance import dicomio
+from appliance.dicom import dicomio
 from appliance.conformance import TransferSyntax
 from appliance.errors import ApplianceError
 

@@ -1,0 +1,1 @@
+"""The edges: udev (pyudev), systemd (sdnotify), the network stack (pyroute2)."""

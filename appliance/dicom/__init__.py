@@ -1,0 +1,1 @@
+"""DICOM encoding: the structural walk, attribute extraction, transcoding, 3D volumes, dose grids."""

@@ -1,0 +1,1 @@
+"""Background jobs: the media job runner (one job at a time)."""

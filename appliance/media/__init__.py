@@ -1,0 +1,1 @@
+"""Removable media: CD import and USB export (file-sets with a DICOMDIR)."""

@@ -1,0 +1,1 @@
+"""The network: our upper-layer acceptor and Storage SCP, and the SCU that sends."""

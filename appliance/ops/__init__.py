@@ -1,0 +1,1 @@
+"""Running the box: the supervisor, the config service, health, the serial console."""
