@@ -54,7 +54,6 @@ from typing import Callable, Sequence, TextIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileSet
 
 from appliance.config import Config, ExportPolicy
@@ -63,6 +62,7 @@ from appliance.errors import ApplianceError, MediaError
 from appliance.store.index import InstanceRow
 from appliance.store.store import Store
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
+from appliance.media import dicomdir
 from appliance.media.usbtarget import Medium, open_medium
 
 log = logging.getLogger(__name__)
@@ -375,19 +375,6 @@ class _Names:
         return self._claim(series, "IM", row.sop_instance_uid)
 
 
-def _load_fileset(root: Path) -> FileSet:
-    path = root / "DICOMDIR"
-    if not path.exists():
-        fs = FileSet()
-        fs.ID = "APPLIANCE"
-        return fs
-    try:
-        return FileSet(path)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged DICOMDIR
-        raise MediaError(f"the stick holds a DICOMDIR that cannot be read ({exc}); nothing was written. "
-                         "Move it away or use another stick") from None
-
-
 def _record_source(part10: bytes) -> Dataset:
     """The object's header (no pixels) with placeholders for what the DICOMDIR needs (Type 1)."""
     full = dcmread(BytesIO(part10), stop_before_pixels=True)
@@ -401,17 +388,6 @@ def _record_source(part10: bytes) -> Dataset:
         if keyword not in ds or ds[keyword].VM == 0:
             setattr(ds, keyword, value)
     return ds
-
-
-def _encode_dicomdir(fs: FileSet) -> bytes:
-    """Encode the DICOMDIR of ``fs`` with pydicom's own encoder.
-
-    FileSet.write() cannot be used: it copies every staged instance itself (no temp name,
-    no fsync) and, when adding to an existing set, copies every existing file off the stick
-    and back onto it. The encoder it uses for the DICOMDIR alone is this private method."""
-    buf = BytesIO()
-    fs._write_dicomdir(DicomFileLike(buf))  # noqa: SLF001 - see the docstring
-    return buf.getvalue()
 
 
 def _write_atomic(root: Path, file_id: str, data: bytes, made: list[str]) -> None:
@@ -572,7 +548,7 @@ def _generated_row(part10: bytes, at: str) -> InstanceRow:
 
 def _plan(medium: Medium, store: Store, rows: list[InstanceRow],
           generated: dict[str, bytes] | None = None) -> tuple[list[_Job], FileSet]:
-    fs = _load_fileset(medium.root)
+    fs = dicomdir.load(medium.root)
     on_stick = {str(i.SOPInstanceUID) for i in fs}
     names = _Names(fs)
     jobs = []
@@ -641,10 +617,10 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
             _verify(medium.read_back(job.file_id), job)
         if written:
             medium.check()
-            dicomdir = _encode_dicomdir(fs)
-            _write_atomic(medium.root, "DICOMDIR", dicomdir, made)
+            encoded = dicomdir.encode(fs)
+            _write_atomic(medium.root, "DICOMDIR", encoded, made)
             medium.commit(["DICOMDIR"], [])
-            if medium.read_back("DICOMDIR") != dicomdir:
+            if medium.read_back("DICOMDIR") != encoded:
                 raise _Failed("the DICOMDIR read back from the stick differs from what was written")
     except OSError as exc:
         error = _medium_error(exc)
@@ -675,7 +651,7 @@ def _prepare(job: _Job, store: Store, fs: FileSet) -> bool:
         job.part10 = t.part10()
         job.decode = t.source_syntax is TransferSyntax.EXPLICIT_BE or t.source_syntax.is_compressed
         job.pixels = _pixel_digest(dcmread(BytesIO(data)), job.decode)
-        fs.add(_record_source(job.part10)).node._record.ReferencedFileID = job.file_id.split("/")
+        dicomdir.add(fs, _record_source(job.part10), job.file_id)
         return True
     except (OSError, TranscodeError) as exc:
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot read it from the store: {exc}"
