@@ -1,5 +1,6 @@
 """Our association acceptor: the DICOM upper layer (PS3.8) and the DIMSE C-ECHO and
-C-STORE services (PS3.7) of the Storage SCP.
+C-STORE services (PS3.7) of the Storage SCP. The PDUs, and reading them under deadlines,
+are :mod:`appliance.net.ul`.
 
 This replaces pynetdicom's acceptor on the receive path, for three reasons the benchmarks
 and the robustness tests showed:
@@ -42,32 +43,52 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from appliance.conformance import (
     APPLICATION_CONTEXT_NAME,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     SCP_CONTEXTS,
     SCP_STORAGE_CLASSES,
     SOPClass,
     Status,
 )
+from appliance.net.ul import (
+    A_ABORT_PDU,
+    A_ASSOCIATE_RQ_PDU,
+    A_RELEASE_RQ_PDU,
+    ABORT_SERVICE_PROVIDER,
+    ABORT_SERVICE_USER,
+    MIN_ASSOCIATE_RQ,
+    P_DATA_TF_PDU,
+    PDU_HEADER_BYTES,
+    PDV_COMMAND,
+    PDV_HEADER_BYTES,
+    PDV_LAST,
+    REJECT_APPLICATION_CONTEXT,
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    REJECT_PROTOCOL_VERSION,
+    REJECT_REASONS,
+    RELEASE_RP,
+    RELEASE_RQ_LENGTH,
+    DeadlineExpired,
+    PduReader,
+    ProtocolError,
+    abort_pdu,
+    associate_ac_pdu,
+    clock,
+    close,
+    p_data_tf_pdu,
+    reject_pdu,
+    send_and_close,
+    send_quietly,
+    shutdown,
+)
 
 log = logging.getLogger(__name__)
-
-# PDU types (PS3.8 9.3)
-A_ASSOCIATE_RQ_PDU = 0x01
-P_DATA_TF_PDU = 0x04
-A_RELEASE_RQ_PDU = 0x05
-A_ABORT_PDU = 0x07
 
 # DIMSE command fields (PS3.7 E.1)
 C_STORE_RQ = 0x0001
@@ -86,8 +107,6 @@ STATUS = 0x00000900
 ERROR_COMMENT = 0x00000902
 AFFECTED_SOP_INSTANCE_UID = 0x00001000
 
-#: The smallest A-ASSOCIATE-RQ (PS3.8 9.3.2: the fixed fields alone are 68 bytes).
-_MIN_ASSOCIATE_RQ = 68
 _ERROR_COMMENT_MAX = 64
 #: Connections accepted in one go before the loop looks at its other work.
 _ACCEPT_BURST = 64
@@ -102,14 +121,6 @@ _STUCK_AFTER = 10.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: A peer's repeated protocol errors are logged once per this many seconds.
 _LOG_EVERY = 60.0
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper-layer or DIMSE protocol; the association is aborted."""
-
-
-class DeadlineExpired(Exception):
-    """A peer was too slow (silence, a PDU, or no DIMSE message completed); aborted."""
 
 
 class IncomingObject(Protocol):
@@ -296,7 +307,7 @@ class _Pending:
     peer: str
     deadline: float
     buf: bytearray = field(default_factory=bytearray)
-    need: int = 6  # the PDU header first, then the whole PDU
+    need: int = PDU_HEADER_BYTES  # the PDU header first, then the whole PDU
 
 
 # -- the acceptor -------------------------------------------------------------------------
@@ -383,7 +394,7 @@ class Acceptor:
         with self._lock:
             return AcceptorState(
                 accepting=alive and not self._stopping.is_set() and (
-                    self._failing_since is None or _now() - self._failing_since < _STUCK_AFTER),
+                    self._failing_since is None or clock() - self._failing_since < _STUCK_AFTER),
                 problem=self._problem if alive or self._stopping.is_set() else
                 (self._problem or "the accept loop has ended"),
                 associations=len(self._associated),
@@ -398,25 +409,25 @@ class Acceptor:
         """Stop accepting; give associations ``grace`` seconds, then abort them."""
         self._stopping.set()
         if self._wake_w is not None:
-            _send_quietly(self._wake_w, b"x")
+            send_quietly(self._wake_w, b"x")
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
         for p in list(self._pending.values()):  # connected, never associated: just close
-            _close(p.sock)
+            close(p.sock)
         self._pending.clear()
-        deadline = _now() + grace
-        while self.associated() and _now() < deadline:
+        deadline = clock() + grace
+        while self.associated() and clock() < deadline:
             time.sleep(0.05)
         with self._lock:
             remaining = list(self._associated.items())
         for s, _ in remaining:
             try:
-                s.sendall(_abort_pdu(0))
+                s.sendall(abort_pdu(ABORT_SERVICE_USER))
             except OSError:
                 pass
-            _shutdown(s)
+            shutdown(s)
         for _, t in remaining:
             t.join(timeout=5)
         if self._selector is not None:
@@ -448,7 +459,7 @@ class Acceptor:
 
     def _accept_round(self) -> None:
         assert self._selector is not None and self._listener is not None
-        now = _now()
+        now = clock()
         timeout = 1.0
         if self._pending:
             timeout = min(timeout, max(0.0, min(p.deadline for p in self._pending.values()) - now))
@@ -466,7 +477,7 @@ class Acceptor:
                 pending = self._pending.get(key.fileobj)  # type: ignore[call-overload]
                 if pending is not None:
                     self._read_pending(pending)
-        now = _now()
+        now = clock()
         self._expire(now)
         if self._out_of_fds_since is not None and now - self._out_of_fds_since >= _EMFILE_BACKOFF:
             self._resume_accepting()
@@ -501,7 +512,7 @@ class Acceptor:
         """accept(2) failed for want of descriptors: close the oldest connections that have
         not associated, and stop polling the listener for a moment (its backlog would wake
         us at once). Logged once per burst."""
-        now = _now()
+        now = clock()
         if self._burst_last is None:
             log.warning("out of resources accepting connections (%s) with %d association(s) and %d "
                         "connection(s) waiting to associate; closing the oldest waiting ones",
@@ -541,7 +552,7 @@ class Acceptor:
     def _add_pending(self, conn: socket.socket, peer: str) -> None:
         assert self._selector is not None
         conn.setblocking(False)
-        self._pending[conn] = _Pending(conn, peer, _now() + self.settings.acse_timeout)
+        self._pending[conn] = _Pending(conn, peer, clock() + self.settings.acse_timeout)
         self._selector.register(conn, selectors.EVENT_READ)
         if len(self._pending) > self.settings.max_pending_connections:
             # A flood of connects that never associate: drop the oldest, so a scanner
@@ -559,7 +570,7 @@ class Acceptor:
             self._selector.unregister(pending.sock)
         except (KeyError, ValueError):
             pass
-        _close(pending.sock)
+        close(pending.sock)
 
     def _expire(self, now: float) -> None:
         while self._pending:
@@ -591,10 +602,10 @@ class Acceptor:
         pending.buf += data
         if len(pending.buf) < pending.need:
             return
-        if pending.need == 6:
+        if pending.need == PDU_HEADER_BYTES:
             pdu_type = pending.buf[0]
             (length,) = struct.unpack_from(">L", pending.buf, 2)
-            if pdu_type != A_ASSOCIATE_RQ_PDU or not _MIN_ASSOCIATE_RQ <= length <= self.settings.max_associate_rq_bytes:
+            if pdu_type != A_ASSOCIATE_RQ_PDU or not MIN_ASSOCIATE_RQ <= length <= self.settings.max_associate_rq_bytes:
                 self._ratelimited(
                     logging.INFO, f"bad {_host(pending.peer)}",
                     "connection from %s did not start with a valid A-ASSOCIATE-RQ (PDU type 0x%02X, "
@@ -602,7 +613,7 @@ class Acceptor:
                     self.settings.max_associate_rq_bytes)
                 self._drop_pending(pending)
                 return
-            pending.need = 6 + length
+            pending.need = PDU_HEADER_BYTES + length
             return
         # The whole A-ASSOCIATE-RQ is here: the connection leaves the pending set.
         assert self._selector is not None
@@ -611,7 +622,7 @@ class Acceptor:
         try:
             self._on_associate_rq(pending.sock, pending.peer, bytes(pending.buf))
         except OSError:
-            _close(pending.sock)
+            close(pending.sock)
 
     def _on_associate_rq(self, conn: socket.socket, peer: str, raw: bytes) -> None:
         """Decide on a whole A-ASSOCIATE-RQ: reject it here, or take a slot and hand the
@@ -625,31 +636,31 @@ class Acceptor:
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed items
             self._ratelimited(logging.WARNING, f"malformed {_host(peer)}",
                               "malformed A-ASSOCIATE-RQ from %s (%s); aborted", peer, _brief(exc))
-            _send_and_close(conn, _abort_pdu(2))
+            send_and_close(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
             return
         s = self.settings
         reject: tuple[int, int, int] | None = None
         if not rq.protocol_version & 0x0001:
-            reject = (0x01, 0x02, 0x02)  # permanent, provider (ACSE), protocol version not supported
+            reject = REJECT_PROTOCOL_VERSION
         elif s.check_called_ae and called != s.ae_title:
-            reject = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
+            reject = REJECT_CALLED_AE
         elif s.allowed_calling_aes and calling not in s.allowed_calling_aes:
-            reject = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            reject = REJECT_CALLING_AE
         elif primitive.application_context_name != APPLICATION_CONTEXT_NAME:
-            reject = (0x01, 0x01, 0x02)  # application context name not supported
+            reject = REJECT_APPLICATION_CONTEXT
         if reject is None:
             thread = threading.Thread(target=self._serve, args=(conn, peer, primitive),
                                       name=f"scp-{peer}", daemon=True)
             with self._lock:
                 if len(self._associated) >= s.max_associations:
-                    reject = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
+                    reject = REJECT_LOCAL_LIMIT
                 else:
                     self._associated[conn] = thread
         if reject is not None:
             self._ratelimited(logging.WARNING, f"rejected {calling} {_host(peer)} {reject}",
                               "association from %s (%s) to '%s' rejected: %s", calling, peer, called,
-                              _REJECT_REASONS.get(reject, str(reject)))
-            _send_and_close(conn, _reject_pdu(*reject))
+                              REJECT_REASONS.get(reject, str(reject)))
+            send_and_close(conn, reject_pdu(*reject))
             return
         try:
             thread.start()
@@ -658,7 +669,7 @@ class Acceptor:
                 self._associated.pop(conn, None)
                 self._problem = f"cannot start a thread for an association: {exc}"
             log.error("association from %s (%s) aborted: cannot start a thread (%s)", calling, peer, exc)
-            _send_and_close(conn, _abort_pdu(2))
+            send_and_close(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
 
     # -- one association, in its own thread ----------------------------------------------
 
@@ -675,27 +686,29 @@ class Acceptor:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-            reader = _Reader(conn, self.settings)
+            s = self.settings
+            reader = PduReader(conn, network_timeout=s.network_timeout, pdu_timeout=s.pdu_timeout,
+                               idle_timeout=s.idle_timeout)
             assoc = self._accept_association(conn, peer, primitive)
             who = f"{assoc.calling_ae} ({peer})"
             self._run(conn, reader, assoc)
         except ProtocolError as exc:
             log.warning("aborting association with %s: %s", who, exc)
-            _send_quietly(conn, _abort_pdu(2))
+            send_quietly(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
         except DeadlineExpired as exc:
             log.warning("aborting association with %s: %s", who, exc)
-            _send_quietly(conn, _abort_pdu(0))
+            send_quietly(conn, abort_pdu(ABORT_SERVICE_USER))
         except (ConnectionError, OSError) as exc:
             if not self._stopping.is_set():
                 log.warning("connection from %s lost: %s", who, exc.strerror or exc)
         except Exception:  # noqa: BLE001 - one association's bug must never end the server
             log.exception("unexpected error serving %s; association aborted", who)
-            _send_quietly(conn, _abort_pdu(2))
+            send_quietly(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
         finally:
             with self._lock:
                 self._associated.pop(conn, None)
                 self._served += 1
-            _close(conn)
+            close(conn)
             if assoc is not None and self.on_association_end is not None:
                 try:
                     self.on_association_end(assoc)
@@ -712,55 +725,37 @@ class Acceptor:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
         calling = (primitive.calling_ae_title or "").strip()
-        conn.sendall(self._accept_pdu(primitive, results))
+        conn.sendall(associate_ac_pdu(primitive, results, self.settings.max_pdu))
         assoc = Association(calling, peer, accepted, peer_max)
         log.log(assoc.log_level, "association from %s (%s) accepted, %d of %d context(s)", calling, peer,
                 len(accepted), len(rq_contexts))
         return assoc
 
-    def _accept_pdu(self, rq: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
-        prim = A_ASSOCIATE()
-        prim.application_context_name = rq.application_context_name
-        prim.calling_ae_title = rq.calling_ae_title
-        prim.called_ae_title = rq.called_ae_title
-        prim.result = 0x00
-        prim.presentation_context_definition_results_list = results
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = self.settings.max_pdu
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        prim.user_information = [ml, ic, iv]
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(prim)
-        return bytes(ac.encode())
-
-    def _run(self, conn: socket.socket, reader: "_Reader", assoc: Association) -> None:
+    def _run(self, conn: socket.socket, reader: PduReader, assoc: Association) -> None:
         """Serve P-DATA until release or abort."""
         s = self.settings
-        limit = s.max_pdu + 6
+        limit = s.max_pdu + PDU_HEADER_BYTES
         command = bytearray()
         command_cx: int | None = None
         incoming: IncomingObject | None = None
         request: dict[int, bytes] | None = None
-        header = bytearray(6)
+        header = bytearray(PDU_HEADER_BYTES)
         buf = bytearray(min(s.max_pdu, 1 << 20) + 64)
-        idle_deadline = _now() + s.idle_timeout
+        idle_deadline = clock() + s.idle_timeout
         try:
             while True:
-                reader.pdu(memoryview(header), 6, idle_deadline, first=True)
-                if _now() >= idle_deadline:
+                reader.pdu(memoryview(header), PDU_HEADER_BYTES, idle_deadline, first=True)
+                if clock() >= idle_deadline:
                     raise DeadlineExpired(f"no DIMSE message completed in {s.idle_timeout:.0f} s")
                 pdu_type = header[0]
                 (length,) = struct.unpack_from(">L", header, 2)
                 if pdu_type == A_RELEASE_RQ_PDU:
-                    if length != 4:
+                    if length != RELEASE_RQ_LENGTH:
                         raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (it has 4)")
                     reader.pdu(memoryview(buf), length, idle_deadline)
                     if incoming is not None or command:
                         raise ProtocolError("A-RELEASE-RQ in the middle of a message")
-                    conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                    conn.sendall(RELEASE_RP)
                     log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
                     return
                 if pdu_type == A_ABORT_PDU:
@@ -768,26 +763,26 @@ class Acceptor:
                     return
                 if pdu_type != P_DATA_TF_PDU:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-                if length > limit or length < 6:
+                if length > limit or length < PDV_HEADER_BYTES:
                     raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {s.max_pdu})")
                 if len(buf) < length:
                     buf = bytearray(length)
                 view = memoryview(buf)[:length]
                 reader.pdu(view, length, idle_deadline)
                 pos = 0
-                while pos < length:
-                    if pos + 6 > length:
+                while pos < length:  # PDV items: 4-byte length, context ID, control header, data
+                    if pos + PDV_HEADER_BYTES > length:
                         raise ProtocolError("truncated PDV item")
                     (item_len,) = struct.unpack_from(">L", view, pos)
                     if item_len < 2 or pos + 4 + item_len > length:
                         raise ProtocolError("PDV item length exceeds its PDU")
                     cx_id = view[pos + 4]
                     control = view[pos + 5]
-                    data = view[pos + 6 : pos + 4 + item_len]
+                    data = view[pos + PDV_HEADER_BYTES : pos + 4 + item_len]
                     pos += 4 + item_len
                     if cx_id not in assoc.contexts:
                         raise ProtocolError(f"PDV on presentation context {cx_id}, which was not accepted")
-                    if control & 0x01:  # command fragment
+                    if control & PDV_COMMAND:
                         if incoming is not None:
                             raise ProtocolError("a command arrived in the middle of a data set")
                         if len(command) + len(data) > s.max_command_bytes:
@@ -796,21 +791,21 @@ class Acceptor:
                                 "(a real one is a few hundred)")
                         command += data
                         command_cx = cx_id
-                        if control & 0x02:
+                        if control & PDV_LAST:
                             request = decode_command(bytes(command))
                             command.clear()
                             incoming = self._on_command(conn, assoc, cx_id, request)
                             if incoming is None:  # a C-ECHO: the message is complete
-                                idle_deadline = _now() + s.idle_timeout
+                                idle_deadline = clock() + s.idle_timeout
                     else:  # data set fragment
                         if incoming is None or request is None or cx_id != command_cx:
                             raise ProtocolError("data set fragment without a C-STORE request")
                         incoming.write(data)
-                        if control & 0x02:
+                        if control & PDV_LAST:
                             done, incoming = incoming, None
                             self._finish_store(conn, assoc, cx_id, request, done)
                             request = None
-                            idle_deadline = _now() + s.idle_timeout
+                            idle_deadline = clock() + s.idle_timeout
         finally:
             if incoming is not None:
                 incoming.discard()
@@ -866,142 +861,7 @@ class Acceptor:
         self._send_command(conn, cx_id, elements)
 
     def _send_command(self, conn: socket.socket, cx_id: int, elements: list[tuple[int, bytes]]) -> None:
-        cmd = encode_command(elements)
-        # A command set is a few hundred bytes: one PDV fits any negotiated PDU size.
-        pdv = struct.pack(">LBB", len(cmd) + 2, cx_id, 0x03) + cmd
-        conn.sendall(struct.pack(">BBL", P_DATA_TF_PDU, 0, len(pdv)) + pdv)
-
-
-class _Reader:
-    """Reads whole PDUs of one association under its deadlines.
-
-    The kernel enforces a receive timeout (SO_RCVTIMEO) of the shortest limit, so the data
-    path makes one ``recv_into`` per PDU header and one per body, and no extra system call.
-    Only when a read comes back short or empty (a slow peer, a timeout) are the deadlines
-    checked here, and the receive timeout is shortened to wake up in time for the nearest:
-    ``network_timeout`` of silence, ``pdu_timeout`` for a PDU from its first byte, and the
-    caller's ``idle`` deadline for completing a DIMSE message."""
-
-    def __init__(self, conn: socket.socket, s: Settings) -> None:
-        self.conn = conn
-        self.s = s
-        self.tick = min(s.network_timeout, s.pdu_timeout, s.idle_timeout)
-        self.last_byte = _now()
-        self.pdu_deadline = 0.0
-        self._timeout = self.tick
-        _kernel_timeout(conn, self.tick)
-
-    def pdu(self, view: memoryview, n: int, idle: float, *, first: bool = False) -> None:
-        """Fill ``view[:n]``; ``first``: these are the first bytes of a PDU, whose deadline
-        starts with the first byte that arrives (so that read does not wait for all ``n``)."""
-        got = 0
-        flags = 0 if first else socket.MSG_WAITALL
-        while True:
-            try:
-                r = self.conn.recv_into(view[got:n], n - got, flags)
-            except BlockingIOError:  # SO_RCVTIMEO expired with nothing read
-                r = -1
-            if r == 0:
-                raise ConnectionError("the peer closed the connection")
-            now = _now()
-            if r > 0:
-                if first and got == 0:
-                    self.pdu_deadline = now + self.s.pdu_timeout
-                got += r
-                self.last_byte = now
-                flags = socket.MSG_WAITALL
-                if got == n:
-                    break
-            in_pdu = got > 0 or not first
-            if now - self.last_byte >= self.s.network_timeout:
-                raise DeadlineExpired(f"silent for {self.s.network_timeout:.0f} s")
-            if in_pdu and now >= self.pdu_deadline:
-                raise DeadlineExpired(f"a PDU took longer than {self.s.pdu_timeout:.0f} s to arrive")
-            if now >= idle:
-                raise DeadlineExpired(f"no DIMSE message completed in {self.s.idle_timeout:.0f} s")
-            nearest = min(self.last_byte + self.s.network_timeout, idle,
-                          self.pdu_deadline if in_pdu else idle)
-            self._set_timeout(max(0.01, min(self.tick, nearest - now)))
-        if self._timeout != self.tick:
-            self._set_timeout(self.tick)
-
-    def _set_timeout(self, seconds: float) -> None:
-        if seconds != self._timeout:
-            self._timeout = seconds
-            tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-
-
-_REJECT_REASONS = {
-    (0x01, 0x01, 0x07): "called AE title not recognised",
-    (0x01, 0x01, 0x03): "calling AE title not allowed",
-    (0x01, 0x01, 0x02): "application context name not supported",
-    (0x02, 0x03, 0x02): "local limit of simultaneous associations reached",
-    (0x01, 0x02, 0x02): "protocol version not supported",
-}
-
-
-def _reject_pdu(result: int, source: int, reason: int) -> bytes:
-    rj = A_ASSOCIATE_RJ()
-    prim = A_ASSOCIATE()
-    prim.result = result
-    prim.result_source = source
-    prim.diagnostic = reason
-    rj.from_primitive(prim)
-    return bytes(rj.encode())
-
-
-def _abort_pdu(source: int) -> bytes:
-    """A-ABORT: source 0 = service user, 2 = service provider (reason 0, not specified)."""
-    return bytes([A_ABORT_PDU, 0, 0, 0, 0, 4, 0, 0, source, 0])
-
-
-def _now() -> float:
-    return time.monotonic()
-
-
-def _kernel_timeout(sock: socket.socket, seconds: float) -> None:
-    """Make ``sock`` blocking with the timeout enforced by the kernel (SO_RCVTIMEO and
-    SO_SNDTIMEO): Python's own socket timeout polls before every recv, which doubles the
-    system calls on the data path. An expired timeout raises BlockingIOError (EAGAIN)."""
-    sock.settimeout(None)
-    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    """Wake the thread blocked reading ``sock`` (it closes the socket itself)."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _close(sock: socket.socket) -> None:
-    _shutdown(sock)
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    """Send a last PDU (an A-ABORT) if the peer is still there to read it."""
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass
-
-
-def _send_and_close(sock: socket.socket, data: bytes) -> None:
-    """Send a short last PDU on a non-blocking socket without waiting, then close: a peer
-    that does not read its A-ASSOCIATE-RJ must not stall the accept thread."""
-    try:
-        sock.send(data)
-    except OSError:
-        pass
-    _close(sock)
+        conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_command(elements)))
 
 
 def _pynetdicom_loggers() -> list[logging.Logger]:
