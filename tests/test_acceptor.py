@@ -22,7 +22,8 @@ import pytest
 from pynetdicom import AE
 
 from appliance.ops import health
-from appliance.net.acceptor import Acceptor, Settings, encode_command
+from appliance.net.acceptor import Acceptor, Settings
+from appliance.net.dimse import CommandField, Tag, encode_command
 from appliance.config import ScpConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
 from appliance.net.scp import report
@@ -160,12 +161,12 @@ def test_a_uid_that_is_not_ascii_is_still_answered(make_server):
     s = _associated(srv.port, contexts=[(SOPClass.CT_IMAGE, [ILE])])
     uid = b"1.2.840.99\xff"
     command = encode_command([
-        (0x00000002, SOPClass.CT_IMAGE.encode()),
-        (0x00000100, struct.pack("<H", 0x0001)),
-        (0x00000110, struct.pack("<H", 7)),
-        (0x00000700, struct.pack("<H", 0)),
-        (0x00000800, struct.pack("<H", 0x0000)),
-        (0x00001000, uid),
+        (Tag.AFFECTED_SOP_CLASS_UID, SOPClass.CT_IMAGE.encode()),
+        (Tag.COMMAND_FIELD, struct.pack("<H", CommandField.C_STORE_RQ)),
+        (Tag.MESSAGE_ID, struct.pack("<H", 7)),
+        (Tag.PRIORITY, struct.pack("<H", 0)),
+        (Tag.COMMAND_DATA_SET_TYPE, struct.pack("<H", 0x0000)),
+        (Tag.AFFECTED_SOP_INSTANCE_UID, uid),
     ])
     def element(group: int, elem: int, value: bytes) -> bytes:
         if len(value) % 2:
@@ -193,11 +194,11 @@ def test_an_exception_in_a_connection_thread_is_logged_once_and_the_server_serve
     try:
         s = _associated(port, contexts=[(SOPClass.CT_IMAGE, [ILE])])
         command = encode_command([
-            (0x00000002, SOPClass.CT_IMAGE.encode()),
-            (0x00000100, struct.pack("<H", 0x0001)),
-            (0x00000110, struct.pack("<H", 1)),
-            (0x00000800, struct.pack("<H", 0x0000)),
-            (0x00001000, b"1.2.3.4"),
+            (Tag.AFFECTED_SOP_CLASS_UID, SOPClass.CT_IMAGE.encode()),
+            (Tag.COMMAND_FIELD, struct.pack("<H", CommandField.C_STORE_RQ)),
+            (Tag.MESSAGE_ID, struct.pack("<H", 1)),
+            (Tag.COMMAND_DATA_SET_TYPE, struct.pack("<H", 0x0000)),
+            (Tag.AFFECTED_SOP_INSTANCE_UID, b"1.2.3.4"),
         ])
         with caplog.at_level(logging.WARNING, logger="appliance.net.acceptor"):
             s.sendall(p_data_pdu(1, 0x03, command))

@@ -54,6 +54,7 @@ from appliance.conformance import (
     SOPClass,
     Status,
 )
+from appliance.net.dimse import CommandField, Request, encode_response
 from appliance.net.ul import (
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
@@ -90,24 +91,6 @@ from appliance.net.ul import (
 
 log = logging.getLogger(__name__)
 
-# DIMSE command fields (PS3.7 E.1)
-C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
-C_ECHO_RQ = 0x0030
-C_ECHO_RSP = 0x8030
-NO_DATA_SET = 0x0101
-
-# DIMSE command elements (PS3.7 E.1-1), group 0000
-AFFECTED_SOP_CLASS_UID = 0x00000002
-COMMAND_FIELD = 0x00000100
-MESSAGE_ID = 0x00000110
-MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
-COMMAND_DATA_SET_TYPE = 0x00000800
-STATUS = 0x00000900
-ERROR_COMMENT = 0x00000902
-AFFECTED_SOP_INSTANCE_UID = 0x00001000
-
-_ERROR_COMMENT_MAX = 64
 #: Connections accepted in one go before the loop looks at its other work.
 _ACCEPT_BURST = 64
 #: Seconds the accept loop pauses after running out of descriptors.
@@ -205,60 +188,6 @@ class Association:
         if all(str(cx.abstract_syntax) == SOPClass.VERIFICATION for cx in self.contexts.values()):
             return logging.DEBUG
         return logging.INFO
-
-
-def _comment(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _ERROR_COMMENT_MAX else text[: _ERROR_COMMENT_MAX - 3] + "..."
-
-
-# -- DIMSE command sets (Implicit VR Little Endian, PS3.7 6.3.1) ------------------------
-
-
-def _element(group_elem: int, value: bytes) -> bytes:
-    if len(value) & 1:
-        value += b"\x00"
-    return struct.pack("<HHL", group_elem >> 16, group_elem & 0xFFFF, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    return value.encode("ascii")
-
-
-def _us(value: int) -> bytes:
-    return struct.pack("<H", value)
-
-
-def encode_command(elements: list[tuple[int, bytes]]) -> bytes:
-    """Encode a command set: (tag, value) pairs in ascending order, with its group length."""
-    body = b"".join(_element(tag, value) for tag, value in elements)
-    return _element(0x00000000, struct.pack("<L", len(body))) + body
-
-
-def decode_command(data: bytes) -> dict[int, bytes]:
-    """Decode a command set into {tag: raw value}; raise ProtocolError if malformed."""
-    out: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise ProtocolError("truncated DIMSE command set")
-        group, elem, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        if group != 0 or pos + length > end:
-            raise ProtocolError("malformed DIMSE command set")
-        out[group << 16 | elem] = data[pos : pos + length]
-        pos += length
-    return out
-
-
-def _text(value: bytes | None) -> str:
-    return (value or b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _int(value: bytes | None) -> int:
-    if value is None or len(value) != 2:
-        raise ProtocolError("a required DIMSE command element is missing")
-    return int(struct.unpack("<H", value)[0])
 
 
 class _RateLimitedLog:
@@ -738,7 +667,7 @@ class Acceptor:
         command = bytearray()
         command_cx: int | None = None
         incoming: IncomingObject | None = None
-        request: dict[int, bytes] | None = None
+        request: Request | None = None
         header = bytearray(PDU_HEADER_BYTES)
         buf = bytearray(min(s.max_pdu, 1 << 20) + 64)
         idle_deadline = clock() + s.idle_timeout
@@ -792,7 +721,7 @@ class Acceptor:
                         command += data
                         command_cx = cx_id
                         if control & PDV_LAST:
-                            request = decode_command(bytes(command))
+                            request = Request.decode(bytes(command))
                             command.clear()
                             incoming = self._on_command(conn, assoc, cx_id, request)
                             if incoming is None:  # a C-ECHO: the message is complete
@@ -811,57 +740,40 @@ class Acceptor:
                 incoming.discard()
 
     def _on_command(self, conn: socket.socket, assoc: Association, cx_id: int,
-                    request: dict[int, bytes]) -> IncomingObject | None:
-        field_ = _int(request.get(COMMAND_FIELD))
-        message_id = _int(request.get(MESSAGE_ID))
+                    request: Request) -> IncomingObject | None:
+        field_ = request.command_field
         cx = assoc.contexts[cx_id]
-        if field_ == C_ECHO_RQ:
+        if field_ == CommandField.C_ECHO_RQ:
             if str(cx.abstract_syntax) != SOPClass.VERIFICATION:
                 raise ProtocolError("C-ECHO on a storage context")
-            self._send_command(conn, cx_id, [
-                (AFFECTED_SOP_CLASS_UID, _uid(SOPClass.VERIFICATION)),
-                (COMMAND_FIELD, _us(C_ECHO_RSP)),
-                (MESSAGE_ID_BEING_RESPONDED_TO, _us(message_id)),
-                (COMMAND_DATA_SET_TYPE, _us(NO_DATA_SET)),
-                (STATUS, _us(Status.SUCCESS)),
-            ])
+            conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_response(
+                CommandField.C_ECHO_RSP, SOPClass.VERIFICATION, request.message_id, Status.SUCCESS)))
             return None
-        if field_ == C_STORE_RQ:
+        if field_ == CommandField.C_STORE_RQ:
             if str(cx.abstract_syntax) not in SCP_STORAGE_CLASSES:
                 raise ProtocolError("C-STORE on the verification context")
-            if _int(request.get(COMMAND_DATA_SET_TYPE)) == NO_DATA_SET:
+            if not request.has_data_set:
                 raise ProtocolError("C-STORE request without a data set")
             return self.open_stream(
                 str(cx.transfer_syntax[0]),
                 str(cx.abstract_syntax),
-                _text(request.get(AFFECTED_SOP_INSTANCE_UID)),
+                request.affected_sop_instance_uid,
                 assoc.calling_ae,
             )
         raise ProtocolError(f"unsupported DIMSE command 0x{field_:04X}")
 
     def _finish_store(self, conn: socket.socket, assoc: Association, cx_id: int,
-                      request: dict[int, bytes], incoming: IncomingObject) -> None:
+                      request: Request, incoming: IncomingObject) -> None:
         result = incoming.finish()
         if result.ok and result.series_uid:
             assoc.touched_series.add(result.series_uid)
         with self._lock:
             self._last_store = "ok" if result.ok else f"0x{int(result.status):04X} {result.comment}"
             self._last_store_at = time.time()
-        elements = [
-            (AFFECTED_SOP_CLASS_UID, _uid(str(assoc.contexts[cx_id].abstract_syntax))),
-            (COMMAND_FIELD, _us(C_STORE_RSP)),
-            (MESSAGE_ID_BEING_RESPONDED_TO, _us(_int(request.get(MESSAGE_ID)))),
-            (COMMAND_DATA_SET_TYPE, _us(NO_DATA_SET)),
-            (STATUS, _us(int(result.status))),
-        ]
-        if not result.ok:
-            elements.append((ERROR_COMMENT, _comment(result.comment).encode("ascii", "replace")))
-        # The peer's own bytes, whatever they hold: the response must name what it sent.
-        elements.append((AFFECTED_SOP_INSTANCE_UID, (request.get(AFFECTED_SOP_INSTANCE_UID) or b"").rstrip(b"\x00")))
-        self._send_command(conn, cx_id, elements)
-
-    def _send_command(self, conn: socket.socket, cx_id: int, elements: list[tuple[int, bytes]]) -> None:
-        conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_command(elements)))
+        conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_response(
+            CommandField.C_STORE_RSP, str(assoc.contexts[cx_id].abstract_syntax), request.message_id,
+            int(result.status), error_comment=None if result.ok else result.comment,
+            sop_instance_uid=request.affected_sop_instance_uid_raw)))
 
 
 def _pynetdicom_loggers() -> list[logging.Logger]:

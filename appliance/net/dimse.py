@@ -1,0 +1,195 @@
+"""DIMSE command sets (PS3.7 6.3.1, E.1): the command elements and command fields by name,
+their encoding (Implicit VR Little Endian, group 0000) and a request as the acceptor reads it.
+
+A command set is a few hundred bytes and arrives once per message, so decoding it into a
+dict and a :class:`Request` costs nothing next to the data set behind it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from appliance.net.ul import ProtocolError
+
+
+class Tag(enum.IntEnum):
+    """Command elements (PS3.7 E.1-1 and E.2-1), group 0000."""
+
+    COMMAND_GROUP_LENGTH = 0x00000000
+    AFFECTED_SOP_CLASS_UID = 0x00000002
+    REQUESTED_SOP_CLASS_UID = 0x00000003
+    COMMAND_FIELD = 0x00000100
+    MESSAGE_ID = 0x00000110
+    MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+    MOVE_DESTINATION = 0x00000600
+    PRIORITY = 0x00000700
+    COMMAND_DATA_SET_TYPE = 0x00000800
+    STATUS = 0x00000900
+    OFFENDING_ELEMENT = 0x00000901
+    ERROR_COMMENT = 0x00000902
+    ERROR_ID = 0x00000903
+    AFFECTED_SOP_INSTANCE_UID = 0x00001000
+    REQUESTED_SOP_INSTANCE_UID = 0x00001001
+    EVENT_TYPE_ID = 0x00001002
+    ATTRIBUTE_IDENTIFIER_LIST = 0x00001005
+    ACTION_TYPE_ID = 0x00001008
+    NUMBER_OF_REMAINING_SUBOPERATIONS = 0x00001020
+    NUMBER_OF_COMPLETED_SUBOPERATIONS = 0x00001021
+    NUMBER_OF_FAILED_SUBOPERATIONS = 0x00001022
+    NUMBER_OF_WARNING_SUBOPERATIONS = 0x00001023
+    MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE = 0x00001030
+    MOVE_ORIGINATOR_MESSAGE_ID = 0x00001031
+
+
+class CommandField(enum.IntEnum):
+    """Command Field (0000,0100) values (PS3.7 E.1-1 and E.2-1)."""
+
+    C_STORE_RQ = 0x0001
+    C_STORE_RSP = 0x8001
+    C_GET_RQ = 0x0010
+    C_GET_RSP = 0x8010
+    C_FIND_RQ = 0x0020
+    C_FIND_RSP = 0x8020
+    C_MOVE_RQ = 0x0021
+    C_MOVE_RSP = 0x8021
+    C_ECHO_RQ = 0x0030
+    C_ECHO_RSP = 0x8030
+    N_EVENT_REPORT_RQ = 0x0100
+    N_EVENT_REPORT_RSP = 0x8100
+    N_GET_RQ = 0x0110
+    N_GET_RSP = 0x8110
+    N_SET_RQ = 0x0120
+    N_SET_RSP = 0x8120
+    N_ACTION_RQ = 0x0130
+    N_ACTION_RSP = 0x8130
+    N_CREATE_RQ = 0x0140
+    N_CREATE_RSP = 0x8140
+    N_DELETE_RQ = 0x0150
+    N_DELETE_RSP = 0x8150
+    C_CANCEL_RQ = 0x0FFF
+
+
+#: Command Data Set Type (0000,0800) of a message without a data set; any other value
+#: means one follows (PS3.7 E.1-1).
+NO_DATA_SET = 0x0101
+#: The longest Error Comment (0000,0902) we send: its VR is LO.
+ERROR_COMMENT_MAX = 64
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    if len(value) & 1:
+        value += b"\x00"
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def uid(value: str) -> bytes:
+    """A UI value: the UID's ASCII bytes (padded to even length by :func:`encode_command`)."""
+    return value.encode("ascii")
+
+
+def us(value: int) -> bytes:
+    """A US value."""
+    return struct.pack("<H", value)
+
+
+def comment(text: str) -> bytes:
+    """An Error Comment: ``text`` on one line, cut to :data:`ERROR_COMMENT_MAX` characters."""
+    text = " ".join(text.split())
+    if len(text) > ERROR_COMMENT_MAX:
+        text = text[: ERROR_COMMENT_MAX - 3] + "..."
+    return text.encode("ascii", "replace")
+
+
+def encode_command(elements: Iterable[tuple[int, bytes]]) -> bytes:
+    """Encode a command set: (tag, value) pairs in ascending order, with its group length."""
+    body = b"".join(_element(tag, value) for tag, value in elements)
+    return _element(Tag.COMMAND_GROUP_LENGTH, struct.pack("<L", len(body))) + body
+
+
+def decode_command(data: bytes) -> dict[int, bytes]:
+    """Decode a command set into {tag: raw value}; raise ProtocolError if malformed."""
+    out: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            raise ProtocolError("truncated DIMSE command set")
+        group, elem, length = struct.unpack_from("<HHL", data, pos)
+        pos += 8
+        if group != 0 or pos + length > end:
+            raise ProtocolError("malformed DIMSE command set")
+        out[group << 16 | elem] = data[pos : pos + length]
+        pos += length
+    return out
+
+
+def encode_response(field: CommandField, sop_class_uid: str, message_id: int, status: int, *,
+                    error_comment: str | None = None, sop_instance_uid: bytes | None = None) -> bytes:
+    """A response command set without a data set: ``error_comment`` and the Affected SOP
+    Instance UID (raw bytes, the request's own) are sent only when given."""
+    elements = [
+        (Tag.AFFECTED_SOP_CLASS_UID, uid(sop_class_uid)),
+        (Tag.COMMAND_FIELD, us(field)),
+        (Tag.MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
+        (Tag.COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+        (Tag.STATUS, us(status)),
+    ]
+    if error_comment is not None:
+        elements.append((Tag.ERROR_COMMENT, comment(error_comment)))
+    if sop_instance_uid is not None:
+        elements.append((Tag.AFFECTED_SOP_INSTANCE_UID, sop_instance_uid))
+    return encode_command(elements)
+
+
+def required_us(elements: Mapping[int, bytes], tag: Tag) -> int:
+    """The US value of ``tag``; raise ProtocolError if it is missing or not 2 bytes."""
+    value = elements.get(tag)
+    if value is None or len(value) != 2:
+        raise ProtocolError("a required DIMSE command element is missing")
+    return int(struct.unpack("<H", value)[0])
+
+
+def text(value: bytes | None) -> str:
+    """A UI/LO/AE value as text: padding stripped, bytes that are not ASCII replaced."""
+    return (value or b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A DIMSE request's command set: the fields every service reads, and all elements raw."""
+
+    command_field: int
+    message_id: int
+    elements: Mapping[int, bytes]
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        """Decode a request's command set; raise ProtocolError if it is malformed or lacks
+        its Command Field or Message ID."""
+        elements = decode_command(data)
+        return cls(required_us(elements, Tag.COMMAND_FIELD), required_us(elements, Tag.MESSAGE_ID), elements)
+
+    @property
+    def has_data_set(self) -> bool:
+        """Whether a data set follows; ProtocolError if Command Data Set Type is missing."""
+        return required_us(self.elements, Tag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET
+
+    @property
+    def affected_sop_class_uid(self) -> str:
+        return text(self.elements.get(Tag.AFFECTED_SOP_CLASS_UID))
+
+    @property
+    def affected_sop_class_uid_raw(self) -> bytes:
+        return (self.elements.get(Tag.AFFECTED_SOP_CLASS_UID) or b"").rstrip(b"\x00")
+
+    @property
+    def affected_sop_instance_uid(self) -> str:
+        return text(self.elements.get(Tag.AFFECTED_SOP_INSTANCE_UID))
+
+    @property
+    def affected_sop_instance_uid_raw(self) -> bytes:
+        """The peer's own bytes, whatever they hold (trailing NULs dropped): a response
+        must name what the peer sent."""
+        return (self.elements.get(Tag.AFFECTED_SOP_INSTANCE_UID) or b"").rstrip(b"\x00")
