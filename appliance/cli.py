@@ -162,36 +162,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """Print the stored studies, series or instances."""
     store = open_store(args)
     store.update_verdicts()
-    idx = store.index
     rows: list[tuple[object, ...]]
     if args.level == "series":
         rows = [
-            (r["series_uid"], r["study_uid"], r["modality"], r["series_number"], r["n"],
-             _verdict(r["volume_ok"], r["volume_reason"]))
-            for r in idx.query(
-                "SELECT s.*, (SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n"
-                " FROM series s ORDER BY s.study_uid, s.series_number")
+            (s.series_uid, s.study_uid, s.modality, s.series_number, s.instances,
+             _verdict(s.volume_ok, s.volume_reason))
+            for s in store.series_listing()
         ]
         out = _table(["SERIES UID", "STUDY UID", "MODALITY", "NUMBER", "INSTANCES", "3D VERDICT"], rows)
     elif args.level == "instances":
         rows = [
-            (r["sop_instance_uid"], r["series_uid"], _label(r["sop_class_uid"]),
-             TRANSFER_SYNTAX_NAMES.get(r["transfer_syntax"], r["transfer_syntax"]), r["size"],
-             r["received_at"], r["calling_ae"] or r["origin"], r["flags"] or "")
-            for r in idx.query("SELECT * FROM instances ORDER BY series_uid, instance_number")
+            (i.sop_instance_uid, i.series_uid, _label(i.sop_class_uid),
+             TRANSFER_SYNTAX_NAMES.get(i.transfer_syntax, i.transfer_syntax), i.size,
+             i.received_at, i.calling_ae or i.origin, i.flags or "")
+            for i in store.instance_listing()
         ]
         out = _table(["SOP INSTANCE UID", "SERIES UID", "CLASS", "TRANSFER SYNTAX", "BYTES", "RECEIVED",
                       "FROM", "FLAGS"], rows)
     else:
         rows = [
-            (r["patient_id"], r["patient_name"], r["study_uid"], r["study_date"], r["nseries"], r["n"],
-             r["last_received"])
-            for r in idx.query(
-                "SELECT st.*, p.patient_id, p.patient_name,"
-                " (SELECT count(*) FROM series s WHERE s.study_uid = st.study_uid) AS nseries,"
-                " (SELECT count(*) FROM instances i JOIN series s USING (series_uid)"
-                "   WHERE s.study_uid = st.study_uid) AS n"
-                " FROM studies st JOIN patients p ON p.id = st.patient ORDER BY st.last_received")
+            (st.patient_id, st.patient_name, st.study_uid, st.study_date, st.series, st.instances, st.last_received)
+            for st in store.study_listing()
         ]
         out = _table(["PATIENT ID", "PATIENT NAME", "STUDY UID", "DATE", "SERIES", "INSTANCES",
                       "LAST RECEIVED"], rows)

@@ -177,7 +177,7 @@ class _state:
 
 
 def _studies(store: Store) -> list[str]:
-    return [r[0] for r in store.index.query("SELECT study_uid FROM studies ORDER BY first_received")]
+    return store.study_uids()
 
 
 # -- folder targets ---------------------------------------------------------------------------

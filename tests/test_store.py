@@ -302,3 +302,45 @@ def test_threads_that_come_and_go_give_back_their_index_descriptors(tmp_path, ru
     assert store.index.counts()["instances"] == 301
     store.close()
     assert _open_fds() <= before_store
+
+
+def test_named_queries_list_the_store_in_their_documented_orders(ingest):
+    """The index's named queries (what `appliance ls`, the console, the sender and the USB export read)."""
+    a = ct_series(3, patient="A^A")
+    for ds, number in zip(a, (3, 1, 2)):
+        ds.InstanceNumber = number
+    b = ct_series(2, study_uid=a[0].StudyInstanceUID, patient="A^A")
+    for ds in b:
+        ds.SeriesNumber = 1
+    c = ct_series(1, patient="B^B")
+    for ds in a + b + c:
+        assert ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                             sop_instance_uid=None, source=NET).ok
+    store = ingest.store
+    store.update_verdicts()
+    study_a, study_c = a[0].StudyInstanceUID, c[0].StudyInstanceUID
+    series_a, series_b = a[0].SeriesInstanceUID, b[0].SeriesInstanceUID
+
+    assert store.counts() == {"patients": 2, "studies": 2, "series": 3, "instances": 6}
+    assert (store.level_of(study_a), store.level_of(series_b), store.level_of("1.2.3")) == ("study", "series", None)
+    assert store.series_in_study(study_a) == store.series_in_study(study_a, uid_breaks_ties=False) == [series_b, series_a]
+    studies = store.study_listing()
+    assert [(s.study_uid, s.patient_name, s.series, s.instances) for s in studies] == [
+        (study_a, "A^A", 2, 5), (study_c, "B^B", 1, 1)]
+    assert store.study_uids() == [study_a, study_c]
+    assert store.study_uids(received_after=studies[0].last_received) == [study_c]
+    assert [(r.study_uid, r.modalities, r.instances) for r in store.recent_studies(1)] == [(study_c, "CT", 1)]
+    assert [i.sop_instance_uid for i in store.ordered_instances(series_a)] == [
+        a[1].SOPInstanceUID, a[2].SOPInstanceUID, a[0].SOPInstanceUID]
+    assert [i.sop_instance_uid for i in store.study_instances(study_a)] == [
+        i.sop_instance_uid for s in sorted((series_a, series_b)) for i in store.ordered_instances(s)]
+    one = store.series(series_a)
+    assert one is not None and (one.study_uid, one.modality, one.series_number, one.instances) == (study_a, "CT", 3, 3)
+    assert one.frame_of_reference_uid == a[0].FrameOfReferenceUID and one.volume_ok is True
+    assert store.series("1.2.3") is None and store.instance("1.2.3") is None
+    assert [(s.series_uid, s.instances) for s in store.series_listing() if s.study_uid == study_a] == [
+        (series_b, 2), (series_a, 3)]
+    listed = store.instance_listing()
+    assert len(listed) == 6 and all(i.calling_ae == "SCANNER" for i in listed)
+    assert [i.series_uid for i in listed] == sorted(i.series_uid for i in listed)
+

@@ -289,10 +289,7 @@ class ExportState:
 
 def level_of(store: Store, uid: str) -> str | None:
     """Return "study" or "series" if ``uid`` is a stored study or series, else None."""
-    for level, table, col in (("study", "studies", "study_uid"), ("series", "series", "series_uid")):
-        if list(store.index.query(f"SELECT 1 FROM {table} WHERE {col} = ?", (uid,))):
-            return level
-    return None
+    return store.level_of(uid)
 
 
 def _resolve(store: Store, state: ExportState, cfg: Config, selection: Selection,
@@ -317,19 +314,17 @@ def _resolve(store: Store, state: ExportState, cfg: Config, selection: Selection
         consumed = [q.uid for q in queue]
         what = f"the export queue ({len(queue)} entries)"
     elif mode is SelectionMode.ALL or cfg.usb.policy is ExportPolicy.ALL:
-        studies = [r[0] for r in store.index.query("SELECT study_uid FROM studies ORDER BY first_received")]
+        studies = store.study_uids()
         what = "all studies"
     elif cfg.usb.policy is ExportPolicy.QUEUE_ONLY:
         return "the export queue, which is empty (policy queue-only)", [], [], False
     else:
         mark = state.mark()
-        studies = [r[0] for r in store.index.query(
-            "SELECT study_uid FROM studies WHERE last_received > ? ORDER BY first_received", (mark or "",))]
+        studies = store.study_uids(received_after=mark or "")
         what = f"studies received since the last export ({mark})" if mark else "all studies (no export yet)"
     moves_mark = mode is SelectionMode.ALL or (mode is SelectionMode.POLICY and cfg.usb.policy is not ExportPolicy.QUEUE_ONLY)
     for study in studies:
-        series += [r[0] for r in store.index.query(
-            "SELECT series_uid FROM series WHERE study_uid = ? ORDER BY series_number", (study,))]
+        series += store.series_in_study(study, uid_breaks_ties=False)
     rows: list[InstanceRow] = []
     seen: set[str] = set()
     for s in dict.fromkeys(series):

@@ -333,7 +333,7 @@ def plan_export(store: Store, *, studies: Sequence[str] = (), series: Sequence[s
 
     def rt_objects(study_uid: str) -> list[tuple[InstanceRow, _References]]:
         if study_uid not in rt_by_study:
-            rows = [r for r in _study_instances(store, study_uid) if r.sop_class_uid in RT_OBJECTS]
+            rows = [r for r in store.study_instances(study_uid) if r.sop_class_uid in RT_OBJECTS]
             rt_by_study[study_uid] = [(r, _references(store, r)) for r in rows]
         return rt_by_study[study_uid]
 
@@ -362,19 +362,18 @@ def plan_export(store: Store, *, studies: Sequence[str] = (), series: Sequence[s
             wanted.append(series_uid)
 
     for study_uid in dict.fromkeys(studies):
-        series_rows = list(store.index.query(
-            "SELECT series_uid FROM series WHERE study_uid = ? ORDER BY series_number, series_uid", (study_uid,)))
-        if not series_rows:
+        series_uids = store.series_in_study(study_uid)
+        if not series_uids:
             refused.append(Refusal("study", study_uid, "is not stored on this box"))
             continue
-        for r in series_rows:
-            consider(r["series_uid"], "study", study_uid, False)
+        for s in series_uids:
+            consider(s, "study", study_uid, False)
     for series_uid in dict.fromkeys(series):
         consider(series_uid, "series", series_uid, True)
 
     objects: list[InstanceRow] = []
     for series_uid in wanted:
-        images = _ordered(store, series_uid)
+        images = store.ordered_instances(series_uid)
         objects += images
         frame = _frame_of_reference(store, series_uid)
         for row, refs in rt_objects(images[0].study_uid):
@@ -394,32 +393,16 @@ def _series_problem(store: Store, series_uid: str, classes: set[str]) -> str | N
         return f"holds {labels} objects, which the client AE does not send (Tables 6 and 7)"
     if not classes <= _TABLE_6_IMAGES:
         return "mixes images with other objects; only image series and the RT objects referencing them are sent"
-    row = next(iter(store.index.query(
-        "SELECT volume_ok, volume_reason FROM series WHERE series_uid = ?", (series_uid,))), None)
-    if row is None or not row["volume_ok"]:
-        reason = (row["volume_reason"] if row is not None else None) or "no 3D verdict"
+    row = store.series(series_uid)
+    if row is None or not row.volume_ok:
+        reason = (row.volume_reason if row is not None else None) or "no 3D verdict"
         return f"is not a 3D volume ({reason}); only 3D volumes can be exported"
     return None
 
 
-def _study_instances(store: Store, study_uid: str) -> list[InstanceRow]:
-    uids = [r["sop_instance_uid"] for r in store.index.query(
-        "SELECT i.sop_instance_uid FROM instances i JOIN series s USING (series_uid)"
-        " WHERE s.study_uid = ? ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid", (study_uid,))]
-    return [r for r in (store.index.instance(u) for u in uids) if r is not None]
-
-
-def _ordered(store: Store, series_uid: str) -> list[InstanceRow]:
-    order = {r["sop_instance_uid"]: n for n, r in enumerate(store.index.query(
-        "SELECT sop_instance_uid FROM instances WHERE series_uid = ?"
-        " ORDER BY instance_number, sop_instance_uid", (series_uid,)))}
-    return sorted(store.instances(series_uid), key=lambda r: order.get(r.sop_instance_uid, 0))
-
-
 def _frame_of_reference(store: Store, series_uid: str) -> str | None:
-    row = next(iter(store.index.query(
-        "SELECT frame_of_reference_uid FROM series WHERE series_uid = ?", (series_uid,))), None)
-    return row["frame_of_reference_uid"] if row is not None else None
+    row = store.series(series_uid)
+    return row.frame_of_reference_uid if row is not None else None
 
 
 @dataclass(frozen=True)

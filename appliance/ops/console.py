@@ -442,19 +442,15 @@ class Console:
             store.close(clean=False)
 
     def _queue_add(self, store: Any, state: Any, level_of: Callable[[Any, str], str | None]) -> None:
-        rows = list(store.index.query(
-            "SELECT st.study_uid, st.study_date, st.last_received,"
-            " (SELECT group_concat(DISTINCT s.modality) FROM series s WHERE s.study_uid = st.study_uid) AS mods,"
-            " (SELECT count(*) FROM instances i JOIN series s USING (series_uid) WHERE s.study_uid = st.study_uid) AS n"
-            " FROM studies st ORDER BY st.last_received DESC LIMIT 9"))
+        rows = store.recent_studies(9)
         if rows:
             self.say("Latest studies (date, modalities, objects, study UID):")
         for n, r in enumerate(rows, 1):
-            self.say(f"  {n}  {r['study_date'] or '-':<8} {r['mods'] or '-':<8} {r['n']:>5}  {r['study_uid']}"[:WIDTH])
+            self.say(f"  {n}  {r.study_date or '-':<8} {r.modalities or '-':<8} {r.instances:>5}  {r.study_uid}"[:WIDTH])
         text = self.ask("Number, or a study or series UID: ")
         if not text:
             return
-        uid = rows[int(text) - 1]["study_uid"] if text.isdigit() and 1 <= int(text) <= len(rows) else text
+        uid = rows[int(text) - 1].study_uid if text.isdigit() and 1 <= int(text) <= len(rows) else text
         level = level_of(store, uid)
         if level is None:
             self.say(f"Not queued: no stored study or series has UID {uid}; pick a number from the list or "

@@ -100,6 +100,76 @@ class InstanceRow:
     flags: str | None
 
 
+@dataclass(frozen=True)
+class StudySummary:
+    """One study as listings show it: its patient, date and how many series and instances it holds."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str | None
+    last_received: str
+    series: int
+    instances: int
+
+
+@dataclass(frozen=True)
+class RecentStudy:
+    """One of the latest studies: its date, modalities (comma-separated) and number of instances."""
+
+    study_uid: str
+    study_date: str | None
+    last_received: str
+    modalities: str | None
+    instances: int
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series: its attributes, its 3D verdict (None: not decided) and its number of instances."""
+
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    series_number: int | None
+    frame_of_reference_uid: str | None
+    volume_ok: bool | None
+    volume_reason: str | None
+    instances: int
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    """One instance as ``appliance ls instances`` shows it."""
+
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+    received_at: str
+    calling_ae: str | None
+    origin: str | None
+    flags: str | None
+
+
+_STUDY_LISTING = (
+    "SELECT st.*, p.patient_id, p.patient_name,"
+    " (SELECT count(*) FROM series s WHERE s.study_uid = st.study_uid) AS nseries,"
+    " (SELECT count(*) FROM instances i JOIN series s USING (series_uid)"
+    "   WHERE s.study_uid = st.study_uid) AS n"
+    " FROM studies st JOIN patients p ON p.id = st.patient ORDER BY st.last_received"
+)
+_RECENT_STUDIES = (
+    "SELECT st.study_uid, st.study_date, st.last_received,"
+    " (SELECT group_concat(DISTINCT s.modality) FROM series s WHERE s.study_uid = st.study_uid) AS mods,"
+    " (SELECT count(*) FROM instances i JOIN series s USING (series_uid) WHERE s.study_uid = st.study_uid) AS n"
+    " FROM studies st ORDER BY st.last_received DESC LIMIT ?"
+)
+_SERIES = "SELECT s.*, (SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n FROM series s"
+_INSTANCE = "SELECT i.*, s.study_uid FROM instances i JOIN series s USING (series_uid)"
+
+
 def _set_wal(con: sqlite3.Connection, timeout: float = 30.0) -> None:
     """Put the database in WAL mode (a no-op once it is). While another process switches a
     new database, SQLite answers "database is locked" at once instead of waiting for the
@@ -284,16 +354,12 @@ class Index:
     def instance(self, sop_instance_uid: str) -> InstanceRow | None:
         """Return the row of one instance, or None."""
         with self._connection(_READ) as con:
-            r = con.execute(
-                "SELECT i.*, s.study_uid FROM instances i JOIN series s USING (series_uid)"
-                " WHERE sop_instance_uid = ?",
-                (sop_instance_uid,),
-            ).fetchone()
+            r = con.execute(_INSTANCE + " WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return None if r is None else _instance_row(r)
 
     def instances(self, series_uid: str | None = None) -> list[InstanceRow]:
         """Return every instance, or those of one series."""
-        sql = "SELECT i.*, s.study_uid FROM instances i JOIN series s USING (series_uid)"
+        sql = _INSTANCE
         args: tuple[str, ...] = ()
         if series_uid is not None:
             sql += " WHERE series_uid = ?"
@@ -320,8 +386,84 @@ class Index:
         with self._connection(_READ) as con:
             return [r[0] for r in con.execute("SELECT series_uid FROM series WHERE volume_stale = 1")]
 
+    def ordered_instances(self, series_uid: str) -> list[InstanceRow]:
+        """Return the instances of one series by instance number, then SOP Instance UID."""
+        with self._connection(_READ) as con:
+            return [_instance_row(r) for r in con.execute(
+                _INSTANCE + " WHERE series_uid = ? ORDER BY i.instance_number, i.sop_instance_uid", (series_uid,))]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        """Return the instances of one study by series UID, instance number, then SOP Instance UID."""
+        with self._connection(_READ) as con:
+            return [_instance_row(r) for r in con.execute(
+                _INSTANCE + " WHERE s.study_uid = ? ORDER BY i.series_uid, i.instance_number, i.sop_instance_uid",
+                (study_uid,))]
+
+    def level_of(self, uid: str) -> str | None:
+        """Return "study" or "series" if ``uid`` is a stored study or series, else None."""
+        with self._connection(_READ) as con:
+            if con.execute("SELECT 1 FROM studies WHERE study_uid = ?", (uid,)).fetchone():
+                return "study"
+            if con.execute("SELECT 1 FROM series WHERE series_uid = ?", (uid,)).fetchone():
+                return "series"
+        return None
+
+    def study_uids(self, received_after: str | None = None) -> list[str]:
+        """Return the studies (those last received after ``received_after`` if given) by first receipt."""
+        with self._connection(_READ) as con:
+            if received_after is None:
+                rows = con.execute("SELECT study_uid FROM studies ORDER BY first_received")
+            else:
+                rows = con.execute("SELECT study_uid FROM studies WHERE last_received > ? ORDER BY first_received",
+                                   (received_after,))
+            return [r[0] for r in rows]
+
+    def series_in_study(self, study_uid: str, *, uid_breaks_ties: bool = True) -> list[str]:
+        """Return the series of one study by series number, then by UID (or, with
+        ``uid_breaks_ties=False``, equal numbers in SQLite's order, as USB exports always had)."""
+        sql = "SELECT series_uid FROM series WHERE study_uid = ? ORDER BY series_number"
+        with self._connection(_READ) as con:
+            return [r[0] for r in con.execute(sql + (", series_uid" if uid_breaks_ties else ""), (study_uid,))]
+
+    def series(self, series_uid: str) -> SeriesSummary | None:
+        """Return one series, or None."""
+        with self._connection(_READ) as con:
+            r = con.execute(_SERIES + " WHERE s.series_uid = ?", (series_uid,)).fetchone()
+        return None if r is None else _series_summary(r)
+
+    def series_listing(self) -> list[SeriesSummary]:
+        """Return every series by study UID, then series number."""
+        with self._connection(_READ) as con:
+            return [_series_summary(r) for r in con.execute(_SERIES + " ORDER BY s.study_uid, s.series_number")]
+
+    def instance_listing(self) -> list[InstanceSummary]:
+        """Return every instance by series UID, then instance number."""
+        with self._connection(_READ) as con:
+            return [
+                InstanceSummary(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
+                                r["size"], r["received_at"], r["calling_ae"], r["origin"], r["flags"])
+                for r in con.execute("SELECT * FROM instances ORDER BY series_uid, instance_number")
+            ]
+
+    def study_listing(self) -> list[StudySummary]:
+        """Return every study with its patient and counts, by last receipt."""
+        with self._connection(_READ) as con:
+            return [
+                StudySummary(r["study_uid"], r["patient_id"], r["patient_name"], r["study_date"], r["last_received"],
+                             r["nseries"], r["n"])
+                for r in con.execute(_STUDY_LISTING)
+            ]
+
+    def recent_studies(self, limit: int) -> list[RecentStudy]:
+        """Return the ``limit`` studies last received, latest first."""
+        with self._connection(_READ) as con:
+            return [
+                RecentStudy(r["study_uid"], r["study_date"], r["last_received"], r["mods"], r["n"])
+                for r in con.execute(_RECENT_STUDIES, (limit,))
+            ]
+
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
-        """Run a read-only query (for listings)."""
+        """Run a read-only query; for tests only: library code calls the named queries above."""
         with self._connection(_READ) as con:
             return iter(con.execute(sql, args).fetchall())
 
@@ -383,6 +525,20 @@ def _nearly_full(path: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < NEARLY_FULL
+
+
+def _series_summary(r: sqlite3.Row) -> SeriesSummary:
+    ok = r["volume_ok"]
+    return SeriesSummary(
+        series_uid=r["series_uid"],
+        study_uid=r["study_uid"],
+        modality=r["modality"],
+        series_number=r["series_number"],
+        frame_of_reference_uid=r["frame_of_reference_uid"],
+        volume_ok=None if ok is None else bool(ok),
+        volume_reason=r["volume_reason"],
+        instances=r["n"],
+    )
 
 
 def _instance_row(r: sqlite3.Row) -> InstanceRow:

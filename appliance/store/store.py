@@ -43,7 +43,8 @@ from appliance.dicom import attributes, dicomio, volume
 from appliance.conformance import TransferSyntax
 from appliance.config import DuplicatePolicy
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.store.index import Index, InstanceRow
+from appliance.store.index import (Index, InstanceRow, InstanceSummary, RecentStudy, SeriesSummary,
+                                   StudySummary)
 
 log = logging.getLogger(__name__)
 
@@ -583,8 +584,59 @@ class Store:
         row = self.index.instance(sop_instance_uid)
         return None if row is None else self.data_dir / row.path
 
+    # The index's named queries, for callers outside the store (see Index for each contract).
+
+    def instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        """Return the index row of one instance, or None."""
+        return self.index.instance(sop_instance_uid)
+
     def instances(self, series_uid: str | None = None) -> list[InstanceRow]:
+        """Return every instance, or those of one series, in the order they were indexed."""
         return self.index.instances(series_uid)
+
+    def ordered_instances(self, series_uid: str) -> list[InstanceRow]:
+        """Return the instances of one series by instance number, then SOP Instance UID."""
+        return self.index.ordered_instances(series_uid)
+
+    def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        """Return the instances of one study by series UID, instance number, then SOP Instance UID."""
+        return self.index.study_instances(study_uid)
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of patients, studies, series and instances."""
+        return self.index.counts()
+
+    def level_of(self, uid: str) -> str | None:
+        """Return "study" or "series" if ``uid`` is a stored study or series, else None."""
+        return self.index.level_of(uid)
+
+    def study_uids(self, received_after: str | None = None) -> list[str]:
+        """Return the studies (those last received after ``received_after`` if given) by first receipt."""
+        return self.index.study_uids(received_after)
+
+    def series_in_study(self, study_uid: str, *, uid_breaks_ties: bool = True) -> list[str]:
+        """Return the series of one study by series number (see :meth:`Index.series_in_study`)."""
+        return self.index.series_in_study(study_uid, uid_breaks_ties=uid_breaks_ties)
+
+    def series(self, series_uid: str) -> SeriesSummary | None:
+        """Return one series with its 3D verdict, or None."""
+        return self.index.series(series_uid)
+
+    def series_listing(self) -> list[SeriesSummary]:
+        """Return every series by study UID, then series number."""
+        return self.index.series_listing()
+
+    def instance_listing(self) -> list[InstanceSummary]:
+        """Return every instance by series UID, then instance number."""
+        return self.index.instance_listing()
+
+    def study_listing(self) -> list[StudySummary]:
+        """Return every study with its patient and counts, by last receipt."""
+        return self.index.study_listing()
+
+    def recent_studies(self, limit: int) -> list[RecentStudy]:
+        """Return the ``limit`` studies last received, latest first."""
+        return self.index.recent_studies(limit)
 
     def update_verdicts(self, series: Iterator[str] | list[str] | None = None) -> None:
         """Recompute the 3D verdict of the given series (default: every stale one). On a full
