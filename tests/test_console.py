@@ -145,7 +145,7 @@ def test_usb_queue_policy_and_last_result(setup: Setup) -> None:
     from appliance.media.importer import run_import
     from appliance.store.ingest import Ingest
     from appliance.store.store import Store
-    from appliance.media.exporter import ExportState
+    from appliance.store.queue import ExportQueue
 
     series = ct_series(3)
     write_series(series, setup.tmp / "series")
@@ -168,15 +168,15 @@ def test_usb_queue_policy_and_last_result(setup: Setup) -> None:
     assert has(text, f"Queued study {study}.")
     assert has(text, "'sometimes' is not allowed; choose one of: since-last-export, all, queue-only")
     assert load(setup.config).usb.policy == "all"
-    state = ExportState(setup.data)
-    assert [(q.uid, q.level) for q in state.queue()] == [(study, "study"), (str(series[0].SeriesInstanceUID),
+    state = ExportQueue(setup.data)
+    assert [(q.uid, q.level) for q in state.entries()] == [(study, "study"), (str(series[0].SeriesInstanceUID),
                                                                            "series")]
     state.close()
 
     text, _ = setup.console(keys("4", "r", "1", "0", "q"))
     assert has(text, f"Removed {study} from the queue.")
-    state = ExportState(setup.data)
-    assert [q.level for q in state.queue()] == ["series"]
+    state = ExportQueue(setup.data)
+    assert [q.level for q in state.entries()] == ["series"]
     state.close()
 
 

@@ -35,6 +35,7 @@ from appliance.conformance import SOPClass, TransferSyntax
 from appliance.errors import ConfigError, MediaError
 from appliance.media.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
 from appliance.store.ingest import Ingest, Source
+from appliance.store.queue import ExportQueue
 from appliance.store.store import Store
 
 from helpers import ct_series, dcmtk, encode, samples
@@ -167,9 +168,9 @@ class _state:
     """The export queue and history, opened and closed."""
 
     def __init__(self, store: Store) -> None:
-        self.state = exporter.ExportState(store.data_dir)
+        self.state = ExportQueue(store.data_dir)
 
-    def __enter__(self) -> exporter.ExportState:
+    def __enter__(self) -> ExportQueue:
         return self.state
 
     def __exit__(self, *exc: object) -> None:
@@ -256,7 +257,7 @@ def test_a_stick_pulled_mid_write_fails_cleanly_and_the_next_export_completes_it
     assert not stick.exists(), "nothing may be written where the stick was"
     assert _store_state(store) == before
     with _state(store) as state:
-        assert state.mark() is None  # a failed export does not count as "the last export"
+        assert state.mark(ExportStatus.DONE) is None  # a failed export does not count as "the last export"
     stick.mkdir()  # the stick is back
     report = export(stick, store, Config())
     assert report.ok and report.count(FileOutcome.WRITTEN) == 5, report.render()
@@ -297,7 +298,7 @@ def test_a_stick_too_small_gets_nothing_and_the_message_says_how_much_is_needed(
         export(image, store, Config())
     assert _tool("mdir", "-i", str(image), "-b", "::").stdout.strip() == ""
     with _state(store) as state:
-        assert state.mark() is None
+        assert state.mark(ExportStatus.DONE) is None
 
 
 def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path: Path) -> None:
@@ -345,13 +346,13 @@ def test_the_queue_comes_before_the_policy_and_is_emptied_by_a_successful_export
     a, b = _studies(store)
     series_b = store.instances()[-1].series_uid
     with _state(store) as state:
-        assert state.queue_add(series_b, "series") and not state.queue_add(series_b, "series")
+        assert state.add(series_b, "series") and not state.add(series_b, "series")
     stick = tmp_path / "stick"
     stick.mkdir()
     report = export(stick, store, Config())
     assert {f.study_uid for f in report.files} == {b} and report.count(FileOutcome.WRITTEN) == 1
     with _state(store) as state:
-        assert state.queue() == []
+        assert state.entries() == []
     queue_only = Config(usb=UsbConfig(policy=ExportPolicy.QUEUE_ONLY))
     assert export(stick, store, queue_only).status is ExportStatus.NOTHING
     assert export(stick, store, Config(usb=UsbConfig(policy=ExportPolicy.ALL))).count(FileOutcome.WRITTEN) == 2

@@ -344,3 +344,23 @@ def test_named_queries_list_the_store_in_their_documented_orders(ingest):
     assert len(listed) == 6 and all(i.calling_ae == "SCANNER" for i in listed)
     assert [i.series_uid for i in listed] == sorted(i.series_uid for i in listed)
 
+
+def test_the_export_queue_keeps_its_entries_and_the_history(tmp_path):
+    from appliance.store.queue import ExportQueue, ExportRecord
+
+    queue = ExportQueue(tmp_path)
+    try:
+        assert queue.add("1.2.3", "study") and queue.add("1.2.4", "series") and not queue.add("1.2.3", "study")
+        assert queue.remove("1.2.4") and not queue.remove("1.2.4")
+        assert queue.mark("done") is None
+        queue.record(ExportRecord("2026-01-01T00:00", "2026-01-01T00:01", "STICK", "all studies", "done", 3, 9, True))
+        queue.record(ExportRecord("2026-01-02T00:00", "2026-01-02T00:01", "STICK", "queue", "done", 1, 3, False))
+        queue.record(ExportRecord("2026-01-03T00:00", "2026-01-03T00:01", "STICK", "all", "failed", 0, 0, True))
+    finally:
+        queue.close()
+    again = ExportQueue(tmp_path)
+    try:
+        assert [(e.uid, e.level) for e in again.entries()] == [("1.2.3", "study")]
+        assert again.mark("done") == "2026-01-01T00:00"
+    finally:
+        again.close()

@@ -43,7 +43,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from appliance.config import Config, ExportPolicy
 from appliance.conformance import TABLE_10, TABLE_11, SOPClass, TransferSyntax, syntaxes_for
 from appliance.errors import ApplianceError, MediaError
 from appliance.store.index import InstanceRow
+from appliance.store.queue import ExportQueue, ExportRecord
 from appliance.store.store import Store
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 from appliance.media import dicomdir
@@ -224,88 +224,20 @@ class Selection:
         return cls(SelectionMode.EXPLICIT, tuple(studies), tuple(series))
 
 
-@dataclass(frozen=True)
-class QueueEntry:
-    uid: str
-    level: str  # "study" or "series"
-    added_at: str
-
-
-_STATE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS queue (uid TEXT PRIMARY KEY, level TEXT NOT NULL, added_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS exports (
-  id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT NOT NULL, target TEXT NOT NULL,
-  selection TEXT NOT NULL, status TEXT NOT NULL, files INTEGER NOT NULL, bytes INTEGER NOT NULL,
-  moves_mark INTEGER NOT NULL
-);
-PRAGMA user_version = 1;
-"""
-
-
-class ExportState:
-    """The export queue and history in ``DATA_DIR/usb.sqlite`` (kept apart from the index,
-    which is a rebuildable cache of the files)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "usb.sqlite"
-        try:
-            self._con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.executescript(_STATE_SCHEMA)
-        except sqlite3.Error as exc:
-            raise MediaError(f"cannot open the export queue {self.path}: {exc}") from exc
-
-    def close(self) -> None:
-        self._con.close()
-
-    def queue(self) -> list[QueueEntry]:
-        return [QueueEntry(*r) for r in self._con.execute("SELECT uid, level, added_at FROM queue ORDER BY added_at")]
-
-    def queue_add(self, uid: str, level: str) -> bool:
-        """Queue a study or series; return False if it was queued already."""
-        cur = self._con.execute(
-            "INSERT INTO queue (uid, level, added_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (uid, level, _now())
-        )
-        return cur.rowcount > 0
-
-    def queue_rm(self, uid: str) -> bool:
-        return self._con.execute("DELETE FROM queue WHERE uid = ?", (uid,)).rowcount > 0
-
-    def mark(self) -> str | None:
-        """The start of the last successful export that covered everything new, or None."""
-        row = self._con.execute(
-            "SELECT max(started_at) FROM exports WHERE status = ? AND moves_mark = 1", (ExportStatus.DONE.value,)
-        ).fetchone()
-        return row[0] if row else None
-
-    def record(self, report: ExportReport, moves_mark: bool) -> None:
-        self._con.execute(
-            "INSERT INTO exports (started_at, finished_at, target, selection, status, files, bytes, moves_mark)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (report.started_at, _now(), report.target, report.selection, report.status.value,
-             report.count(FileOutcome.WRITTEN), report.bytes_written, int(moves_mark)),
-        )
-
-
-def level_of(store: Store, uid: str) -> str | None:
-    """Return "study" or "series" if ``uid`` is a stored study or series, else None."""
-    return store.level_of(uid)
-
-
-def _resolve(store: Store, state: ExportState, cfg: Config, selection: Selection,
+def _resolve(store: Store, state: ExportQueue, cfg: Config, selection: Selection,
              planned_at: str) -> tuple[str, list[InstanceRow], list[str], bool]:
     """Return (description, instances, queue UIDs consumed, moves the mark)."""
     studies: list[str] = []
     series: list[str] = list(selection.series)
     consumed: list[str] = []
     mode = selection.mode
-    queue = state.queue() if mode in (SelectionMode.POLICY, SelectionMode.QUEUE) else []
+    queue = state.entries() if mode in (SelectionMode.POLICY, SelectionMode.QUEUE) else []
     if mode is SelectionMode.POLICY and queue:
         mode = SelectionMode.QUEUE
     if mode is SelectionMode.EXPLICIT:
         studies = list(selection.studies)
         for uid in studies + series:
-            if level_of(store, uid) is None:
+            if store.level_of(uid) is None:
                 raise MediaError(f"no stored study or series has UID {uid}; 'appliance ls' lists them")
         what = f"{len(studies)} selected studies, {len(series)} selected series"
     elif mode is SelectionMode.QUEUE:
@@ -319,7 +251,7 @@ def _resolve(store: Store, state: ExportState, cfg: Config, selection: Selection
     elif cfg.usb.policy is ExportPolicy.QUEUE_ONLY:
         return "the export queue, which is empty (policy queue-only)", [], [], False
     else:
-        mark = state.mark()
+        mark = state.mark(ExportStatus.DONE)
         studies = store.study_uids(received_after=mark or "")
         what = f"studies received since the last export ({mark})" if mark else "all studies (no export yet)"
     moves_mark = mode is SelectionMode.ALL or (mode is SelectionMode.POLICY and cfg.usb.policy is not ExportPolicy.QUEUE_ONLY)
@@ -495,7 +427,7 @@ def export(
     started_at = _now()
     t0 = time.monotonic()
     lock = _lock(store.data_dir)
-    state = ExportState(store.data_dir)
+    state = ExportQueue(store.data_dir)
     medium: Medium | None = None
     try:
         what, rows, consumed, moves_mark = _resolve(store, state, cfg, selection, started_at)
@@ -521,8 +453,10 @@ def export(
             medium = None  # _write closed it
         if report.status is not ExportStatus.FAILED:
             for uid in consumed:
-                state.queue_rm(uid)
-        state.record(report, moves_mark and report.ok)
+                state.remove(uid)
+        state.record(ExportRecord(
+            report.started_at, _now(), report.target, report.selection, report.status.value,
+            report.count(FileOutcome.WRITTEN), report.bytes_written, moves_mark and report.ok))
     finally:
         if medium is not None:
             with contextlib.suppress(ApplianceError, OSError):
@@ -713,19 +647,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from appliance import cli
 
     store = cli.open_store(args)
-    state = ExportState(store.data_dir)
+    state = ExportQueue(store.data_dir)
     try:
         if args.action == "ls":
-            rows = [(q.uid, q.level, q.added_at) for q in state.queue()]
+            rows = [(q.uid, q.level, q.added_at) for q in state.entries()]
             print(cli._table(["UID", "LEVEL", "QUEUED AT"], rows) if rows else "the export queue is empty")
             return 0
         for uid in args.uids:
             if args.action == "add":
-                level = level_of(store, uid)
+                level = store.level_of(uid)
                 if level is None:
                     raise MediaError(f"no stored study or series has UID {uid}; 'appliance ls' lists them")
-                print(f"queued {level} {uid}" if state.queue_add(uid, level) else f"{uid} was already queued")
-            elif not state.queue_rm(uid):
+                print(f"queued {level} {uid}" if state.add(uid, level) else f"{uid} was already queued")
+            elif not state.remove(uid):
                 raise MediaError(f"{uid} is not in the export queue; 'appliance queue ls' lists it")
             else:
                 print(f"removed {uid} from the export queue")

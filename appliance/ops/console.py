@@ -401,18 +401,18 @@ class Console:
         self.say(f"Echo OK: {name} answered. {result}")
 
     def usb(self) -> None:
-        from appliance.media.exporter import ExportState, level_of
+        from appliance.store.queue import ExportQueue
         from appliance.store.store import Store
 
         store = Store(self.data_dir)
-        state = ExportState(self.data_dir)
+        state = ExportQueue(self.data_dir)
         try:
             while True:
                 cfg = self.settings.current()
                 self.heading("USB export")
                 last = health.last_results(self.data_dir).get("export")
                 self.say(f"Last export: {_result(last)}")
-                queue = state.queue()
+                queue = state.entries()
                 self.say(f"Queue ({len(queue)}): " + ("empty; the default policy applies" if not queue else
                                                        "a stick gets these"))
                 for n, q in enumerate(queue[:8], 1):
@@ -430,10 +430,10 @@ class Console:
                 if choice == "1":
                     self.edit(POLICY_FIELD, cfg.usb.policy.value)
                 elif choice == "a":
-                    self._queue_add(store, state, level_of)
+                    self._queue_add(store, state)
                 elif choice == "r" and queue:
                     uid = self._pick([q.uid for q in queue], "Remove which (number or UID): ")
-                    if uid is not None and state.queue_rm(uid):
+                    if uid is not None and state.remove(uid):
                         self.say(f"Removed {uid} from the queue.")
                 else:
                     self.say(f"'{choice}' is not on the menu.")
@@ -441,7 +441,7 @@ class Console:
             state.close()
             store.close(clean=False)
 
-    def _queue_add(self, store: Any, state: Any, level_of: Callable[[Any, str], str | None]) -> None:
+    def _queue_add(self, store: Any, state: Any) -> None:
         rows = store.recent_studies(9)
         if rows:
             self.say("Latest studies (date, modalities, objects, study UID):")
@@ -451,12 +451,12 @@ class Console:
         if not text:
             return
         uid = rows[int(text) - 1].study_uid if text.isdigit() and 1 <= int(text) <= len(rows) else text
-        level = level_of(store, uid)
+        level = store.level_of(uid)
         if level is None:
             self.say(f"Not queued: no stored study or series has UID {uid}; pick a number from the list or "
                      "type a stored UID.")
             return
-        if state.queue_add(uid, level):
+        if state.add(uid, level):
             self.say(f"Queued {level} {uid}.")
         else:
             self.say(f"{uid} was already queued.")
