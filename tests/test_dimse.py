@@ -1,32 +1,43 @@
-"""DIMSE command sets: our encoding read back by pydicom and pydicom's read back by us, the
-named fields of a request, and what a malformed command set raises."""
+"""DIMSE: our command sets read back by pydicom and pynetdicom's read back by us, the named
+fields of a request, what a malformed command set raises, and the service table routing
+C-ECHO and C-STORE (and aborting anything else) on real associations on loopback."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import struct
+from typing import Iterator
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
-from appliance.conformance import SOPClass, Status
+from appliance.conformance import SCP_STORAGE_CLASSES, SOPClass, Status, TransferSyntax
+from appliance.net.acceptor import Acceptor, Settings
 from appliance.net.dimse import (
     ERROR_COMMENT_MAX,
     NO_DATA_SET,
+    SERVICES,
     CommandField,
     Request,
     Tag,
     decode_command,
     encode_command,
     encode_response,
+    service_for,
     uid,
     us,
 )
-from appliance.net.ul import ProtocolError
+from appliance.net.ul import A_ABORT_PDU, A_ASSOCIATE_AC_PDU, ProtocolError
+from appliance.store.ingest import Outcome
+from helpers import associate_rq_pdu, ct_series, p_data_pdu, read_pdu, wait_for
 
 CT = SOPClass.CT_IMAGE
+ILE = TransferSyntax.IMPLICIT_LE
 
 
 def _store_rq(instance_uid: bytes = b"1.2.3.4", message_id: int = 7) -> list[tuple[int, bytes]]:
@@ -119,3 +130,114 @@ def test_a_store_request_without_a_data_set_type_is_a_protocol_error():
     request = Request.decode(encode_command([e for e in _store_rq() if e[0] != Tag.COMMAND_DATA_SET_TYPE]))
     with pytest.raises(ProtocolError, match="missing"):
         request.has_data_set
+
+
+# -- the service table, through real associations on loopback ---------------------------
+
+
+class _Received:
+    """A data set streamed into the test instead of the store (like bench/sink.py)."""
+
+    def __init__(self, sink: _Sink, args: tuple[str, str, str, str]) -> None:
+        self.sink, self.args, self.data = sink, args, bytearray()
+
+    def write(self, data: memoryview) -> None:
+        self.data += data
+
+    def finish(self) -> Outcome:
+        self.sink.finished.append(self)
+        return Outcome(Status.SUCCESS, "received", self.args[2])
+
+    def discard(self) -> None:
+        pass
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.finished: list[_Received] = []
+
+    def open_stream(self, *args: str) -> _Received:
+        return _Received(self, (args[0], args[1], args[2], args[3]))
+
+
+@pytest.fixture
+def sink_acceptor() -> Iterator[tuple[_Sink, int]]:
+    sink = _Sink()
+    acceptor = Acceptor(Settings("ELEKTA_STORAGE", 16384, 5, True, (), 5.0, 5.0), sink.open_stream)
+    _, port = acceptor.listen("127.0.0.1", 0)
+    try:
+        yield sink, port
+    finally:
+        acceptor.stop(1.0)
+
+
+def test_the_table_has_a_row_for_c_echo_and_c_store():
+    assert set(SERVICES) == {CommandField.C_ECHO_RQ, CommandField.C_STORE_RQ}
+    assert SERVICES[CommandField.C_ECHO_RQ].contexts == {SOPClass.VERIFICATION}
+    assert SERVICES[CommandField.C_STORE_RQ].contexts == SCP_STORAGE_CLASSES
+    assert service_for(Request.decode(encode_command(_store_rq()))) is SERVICES[CommandField.C_STORE_RQ]
+
+
+def test_c_echo_and_c_store_are_routed_to_their_handlers(sink_acceptor):
+    sink, port = sink_acceptor
+    ds = ct_series(1)[0]
+    ae = AE("PYSCU")
+    ae.add_requested_context(SOPClass.VERIFICATION)
+    ae.add_requested_context(CT, [TransferSyntax.IMPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", port, ae_title="ELEKTA_STORAGE")
+    try:
+        assert assoc.is_established
+        assert assoc.send_c_echo(msg_id=11).Status == Status.SUCCESS
+        assert not sink.finished
+        assert assoc.send_c_store(ds, msg_id=12).Status == Status.SUCCESS
+    finally:
+        assoc.release()
+    [received] = sink.finished
+    assert received.args == (TransferSyntax.IMPLICIT_LE, CT, ds.SOPInstanceUID, "PYSCU")
+    assert _pydicom(bytes(received.data)).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _abort_reason(port: int, contexts: list[tuple[str, list[str]]], command: bytes,
+                  caplog: pytest.LogCaptureFixture) -> str:
+    """Send ``command`` on context 1 of a fresh association; expect an A-ABORT and return
+    the acceptor's reason for it."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(10)
+    with caplog.at_level(logging.WARNING, logger="appliance.net.acceptor"):
+        s.sendall(associate_rq_pdu(contexts=contexts))
+        assert read_pdu(s)[0] == A_ASSOCIATE_AC_PDU
+        s.sendall(p_data_pdu(1, 0x03, command))
+        assert read_pdu(s)[0] == A_ABORT_PDU
+        s.close()
+        wait_for(lambda: "aborting association" in caplog.text, what="the abort's log line")
+    [line] = [r.getMessage() for r in caplog.records if "aborting association" in r.getMessage()]
+    return line.split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("field", [CommandField.C_FIND_RQ, 0x1234])  # one without a row, one not in PS3.7
+def test_an_unknown_command_field_is_aborted(sink_acceptor, caplog, field):
+    _, port = sink_acceptor
+    command = encode_command([
+        (Tag.AFFECTED_SOP_CLASS_UID, uid(SOPClass.VERIFICATION)),
+        (Tag.COMMAND_FIELD, us(field)),
+        (Tag.MESSAGE_ID, us(3)),
+        (Tag.COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+    ])
+    assert _abort_reason(port, [(SOPClass.VERIFICATION, [ILE])], command, caplog) == \
+        f"unsupported DIMSE command 0x{field:04X}"
+
+
+@pytest.mark.parametrize("field, context, words", [
+    (CommandField.C_ECHO_RQ, CT, "C-ECHO on a storage context"),
+    (CommandField.C_STORE_RQ, SOPClass.VERIFICATION, "C-STORE on the verification context"),
+])
+def test_a_service_on_a_context_it_does_not_serve_is_aborted(sink_acceptor, caplog, field, context, words):
+    sink, port = sink_acceptor
+    command = encode_command([
+        (Tag.AFFECTED_SOP_CLASS_UID, uid(context)),
+        (Tag.COMMAND_FIELD, us(field)),
+        (Tag.MESSAGE_ID, us(4)),
+        (Tag.COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+    ])
+    assert _abort_reason(port, [(context, [ILE])], command, caplog) == words
+    assert not sink.finished

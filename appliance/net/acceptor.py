@@ -1,6 +1,9 @@
-"""Our association acceptor: the DICOM upper layer (PS3.8) and the DIMSE C-ECHO and
-C-STORE services (PS3.7) of the Storage SCP. The PDUs, and reading them under deadlines,
-are :mod:`appliance.net.ul`.
+"""Our association acceptor, the Storage SCP's network side: it accepts connections, reads
+their A-ASSOCIATE-RQs, negotiates, and gives each association a thread that dispatches every
+DIMSE request to its row of the service table, :data:`appliance.net.dimse.SERVICES` (C-ECHO,
+C-STORE; how to add C-FIND is written there). The PDUs, reading them under deadlines and
+reassembling messages are :mod:`appliance.net.ul` (PS3.8); command sets and the services'
+handlers are :mod:`appliance.net.dimse` (PS3.7).
 
 This replaces pynetdicom's acceptor on the receive path, for three reasons the benchmarks
 and the robustness tests showed:
@@ -41,51 +44,42 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from functools import partial
+from typing import Callable
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from appliance.conformance import (
-    APPLICATION_CONTEXT_NAME,
-    SCP_CONTEXTS,
-    SCP_STORAGE_CLASSES,
-    SOPClass,
-    Status,
-)
-from appliance.net.dimse import CommandField, Request, encode_response
+from appliance.conformance import APPLICATION_CONTEXT_NAME, SCP_CONTEXTS, SOPClass
+from appliance.net.dimse import Message, OpenStream, Request, StoreResult, service_for
 from appliance.net.ul import (
-    A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
-    A_RELEASE_RQ_PDU,
     ABORT_SERVICE_PROVIDER,
     ABORT_SERVICE_USER,
     MIN_ASSOCIATE_RQ,
-    P_DATA_TF_PDU,
     PDU_HEADER_BYTES,
-    PDV_COMMAND,
-    PDV_HEADER_BYTES,
-    PDV_LAST,
     REJECT_APPLICATION_CONTEXT,
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     REJECT_LOCAL_LIMIT,
     REJECT_PROTOCOL_VERSION,
     REJECT_REASONS,
-    RELEASE_RP,
-    RELEASE_RQ_LENGTH,
+    DataSetSink,
     DeadlineExpired,
     PduReader,
     ProtocolError,
+    QuietPynetdicom,
+    RateLimitedLog,
     abort_pdu,
     associate_ac_pdu,
     clock,
     close,
-    p_data_tf_pdu,
+    pynetdicom_loggers,
     reject_pdu,
     send_and_close,
     send_quietly,
+    serve_p_data,
     shutdown,
 )
 
@@ -104,36 +98,6 @@ _STUCK_AFTER = 10.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: A peer's repeated protocol errors are logged once per this many seconds.
 _LOG_EVERY = 60.0
-
-
-class IncomingObject(Protocol):
-    """Where a C-STORE data set goes while it arrives (see :meth:`Ingest.open_stream`)."""
-
-    def write(self, data: memoryview) -> None: ...
-
-    def finish(self) -> "StoreResult": ...
-
-    def discard(self) -> None: ...
-
-
-class StoreResult(Protocol):
-    """What :meth:`IncomingObject.finish` answers (an :class:`appliance.store.ingest.Outcome`)."""
-
-    @property
-    def status(self) -> Status: ...
-
-    @property
-    def comment(self) -> str: ...
-
-    @property
-    def series_uid(self) -> str | None: ...
-
-    @property
-    def ok(self) -> bool: ...
-
-
-#: open_stream(transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae) -> IncomingObject
-OpenStream = Callable[[str, str, str, str], IncomingObject]
 
 
 @dataclass(frozen=True)
@@ -190,44 +154,6 @@ class Association:
         return logging.INFO
 
 
-class _RateLimitedLog:
-    """Logs a message at most once per ``every`` seconds per key, then says how many were
-    left out: a flood or a fuzzer must not flood the journal."""
-
-    def __init__(self, every: float = _LOG_EVERY) -> None:
-        self.every = every
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._seen.get(key, (-self.every, 0))
-            if now - last < self.every:
-                self._seen[key] = (last, suppressed + 1)
-                return
-            self._seen[key] = (now, 0)
-            self._seen.move_to_end(key)
-            while len(self._seen) > 1024:
-                self._seen.popitem(last=False)
-        if suppressed:
-            msg += " (%d more like it in the last %.0f s)"
-            args = (*args, suppressed, now - last)
-        log.log(level, msg, *args)
-
-
-class _QuietPynetdicom(logging.Filter):
-    """Drops pynetdicom's log records while it decodes a peer's PDU in the accept thread:
-    a malformed A-ASSOCIATE-RQ is our one warning line, not pynetdicom's traceback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread: int | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread
-
-
 @dataclass
 class _Pending:
     """A connection that has not yet sent its whole A-ASSOCIATE-RQ."""
@@ -267,8 +193,8 @@ class Acceptor:
         self._stopping = threading.Event()
         self._wake_r: socket.socket | None = None  # stop() wakes the accept thread through these
         self._wake_w: socket.socket | None = None
-        self._quiet = _QuietPynetdicom()
-        self._ratelimited = _RateLimitedLog()
+        self._quiet = QuietPynetdicom()
+        self._ratelimited = RateLimitedLog(log, _LOG_EVERY)
         self._out_of_fds_since: float | None = None  # backing off since
         self._burst_last: float | None = None  # the last EMFILE of a burst still logged as one
         self._failing_since: float | None = None  # EMFILE without an accept in between
@@ -304,7 +230,7 @@ class Acceptor:
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        for logger in _pynetdicom_loggers():
+        for logger in pynetdicom_loggers():
             logger.addFilter(self._quiet)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._accept_thread.start()
@@ -364,7 +290,7 @@ class Acceptor:
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
-        for logger in _pynetdicom_loggers():
+        for logger in pynetdicom_loggers():
             logger.removeFilter(self._quiet)
 
     # -- the accept thread ----------------------------------------------------------------
@@ -608,19 +534,17 @@ class Acceptor:
         assoc: Association | None = None
         who = peer
         try:
-            conn.setblocking(True)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A peer that vanishes without a FIN is noticed in about a minute.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             s = self.settings
             reader = PduReader(conn, network_timeout=s.network_timeout, pdu_timeout=s.pdu_timeout,
-                               idle_timeout=s.idle_timeout)
+                               idle_timeout=s.idle_timeout)  # makes conn blocking, with TCP keepalive
             assoc = self._accept_association(conn, peer, primitive)
             who = f"{assoc.calling_ae} ({peer})"
-            self._run(conn, reader, assoc)
+            on_command = partial(self._on_command, conn, assoc)
+            if serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
+                            max_command_bytes=s.max_command_bytes):
+                log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
+            else:
+                log.warning("association from %s aborted by the peer", assoc.calling_ae)
         except ProtocolError as exc:
             log.warning("aborting association with %s: %s", who, exc)
             send_quietly(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
@@ -660,127 +584,25 @@ class Acceptor:
                 len(accepted), len(rq_contexts))
         return assoc
 
-    def _run(self, conn: socket.socket, reader: PduReader, assoc: Association) -> None:
-        """Serve P-DATA until release or abort."""
-        s = self.settings
-        limit = s.max_pdu + PDU_HEADER_BYTES
-        command = bytearray()
-        command_cx: int | None = None
-        incoming: IncomingObject | None = None
-        request: Request | None = None
-        header = bytearray(PDU_HEADER_BYTES)
-        buf = bytearray(min(s.max_pdu, 1 << 20) + 64)
-        idle_deadline = clock() + s.idle_timeout
-        try:
-            while True:
-                reader.pdu(memoryview(header), PDU_HEADER_BYTES, idle_deadline, first=True)
-                if clock() >= idle_deadline:
-                    raise DeadlineExpired(f"no DIMSE message completed in {s.idle_timeout:.0f} s")
-                pdu_type = header[0]
-                (length,) = struct.unpack_from(">L", header, 2)
-                if pdu_type == A_RELEASE_RQ_PDU:
-                    if length != RELEASE_RQ_LENGTH:
-                        raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (it has 4)")
-                    reader.pdu(memoryview(buf), length, idle_deadline)
-                    if incoming is not None or command:
-                        raise ProtocolError("A-RELEASE-RQ in the middle of a message")
-                    conn.sendall(RELEASE_RP)
-                    log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
-                    return
-                if pdu_type == A_ABORT_PDU:
-                    log.warning("association from %s aborted by the peer", assoc.calling_ae)
-                    return
-                if pdu_type != P_DATA_TF_PDU:
-                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-                if length > limit or length < PDV_HEADER_BYTES:
-                    raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {s.max_pdu})")
-                if len(buf) < length:
-                    buf = bytearray(length)
-                view = memoryview(buf)[:length]
-                reader.pdu(view, length, idle_deadline)
-                pos = 0
-                while pos < length:  # PDV items: 4-byte length, context ID, control header, data
-                    if pos + PDV_HEADER_BYTES > length:
-                        raise ProtocolError("truncated PDV item")
-                    (item_len,) = struct.unpack_from(">L", view, pos)
-                    if item_len < 2 or pos + 4 + item_len > length:
-                        raise ProtocolError("PDV item length exceeds its PDU")
-                    cx_id = view[pos + 4]
-                    control = view[pos + 5]
-                    data = view[pos + PDV_HEADER_BYTES : pos + 4 + item_len]
-                    pos += 4 + item_len
-                    if cx_id not in assoc.contexts:
-                        raise ProtocolError(f"PDV on presentation context {cx_id}, which was not accepted")
-                    if control & PDV_COMMAND:
-                        if incoming is not None:
-                            raise ProtocolError("a command arrived in the middle of a data set")
-                        if len(command) + len(data) > s.max_command_bytes:
-                            raise ProtocolError(
-                                f"a DIMSE command set of more than {s.max_command_bytes} bytes "
-                                "(a real one is a few hundred)")
-                        command += data
-                        command_cx = cx_id
-                        if control & PDV_LAST:
-                            request = Request.decode(bytes(command))
-                            command.clear()
-                            incoming = self._on_command(conn, assoc, cx_id, request)
-                            if incoming is None:  # a C-ECHO: the message is complete
-                                idle_deadline = clock() + s.idle_timeout
-                    else:  # data set fragment
-                        if incoming is None or request is None or cx_id != command_cx:
-                            raise ProtocolError("data set fragment without a C-STORE request")
-                        incoming.write(data)
-                        if control & PDV_LAST:
-                            done, incoming = incoming, None
-                            self._finish_store(conn, assoc, cx_id, request, done)
-                            request = None
-                            idle_deadline = clock() + s.idle_timeout
-        finally:
-            if incoming is not None:
-                incoming.discard()
-
     def _on_command(self, conn: socket.socket, assoc: Association, cx_id: int,
-                    request: Request) -> IncomingObject | None:
-        field_ = request.command_field
+                    command: bytes) -> DataSetSink | None:
+        """Dispatch a whole command set to its row of :data:`SERVICES`."""
+        request = Request.decode(command)
+        service = service_for(request)
         cx = assoc.contexts[cx_id]
-        if field_ == CommandField.C_ECHO_RQ:
-            if str(cx.abstract_syntax) != SOPClass.VERIFICATION:
-                raise ProtocolError("C-ECHO on a storage context")
-            conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_response(
-                CommandField.C_ECHO_RSP, SOPClass.VERIFICATION, request.message_id, Status.SUCCESS)))
-            return None
-        if field_ == CommandField.C_STORE_RQ:
-            if str(cx.abstract_syntax) not in SCP_STORAGE_CLASSES:
-                raise ProtocolError("C-STORE on the verification context")
-            if not request.has_data_set:
-                raise ProtocolError("C-STORE request without a data set")
-            return self.open_stream(
-                str(cx.transfer_syntax[0]),
-                str(cx.abstract_syntax),
-                request.affected_sop_instance_uid,
-                assoc.calling_ae,
-            )
-        raise ProtocolError(f"unsupported DIMSE command 0x{field_:04X}")
+        abstract_syntax = str(cx.abstract_syntax)
+        service.check_context(abstract_syntax)
+        return service.handler(Message(
+            request, conn, cx_id, abstract_syntax, str(cx.transfer_syntax[0]), assoc.calling_ae,
+            self.open_stream, partial(self._stored, assoc)))
 
-    def _finish_store(self, conn: socket.socket, assoc: Association, cx_id: int,
-                      request: Request, incoming: IncomingObject) -> None:
-        result = incoming.finish()
+    def _stored(self, assoc: Association, result: StoreResult) -> None:
+        """A C-STORE has been answered by the store: note its series and the outcome."""
         if result.ok and result.series_uid:
             assoc.touched_series.add(result.series_uid)
         with self._lock:
             self._last_store = "ok" if result.ok else f"0x{int(result.status):04X} {result.comment}"
             self._last_store_at = time.time()
-        conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, encode_response(
-            CommandField.C_STORE_RSP, str(assoc.contexts[cx_id].abstract_syntax), request.message_id,
-            int(result.status), error_comment=None if result.ok else result.comment,
-            sop_instance_uid=request.affected_sop_instance_uid_raw)))
-
-
-def _pynetdicom_loggers() -> list[logging.Logger]:
-    """pynetdicom's module loggers: a filter on a logger sees only what is logged to that
-    very logger, not what its children propagate."""
-    names = [name for name in logging.root.manager.loggerDict if name.startswith("pynetdicom")]
-    return [logging.getLogger(name) for name in names]
 
 
 def _host(peer: str) -> str:

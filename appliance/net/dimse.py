@@ -1,5 +1,27 @@
-"""DIMSE command sets (PS3.7 6.3.1, E.1): the command elements and command fields by name,
-their encoding (Implicit VR Little Endian, group 0000) and a request as the acceptor reads it.
+"""DIMSE (PS3.7): command sets by name (:class:`Tag`, :class:`CommandField`), their
+encoding (Implicit VR Little Endian, group 0000), and the services of the Storage SCP as a
+table, :data:`SERVICES`: command field -> :class:`Service` (its name, the abstract syntaxes
+it may arrive on, its handler). The acceptor decodes each request, looks its command field
+up there (A-ABORT for one not in the table), checks the presentation context against the
+row and calls the handler with a :class:`Message`.
+
+A handler answers through :meth:`Message.respond` and returns ``None`` when the message is
+complete (C-ECHO answers at once), or a :class:`~appliance.net.ul.DataSetSink` when a data
+set follows: its fragments are written as they arrive and ``complete`` answers (C-STORE
+streams into :meth:`Ingest.open_stream` and responds from ``finish``).
+
+**Adding C-FIND** is one handler and one row, here:
+
+1. ``def find(msg: Message) -> DataSetSink``: gather the identifier (a few hundred bytes)
+   in ``write``; in ``complete``, run the query and answer each match with a Pending
+   C-FIND-RSP and the end with Success, through ``msg.respond`` (a Pending response carries
+   its match as a data set, so ``respond`` gains a ``data_set`` argument then).
+2. ``CommandField.C_FIND_RQ: Service("C-FIND", FIND_CLASSES, find)`` in :data:`SERVICES`.
+
+Around those two: the acceptor negotiates ``conformance.SCP_CONTEXTS``, so the FIND model's
+SOP classes go into that table (conformance, not this module), and what a handler needs from
+outside (C-FIND: the index's named query; C-STORE: ``open_stream``) is a field of
+:class:`Message` that the acceptor fills in from its constructor's arguments.
 
 A command set is a few hundred bytes and arrives once per message, so decoding it into a
 dict and a :class:`Request` costs nothing next to the data set behind it.
@@ -8,11 +30,13 @@ dict and a :class:`Request` costs nothing next to the data set behind it.
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
-from appliance.net.ul import ProtocolError
+from appliance.conformance import SCP_STORAGE_CLASSES, SOPClass, Status
+from appliance.net.ul import PDV_COMMAND, PDV_LAST, DataSetSink, ProtocolError, p_data_tf_pdu
 
 
 class Tag(enum.IntEnum):
@@ -193,3 +217,126 @@ class Request:
         """The peer's own bytes, whatever they hold (trailing NULs dropped): a response
         must name what the peer sent."""
         return (self.elements.get(Tag.AFFECTED_SOP_INSTANCE_UID) or b"").rstrip(b"\x00")
+
+
+# -- the services ------------------------------------------------------------------------
+
+
+class StoreStream(Protocol):
+    """Where a C-STORE data set goes while it arrives (see :meth:`Ingest.open_stream`)."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def finish(self) -> StoreResult: ...
+
+    def discard(self) -> None: ...
+
+
+class StoreResult(Protocol):
+    """What :meth:`StoreStream.finish` answers (an :class:`appliance.store.ingest.Outcome`)."""
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def comment(self) -> str: ...
+
+    @property
+    def series_uid(self) -> str | None: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+#: open_stream(transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae) -> StoreStream
+OpenStream = Callable[[str, str, str, str], StoreStream]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One DIMSE request as its service's handler sees it, and the way to answer it."""
+
+    request: Request
+    conn: socket.socket
+    cx_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    calling_ae: str
+    #: The store's door (C-STORE).
+    open_stream: OpenStream
+    #: The acceptor's bookkeeping of a finished C-STORE (the series it touched, its state).
+    stored: Callable[[StoreResult], None]
+
+    def respond(self, field: CommandField, status: int, *, error_comment: str | None = None,
+                sop_instance_uid: bytes | None = None) -> None:
+        """Send a response without a data set on the request's presentation context."""
+        command = encode_response(field, self.abstract_syntax, self.request.message_id, status,
+                                  error_comment=error_comment, sop_instance_uid=sop_instance_uid)
+        # A command set is a few hundred bytes: one PDV fits any negotiated PDU size.
+        self.conn.sendall(p_data_tf_pdu(self.cx_id, PDV_COMMAND | PDV_LAST, command))
+
+
+#: A service's handler: answer now (None) or say where the data set goes.
+Handler = Callable[[Message], "DataSetSink | None"]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A row of :data:`SERVICES`: a DIMSE service the acceptor provides."""
+
+    name: str
+    #: The abstract syntaxes (SOP classes) of the presentation contexts it may arrive on.
+    contexts: frozenset[str]
+    handler: Handler
+
+    def check_context(self, abstract_syntax: str) -> None:
+        """Raise ProtocolError if this service may not arrive on ``abstract_syntax``."""
+        if abstract_syntax not in self.contexts:
+            raise ProtocolError(f"{self.name} on {_context_words(abstract_syntax)}")
+
+
+def _context_words(abstract_syntax: str) -> str:
+    if abstract_syntax == SOPClass.VERIFICATION:
+        return "the verification context"
+    if abstract_syntax in SCP_STORAGE_CLASSES:
+        return "a storage context"
+    return f"the context of {abstract_syntax}"
+
+
+def echo(msg: Message) -> None:
+    """C-ECHO (PS3.7 9.1.5): Success, at once."""
+    msg.respond(CommandField.C_ECHO_RSP, Status.SUCCESS)
+
+
+def store(msg: Message) -> DataSetSink:
+    """C-STORE (PS3.7 9.1.1): stream the data set into the store; once it is whole, store
+    it (or refuse it) and answer with the store's status, naming the peer's own UID bytes."""
+    request = msg.request
+    if not request.has_data_set:
+        raise ProtocolError("C-STORE request without a data set")
+    incoming = msg.open_stream(msg.transfer_syntax, msg.abstract_syntax,
+                               request.affected_sop_instance_uid, msg.calling_ae)
+
+    def complete() -> None:
+        result = incoming.finish()
+        msg.stored(result)
+        msg.respond(CommandField.C_STORE_RSP, int(result.status),
+                    error_comment=None if result.ok else result.comment,
+                    sop_instance_uid=request.affected_sop_instance_uid_raw)
+
+    return DataSetSink(incoming.write, complete, incoming.discard)
+
+
+#: The services of the Storage SCP, by the command field of their request.
+SERVICES: Mapping[CommandField, Service] = {
+    CommandField.C_ECHO_RQ: Service("C-ECHO", frozenset({SOPClass.VERIFICATION}), echo),
+    CommandField.C_STORE_RQ: Service("C-STORE", SCP_STORAGE_CLASSES, store),
+}
+
+
+def service_for(request: Request) -> Service:
+    """The row serving ``request``; ProtocolError (the association is aborted) if none does."""
+    try:
+        return SERVICES[CommandField(request.command_field)]
+    except (ValueError, KeyError):
+        raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}") from None

@@ -3,15 +3,21 @@
 under deadlines (:class:`PduReader`), and the socket helpers that never block the caller
 on a peer that went away.
 
-Nothing here logs: what goes wrong is raised (:class:`ProtocolError`,
-:class:`DeadlineExpired`) and the acceptor says it once, in its own words.
+Nothing here logs on its own: what goes wrong is raised (:class:`ProtocolError`,
+:class:`DeadlineExpired`) and the acceptor says it once, in its own words, through its
+logger (:class:`RateLimitedLog` writes to the logger it is given).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Container
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import (
@@ -83,10 +89,18 @@ class PduReader:
     Only when a read comes back short or empty (a slow peer, a timeout) are the deadlines
     checked here, and the receive timeout is shortened to wake up in time for the nearest:
     ``network_timeout`` of silence, ``pdu_timeout`` for a PDU from its first byte, and the
-    caller's ``idle`` deadline for completing a DIMSE message (``idle_timeout`` long)."""
+    caller's ``idle`` deadline for completing a DIMSE message (``idle_timeout`` long).
+    Taking the connection makes it blocking, without Nagle, with TCP keepalive."""
 
     def __init__(self, conn: socket.socket, *, network_timeout: float, pdu_timeout: float,
                  idle_timeout: float) -> None:
+        conn.setblocking(True)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that vanishes without a FIN is noticed in about a minute.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         self.conn = conn
         self.network_timeout = network_timeout
         self.pdu_timeout = pdu_timeout
@@ -135,6 +149,150 @@ class PduReader:
         if seconds != self._timeout:
             self._timeout = seconds
             self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+
+
+@dataclass(frozen=True)
+class DataSetSink:
+    """Where a request's data set goes while it arrives: ``write`` gets each fragment (on
+    the data path: give it the store's own ``write``, not a wrapper around it), ``complete``
+    is called after the last fragment and answers the request, ``discard`` if the
+    association ends first."""
+
+    write: Callable[[memoryview], None]
+    complete: Callable[[], None]
+    discard: Callable[[], None]
+
+
+#: on_command(presentation context ID, whole command set) -> where the message's data set
+#: goes, or None when the message is complete (and answered) without one.
+OnCommand = Callable[[int, bytes], "DataSetSink | None"]
+
+
+def serve_p_data(conn: socket.socket, reader: PduReader, contexts: Container[int], on_command: OnCommand,
+                 *, max_pdu: int, max_command_bytes: int) -> bool:
+    """Read PDUs and reassemble DIMSE messages (PS3.8 9.3.5, E) until the peer releases
+    (answered with A-RELEASE-RP: True) or aborts (False). A whole command set goes to
+    ``on_command``, each data set fragment to the sink it returned. Raise ProtocolError, or
+    DeadlineExpired from ``reader``, whose idle deadline restarts with every message
+    completed; a data set still arriving when this ends is discarded."""
+    limit = max_pdu + PDU_HEADER_BYTES
+    command = bytearray()
+    command_cx: int | None = None
+    sink: DataSetSink | None = None
+    header = bytearray(PDU_HEADER_BYTES)
+    buf = bytearray(min(max_pdu, 1 << 20) + 64)
+    idle_timeout = reader.idle_timeout
+    idle_deadline = clock() + idle_timeout
+    try:
+        while True:
+            reader.pdu(memoryview(header), PDU_HEADER_BYTES, idle_deadline, first=True)
+            if clock() >= idle_deadline:
+                raise DeadlineExpired(f"no DIMSE message completed in {idle_timeout:.0f} s")
+            pdu_type = header[0]
+            (length,) = struct.unpack_from(">L", header, 2)
+            if pdu_type == A_RELEASE_RQ_PDU:
+                if length != RELEASE_RQ_LENGTH:
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (it has 4)")
+                reader.pdu(memoryview(buf), length, idle_deadline)
+                if sink is not None or command:
+                    raise ProtocolError("A-RELEASE-RQ in the middle of a message")
+                conn.sendall(RELEASE_RP)
+                return True
+            if pdu_type == A_ABORT_PDU:
+                return False
+            if pdu_type != P_DATA_TF_PDU:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+            if length > limit or length < PDV_HEADER_BYTES:
+                raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {max_pdu})")
+            if len(buf) < length:
+                buf = bytearray(length)
+            view = memoryview(buf)[:length]
+            reader.pdu(view, length, idle_deadline)
+            pos = 0
+            while pos < length:  # PDV items: 4-byte length, context ID, control header, data
+                if pos + PDV_HEADER_BYTES > length:
+                    raise ProtocolError("truncated PDV item")
+                (item_len,) = struct.unpack_from(">L", view, pos)
+                if item_len < 2 or pos + 4 + item_len > length:
+                    raise ProtocolError("PDV item length exceeds its PDU")
+                cx_id = view[pos + 4]
+                control = view[pos + 5]
+                data = view[pos + PDV_HEADER_BYTES : pos + 4 + item_len]
+                pos += 4 + item_len
+                if cx_id not in contexts:
+                    raise ProtocolError(f"PDV on presentation context {cx_id}, which was not accepted")
+                if control & PDV_COMMAND:
+                    if sink is not None:
+                        raise ProtocolError("a command arrived in the middle of a data set")
+                    if len(command) + len(data) > max_command_bytes:
+                        raise ProtocolError(
+                            f"a DIMSE command set of more than {max_command_bytes} bytes "
+                            "(a real one is a few hundred)")
+                    command += data
+                    command_cx = cx_id
+                    if control & PDV_LAST:
+                        whole = bytes(command)
+                        command.clear()
+                        sink = on_command(cx_id, whole)
+                        if sink is None:  # no data set (a C-ECHO): the message is complete
+                            idle_deadline = clock() + idle_timeout
+                else:  # data set fragment
+                    if sink is None or cx_id != command_cx:
+                        raise ProtocolError("data set fragment without a C-STORE request")
+                    sink.write(data)
+                    if control & PDV_LAST:
+                        done, sink = sink, None
+                        done.complete()
+                        idle_deadline = clock() + idle_timeout
+    finally:
+        if sink is not None:
+            sink.discard()
+
+
+class RateLimitedLog:
+    """Logs to ``log`` a message at most once per ``every`` seconds per key, then says how
+    many were left out: a flood or a fuzzer must not flood the journal."""
+
+    def __init__(self, log: logging.Logger, every: float) -> None:
+        self.log = log
+        self.every = every
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (-self.every, 0))
+            if now - last < self.every:
+                self._seen[key] = (last, suppressed + 1)
+                return
+            self._seen[key] = (now, 0)
+            self._seen.move_to_end(key)
+            while len(self._seen) > 1024:
+                self._seen.popitem(last=False)
+        if suppressed:
+            msg += " (%d more like it in the last %.0f s)"
+            args = (*args, suppressed, now - last)
+        self.log.log(level, msg, *args)
+
+
+class QuietPynetdicom(logging.Filter):
+    """Drops pynetdicom's log records while it decodes a peer's PDU in the accept thread:
+    a malformed A-ASSOCIATE-RQ is our one warning line, not pynetdicom's traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+def pynetdicom_loggers() -> list[logging.Logger]:
+    """pynetdicom's module loggers: a filter on a logger sees only what is logged to that
+    very logger, not what its children propagate."""
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("pynetdicom")]
+    return [logging.getLogger(name) for name in names]
 
 
 # -- the PDUs we send -----------------------------------------------------------------
