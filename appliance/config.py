@@ -32,6 +32,9 @@ from appliance.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
 #: Where the box keeps its store and index, unless --data-dir says otherwise.
 DEFAULT_DATA_DIR = Path("/var/lib/appliance")
+#: Environment variable: the pid of the ``appliance run`` that started an SCP (which
+#: stops when that process is gone).
+SUPERVISOR_PID = "APPLIANCE_SUPERVISOR_PID"
 
 _DESTINATION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default repertoire, no backslash

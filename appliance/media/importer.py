@@ -14,7 +14,6 @@ import goes on with the others. pycdlib objects stay inside :class:`IsoDisc`.
 
 from __future__ import annotations
 
-import argparse
 import enum
 import errno
 import fcntl
@@ -23,12 +22,11 @@ import logging
 import os
 import re
 import stat
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Protocol, TextIO, cast
+from typing import IO, BinaryIO, Callable, Protocol, cast
 
 import pycdlib
 import pydicom
@@ -37,7 +35,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
-from appliance.dicom import dicomio
 from appliance.conformance import (
     SOP_CLASS_LABELS,
     TABLE_9,
@@ -46,6 +43,7 @@ from appliance.conformance import (
     TransferSyntax,
     syntaxes_for,
 )
+from appliance.dicom import dicomio
 from appliance.errors import MediaError
 from appliance.store.ingest import Ingest, Outcome, Source
 
@@ -607,70 +605,3 @@ def _open_error(path: Path, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return f"permission denied reading {path}; run as root or as a member of the 'cdrom' group"
     return f"cannot read {path}: {_read_error(exc)}"
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _progress_printer(stream: TextIO) -> Callable[[Progress], None]:
-    """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
-    tty = stream.isatty()
-    last = [-1.0]
-
-    def show(p: Progress) -> None:
-        final = p.files_done == p.files_total
-        if not final and p.seconds - last[0] < (0.2 if tty else 10.0):
-            return
-        last[0] = p.seconds
-        text = f"{p.files_done}/{p.files_total} files, {p.bytes_read / 1e6:.1f} MB, {p.mb_per_s:.1f} MB/s"
-        if tty:
-            stream.write("\r" + text + ("\n" if final else ""))
-        else:
-            stream.write(text + "\n")
-        stream.flush()
-
-    return show
-
-
-#: Exit codes of ``appliance import`` (2 is the CLI's usage error).
-EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    """Import a CD and print the report. Exit 0 if every DICOM object was stored (or already
-    was), 3 if some were and others were refused or unreadable, 1 if none was."""
-    from appliance import cli
-
-    cfg = cli.load_config(args)
-    store = cli.open_store(args, cfg)
-    try:
-        report = run_import(
-            Path(args.source),
-            Ingest(store, cfg.store),
-            eject_after=cfg.media.eject_after_import if args.eject is None else args.eject,
-            progress=_progress_printer(sys.stderr),
-            max_object_bytes=args.max_object_mb * 2**20,
-        )
-    finally:
-        store.close(clean=False)
-    print(report.render(), flush=True)
-    print(f"report kept in {keep_report(report, store.data_dir / 'imports')}")
-    if report.ok:
-        return EXIT_OK
-    return EXIT_PARTIAL if report.partial else EXIT_FAILED
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    s = subparsers.add_parser(
-        "import", help="store every DICOM object on a CD (ISO image, optical drive or mounted folder)"
-    )
-    s.add_argument("source", metavar="SOURCE", help="ISO image file, optical drive (e.g. /dev/sr0) or folder")
-    eject = s.add_mutually_exclusive_group()
-    eject.add_argument("--eject", dest="eject", action="store_true", default=None,
-                       help="open the tray afterwards (default: [media] eject_after_import, true)")
-    eject.add_argument("--no-eject", dest="eject", action="store_false",
-                       help="leave the disc in the drive afterwards")
-    s.add_argument("--max-object-mb", type=int, default=DEFAULT_MAX_OBJECT_MB, metavar="MB",
-                   help=f"refuse objects larger than this (default {DEFAULT_MAX_OBJECT_MB})")
-    s.set_defaults(func=cmd_import)
-

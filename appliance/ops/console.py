@@ -16,25 +16,21 @@ gateway or an address conflict costs the box its network, never this menu.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from appliance import __version__, config
-
-from appliance.ops import health
 from appliance.config import Config, Destination, NetworkMode
-from appliance.ops.configservice import SOCKET_NAME, ConfigFile, runtime_dir
+from appliance.errors import ApplianceError, ConfigError
+from appliance.ops import health
 from appliance.ops.consolesettings import (
     DEST_FIELDS,
     EJECT_FIELD,
@@ -46,7 +42,6 @@ from appliance.ops.consolesettings import (
     toml_str,
     value_of,
 )
-from appliance.errors import ApplianceError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -680,76 +675,3 @@ def _result(r: health.JobResult | None) -> str:
     if r is None:
         return "none yet"
     return f"{'OK' if r.ok else 'FAILED'} {r.finished_at} {r.device}: {r.summary}"
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(ConfigFile(Path(args.config) if args.config else None),
-                    runtime_dir(args.runtime_dir) / SOCKET_NAME)
-
-
-def cmd_console(args: argparse.Namespace) -> int:
-    """Run the menu on stdin/stdout (the serial line) until the input ends."""
-    from appliance import cli
-
-    if args.verbosity < 2:  # the console says what failed in words; pynetdicom's lines would garble the screen
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    log_file = args.log_file or os.environ.get("APPLIANCE_LOG_FILE")
-    console = Console(
-        sys.stdin, sys.stdout, _settings(args),
-        data_dir=cli.data_dir(args),
-        networkd_dir=Path(args.networkd_dir) if args.networkd_dir else None,
-        systemctl=shlex.split(args.systemctl),
-        log_file=Path(log_file) if log_file else None,
-        journal=None if args.no_journal else JOURNAL_COMMAND,
-        live_network=args.live_network,
-        shadow=SHADOW if args.service_password else None,
-    )
-    return console.run()
-
-
-def cmd_network(args: argparse.Namespace) -> int:
-    """Show the interfaces, or write and apply the [network] setting of the config file."""
-    from appliance.adapters import network
-
-    if args.action == "show":
-        st = network.state()
-        print("\n".join(network.render_state(st, 1000)))
-        for r in st.routes:
-            print(f"route: {r}")
-        return 0
-    n = _settings(args).current().network
-    directory = Path(args.networkd_dir) if args.networkd_dir else network.DEFAULT_NETWORKD_DIR
-    print(f"written {network.write_networkd(n, directory)}: {network.describe(n)}")
-    if args.live:
-        print(f"applied now: {network.apply_live(n)}")
-    return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--runtime-dir", metavar="DIR",
-                        help="where the running appliance's config socket is (default /run/appliance)")
-    common.add_argument("--networkd-dir", metavar="DIR",
-                        help="where the systemd-networkd file goes (default /etc/systemd/network)")
-
-    s = subparsers.add_parser("console", parents=[common], help="the configuration menu for the serial console")
-    s.add_argument("--systemctl", default="systemctl", metavar="CMD",
-                   help="what Reboot and Shut down run, with 'reboot'/'poweroff' added (default systemctl)")
-    s.add_argument("--log-file", metavar="FILE", help="the log the Log screen shows when there is no journal "
-                   "(default $APPLIANCE_LOG_FILE)")
-    s.add_argument("--no-journal", action="store_true", help="do not read the journal; show --log-file")
-    s.add_argument("--no-live-network", dest="live_network", action="store_false",
-                   help="only write the network file, do not change the interfaces now (e.g. on a laptop)")
-    s.add_argument("--service-password", action="store_true",
-                   help="at start, offer to set root's password if it has none (the box's first boot)")
-    s.set_defaults(func=cmd_console)
-
-    s = subparsers.add_parser("network", parents=[common], help="show the interfaces, or apply [network]")
-    sub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sub.add_parser("show", help="each interface's state, MAC and addresses, and the routes")
-    a = sub.add_parser("apply", help="write the systemd-networkd file from [network] and apply it now")
-    a.add_argument("--no-live", dest="live", action="store_false", help="only write the file")
-    s.set_defaults(func=cmd_network)

@@ -21,7 +21,6 @@ old SCP, whose associations in flight finish under the old settings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import logging
@@ -37,13 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import config
-
-from appliance.ops import health
-from appliance.cli import SUPERVISOR_PID
-from appliance.ops.configservice import SOCKET_NAME, ConfigFile, ConfigService, runtime_dir
 from appliance.adapters.devices import MediaWatcher
-from appliance.errors import ApplianceError, ConfigError
 from appliance.adapters.systemd import Notifier, NotifyListener, watchdog_interval
+from appliance.errors import ApplianceError, ConfigError
+from appliance.ops import health
+from appliance.ops.configservice import (
+    SOCKET_NAME,
+    ConfigFile,
+    ConfigService,
+)
 
 if TYPE_CHECKING:  # imported once the SCP is spawned (see Supervisor._open_store)
     from appliance.jobs.media import MediaJobs
@@ -300,7 +301,7 @@ class Supervisor:
         cmd += ["scp", "--listen-fd", str(fd)]
         env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")}
         env["NOTIFY_SOCKET"] = str(self.listener.path)
-        env[SUPERVISOR_PID] = str(os.getpid())
+        env[config.SUPERVISOR_PID] = str(os.getpid())
         child.started_at = time.monotonic()
         child.report, child.report_at = {}, 0.0
         child.proc = subprocess.Popen(cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
@@ -520,25 +521,3 @@ class Supervisor:
 
 def _exit(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the appliance: SCP, config service, media watcher, until SIGTERM."""
-    from appliance import cli
-
-    cfile = ConfigFile(Path(args.config) if args.config else None)
-    sup = Supervisor(cfile, cli.data_dir(args), runtime_dir(args.runtime_dir), media=args.media,
-                     verbosity=args.verbosity)
-    return sup.run()
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    s = subparsers.add_parser("run", help="run the appliance: Storage SCP, config service, CD/USB jobs")
-    s.add_argument("--runtime-dir", metavar="DIR",
-                   help="where the config service's socket goes (default $RUNTIME_DIRECTORY or /run/appliance)")
-    s.add_argument("--no-media", dest="media", action="store_false",
-                   help="do not watch for CDs and USB sticks (e.g. on a developer's machine)")
-    s.set_defaults(func=cmd_run)

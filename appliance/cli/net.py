@@ -1,0 +1,104 @@
+"""``appliance echo`` and ``send``: the client AE (ELEKTA_CLIENT) from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from appliance.config import Destination
+from appliance.conformance import CLIENT_AE_TITLE, DEFAULT_CLIENT_PDU, MIN_PDU
+from appliance.errors import ConfigError
+from appliance.net.sender import (
+    DEFAULT_CALLED_AE,
+    DEFAULT_ECHO_TIMEOUT,
+    DEFAULT_SEND_TIMEOUT,
+    ClientSettings,
+    check_peer,
+    echo,
+    plan_export,
+    send,
+)
+
+
+def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
+    """Add the options every command that calls a remote AE shares (``echo``, ``send``,
+    ``rt-export``): our AE title, the called AE title, our max PDU and the timeout."""
+    p.add_argument("-aet", "--aetitle", dest="aet", default=CLIENT_AE_TITLE, metavar="AET",
+                   help=f"our (calling) AE title (default {CLIENT_AE_TITLE})")
+    p.add_argument("-aec", "--call", dest="aec", metavar="AET",
+                   help=f"the peer's (called) AE title (default {DEFAULT_CALLED_AE}, or the destination's)")
+    p.add_argument("-pdu", "--max-pdu", dest="pdu", type=int, default=DEFAULT_CLIENT_PDU, metavar="BYTES",
+                   help=f"max PDU we receive, {MIN_PDU} or more (default {DEFAULT_CLIENT_PDU})")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                   help=f"seconds to wait for connection, association and each response (default {timeout:g})")
+
+
+def _quiet_pynetdicom(args: argparse.Namespace) -> None:
+    # We report failures ourselves in one line; pynetdicom's own ERROR lines would repeat them.
+    if args.verbosity < 2:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """Send a C-ECHO and print one line: success with the round-trip time, or what went wrong."""
+    _quiet_pynetdicom(args)
+    peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
+    print(echo(peer, ClientSettings(args.aet, args.pdu, args.timeout)))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Export the requested studies and series; print each object's result and a summary."""
+    parser: argparse.ArgumentParser = args.send_parser
+    if not (args.study or args.series):
+        parser.error("give at least one --study UID or --series UID")
+    if args.to and (args.host or args.port is not None):
+        parser.error("give either HOST PORT or --to DESTINATION, not both")
+    if not args.to and (args.host is None or args.port is None):
+        parser.error("give HOST PORT, or --to DESTINATION from the config file")
+    _quiet_pynetdicom(args)
+    from appliance.cli.common import load_config, open_store
+
+    cfg = load_config(args)
+    if args.to:
+        dest = cfg.destinations.get(args.to)
+        if dest is None:
+            known = ", ".join(sorted(cfg.destinations)) or "none are configured"
+            raise ConfigError(f"no destination '{args.to}' in the config file ([destinations.NAME]; known: {known})")
+        peer = Destination(args.aec or dest.ae_title, dest.host, dest.port)
+    else:
+        peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
+    settings = ClientSettings(args.aet, args.pdu, args.timeout)
+    settings.check()
+    check_peer(peer)
+    store = open_store(args, cfg)
+    try:
+        plan = plan_export(store, studies=args.study, series=args.series)
+        for r in plan.refused:
+            print(f"refused   {r}", flush=True)
+        report = send(store, plan, peer, settings, progress=lambda r: print(r, flush=True))
+    finally:
+        store.close(clean=False)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    e = subparsers.add_parser("echo", help="check a DICOM peer with C-ECHO (Verification, Implicit VR LE)")
+    client_options(e, DEFAULT_ECHO_TIMEOUT)
+    e.add_argument("host", metavar="HOST")
+    e.add_argument("port", type=int, metavar="PORT")
+    e.set_defaults(func=cmd_echo)
+
+    s = subparsers.add_parser(
+        "send", help="export studies or series (3D volumes with their RT objects) to a DICOM peer (C-STORE)",
+        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] (HOST PORT | --to DESTINATION) "
+              "(--study UID | --series UID)...",
+    )
+    client_options(s, DEFAULT_SEND_TIMEOUT)
+    s.add_argument("--to", metavar="DESTINATION", help="a destination named in the config file")
+    s.add_argument("--study", action="append", default=[], metavar="UID", help="export this study")
+    s.add_argument("--series", action="append", default=[], metavar="UID", help="export this series")
+    s.add_argument("host", nargs="?", metavar="HOST")
+    s.add_argument("port", nargs="?", type=int, metavar="PORT")
+    s.set_defaults(func=cmd_send, send_parser=s)
