@@ -599,7 +599,7 @@ _STORAGE_CONTEXTS = [
 
 
 def _mutate(rng: random.Random, data: bytes) -> tuple[str, bytes]:
-    b = bytearray(data)
+    b = bytearray(data) or bytearray(rng.randbytes(rng.randint(1, 64)))  # a second mutation may get b""
     how = rng.choice(["bitflip", "bitflip", "truncate", "pdu_length", "item_length", "pdu_type", "insert", "garbage"])
     if how == "bitflip":
         for _ in range(rng.randint(1, 8)):

@@ -187,12 +187,23 @@ class Senders:
             self.one(number)
 
 
+#: Generators that raised (each is also printed): the run did not test all it claims.
+GENERATOR_ERRORS: list[str] = []
+
+
 def every(seconds: float, stop: threading.Event, what: Callable[[], None], first: float = 5.0) -> None:
     """Run ``what`` every ``seconds`` until ``stop`` (first after ``first`` s)."""
     if stop.wait(first):
         return
     while True:
-        what()
+        try:
+            what()
+        except Exception:  # noqa: BLE001 - a generator's bug must not end it silently
+            import traceback
+
+            print(f"soak: generator {threading.current_thread().name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            GENERATOR_ERRORS.append(threading.current_thread().name)
         if stop.wait(seconds):
             return
 
@@ -428,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         ("every acknowledged object indexed", not missing, f"{len(missing)} missing"),
         ("C-ECHO at the end < 1 s", echo.ok, f"{echo.seconds * 1000:.0f} ms {'' if echo.ok else echo.detail}"),
         ("C-STORE at the end < 1 s", store.ok, f"{store.seconds * 1000:.0f} ms {'' if store.ok else store.detail}"),
+        ("every generator ran to the end", not GENERATOR_ERRORS, ", ".join(GENERATOR_ERRORS)),
     ]
 
     print(f"soak: {ran / 60:.1f} min, {args.parallel} storescu loops, fd limit {limit}, "
