@@ -85,3 +85,72 @@ i = "PRAGMA journal_mode=WAL"
 def test_the_store_itself_is_not_exempt_from_the_check() -> None:
     """The check does find the index's SQL (so an empty result elsewhere means something)."""
     assert sql_in((STORE / "index.py").read_text(encoding="utf-8"), "index.py")
+
+
+# -- imports point one way: the CLI on top, no circle ---------------------------------------
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, module) of every ``appliance`` module ``path`` imports, anywhere in the file
+    (a function-local import is a dependency too), and every module named to importlib."""
+    tree = ast.parse(path.read_text(), str(path))
+    this = module_name(path)
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
+            if node.level:  # relative: from . import x
+                base = ".".join(this.split(".")[: -node.level] + ([node.module] if node.module else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
+            names = [node.value]  # importlib.import_module("appliance.x") and tables of such names
+        out += [(node.lineno, n) for n in names if n.startswith("appliance") and n in known and n != this]
+    return out
+
+
+def _modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def test_library_code_never_imports_the_cli():
+    modules = _modules()
+    known = set(modules)
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
+             for mod, path in modules.items() if not mod.startswith(("appliance.cli", "appliance.__main__"))
+             for line, name in imports_of(path, known) if name.startswith("appliance.cli")]
+    assert found == [], "library code must not import the CLI (the CLI imports the library):\n" + "\n".join(found)
+
+
+def test_no_import_circle_between_modules():
+    modules = _modules()
+    known = set(modules)
+    graph = {m: sorted({n for _, n in imports_of(p, known) if n != m and not m.startswith(n + ".")})
+             for m, p in modules.items()}
+    # A package's __init__ imported by its own modules is not a circle of code.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in graph.get(m, []):
+            if state.get(n) == 1:
+                circles.append(" -> ".join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert circles == [], "modules that import each other in a circle:\n" + "\n".join(circles)
