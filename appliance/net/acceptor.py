@@ -539,7 +539,7 @@ class Acceptor:
                                idle_timeout=s.idle_timeout)  # makes conn blocking, with TCP keepalive
             assoc = self._accept_association(conn, peer, primitive)
             who = f"{assoc.calling_ae} ({peer})"
-            on_command = partial(self._on_command, conn, assoc)
+            on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc))
             if serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
                             max_command_bytes=s.max_command_bytes):
                 log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
@@ -584,8 +584,8 @@ class Acceptor:
                 len(accepted), len(rq_contexts))
         return assoc
 
-    def _on_command(self, conn: socket.socket, assoc: Association, cx_id: int,
-                    command: bytes) -> DataSetSink | None:
+    def _on_command(self, conn: socket.socket, assoc: Association, stored: Callable[[StoreResult], None],
+                    cx_id: int, command: bytes) -> DataSetSink | None:
         """Dispatch a whole command set to its row of :data:`SERVICES`."""
         request = Request.decode(command)
         service = service_for(request)
@@ -594,7 +594,7 @@ class Acceptor:
         service.check_context(abstract_syntax)
         return service.handler(Message(
             request, conn, cx_id, abstract_syntax, str(cx.transfer_syntax[0]), assoc.calling_ae,
-            self.open_stream, partial(self._stored, assoc)))
+            self.open_stream, stored))
 
     def _stored(self, assoc: Association, result: StoreResult) -> None:
         """A C-STORE has been answered by the store: note its series and the outcome."""

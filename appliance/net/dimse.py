@@ -327,8 +327,9 @@ def store(msg: Message) -> DataSetSink:
     return DataSetSink(incoming.write, complete, incoming.discard)
 
 
-#: The services of the Storage SCP, by the command field of their request.
-SERVICES: Mapping[CommandField, Service] = {
+#: The services of the Storage SCP, by the command field of their request (CommandField
+#: keys; looked up with the request's plain int).
+SERVICES: Mapping[int, Service] = {
     CommandField.C_ECHO_RQ: Service("C-ECHO", frozenset({SOPClass.VERIFICATION}), echo),
     CommandField.C_STORE_RQ: Service("C-STORE", SCP_STORAGE_CLASSES, store),
 }
@@ -336,7 +337,7 @@ SERVICES: Mapping[CommandField, Service] = {
 
 def service_for(request: Request) -> Service:
     """The row serving ``request``; ProtocolError (the association is aborted) if none does."""
-    try:
-        return SERVICES[CommandField(request.command_field)]
-    except (ValueError, KeyError):
-        raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}") from None
+    service = SERVICES.get(request.command_field)
+    if service is None:
+        raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}")
+    return service
