@@ -31,10 +31,10 @@ from appliance.errors import ConfigError, NetworkError
 from appliance.store.ingest import Ingest, Source
 from appliance.net.sender import (
     ClientSettings,
-    ExportRefused,
-    Outcome,
+    SendOutcome,
+    SendRefused,
     echo,
-    plan_export,
+    plan_send,
     send,
 )
 from appliance.store.store import Store
@@ -404,13 +404,13 @@ def test_only_volumes_are_exported(box) -> None:  # type: ignore[no-untyped-def]
     tilted[1].ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
     for ds in tilted:
         put(box, ds)
-    plan = plan_export(box, series=[single[0].SeriesInstanceUID, tilted[0].SeriesInstanceUID, "1.2.3.4"])
+    plan = plan_send(box, series=[single[0].SeriesInstanceUID, tilted[0].SeriesInstanceUID, "1.2.3.4"])
     assert plan.objects == ()
     reasons = [r.reason for r in plan.refused]
     assert "is not a 3D volume (1 slice; a volume needs at least 2)" in reasons[0]
     assert "inconsistent orientation" in reasons[1]
     assert reasons[2] == "series 1.2.3.4 is not stored on this box"
-    with pytest.raises(ExportRefused, match="nothing to send: series .* is not a 3D volume"):
+    with pytest.raises(SendRefused, match="nothing to send: series .* is not a 3D volume"):
         send(box, plan, Destination("ANY", "127.0.0.1", 104))
 
 
@@ -420,7 +420,7 @@ def test_a_structure_set_asked_for_alone_brings_its_image_series(box) -> None:  
         put(box, ds)
     rs = structure_set(images)
     put(box, rs)
-    plan = plan_export(box, series=[rs.SeriesInstanceUID])
+    plan = plan_send(box, series=[rs.SeriesInstanceUID])
     assert [o.sop_instance_uid for o in plan.objects] == [d.SOPInstanceUID for d in images] + [rs.SOPInstanceUID]
     assert plan.refused == ()
 
@@ -429,7 +429,7 @@ def test_only_needed_contexts_implicit_le_only_and_one_association_at_a_time(box
     images = ct_series(3)
     for ds in images:
         put(box, ds)
-    plan = plan_export(box, series=[images[0].SeriesInstanceUID])
+    plan = plan_send(box, series=[images[0].SeriesInstanceUID])
     peer = pypeer()
     dest = Destination("PYPEER", "127.0.0.1", peer.port)
     reports = []
@@ -439,7 +439,7 @@ def test_only_needed_contexts_implicit_le_only_and_one_association_at_a_time(box
     for t in threads:
         t.join()
     assert [r.ok for r in reports] == [True] * 3
-    assert all(r.outcome is Outcome.SENT and r.status == 0 for rep in reports for r in rep.results)
+    assert all(r.outcome is SendOutcome.SENT and r.status == 0 for rep in reports for r in rep.results)
     assert peer.associations == 3 and peer.max_active == 1
     assert set(peer.requested) == {(str(SOPClass.CT_IMAGE), (str(TransferSyntax.IMPLICIT_LE),))}
     assert len(peer.stored) == 9

@@ -15,7 +15,7 @@ from appliance.net.sender import (
     ClientSettings,
     check_peer,
     echo,
-    plan_export,
+    plan_send,
     send,
 )
 
@@ -73,7 +73,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     check_peer(peer)
     store = open_store(args, cfg)
     try:
-        plan = plan_export(store, studies=args.study, series=args.series)
+        plan = plan_send(store, studies=args.study, series=args.series)
         for r in plan.refused:
             print(f"refused   {r}", flush=True)
         report = send(store, plan, peer, settings, progress=lambda r: print(r, flush=True))

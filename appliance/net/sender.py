@@ -1,16 +1,16 @@
-"""The client AE (section 3.2, Tables 4-8): the echo utility and the C-STORE export.
+"""The client AE (section 3.2, Tables 4-8): the echo utility and sending with C-STORE.
 
 * :func:`echo` sends one C-ECHO over the Verification context (Table 8, Implicit VR LE
   only) and returns the round-trip time, or raises :class:`NetworkError` saying in words
   what went wrong: unknown host, connection refused, timed out, association rejected
   (with the decoded reason) or aborted.
-* :func:`plan_export` turns ``--study``/``--series`` requests into the objects to send.
+* :func:`plan_send` turns ``--study``/``--series`` requests into the objects to send.
   Objects travel with their image series (section 2.2): a series goes with the RT objects
   that reference it; only 3D volumes go (the Storage Server's 3D verdict); XA and SC are
   not in Table 6 and are refused with that reason.
 * :func:`send` sends a plan over one association that proposes only the contexts of
   Tables 6 and 7 the plan needs, each with Implicit VR LE only, re-encoding every object
-  with :mod:`appliance.dicom.transcode`. One export runs at a time per store, across processes
+  with :mod:`appliance.dicom.transcode`. One send runs at a time per store, across processes
   (an exclusive ``flock`` on ``export.lock`` in the data directory); others wait their turn.
 
 pynetdicom objects stay inside this module; callers get frozen dataclasses.
@@ -69,11 +69,12 @@ DEFAULT_ECHO_TIMEOUT = 10.0
 DEFAULT_SEND_TIMEOUT = 60.0
 #: The largest PDU length a PDU header can carry (PS3.8 9.3.1).
 MAX_PDU = 0xFFFFFFFF
+#: The lock file keeps its earlier name, so an older process and a newer one still take turns.
 _LOCK_NAME = "export.lock"
 
 
-class ExportRefused(ApplianceError):
-    """Nothing of what was asked can be exported; the message says why for each request."""
+class SendRefused(ApplianceError):
+    """Nothing of what was asked can be sent; the message says why for each request."""
 
 
 def _label(sop_class_uid: str) -> str:
@@ -286,12 +287,12 @@ def echo(peer: Destination, settings: ClientSettings | None = None) -> EchoResul
     return EchoResult(peer, settings.calling_ae, (t2 - t1) * 1000, (t1 - t0) * 1000)
 
 
-# -- planning an export -------------------------------------------------------------
+# -- planning a send ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """A requested study or series that is not exported, and why."""
+    """A requested study or series that is not sent, and why."""
 
     level: str  # "study" or "series"
     uid: str
@@ -302,11 +303,11 @@ class Refusal:
 
 
 @dataclass(frozen=True)
-class ExportPlan:
-    """What one export sends, in order: each image series, then the RT objects referencing it."""
+class SendPlan:
+    """What one send sends, in order: each image series, then the RT objects referencing it."""
 
     objects: tuple[InstanceRow, ...]
-    #: The image series that are exported.
+    #: The image series that are sent.
     series: tuple[str, ...]
     refused: tuple[Refusal, ...]
 
@@ -321,8 +322,8 @@ _NETWORK_CLASSES = frozenset(r.abstract_syntax for r in SCU_STORAGE_CONTEXTS)
 _TABLE_6_IMAGES = frozenset(r.abstract_syntax for r in TABLE_6) & IMAGE_OBJECTS
 
 
-def plan_export(store: Store, *, studies: Sequence[str] = (), series: Sequence[str] = ()) -> ExportPlan:
-    """Work out what exporting ``studies`` and ``series`` sends, and what is refused and why.
+def plan_send(store: Store, *, studies: Sequence[str] = (), series: Sequence[str] = ()) -> SendPlan:
+    """Work out what sending ``studies`` and ``series`` sends, and what is refused and why.
 
     Recomputes stale 3D verdicts first (an index write)."""
     store.update_verdicts()
@@ -378,11 +379,11 @@ def plan_export(store: Store, *, studies: Sequence[str] = (), series: Sequence[s
         for row, refs in rt_objects(images[0].study_uid):
             if (series_uid in refs.series or (not refs.series and frame in refs.frames)) and row not in objects:
                 objects.append(row)
-    return ExportPlan(tuple(objects), tuple(wanted), tuple(refused))
+    return SendPlan(tuple(objects), tuple(wanted), tuple(refused))
 
 
 def _series_problem(store: Store, series_uid: str, classes: set[str]) -> str | None:
-    """Return why an image series cannot be exported, or None."""
+    """Return why an image series cannot be sent, or None."""
     not_networked = sorted(c for c in classes if c not in _NETWORK_CLASSES)
     if not_networked:
         labels = ", ".join(_label(c) for c in not_networked)
@@ -435,7 +436,7 @@ def _references(store: Store, row: InstanceRow) -> _References:
 # -- sending -------------------------------------------------------------------------
 
 
-class Outcome(enum.StrEnum):
+class SendOutcome(enum.StrEnum):
     """What became of one object."""
 
     SENT = "sent"
@@ -450,13 +451,13 @@ class ObjectResult:
 
     sop_instance_uid: str
     sop_class_uid: str
-    outcome: Outcome
+    outcome: SendOutcome
     status: int | None = None
     comment: str = ""
 
     def __str__(self) -> str:
         text = f"{self.outcome.value:<8}  {self.sop_instance_uid}  {_label(self.sop_class_uid)}"
-        if self.status is not None and self.outcome is not Outcome.SENT:
+        if self.status is not None and self.outcome is not SendOutcome.SENT:
             text += f"  status 0x{self.status:04X}"
         if self.comment:
             text += f": {self.comment}"
@@ -464,8 +465,8 @@ class ObjectResult:
 
 
 @dataclass(frozen=True)
-class ExportReport:
-    """Everything one export did: per-object results, refusals and a network failure, if any."""
+class SendReport:
+    """Everything one send did: per-object results, refusals and a network failure, if any."""
 
     peer: Destination
     calling_ae: str
@@ -474,21 +475,21 @@ class ExportReport:
     #: Set when the association failed part-way (what was not sent is NOT_SENT).
     network_error: str | None = None
 
-    def count(self, outcome: Outcome) -> int:
+    def count(self, outcome: SendOutcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
 
     @property
     def ok(self) -> bool:
         """True when every object was stored (warnings included) and nothing was refused."""
         return not self.refused and self.network_error is None and all(
-            r.outcome in (Outcome.SENT, Outcome.WARNING) for r in self.results)
+            r.outcome in (SendOutcome.SENT, SendOutcome.WARNING) for r in self.results)
 
     def summary(self) -> str:
         n = len(self.results)
-        text = (f"{self.count(Outcome.SENT) + self.count(Outcome.WARNING)} of {n} object(s) stored by "
-                f"{_peer(self.peer)} (as {self.calling_ae}, one association): {self.count(Outcome.SENT)} "
-                f"succeeded, {self.count(Outcome.WARNING)} with a warning, {self.count(Outcome.FAILED)} failed, "
-                f"{self.count(Outcome.NOT_SENT)} not sent")
+        text = (f"{self.count(SendOutcome.SENT) + self.count(SendOutcome.WARNING)} of {n} object(s) stored by "
+                f"{_peer(self.peer)} (as {self.calling_ae}, one association): {self.count(SendOutcome.SENT)} "
+                f"succeeded, {self.count(SendOutcome.WARNING)} with a warning, {self.count(SendOutcome.FAILED)} failed, "
+                f"{self.count(SendOutcome.NOT_SENT)} not sent")
         if self.refused:
             text += f"; {len(self.refused)} request(s) refused"
         if self.network_error:
@@ -502,8 +503,8 @@ class ExportReport:
 
 
 @contextmanager
-def export_lock(data_dir: Path) -> Iterator[None]:
-    """Hold the store's export lock: one association at a time, across threads and processes."""
+def send_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the store's send lock: one association at a time, across threads and processes."""
     path = data_dir / _LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
@@ -522,24 +523,24 @@ def export_lock(data_dir: Path) -> Iterator[None]:
 
 def send(
     store: Store,
-    plan: ExportPlan,
+    plan: SendPlan,
     peer: Destination,
     settings: ClientSettings | None = None,
     progress: Callable[[ObjectResult], None] | None = None,
     extra: Sequence[Transcoded] = (),
-) -> ExportReport:
+) -> SendReport:
     """Send ``plan`` to ``peer`` over one association and report each object.
 
     ``extra`` are generated objects (not in the store, e.g. RT Dose and RT Plan) sent after
     the plan's objects over the same association, with their Table 6/7 contexts.
-    Raises ExportRefused when the plan holds nothing, NetworkError when no association can be
+    Raises SendRefused when the plan holds nothing, NetworkError when no association can be
     opened (nothing was sent). A failure part-way is reported in the returned report."""
     settings = settings or ClientSettings()
     settings.check()
     check_peer(peer)
     if not plan.objects and not extra:
         reasons = "; ".join(str(r) for r in plan.refused) or "no study or series was given"
-        raise ExportRefused(f"nothing to send: {reasons}")
+        raise SendRefused(f"nothing to send: {reasons}")
     results: list[ObjectResult] = []
 
     def record(r: ObjectResult) -> None:
@@ -549,7 +550,7 @@ def send(
 
     items: list[InstanceRow | Transcoded] = [*plan.objects, *extra]
     needed = {o.sop_class_uid for o in items}
-    with export_lock(store.data_dir):
+    with send_lock(store.data_dir):
         ae = _make_ae(settings, tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed))
         assoc = _associate(ae, peer, settings)
         error: str | None = None
@@ -557,10 +558,10 @@ def send(
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             for item in items:
                 if error is not None:
-                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, Outcome.NOT_SENT))
+                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, SendOutcome.NOT_SENT))
                     continue
                 if item.sop_class_uid not in accepted:
-                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, Outcome.FAILED, None,
+                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, SendOutcome.FAILED, None,
                                         f"{_peer(peer)} refused {_label(item.sop_class_uid)} in Implicit VR LE"))
                     continue
                 result, answered = _send_one(assoc, store, item)
@@ -574,7 +575,7 @@ def send(
         finally:
             if assoc.is_established:
                 assoc.release()
-    report = ExportReport(peer, settings.calling_ae, tuple(results), plan.refused, error)
+    report = SendReport(peer, settings.calling_ae, tuple(results), plan.refused, error)
     log.info("export to %s: %s", _peer(peer), report.summary().splitlines()[0])
     return report
 
@@ -587,18 +588,18 @@ def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) 
         ds: Dataset = t.dataset()
     except TranscodeError as exc:
         log.error("cannot export %s: %s", uid, exc)
-        return ObjectResult(uid, cls, Outcome.FAILED, None, str(exc)), True
+        return ObjectResult(uid, cls, SendOutcome.FAILED, None, str(exc)), True
     rsp: Any = assoc.send_c_store(ds)
     if not rsp or "Status" not in rsp:
-        return ObjectResult(uid, cls, Outcome.FAILED, None,
+        return ObjectResult(uid, cls, SendOutcome.FAILED, None,
                             "no response: the association was aborted or timed out; it may not be stored"), False
     code = int(rsp.Status)
     comment = str(rsp.get("ErrorComment", "") or "")
     category = code_to_category(code)
     if category == "Success":
-        return ObjectResult(uid, cls, Outcome.SENT, code, comment), True
+        return ObjectResult(uid, cls, SendOutcome.SENT, code, comment), True
     if category == "Warning":
         log.warning("%s stored by the peer with warning 0x%04X %s", uid, code, comment)
-        return ObjectResult(uid, cls, Outcome.WARNING, code, comment), True
+        return ObjectResult(uid, cls, SendOutcome.WARNING, code, comment), True
     log.error("%s refused by the peer with status 0x%04X %s", uid, code, comment)
-    return ObjectResult(uid, cls, Outcome.FAILED, code, comment), True
+    return ObjectResult(uid, cls, SendOutcome.FAILED, code, comment), True

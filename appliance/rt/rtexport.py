@@ -622,16 +622,16 @@ def _encode(ds: Dataset) -> Transcoded:
 
 
 def send(store: Store, export: RTExport, peer: Destination, settings: sender.ClientSettings | None = None,
-         progress: Callable[[sender.ObjectResult], None] | None = None) -> sender.ExportReport:
+         progress: Callable[[sender.ObjectResult], None] | None = None) -> sender.SendReport:
     """Send the image series, the structure set and the generated objects over one association
     (Tables 6 and 7, Implicit VR LE), through :func:`appliance.net.sender.send`."""
-    plan = sender.plan_export(store, series=[export.series_uid])
+    plan = sender.plan_send(store, series=[export.series_uid])
     if plan.refused:
         raise RTExportError("the image series cannot be exported: " + "; ".join(str(r) for r in plan.refused))
     if all(o.sop_instance_uid != export.structure_set_uid for o in plan.objects):
         row = store.index.instance(export.structure_set_uid)
         assert row is not None  # read_structure_set found it
-        plan = sender.ExportPlan(plan.objects + (row,), plan.series, plan.refused)
+        plan = sender.SendPlan(plan.objects + (row,), plan.series, plan.refused)
     return sender.send(store, plan, peer, settings, progress, extra=export.objects)
 
 
