@@ -19,9 +19,9 @@ from appliance import cli
 from appliance.conformance import TransferSyntax
 from appliance.errors import MediaError
 from appliance.media.importer import (
+    DiscKind,
     FolderDisc,
     IsoDisc,
-    MediumKind,
     Progress,
     Result,
     import_disc,
@@ -154,7 +154,7 @@ def _check_disc(report, store) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("namespace", sorted(NAMESPACES))
 def test_iso_image_every_file_gets_its_outcome(isos, namespace, ingest, store):
     report = run_import(isos[namespace], ingest)
-    assert report.kind is MediumKind.IMAGE and report.label == "PATIENT_CD"
+    assert report.kind is DiscKind.IMAGE and report.label == "PATIENT_CD"
     assert report.eject == ""  # nothing to eject for an image file
     _check_disc(report, store)
     # Every stored object came through ingest, marked with the disc it came from.
@@ -168,7 +168,7 @@ def test_mounted_folder(tree, ingest, store, tmp_path):
     (folder / "A" / "loop").symlink_to("..")  # a symbolic link loop
     os.mkfifo(folder / "FIFO")  # reading it would block forever
     report = run_import(folder, ingest)
-    assert report.kind is MediumKind.FOLDER
+    assert report.kind is DiscKind.FOLDER
     extra = {"/A/loop": ("", S, "symbolic link"), "/FIFO": ("", S, "not a regular file")}
     got = _by_path(report)
     for path, (_, result, word) in extra.items():
@@ -189,7 +189,7 @@ def test_block_device(isos, ingest, store):
         report = run_import(device, ingest)
     finally:
         subprocess.run(["losetup", "-d", str(device)], check=True)
-    assert report.kind is MediumKind.DRIVE
+    assert report.kind is DiscKind.DRIVE
     _check_disc(report, store)
     # A loop device has no tray: the failed eject is reported, not raised.
     assert "cannot eject" in report.eject
@@ -266,7 +266,7 @@ def test_unreadable_sector_is_reported_and_the_rest_imported(tmp_path, ingest):
     iso = xorriso(src, tmp_path / "scratched.iso", "-R")
     where = iso.read_bytes().find((src / "IM1").read_bytes()[:2048])
     assert where > 0 and where % 2048 == 0
-    disc = IsoDisc(ScratchedImage(iso, range(where, where + 2048)), str(iso), MediumKind.DRIVE)
+    disc = IsoDisc(ScratchedImage(iso, range(where, where + 2048)), str(iso), DiscKind.DRIVE)
     try:
         report = import_disc(disc, ingest)
     finally:

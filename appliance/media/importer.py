@@ -58,8 +58,10 @@ _CHUNK = 1 << 20
 _VERSION_SUFFIX = re.compile(r";[0-9]*$")
 
 
-class MediumKind(enum.StrEnum):
-    """What the import source is."""
+class DiscKind(enum.StrEnum):
+    """How a :class:`Disc` is reached: an ISO image file, an optical drive or a folder.
+
+    (Not :class:`appliance.adapters.devices.MediumKind`, which tells a CD from a USB stick.)"""
 
     IMAGE = "ISO image"
     DRIVE = "optical drive"
@@ -122,7 +124,7 @@ class ImportReport:
     """The per-disc report: one :class:`FileResult` per file, in disc order."""
 
     source: str
-    kind: MediumKind
+    kind: DiscKind
     label: str
     started_at: str
     files: tuple[FileResult, ...]
@@ -177,7 +179,7 @@ class ImportReport:
 class Disc(Protocol):
     """A readable medium: its files, and a way to read one."""
 
-    kind: MediumKind
+    kind: DiscKind
     label: str
 
     def files(self) -> list[DiscFile]: ...
@@ -190,7 +192,7 @@ class Disc(Protocol):
 class IsoDisc:
     """An ISO 9660 file system read with pycdlib from an image file, a drive or any file object."""
 
-    def __init__(self, fp: IO[bytes], name: str, kind: MediumKind, *, owns_fp: bool = True) -> None:
+    def __init__(self, fp: IO[bytes], name: str, kind: DiscKind, *, owns_fp: bool = True) -> None:
         """Parse the volume in ``fp``; raise MediaError if it is not ISO 9660 or cannot be read."""
         self.kind = kind
         self._fp = fp
@@ -226,7 +228,7 @@ class IsoDisc:
         self._readable = readable if readable < declared else None
 
     @classmethod
-    def open_path(cls, path: Path, kind: MediumKind) -> IsoDisc:
+    def open_path(cls, path: Path, kind: DiscKind) -> IsoDisc:
         """Open an image file or a drive read-only."""
         try:
             fp = open(path, "rb")  # noqa: SIM115 - closed by close()
@@ -277,7 +279,7 @@ class IsoDisc:
 class FolderDisc:
     """A disc the system has already mounted (or any folder); symbolic links are not followed."""
 
-    kind = MediumKind.FOLDER
+    kind = DiscKind.FOLDER
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -335,9 +337,9 @@ def open_disc(source: Path) -> Disc:
     if stat.S_ISDIR(mode):
         return FolderDisc(source)
     if stat.S_ISBLK(mode):
-        return IsoDisc.open_path(source, MediumKind.DRIVE)
+        return IsoDisc.open_path(source, DiscKind.DRIVE)
     if stat.S_ISREG(mode):
-        return IsoDisc.open_path(source, MediumKind.IMAGE)
+        return IsoDisc.open_path(source, DiscKind.IMAGE)
     raise MediaError(f"{source} is neither an ISO image file, an optical drive nor a folder")
 
 
@@ -510,7 +512,7 @@ def run_import(
                              max_object_bytes=max_object_bytes)
     finally:
         disc.close()
-    if disc.kind is MediumKind.DRIVE and eject_after:
+    if disc.kind is DiscKind.DRIVE and eject_after:
         try:
             eject(source)
             note = f"ejected the disc in {source}"
