@@ -13,6 +13,7 @@ from appliance.dicom import dicomio
 from appliance.config import StoreConfig
 from appliance.conformance import Status, TransferSyntax
 from appliance.store.ingest import Ingest, Source
+from appliance.store.placing import UidLocks
 from appliance.store.store import Store, path_component
 from helpers import ct_series, encode, sample
 
@@ -55,8 +56,7 @@ def test_after_a_crash_index_and_files_agree(tmp_path, rules):
     (store.tmp / "123-1-1.part").write_bytes(b"half an object")
     outs[0].path.unlink()
     store.index.remove(outs[1].sop_instance_uid)
-    store.index.close()
-    store._lockfile.close()  # the crashed process's lock goes with it
+    store.close(clean=False)  # the crashed process's lock goes with it, and it leaves no mark
     again = Store(tmp_path / "d")
     result = again.open_for_service()
     assert result == {"indexed": 1, "dropped": 1}
@@ -129,8 +129,7 @@ def test_clean_mark_survives_only_if_every_writer_stopped_cleanly(tmp_path, rule
     assert not (tmp_path / "d" / ".clean-shutdown").exists()
     # b "crashes": its index row for one object is lost, and it never closes cleanly.
     b.index.remove(outs[0].sop_instance_uid)
-    b.index.close()
-    b._lockfile.close()
+    b.close(clean=False)
     c = Store(tmp_path / "d")
     assert c.open_for_service() == {"indexed": 1, "dropped": 0}
     c.close(clean=True)
@@ -155,8 +154,7 @@ def test_an_incomplete_file_left_by_a_power_cut_is_quarantined(tmp_path, rules):
     data = out.path.read_bytes()
     store.index.remove(out.sop_instance_uid)
     out.path.write_bytes(data[: len(data) // 3])
-    store.index.close()
-    store._lockfile.close()
+    store.close(clean=False)
     again = Store(tmp_path / "d")
     assert again.open_for_service() == {"indexed": 0, "dropped": 0, "quarantined": 1}
     assert list(again.objects.rglob("*.dcm")) == []
@@ -166,9 +164,8 @@ def test_an_incomplete_file_left_by_a_power_cut_is_quarantined(tmp_path, rules):
 _HOLD_UID_LOCK = """
 import sys
 from pathlib import Path
-from appliance.store.store import Store
-store = Store(Path(sys.argv[1]))
-with store._uid_lock(sys.argv[2]):
+from appliance.store.placing import UidLocks
+with UidLocks(Path(sys.argv[1])).hold(sys.argv[2]):
     print("locked", flush=True)
     sys.stdin.read()
 """
@@ -208,8 +205,8 @@ def test_storing_a_uid_waits_while_another_process_or_store_holds_it(tmp_path, r
         holder.kill()
         holder.wait()
 
-    other = Store(data)  # a second Store of the same process has its own lock description
-    lock = other._uid_lock(second.SOPInstanceUID)
+    other = UidLocks(data)  # as a second Store of the same process: its own lock description
+    lock = other.hold(second.SOPInstanceUID)
     lock.__enter__()
     stored_while_held(second, lambda: lock.__exit__(None, None, None))
     other.close()

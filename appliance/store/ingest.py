@@ -30,7 +30,8 @@ from appliance.conformance import (
     allowed_character_sets,
 )
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.store.store import DuplicateConflict, Store, StoredObject, remove_temp, store_error
+from appliance.store.disk import remove_temp, store_error
+from appliance.store.store import DuplicateConflict, Store, StoredObject
 
 log = logging.getLogger(__name__)
 

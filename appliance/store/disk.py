@@ -1,0 +1,65 @@
+"""The file-system steps the store shares: an OSError as a StoreError, a directory's fsync,
+free space, and the temp file that is removed when storing ends."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from appliance.errors import StoreDiskError, StoreError, StoreFullError
+
+log = logging.getLogger(__name__)
+
+#: The first words of a refusal are what the sender sees (an Error Comment holds 64 characters).
+FULL = "the disk is full; nothing was stored. Free space to resume"
+
+
+def store_error(exc: OSError, what: str) -> StoreError:
+    """The StoreError for ``exc`` met while storing: StoreFullError for a full disk,
+    StoreDiskError for an I/O error or a read-only disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFullError(FULL)
+    if exc.errno == errno.EROFS:
+        return StoreDiskError(f"the disk is read-only; nothing was stored. Check the disk ({what}: the system "
+                              "makes the store's disk read-only after disk errors)")
+    if exc.errno == errno.EIO:
+        return StoreDiskError(f"the disk reports I/O errors; nothing was stored. Check the disk ({what})")
+    return StoreError(f"{what}: {exc.strerror}")
+
+
+def remedy(exc: StoreError) -> str:
+    """What the operator does about ``exc``: "Free space" or "Check the disk"."""
+    return "Free space" if isinstance(exc, StoreFullError) else "Check the disk"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of the directory ``path`` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp(tmp: Path) -> None:
+    """Remove the temp file ``tmp`` if it is there; a failure is left to the next start,
+    which empties ``tmp/``."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot remove %s: %s", tmp, exc.strerror)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for unprivileged writers on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_usage_percent(path: Path) -> float:
+    """How full the file system holding ``path`` is, in percent."""
+    u = shutil.disk_usage(path)
+    return 100.0 * u.used / u.total if u.total else 0.0

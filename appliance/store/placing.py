@@ -1,0 +1,257 @@
+"""Placing a complete temp file in the store: one SOP Instance UID at a time, atomically.
+
+:class:`Placer` looks the UID up under its lock (:class:`UidLocks`), keeps or supersedes an
+object already stored, renames the file into ``objects/``, fsyncs, and indexes it; a step
+that fails is undone (:meth:`Placer._undo`), and if undoing fails too the store's
+:class:`~appliance.store.lifecycle.Writer` withholds the clean-shutdown mark."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from appliance.config import DuplicatePolicy
+from appliance.dicom import attributes, dicomio
+from appliance.errors import StoreDiskError, StoreError, StoreFullError
+from appliance.store.disk import FULL, fsync_dir, remedy, store_error
+from appliance.store.index import Index, InstanceRow
+from appliance.store.lifecycle import Writer
+
+log = logging.getLogger(__name__)
+
+
+class DuplicateConflict(StoreError):
+    """A different object with the same SOP Instance UID is already stored."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """The outcome of :meth:`Store.put`."""
+
+    sop_instance_uid: str
+    path: Path
+    #: True when identical content was already stored and nothing changed.
+    already_stored: bool
+    #: The path the previous, different object was moved to (REPLACE policy).
+    superseded: Path | None = None
+
+
+#: Buckets of the cross-process SOP Instance UID lock: two UIDs share one in 256, and only
+#: wait for each other if they are stored at the very same moment.
+_UID_LOCK_BUCKETS = 256
+_F_OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def _ofd_lock(fd: int, byte: int, kind: int) -> None:
+    """Lock (F_WRLCK, waiting) or unlock (F_UNLCK) one byte of ``fd`` as an open file
+    description lock. ``struct flock``: l_type, l_whence, l_start, l_len, l_pid (0)."""
+    assert _F_OFD_SETLKW is not None
+    fcntl.fcntl(fd, _F_OFD_SETLKW, struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0))
+
+
+class UidLocks:
+    """The SOP Instance UID locks of the store under ``data_dir``; owns the descriptor of
+    ``.uid-locks`` (opened on first use) until :meth:`close`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / ".uid-locks"
+        self._lock = threading.Lock()
+        self._bucket_locks = [threading.Lock() for _ in range(_UID_LOCK_BUCKETS)]
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self, uid: str) -> Iterator[None]:
+        """Hold the lock of ``uid``'s bucket, against this process's other threads and
+        against other processes writing the store (an SCP, a CD import, an SCP restarted on
+        new settings): between looking an instance up and indexing it, no one else may
+        store an object with the same SOP Instance UID.
+
+        One byte of ``.uid-locks`` per bucket, locked with an open file description lock
+        (Linux ``F_OFD_SETLKW``): it is released when the holder dies, and unlike a POSIX
+        record lock it also separates two UidLocks (two Store objects) of one process.
+        Threads sharing this descriptor are kept apart by the bucket's threading lock."""
+        bucket = zlib.crc32(uid.encode("utf-8", "surrogateescape")) % _UID_LOCK_BUCKETS
+        with self._bucket_locks[bucket]:
+            fd = self._descriptor()
+            if fd is None:
+                yield
+                return
+            _ofd_lock(fd, bucket, fcntl.F_WRLCK)
+            try:
+                yield
+            finally:
+                _ofd_lock(fd, bucket, fcntl.F_UNLCK)
+
+    def _descriptor(self) -> int | None:
+        if self._fd is None and _F_OFD_SETLKW is not None:
+            with self._lock:
+                if self._fd is None:
+                    try:
+                        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o640)
+                    except OSError as exc:
+                        raise store_error(exc, "cannot open the store's lock file") from exc
+        return self._fd
+
+    def close(self) -> None:
+        """Close the descriptor (releasing any lock still held through it)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class Placer:
+    """Moves complete temp files into the store under ``data_dir`` and indexes them in
+    ``index``; ``writer`` hears of index and files that may disagree. Owns the UID locks."""
+
+    def __init__(self, data_dir: Path, superseded: Path, index: Index, writer: Writer) -> None:
+        self.data_dir = data_dir
+        self.superseded = superseded
+        self.index = index
+        self.writer = writer
+        self.uid_locks = UidLocks(data_dir)
+
+    def close(self) -> None:
+        """Close the UID locks' descriptor."""
+        self.uid_locks.close()
+
+    def commit(self, tmp: Path, fd: int, final: Path, uid: str, body: bytes | memoryview, transfer_syntax: str,
+               row: Callable[[], dict[str, Any]], policy: DuplicatePolicy) -> StoredObject:
+        """Place the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
+        at ``final`` and index it with ``row()``, unless the same object is already stored;
+        raise DuplicateConflict for a different one under the REJECT policy, else supersede it.
+
+        The file is renamed *before* it is fsynced: on ext4 the one journal commit that
+        fsync forces then carries the data, the inode and the new name, and the directory
+        fsync that follows (kept for file systems that need it) finds nothing left to do.
+        That halves the journal commits per object. A power cut between the rename and the
+        fsync can leave an incomplete file under its final name, but never an acknowledged
+        one: success is answered only after both fsyncs, and recovery moves files that do
+        not decode and have no index row to ``quarantine/``."""
+        try:
+            with self.uid_locks.hold(uid):
+                old = self.index.instance(uid)
+                old_path = None if old is None else self.data_dir / old.path
+                if old is not None and old_path is not None and old_path.exists():
+                    if self._same_as_stored(old, body, transfer_syntax):
+                        return StoredObject(uid, old_path, already_stored=True)
+                    if policy is DuplicatePolicy.REJECT:
+                        raise DuplicateConflict(
+                            f"a different object with SOP Instance UID {uid} is already stored "
+                            f"(received {old.received_at} from {old.calling_ae or 'media'}); "
+                            "the stored one was kept"
+                        )
+                else:
+                    old_path = None
+                return self._place(tmp, fd, final, old_path, uid, row)
+        except OSError as exc:  # the UID lock
+            raise store_error(exc, f"cannot store {uid}") from exc
+
+    def _place(self, tmp: Path, fd: int, final: Path, old_path: Path | None, uid: str,
+               row: Callable[[], dict[str, Any]]) -> StoredObject:
+        """Supersede ``old_path`` (if any), rename ``tmp`` to ``final``, fsync, index.
+
+        Any failure undoes the steps done (see :meth:`_undo`) and raises a StoreError."""
+        moved: Path | None = None
+        placed = False
+        try:
+            try:
+                if old_path is not None:
+                    dest = self._superseded_name(old_path)
+                    os.replace(old_path, dest)
+                    moved = dest
+                    fsync_dir(self.superseded)
+                if not final.parent.is_dir():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(final.parent.parent)
+                    fsync_dir(final.parent.parent.parent)
+                os.replace(tmp, final)
+                placed = True
+                os.fsync(fd)  # ENOSPC of delayed allocation (or a thin disk) shows up here
+                fsync_dir(final.parent)
+            except OSError as exc:
+                raise store_error(exc, f"cannot store {uid}") from exc
+            try:
+                self.index.add(row())
+            except StoreDiskError:
+                # An I/O error at COMMIT leaves unknown whether the row was written: the
+                # next start checks (a row whose file the undo removes is dropped then).
+                self.writer.withhold_clean_mark()
+                raise
+        except StoreError as exc:
+            undone = self._undo(uid, final if placed else None, moved, old_path)
+            raise _not_stored(exc, undone) from exc
+        except BaseException:  # a bug, or an interrupt: still never a file without its row
+            self._undo(uid, final if placed else None, moved, old_path)
+            raise
+        if moved is not None:
+            log.warning("replaced stored object %s; the previous version is kept as %s", final.name, moved)
+        return StoredObject(uid, final, already_stored=False, superseded=moved)
+
+    def _undo(self, uid: str, final: Path | None, moved: Path | None, old_path: Path | None) -> bool:
+        """Take back a failed store: remove the new file ``final``, move the superseded
+        ``moved`` back to ``old_path``. Return False (and note the mismatch) if that fails."""
+        problems = []
+        if final is not None:
+            try:
+                final.unlink(missing_ok=True)
+            except OSError as exc:
+                problems.append(f"its file {final.relative_to(self.data_dir)} could not be removed ({exc.strerror})")
+        if moved is not None and old_path is not None:
+            try:
+                os.replace(moved, old_path)
+            except OSError as exc:
+                problems.append(f"the previous version could not be moved back from "
+                                f"{moved.relative_to(self.data_dir)} ({exc.strerror})")
+        for folder in {p.parent for p in (final, old_path) if p is not None}:
+            with contextlib.suppress(OSError):
+                fsync_dir(folder)
+        if problems:
+            self.writer.note_mismatch(f"storing SOP Instance {uid} failed, and undoing it failed too: "
+                                      + "; ".join(problems))
+            return False
+        return True
+
+    def _same_as_stored(self, old: InstanceRow, body: bytes | memoryview, transfer_syntax: str) -> bool:
+        """True if ``body`` holds the same object as the stored one: the same bytes, or
+        the same values in another encoding."""
+        try:
+            data = (self.data_dir / old.path).read_bytes()
+            offset, ts = dicomio.split_part10(data)
+            stored = memoryview(data)[offset:]
+            if ts == transfer_syntax and stored == memoryview(body):
+                return True
+            return attributes.same_content(stored, ts, body, transfer_syntax)
+        except (ValueError, OSError, dicomio.EncodingError) as exc:
+            log.warning("cannot compare with stored %s: %s", old.sop_instance_uid, exc)
+            return False
+
+    def _superseded_name(self, path: Path) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        return self.superseded / f"{stamp}-{path.name}"
+
+
+def _not_stored(exc: StoreError, undone: bool) -> StoreError:
+    """``exc`` (from a step of storing), saying first what became of the object."""
+    message = str(exc)
+    if not undone:
+        message = (f"storing failed and could not be undone; a restart repairs the store. {remedy(exc)} "
+                   f"({message})")
+    elif "nothing was stored" in message:
+        pass
+    elif isinstance(exc, StoreFullError):
+        message = f"{FULL} ({message})"
+    elif isinstance(exc, StoreDiskError):
+        message = f"the disk failed; nothing was stored. Check the disk ({message})"
+    else:
+        message = f"nothing was stored: {message}"
+    return type(exc)(message)
