@@ -21,7 +21,7 @@ from typing import Callable
 
 from appliance.net.acceptor import Acceptor, AcceptorState, Association, Settings
 from appliance.config import ScpConfig
-from appliance.ops.health import store_error_words
+from appliance.store.disk import store_error_words
 from appliance.store.ingest import Ingest
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ in the store, and gathers counts, disk use and the last import and export result
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.conformance import Status
+from appliance.store.disk import store_error_words
 
 if TYPE_CHECKING:
     from appliance.store.store import Store
@@ -243,16 +243,6 @@ def store_problem(data_dir: Path) -> str:
         return store_error_words(exc)
 
 
-def store_error_words(exc: OSError) -> str:
-    """What an error writing the store means, in words (a full disk starts "store full")."""
-    if exc.errno == errno.ENOSPC:
-        return "store full (no space left on the disk)"
-    if exc.errno == errno.EROFS:
-        return "store degraded: its file system is read-only"
-    if exc.errno == errno.EIO:
-        return "store degraded: input/output error (disk failing?)"
-    return f"store not writable: {exc.strerror}"
-
 
 def check(
     store: Store,
@@ -276,14 +266,14 @@ def offline(store: Store) -> Health:
 
 
 def _gather(store: Store, listening: str, answered: bool, activity: str, notes: tuple[str, ...]) -> Health:
-    from appliance.store.store import disk_usage_percent
+    from appliance.store.disk import disk_usage_percent
 
     results = last_results(store.data_dir)
     return Health(
         listening=listening,
         scp_answered=answered,
         store_problem=store_problem(store.data_dir),
-        counts=store.index.counts(),
+        counts=store.counts(),
         disk_used_percent=disk_usage_percent(store.data_dir),
         last_import=results.get("import"),
         last_export=results.get("export"),

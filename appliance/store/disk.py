@@ -63,3 +63,14 @@ def disk_usage_percent(path: Path) -> float:
     """How full the file system holding ``path`` is, in percent."""
     u = shutil.disk_usage(path)
     return 100.0 * u.used / u.total if u.total else 0.0
+
+
+def store_error_words(exc: OSError) -> str:
+    """What an error writing the store means, in words (a full disk starts "store full")."""
+    if exc.errno == errno.ENOSPC:
+        return "store full (no space left on the disk)"
+    if exc.errno == errno.EROFS:
+        return "store degraded: its file system is read-only"
+    if exc.errno == errno.EIO:
+        return "store degraded: input/output error (disk failing?)"
+    return f"store not writable: {exc.strerror}"
