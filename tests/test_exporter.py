@@ -34,6 +34,7 @@ from appliance.config import Config, ExportPolicy, StoreConfig, UsbConfig
 from appliance.conformance import SOPClass, TransferSyntax
 from appliance.errors import ConfigError, MediaError
 from appliance.media.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
+from appliance.reports import Progress
 from appliance.store.ingest import Ingest, Source
 from appliance.store.queue import ExportQueue
 from appliance.store.store import Store
@@ -196,7 +197,7 @@ def test_every_storable_sample_is_exported_as_implicit_le_with_identical_values(
     report = export(stick, store, Config(), progress=seen.append)
     assert report.ok and report.status is ExportStatus.DONE and report.safe_to_remove, report.render()
     assert report.count(FileOutcome.WRITTEN) == len(_instances(store))
-    assert seen[-1].files_done == seen[-1].files_total and seen[-1].bytes_written == report.bytes_written
+    assert seen[-1].files_done == seen[-1].files_total and seen[-1].bytes_done == report.bytes_done
     assert "safe to remove" in report.summary()
     check_file_set(stick, store, _instances(store))
 
@@ -246,7 +247,7 @@ def test_a_stick_pulled_mid_write_fails_cleanly_and_the_next_export_completes_it
     stick.mkdir()
     before = _store_state(store)
 
-    def pull(p: exporter.ExportProgress) -> None:
+    def pull(p: Progress) -> None:
         if p.files_done == 2:
             shutil.rmtree(stick)
 
@@ -273,7 +274,7 @@ def test_unmounting_the_stick_mid_write_never_writes_to_the_mount_point(store: S
     try:
         _put_generated(store, ct_series(4))
 
-        def pull(p: exporter.ExportProgress) -> None:
+        def pull(p: Progress) -> None:
             if p.files_done == 1:
                 subprocess.run(["umount", str(mnt)], check=True)
 
@@ -334,7 +335,7 @@ def test_default_policy_exports_studies_received_since_the_last_export(store: St
     # An explicit export does not move the mark: the default export still brings the new study.
     assert export(sticks[1], store, Config(), Selection.explicit(studies=(_studies(store)[0],))).ok
     report = export(sticks[2], store, Config())
-    assert report.count(FileOutcome.WRITTEN) == 3 and {f.study_uid for f in report.files} == {new}
+    assert report.count(FileOutcome.WRITTEN) == 3 and {f.study_uid for f in report.items} == {new}
     assert export(sticks[3], store, Config()).status is ExportStatus.NOTHING
 
 
@@ -350,7 +351,7 @@ def test_the_queue_comes_before_the_policy_and_is_emptied_by_a_successful_export
     stick = tmp_path / "stick"
     stick.mkdir()
     report = export(stick, store, Config())
-    assert {f.study_uid for f in report.files} == {b} and report.count(FileOutcome.WRITTEN) == 1
+    assert {f.study_uid for f in report.items} == {b} and report.count(FileOutcome.WRITTEN) == 1
     with _state(store) as state:
         assert state.entries() == []
     queue_only = Config(usb=UsbConfig(policy=ExportPolicy.QUEUE_ONLY))

@@ -3,6 +3,7 @@ device (a read-only loop device over such an image) and from a mounted folder.""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
@@ -21,21 +22,22 @@ from appliance.errors import MediaError
 from appliance.media.importer import (
     DiscKind,
     FolderDisc,
+    ImportOutcome,
     IsoDisc,
-    Progress,
-    Result,
     import_disc,
     open_disc,
     run_import,
 )
+from appliance.reports import Progress
 from helpers import ct_series, sample
 
-I, A, R, S, U = Result.IMPORTED, Result.ALREADY_STORED, Result.REFUSED, Result.SKIPPED, Result.UNREADABLE
+I, A, R, S, U = (ImportOutcome.IMPORTED, ImportOutcome.ALREADY_STORED, ImportOutcome.REFUSED, ImportOutcome.SKIPPED,
+                 ImportOutcome.UNREADABLE)
 
 #: The sample disc: path on the disc (8.3-safe, so it reads the same in every namespace) ->
 #: (what to put there, the expected outcome, a word the reason must contain).
 #: Within a folder, files are read in name order: same-UID pairs rely on it.
-DISC: dict[str, tuple[str, Result, str]] = {
+DISC: dict[str, tuple[str, ImportOutcome, str]] = {
     "/README.TXT": ("junk", S, "not a DICOM"),
     "/EMPTY": ("empty", S, "empty"),
     "/NOTES.PDF": ("junk_big", S, "no 'DICM'"),
@@ -135,7 +137,7 @@ def isos(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 def _by_path(report):  # type: ignore[no-untyped-def]
-    return {f.path: f for f in report.files}
+    return {f.path: f for f in report.items}
 
 
 def _check_disc(report, store) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +145,7 @@ def _check_disc(report, store) -> None:  # type: ignore[no-untyped-def]
     want = {**DISC, **FILESET}
     assert sorted(got) == sorted(want)
     for path, (_, result, word) in want.items():
-        assert got[path].result is result, (path, got[path])
+        assert got[path].outcome is result, (path, got[path])
         assert word in got[path].reason, (path, got[path].reason)
     n_imported = sum(1 for _, r, _ in want.values() if r is I)
     assert report.count(I) == n_imported
@@ -172,9 +174,9 @@ def test_mounted_folder(tree, ingest, store, tmp_path):
     extra = {"/A/loop": ("", S, "symbolic link"), "/FIFO": ("", S, "not a regular file")}
     got = _by_path(report)
     for path, (_, result, word) in extra.items():
-        assert got[path].result is result and word in got[path].reason
-    report_without = type(report)(report.source, report.kind, report.label, report.started_at,
-                                  tuple(f for f in report.files if f.path not in extra), 0, 0)
+        assert got[path].outcome is result and word in got[path].reason
+    report_without = dataclasses.replace(report, items=tuple(f for f in report.items if f.path not in extra),
+                                         bytes_done=0, seconds=0)
     _check_disc(report_without, store)
 
 
@@ -233,12 +235,12 @@ def test_rock_ridge_and_joliet_long_names(tmp_path, ingest):
     for opts in (("-R",), ("-J", "--norock")):
         iso = xorriso(src, tmp_path / "long.iso", *opts)
         report = run_import(iso, ingest)
-        assert sorted(f.path for f in report.files) == sorted(paths), opts
-        assert all(f.result in (I, A) for f in report.files)
+        assert sorted(f.path for f in report.items) == sorted(paths), opts
+        assert all(f.outcome in (I, A) for f in report.items)
         assert report.ok
     # Plain ISO 9660 level 1 has 8.3 names with a version: shown without ';1'.
     iso = xorriso(src, tmp_path / "l1.iso", "--norock", "-iso-level", "1")
-    names = [f.path for f in run_import(iso, ingest).files]
+    names = [f.path for f in run_import(iso, ingest).items]
     assert all(";" not in n and n.count("/") == 3 for n in names), names
 
 
@@ -272,8 +274,8 @@ def test_unreadable_sector_is_reported_and_the_rest_imported(tmp_path, ingest):
     finally:
         disc.close()
     got = _by_path(report)
-    assert got["/IM1"].result is U and "input/output error" in got["/IM1"].reason
-    assert got["/IM0"].result is I and got["/IM2"].result is I
+    assert got["/IM1"].outcome is U and "input/output error" in got["/IM1"].reason
+    assert got["/IM0"].outcome is I and got["/IM2"].outcome is I
     assert not report.ok
 
 
@@ -287,8 +289,8 @@ def test_truncated_image_reports_the_missing_files(tmp_path, ingest):
     iso.write_bytes(data[: data.find((src / "IM1").read_bytes()[200:400]) + 1000])
     report = run_import(iso, ingest)
     got = _by_path(report)
-    assert got["/IM0"].result is I
-    assert got["/IM1"].result is U and "cut short" in got["/IM1"].reason
+    assert got["/IM0"].outcome is I
+    assert got["/IM1"].outcome is U and "cut short" in got["/IM1"].reason
 
 
 def test_object_above_the_size_limit_is_refused_without_reading_junk(tmp_path, ingest):
@@ -298,9 +300,9 @@ def test_object_above_the_size_limit_is_refused_without_reading_junk(tmp_path, i
     (src / "BIG.BIN").write_bytes(b"\0" * (8 << 20))
     report = run_import(xorriso(src, tmp_path / "big.iso", "-R"), ingest, max_object_bytes=1 << 16)
     got = _by_path(report)
-    assert got["/BIGCT"].result is R and "MB are not imported" in got["/BIGCT"].reason
-    assert got["/BIG.BIN"].result is S
-    assert report.bytes_read < 1 << 16  # only the 132-byte heads were read
+    assert got["/BIGCT"].outcome is R and "MB are not imported" in got["/BIGCT"].reason
+    assert got["/BIG.BIN"].outcome is S
+    assert report.bytes_done < 1 << 16  # only the 132-byte heads were read
 
 
 def test_ten_thousand_small_files(tmp_path, ingest):
@@ -315,10 +317,10 @@ def test_ten_thousand_small_files(tmp_path, ingest):
         ds.save_as(src / f"D{i:03d}" / "F0000", enforce_file_format=True)
     seen: list[Progress] = []
     report = run_import(xorriso(src, tmp_path / "many.iso", "-R", "-J"), ingest, progress=seen.append)
-    assert len(report.files) == 10_000
+    assert len(report.items) == 10_000
     assert report.count(I) == 10 and report.count(S) == 9_990
     assert [p.files_done for p in seen] == list(range(1, 10_001))
-    assert seen[-1].files_total == 10_000 and seen[-1].bytes_read == report.bytes_read
+    assert seen[-1].files_total == 10_000 and seen[-1].bytes_done == report.bytes_done
 
 
 def test_what_cannot_be_read_at_all(tmp_path, ingest):

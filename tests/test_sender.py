@@ -439,7 +439,7 @@ def test_only_needed_contexts_implicit_le_only_and_one_association_at_a_time(box
     for t in threads:
         t.join()
     assert [r.ok for r in reports] == [True] * 3
-    assert all(r.outcome is SendOutcome.SENT and r.status == 0 for rep in reports for r in rep.results)
+    assert all(r.outcome is SendOutcome.SENT and r.status == 0 for rep in reports for r in rep.items)
     assert peer.associations == 3 and peer.max_active == 1
     assert set(peer.requested) == {(str(SOPClass.CT_IMAGE), (str(TransferSyntax.IMPLICIT_LE),))}
     assert len(peer.stored) == 9

@@ -5,37 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
 
 from appliance.cli.common import load_config, open_store
 from appliance.media.importer import (
     DEFAULT_MAX_OBJECT_MB,
-    Progress,
     keep_report,
     run_import,
 )
+from appliance.reports import progress_printer
 from appliance.store.ingest import Ingest
-
-
-def _progress_printer(stream: TextIO) -> Callable[[Progress], None]:
-    """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
-    tty = stream.isatty()
-    last = [-1.0]
-
-    def show(p: Progress) -> None:
-        final = p.files_done == p.files_total
-        if not final and p.seconds - last[0] < (0.2 if tty else 10.0):
-            return
-        last[0] = p.seconds
-        text = f"{p.files_done}/{p.files_total} files, {p.bytes_read / 1e6:.1f} MB, {p.mb_per_s:.1f} MB/s"
-        if tty:
-            stream.write("\r" + text + ("\n" if final else ""))
-        else:
-            stream.write(text + "\n")
-        stream.flush()
-
-    return show
-
 
 #: Exit codes of ``appliance import`` (2 is the CLI's usage error).
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
@@ -51,7 +29,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             Path(args.source),
             Ingest(store, cfg.store),
             eject_after=cfg.media.eject_after_import if args.eject is None else args.eject,
-            progress=_progress_printer(sys.stderr),
+            progress=progress_printer(sys.stderr),
             max_object_bytes=args.max_object_mb * 2**20,
         )
     finally:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from appliance.config import Destination
 from appliance.conformance import CLIENT_AE_TITLE, DEFAULT_CLIENT_PDU, MIN_PDU
 from appliance.errors import ConfigError
+from appliance.reports import item_printer
 from appliance.net.sender import (
     DEFAULT_CALLED_AE,
     DEFAULT_ECHO_TIMEOUT,
@@ -76,7 +78,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         plan = plan_send(store, studies=args.study, series=args.series)
         for r in plan.refused:
             print(f"refused   {r}", flush=True)
-        report = send(store, plan, peer, settings, progress=lambda r: print(r, flush=True))
+        report = send(store, plan, peer, settings, progress=item_printer(sys.stdout))
     finally:
         store.close(clean=False)
     print(report.summary())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from appliance.cli.common import load_config, open_store
 from appliance.cli.net import client_options
-from appliance.cli.usb import progress_printer
 from appliance.config import Destination
 from appliance.dicom import dosegrid
 from appliance.errors import ConfigError
 from appliance.net import sender
+from appliance.reports import item_printer, progress_printer
 from appliance.rt.rtexport import (
     VOLUME_UNITS,
     GridOptions,
@@ -57,7 +57,7 @@ def cmd_rt_export(args: argparse.Namespace) -> int:
                      registration=Path(args.registration) if args.registration else None, options=options)
         print(made.render(), flush=True)
         if peer is not None:
-            report = send(store, made, peer, settings, progress=lambda r: print(r, flush=True))
+            report = send(store, made, peer, settings, progress=item_printer(sys.stdout))
             print(report.summary())
             return 0 if report.ok else 1
         usb = write_usb(Path(args.to), store, cfg, made, progress=progress_printer(sys.stderr))

@@ -5,30 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
 
 from appliance.cli.common import load_config, open_store, table
 from appliance.errors import MediaError
-from appliance.media.exporter import ExportProgress, Selection, SelectionMode, export
+from appliance.media.exporter import Selection, SelectionMode, export
+from appliance.reports import progress_printer
 from appliance.store.queue import ExportQueue
-
-
-def progress_printer(stream: TextIO) -> Callable[[ExportProgress], None]:
-    """Show progress: a rewritten line on a terminal, a line every 10 s elsewhere (the journal)."""
-    tty = stream.isatty()
-    last = [-1.0]
-
-    def show(p: ExportProgress) -> None:
-        final = p.files_done == p.files_total
-        if not final and p.seconds - last[0] < (0.2 if tty else 10.0):
-            return
-        last[0] = p.seconds
-        text = (f"{p.files_done}/{p.files_total} files, {p.bytes_written / 1e6:.1f} of "
-                f"{p.bytes_total / 1e6:.1f} MB, {p.mb_per_s:.1f} MB/s")
-        stream.write(("\r" + text + ("\n" if final else "")) if tty else text + "\n")
-        stream.flush()
-
-    return show
 
 
 def cmd_export(args: argparse.Namespace) -> int:

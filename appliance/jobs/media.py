@@ -20,6 +20,7 @@ from appliance.config import Config
 from appliance.adapters.devices import Change, MediaEvent, MediumKind
 from appliance.errors import ApplianceError, MediaError
 from appliance.media.importer import keep_report, run_import
+from appliance.reports import Progress
 from appliance.store.ingest import Ingest
 from appliance.store.store import Store
 
@@ -137,10 +138,10 @@ class MediaJobs:
         log.log(logging.INFO if ok else logging.WARNING, "%s %s: %s", kind, "done" if ok else "failed", summary)
         return health.JobResult(kind, ok, summary, event.device)
 
-    def _progress(self, what: str, cancellable: bool) -> Callable[[Any], None]:
+    def _progress(self, what: str, cancellable: bool) -> Callable[[Progress], None]:
         """Show ``what`` and how far it is; a cancellable job ends between two objects at shutdown."""
 
-        def show(p: Any) -> None:
+        def show(p: Progress) -> None:
             if cancellable and self._stopping.is_set():
                 raise _Cancelled(f"{what} interrupted by shutdown after {p.files_done} of {p.files_total} files")
             self._activity = f"{what} {p.files_done}/{p.files_total} files"

@@ -65,6 +65,7 @@ from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 from appliance.errors import ApplianceError, MediaError
 from appliance.media import dicomdir
 from appliance.media.usbtarget import Medium, open_medium
+from appliance.reports import Item, Progress, Report
 from appliance.store.index import InstanceRow
 from appliance.store.queue import ExportQueue, ExportRecord
 from appliance.store.store import Store
@@ -124,71 +125,43 @@ class FileOutcome(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class ExportedFile:
-    """One selected object and what happened to it."""
+@dataclass(frozen=True, kw_only=True)
+class ExportedFile(Item[FileOutcome]):
+    """One selected object and what happened to it (``file_id``: its name on the stick)."""
 
-    sop_instance_uid: str
     study_uid: str
-    outcome: FileOutcome
     file_id: str = ""
-    size: int = 0
-    reason: str = ""
+
+    def line(self) -> str:
+        return f"{self.column}  {self.sop_instance_uid}: {self.reason or self.file_id}"
 
 
-@dataclass(frozen=True)
-class ExportProgress:
-    """How far an export has come (passed to the ``progress`` callback after each file)."""
-
-    files_done: int
-    files_total: int
-    bytes_written: int
-    bytes_total: int
-    seconds: float
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """The result of :func:`export`."""
+@dataclass(frozen=True, kw_only=True)
+class ExportReport(Report[ExportedFile], outcomes=FileOutcome, failures=(FileOutcome.FAILED,)):
+    """The result of :func:`export`; ``bytes_done`` were written. Lists the objects not simply written."""
 
     target: str
     status: ExportStatus
     selection: str
     started_at: str
-    files: tuple[ExportedFile, ...]
-    bytes_written: int
-    seconds: float
     #: Why the export failed ("" unless FAILED).
     error: str = ""
     #: True once everything was synced (and a block device unmounted).
     safe_to_remove: bool = False
 
-    def count(self, outcome: FileOutcome) -> int:
-        return sum(1 for f in self.files if f.outcome is outcome)
-
     @property
     def ok(self) -> bool:
         """True when the export finished and no selected object failed."""
-        return self.status is not ExportStatus.FAILED and not self.count(FileOutcome.FAILED)
+        return self.status is not ExportStatus.FAILED and super().ok
 
     @property
     def studies(self) -> int:
-        return len({f.study_uid for f in self.files if f.outcome in (FileOutcome.WRITTEN, FileOutcome.ON_STICK)})
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        return len({f.study_uid for f in self.items if f.outcome in (FileOutcome.WRITTEN, FileOutcome.ON_STICK)})
 
     def summary(self) -> str:
-        counts = ", ".join(f"{self.count(o)} {o.value}" for o in FileOutcome if self.count(o))
         text = (
             f"USB export to {self.target} ({self.selection}): {self.status.value}; "
-            f"{self.studies} studies, {counts or 'no files'}; wrote {self.bytes_written / 1e6:.1f} MB "
-            f"in {self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s)"
+            f"{self.studies} studies, {self.counts(zeros=False) or 'no files'}; wrote {self.throughput()}"
         )
         if self.error:
             text += f". {self.error}"
@@ -196,13 +169,8 @@ class ExportReport:
             text += ". The stick is safe to remove"
         return text
 
-    def render(self) -> str:
-        """The report as text: the summary, then one line per object not simply written."""
-        lines = [self.summary()]
-        for f in self.files:
-            if f.outcome is not FileOutcome.WRITTEN:
-                lines.append(f"{f.outcome.value:<20}  {f.sop_instance_uid}: {f.reason or f.file_id}")
-        return "\n".join(lines)
+    def listed(self, item: ExportedFile) -> bool:
+        return item.outcome is not FileOutcome.WRITTEN
 
 
 # -- selection, queue and history -----------------------------------------------------------
@@ -378,8 +346,9 @@ class _Job:
     generated: bytes | None = None
 
     def result(self) -> ExportedFile:
-        return ExportedFile(self.row.sop_instance_uid, self.row.study_uid, self.outcome, self.file_id,
-                            self.size, self.reason)
+        return ExportedFile(outcome=self.outcome, reason=self.reason, size=self.size,
+                            sop_instance_uid=self.row.sop_instance_uid, sop_class_uid=self.row.sop_class_uid,
+                            study_uid=self.row.study_uid, file_id=self.file_id)
 
 
 class _Failed(Exception):
@@ -410,7 +379,7 @@ def export(
     store: Store,
     cfg: Config,
     selection: Selection | None = None,
-    progress: Callable[[ExportProgress], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     extra: Sequence[Transcoded] = (),
 ) -> ExportReport:
     """Export ``selection`` (default: the queue, else ``cfg.usb.policy``) to ``target``.
@@ -449,8 +418,9 @@ def export(
             if note:
                 log.info("%s", note)
             status = ExportStatus.NOTHING if not jobs else ExportStatus.DONE
-            report = ExportReport(name, status, what, started_at, tuple(j.result() for j in jobs), 0,
-                                  time.monotonic() - t0, "", True)
+            report = ExportReport(target=name, status=status, selection=what, started_at=started_at,
+                                  items=tuple(j.result() for j in jobs), seconds=time.monotonic() - t0,
+                                  safe_to_remove=True)
         else:
             _check_space(medium, fs, todo)
             report = _write(medium, store, fs, jobs, todo, what, started_at, t0, progress)
@@ -460,7 +430,7 @@ def export(
                 state.remove(uid)
         state.record(ExportRecord(
             report.started_at, _now(), report.target, report.selection, report.status.value,
-            report.count(FileOutcome.WRITTEN), report.bytes_written, moves_mark and report.ok))
+            report.count(FileOutcome.WRITTEN), report.bytes_done, moves_mark and report.ok))
     finally:
         if medium is not None:
             with contextlib.suppress(ApplianceError, OSError):
@@ -527,7 +497,7 @@ def _check_space(medium: Medium, fs: FileSet, todo: list[_Job]) -> None:
 
 
 def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: list[_Job], what: str,
-           started_at: str, t0: float, progress: Callable[[ExportProgress], None] | None) -> ExportReport:
+           started_at: str, t0: float, progress: Callable[[Progress], None] | None) -> ExportReport:
     """Write, verify, write the DICOMDIR, then close ``medium``; medium failures end in a FAILED report."""
     total = sum(j.estimate for j in todo)
     written: list[_Job] = []
@@ -544,7 +514,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
             written.append(job)
             done_bytes += job.size
             if progress is not None:
-                progress(ExportProgress(i, len(todo), done_bytes, total, time.monotonic() - t0))
+                progress(Progress(i, len(todo), done_bytes, time.monotonic() - t0, bytes_total=total))
         medium.commit([j.file_id for j in written], made)
         for job in written:
             _verify(medium.read_back(job.file_id), job)
@@ -572,8 +542,9 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
         for job in written:
             job.reason = "written, but not listed in the DICOMDIR yet"
     status = ExportStatus.FAILED if error else ExportStatus.DONE
-    return ExportReport(medium.label, status, what, started_at, tuple(j.result() for j in jobs), done_bytes,
-                        time.monotonic() - t0, error, not error)
+    return ExportReport(target=medium.label, status=status, selection=what, started_at=started_at,
+                        items=tuple(j.result() for j in jobs), bytes_done=done_bytes, seconds=time.monotonic() - t0,
+                        error=error, safe_to_remove=not error)
 
 
 def _prepare(job: _Job, store: Store, fs: FileSet) -> bool:

@@ -14,6 +14,7 @@ import goes on with the others. pycdlib objects stay inside :class:`IsoDisc`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import fcntl
@@ -26,7 +27,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Protocol, cast
+from collections.abc import Callable, Iterator
+from typing import IO, BinaryIO, Protocol, cast
 
 import pycdlib
 import pydicom
@@ -36,15 +38,14 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
 from appliance.conformance import (
-    SOP_CLASS_LABELS,
     TABLE_9,
     TRANSFER_SYNTAX_NAMES,
-    SOPClass,
     TransferSyntax,
     syntaxes_for,
 )
 from appliance.dicom import dicomio
 from appliance.errors import MediaError
+from appliance.reports import Item, Progress, Report, sop_class_label
 from appliance.store.ingest import Ingest, Outcome, Source
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class DiscKind(enum.StrEnum):
     FOLDER = "folder"
 
 
-class Result(enum.StrEnum):
+class ImportOutcome(enum.StrEnum):
     """The one outcome each file on a disc gets."""
 
     IMPORTED = "imported"
@@ -92,85 +93,46 @@ class DiscFile:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class FileResult:
-    """What happened to one file."""
+@dataclass(frozen=True, kw_only=True)
+class FileResult(Item[ImportOutcome]):
+    """What happened to one file (``path`` as people see it on the disc)."""
 
     path: str
-    size: int
-    result: Result
-    reason: str
-    sop_class_uid: str | None = None
-    sop_instance_uid: str | None = None
-    transfer_syntax: str | None = None
+    transfer_syntax: str = ""
+
+    def line(self) -> str:
+        what = f" {_class_name(self.sop_class_uid)}" if self.sop_class_uid else ""
+        return f"{self.column}  {self.path}{what}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class Progress:
-    """How far an import has come."""
-
-    files_done: int
-    files_total: int
-    bytes_read: int
-    seconds: float
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class ImportReport:
-    """The per-disc report: one :class:`FileResult` per file, in disc order."""
+@dataclass(frozen=True, kw_only=True)
+class ImportReport(Report[FileResult], outcomes=ImportOutcome,
+                   failures=(ImportOutcome.REFUSED, ImportOutcome.UNREADABLE)):
+    """The per-disc report: one :class:`FileResult` per file, in disc order; ``bytes_done`` were read."""
 
     source: str
     kind: DiscKind
     label: str
     started_at: str
-    files: tuple[FileResult, ...]
-    bytes_read: int
-    seconds: float
     #: What happened to the tray ("" when nothing was to be done).
     eject: str = ""
-
-    def count(self, result: Result) -> int:
-        return sum(1 for f in self.files if f.result is result)
-
-    @property
-    def ok(self) -> bool:
-        """True when no DICOM object was refused and no file was unreadable."""
-        return not (self.count(Result.REFUSED) or self.count(Result.UNREADABLE))
 
     @property
     def partial(self) -> bool:
         """True when some objects were stored (or already were) and others failed."""
-        good = self.count(Result.IMPORTED) + self.count(Result.ALREADY_STORED)
+        good = self.count(ImportOutcome.IMPORTED) + self.count(ImportOutcome.ALREADY_STORED)
         return not self.ok and good > 0
 
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
     def summary(self) -> str:
-        counts = ", ".join(f"{self.count(r)} {r.value}" for r in Result)
-        text = (
-            f"{self.kind.value} '{self.label}' ({self.source}): {len(self.files)} files: {counts}; "
-            f"read {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s)"
-        )
-        if not self.count(Result.IMPORTED):
+        text = (f"{self.kind.value} '{self.label}' ({self.source}): {len(self.items)} files: {self.counts()}; "
+                f"read {self.throughput()}")
+        if not self.count(ImportOutcome.IMPORTED):
             text += "; nothing new was stored"
         return text
 
-    def render(self) -> str:
-        """The report as text: the summary, then one line per file."""
-        lines = [self.summary()]
+    def notes(self) -> Iterator[str]:
         if self.eject:
-            lines.append(self.eject)
-        width = max(len(r.value) for r in Result)
-        for f in self.files:
-            what = f" {_class_name(f.sop_class_uid)}" if f.sop_class_uid else ""
-            lines.append(f"{f.result.value:<{width}}  {f.path}{what}: {f.reason}")
-        return "\n".join(lines)
+            yield self.eject
 
 
 # -- media -----------------------------------------------------------------------------
@@ -361,7 +323,7 @@ def eject(device: Path) -> None:
 class _Done(Exception):
     """A file's outcome is known before it reaches ingest (internal)."""
 
-    def __init__(self, result: Result, reason: str) -> None:
+    def __init__(self, result: ImportOutcome, reason: str) -> None:
         super().__init__(reason)
         self.result = result
         self.reason = reason
@@ -380,35 +342,36 @@ class _Importer:
         try:
             return self._one(f, meta)
         except _Done as done:
-            return FileResult(f.path, f.size, done.result, done.reason, meta.get("class"),
-                              meta.get("instance"), meta.get("ts"))
+            return FileResult(path=f.path, size=f.size, outcome=done.result, reason=done.reason,
+                              sop_class_uid=meta.get("class") or "", sop_instance_uid=meta.get("instance") or "",
+                              transfer_syntax=meta.get("ts") or "")
 
     def _one(self, f: DiscFile, meta: dict[str, str | None]) -> FileResult:
         if f.error:
-            raise _Done(Result.UNREADABLE, f.error)
+            raise _Done(ImportOutcome.UNREADABLE, f.error)
         if f.skip:
-            raise _Done(Result.SKIPPED, f.skip)
+            raise _Done(ImportOutcome.SKIPPED, f.skip)
         if _is_dicomdir(f.path):
-            raise _Done(Result.SKIPPED, "DICOMDIR (the disc's index): ignored; every file is read instead")
+            raise _Done(ImportOutcome.SKIPPED, "DICOMDIR (the disc's index): ignored; every file is read instead")
         if f.size == 0:
-            raise _Done(Result.SKIPPED, "empty file")
+            raise _Done(ImportOutcome.SKIPPED, "empty file")
         if f.size < _PREAMBLE:
-            raise _Done(Result.SKIPPED, "not a DICOM file: too short for a DICOM preamble")
+            raise _Done(ImportOutcome.SKIPPED, "not a DICOM file: too short for a DICOM preamble")
         data = self._read(f)
         try:
             offset, ts = dicomio.split_part10(data)
         except dicomio.EncodingError as exc:
-            raise _Done(Result.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
+            raise _Done(ImportOutcome.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
         meta["ts"] = ts
         sop_class, meta["instance"] = _classify(data, offset)
         meta["class"] = sop_class
         if sop_class == MediaStorageDirectoryStorage:
-            raise _Done(Result.SKIPPED, "a DICOMDIR (the disc's index): ignored")
+            raise _Done(ImportOutcome.SKIPPED, "a DICOMDIR (the disc's index): ignored")
         allowed = syntaxes_for(TABLE_9, sop_class)
         if not allowed:
-            raise _Done(Result.SKIPPED, "this SOP class is not read from CD (not in Table 9)")
+            raise _Done(ImportOutcome.SKIPPED, "this SOP class is not read from CD (not in Table 9)")
         if ts not in allowed:
-            raise _Done(Result.SKIPPED, f"transfer syntax {_ts_name(ts)} is not read from CD for this class "
+            raise _Done(ImportOutcome.SKIPPED, f"transfer syntax {_ts_name(ts)} is not read from CD for this class "
                         "(not in Table 9)")
         body: bytes | memoryview = memoryview(data)[offset:]
         note = ""
@@ -416,7 +379,7 @@ class _Importer:
             try:
                 body, ts = _decompress(data), TransferSyntax.EXPLICIT_LE
             except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem
-                raise _Done(Result.REFUSED, f"the JPEG Lossless pixel data does not decode: {exc}") from None
+                raise _Done(ImportOutcome.REFUSED, f"the JPEG Lossless pixel data does not decode: {exc}") from None
             note = f" (decoded from {_ts_name(meta['ts'] or '')}, stored as {_ts_name(ts)})"
         outcome = self.ingest.accept(body, ts, sop_class_uid=sop_class, sop_instance_uid=None, source=self.source)
         return self._result(f, outcome, sop_class, meta, note)
@@ -424,28 +387,30 @@ class _Importer:
     @staticmethod
     def _result(f: DiscFile, outcome: Outcome, sop_class: str, meta: dict[str, str | None], note: str) -> FileResult:
         if not outcome.ok:
-            result = Result.REFUSED
+            result = ImportOutcome.REFUSED
         elif outcome.already_stored:
-            result = Result.ALREADY_STORED
+            result = ImportOutcome.ALREADY_STORED
         else:
-            result = Result.IMPORTED
-        return FileResult(f.path, f.size, result, outcome.comment + note, sop_class,
-                          outcome.sop_instance_uid or meta.get("instance"), meta.get("ts"))
+            result = ImportOutcome.IMPORTED
+        return FileResult(path=f.path, size=f.size, outcome=result, reason=outcome.comment + note,
+                          sop_class_uid=sop_class,
+                          sop_instance_uid=outcome.sop_instance_uid or meta.get("instance") or "",
+                          transfer_syntax=meta.get("ts") or "")
 
     def _read(self, f: DiscFile) -> bytes:
         try:
             with self.disc.open(f) as fp:
                 head = self._read_exactly(fp, _PREAMBLE, f, 0)
                 if head[128:132] != b"DICM":
-                    raise _Done(Result.SKIPPED, "not a DICOM Part 10 file (no 'DICM' at byte 128)")
+                    raise _Done(ImportOutcome.SKIPPED, "not a DICOM Part 10 file (no 'DICM' at byte 128)")
                 if f.size > self.max_object_bytes:
-                    raise _Done(Result.REFUSED, f"the object is {f.size / 2**20:.0f} MB; objects above "
+                    raise _Done(ImportOutcome.REFUSED, f"the object is {f.size / 2**20:.0f} MB; objects above "
                                 f"{self.max_object_bytes / 2**20:.0f} MB are not imported")
                 return head + self._read_exactly(fp, f.size - _PREAMBLE, f, _PREAMBLE)
         except OSError as exc:
-            raise _Done(Result.UNREADABLE, f"read error: {_read_error(exc)}") from None
+            raise _Done(ImportOutcome.UNREADABLE, f"read error: {_read_error(exc)}") from None
         except PyCdlibException as exc:
-            raise _Done(Result.UNREADABLE, f"the disc's directory entry is damaged: {exc}") from None
+            raise _Done(ImportOutcome.UNREADABLE, f"the disc's directory entry is damaged: {exc}") from None
 
     def _read_exactly(self, fp: IO[bytes], n: int, f: DiscFile, start: int) -> bytes:
         parts = []
@@ -453,7 +418,7 @@ class _Importer:
         while left:
             chunk = fp.read(min(left, _CHUNK))
             if not chunk:
-                raise _Done(Result.UNREADABLE, f"the file ends after {start + n - left} of its {f.size} bytes; "
+                raise _Done(ImportOutcome.UNREADABLE, f"the file ends after {start + n - left} of its {f.size} bytes; "
                             "the disc may be damaged")
             self.bytes_read += len(chunk)
             parts.append(chunk)
@@ -484,15 +449,16 @@ def import_disc(
             r = worker.one(f)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the import
             log.exception("unexpected error importing %s", f.path)
-            r = FileResult(f.path, f.size, Result.REFUSED, f"unexpected error ({exc!r}); see the journal")
-        if r.result in (Result.SKIPPED, Result.UNREADABLE):
-            log.log(logging.WARNING if r.result is Result.UNREADABLE else logging.INFO,
-                    "%s %s: %s", r.result.value, f.path, r.reason)
+            r = FileResult(path=f.path, size=f.size, outcome=ImportOutcome.REFUSED,
+                           reason=f"unexpected error ({exc!r}); see the journal")
+        if r.outcome in (ImportOutcome.SKIPPED, ImportOutcome.UNREADABLE):
+            log.log(logging.WARNING if r.outcome is ImportOutcome.UNREADABLE else logging.INFO,
+                    "%s %s: %s", r.outcome.value, f.path, r.reason)
         results.append(r)
         if progress is not None:
-            progress(Progress(i, len(files), worker.bytes_read, time.monotonic() - t0))
-    return ImportReport(source or disc.label, disc.kind, disc.label, started_at, tuple(results),
-                        worker.bytes_read, time.monotonic() - t0)
+            progress(Progress(i, len(files), worker.bytes_read, time.monotonic() - t0, item=r))
+    return ImportReport(source=source or disc.label, kind=disc.kind, label=disc.label, started_at=started_at,
+                        items=tuple(results), bytes_done=worker.bytes_read, seconds=time.monotonic() - t0)
 
 
 def run_import(
@@ -519,8 +485,7 @@ def run_import(
         except MediaError as exc:
             log.warning("%s", exc)
             note = str(exc)
-        report = ImportReport(report.source, report.kind, report.label, report.started_at, report.files,
-                              report.bytes_read, report.seconds, note)
+        report = dataclasses.replace(report, eject=note)
     log.log(logging.INFO if report.ok else logging.WARNING, "import done: %s", report.summary())
     return report
 
@@ -552,7 +517,7 @@ def _classify(data: bytes, offset: int) -> tuple[str, str | None]:
     try:
         meta = pydicom.dcmread(io.BytesIO(data[:offset])).file_meta
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for damaged headers
-        raise _Done(Result.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
+        raise _Done(ImportOutcome.REFUSED, f"the DICOM file meta header is damaged: {exc}") from None
     sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
     instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "") or None
     if not sop_class:
@@ -562,7 +527,7 @@ def _classify(data: bytes, offset: int) -> tuple[str, str | None]:
         except Exception:  # noqa: BLE001
             sop_class = ""
     if not sop_class:
-        raise _Done(Result.REFUSED, "neither the file meta header nor the data set names a SOP class")
+        raise _Done(ImportOutcome.REFUSED, "neither the file meta header nor the data set names a SOP class")
     return sop_class, instance
 
 
@@ -581,12 +546,10 @@ def _is_dicomdir(path: str) -> bool:
     return _VERSION_SUFFIX.sub("", path.rsplit("/", 1)[-1]).rstrip(".").upper() == "DICOMDIR"
 
 
-def _class_name(uid: str | None) -> str:
-    try:
-        return SOP_CLASS_LABELS[SOPClass(uid or "")]
-    except ValueError:
-        name = UID(uid or "").name
-        return name if name != uid else f"SOP class {uid}"
+def _class_name(uid: str) -> str:
+    """Our label for the SOP class, else pydicom's name for it, else ``SOP class <uid>``."""
+    name = UID(uid).name
+    return sop_class_label(uid, name if name != uid else f"SOP class {uid}")
 
 
 def _ts_name(uid: str) -> str:

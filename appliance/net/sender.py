@@ -49,7 +49,6 @@ from appliance.conformance import (
     MIN_PDU,
     RT_OBJECTS,
     SCU_STORAGE_CONTEXTS,
-    SOP_CLASS_LABELS,
     TABLE_6,
     TABLE_8,
     PresentationContextRow,
@@ -58,6 +57,7 @@ from appliance.conformance import (
 )
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 from appliance.errors import ApplianceError, ConfigError, NetworkError
+from appliance.reports import Item, Progress, Report, sop_class_label
 from appliance.store.index import InstanceRow
 from appliance.store.store import Store
 
@@ -75,13 +75,6 @@ _LOCK_NAME = "export.lock"
 
 class SendRefused(ApplianceError):
     """Nothing of what was asked can be sent; the message says why for each request."""
-
-
-def _label(sop_class_uid: str) -> str:
-    try:
-        return SOP_CLASS_LABELS[SOPClass(sop_class_uid)]
-    except ValueError:
-        return sop_class_uid
 
 
 def _peer(d: Destination) -> str:
@@ -230,7 +223,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     if late is not None:
         raise NetworkError(_rejection(late, peer, settings.calling_ae))
     if getattr(assoc.acceptor.primitive, "result", None) == 0 and assoc.rejected_contexts:
-        refused = ", ".join(sorted({_label(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts}))
+        refused = ", ".join(sorted({sop_class_label(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts}))
         raise NetworkError(
             f"{_peer(peer)} accepted the association but none of the proposed services "
             f"({refused}, Implicit VR Little Endian); configure the peer to accept them"
@@ -350,7 +343,7 @@ def plan_send(store: Store, *, studies: Sequence[str] = (), series: Sequence[str
             stored = [s for s in refs if store.instances(s)]
             if not stored:
                 refused.append(Refusal(level, uid, (
-                    f"its {', '.join(sorted(_label(c) for c in classes))} references no image series stored "
+                    f"its {', '.join(sorted(sop_class_label(c) for c in classes))} references no image series stored "
                     "here; RT objects are only exported together with their image series")))
             for s in stored:
                 consider(s, level, uid, True)
@@ -386,7 +379,7 @@ def _series_problem(store: Store, series_uid: str, classes: set[str]) -> str | N
     """Return why an image series cannot be sent, or None."""
     not_networked = sorted(c for c in classes if c not in _NETWORK_CLASSES)
     if not_networked:
-        labels = ", ".join(_label(c) for c in not_networked)
+        labels = ", ".join(sop_class_label(c) for c in not_networked)
         if set(not_networked) <= {SOPClass.XA_IMAGE, SOPClass.SC_IMAGE}:
             return (f"holds {labels} objects; XA and SC are not in Table 6 of the conformance statement, "
                     "so they are not sent over the network (they can be written to a USB drive)")
@@ -445,51 +438,42 @@ class SendOutcome(enum.StrEnum):
     NOT_SENT = "not sent"
 
 
-@dataclass(frozen=True)
-class ObjectResult:
-    """The result of sending one object: the peer's status and Error Comment, or why not sent."""
+@dataclass(frozen=True, kw_only=True)
+class ObjectResult(Item[SendOutcome]):
+    """The result of sending one object: the peer's status and Error Comment (``reason``), or why not sent."""
 
-    sop_instance_uid: str
-    sop_class_uid: str
-    outcome: SendOutcome
     status: int | None = None
-    comment: str = ""
 
-    def __str__(self) -> str:
-        text = f"{self.outcome.value:<8}  {self.sop_instance_uid}  {_label(self.sop_class_uid)}"
+    def line(self) -> str:
+        text = f"{self.column}  {self.sop_instance_uid}  {sop_class_label(self.sop_class_uid)}"
         if self.status is not None and self.outcome is not SendOutcome.SENT:
             text += f"  status 0x{self.status:04X}"
-        if self.comment:
-            text += f": {self.comment}"
+        if self.reason:
+            text += f": {self.reason}"
         return text
 
 
-@dataclass(frozen=True)
-class SendReport:
+@dataclass(frozen=True, kw_only=True)
+class SendReport(Report[ObjectResult], outcomes=SendOutcome, failures=(SendOutcome.FAILED, SendOutcome.NOT_SENT)):
     """Everything one send did: per-object results, refusals and a network failure, if any."""
 
     peer: Destination
     calling_ae: str
-    results: tuple[ObjectResult, ...]
-    refused: tuple[Refusal, ...]
+    refused: tuple[Refusal, ...] = ()
     #: Set when the association failed part-way (what was not sent is NOT_SENT).
     network_error: str | None = None
-
-    def count(self, outcome: SendOutcome) -> int:
-        return sum(1 for r in self.results if r.outcome is outcome)
 
     @property
     def ok(self) -> bool:
         """True when every object was stored (warnings included) and nothing was refused."""
-        return not self.refused and self.network_error is None and all(
-            r.outcome in (SendOutcome.SENT, SendOutcome.WARNING) for r in self.results)
+        return not self.refused and self.network_error is None and super().ok
 
     def summary(self) -> str:
-        n = len(self.results)
+        n = len(self.items)
         text = (f"{self.count(SendOutcome.SENT) + self.count(SendOutcome.WARNING)} of {n} object(s) stored by "
                 f"{_peer(self.peer)} (as {self.calling_ae}, one association): {self.count(SendOutcome.SENT)} "
-                f"succeeded, {self.count(SendOutcome.WARNING)} with a warning, {self.count(SendOutcome.FAILED)} failed, "
-                f"{self.count(SendOutcome.NOT_SENT)} not sent")
+                f"succeeded, {self.count(SendOutcome.WARNING)} with a warning, "
+                f"{self.count(SendOutcome.FAILED)} failed, {self.count(SendOutcome.NOT_SENT)} not sent")
         if self.refused:
             text += f"; {len(self.refused)} request(s) refused"
         if self.network_error:
@@ -498,8 +482,8 @@ class SendReport:
         return text
 
     def render(self) -> str:
-        lines = [f"refused   {r}" for r in self.refused] + [str(r) for r in self.results]
-        return "\n".join(lines + [self.summary()])
+        """The refusals, one line per object, then the summary (the order ``appliance send`` prints them)."""
+        return "\n".join([*(f"refused   {r}" for r in self.refused), *(i.line() for i in self.items), self.summary()])
 
 
 @contextmanager
@@ -526,7 +510,7 @@ def send(
     plan: SendPlan,
     peer: Destination,
     settings: ClientSettings | None = None,
-    progress: Callable[[ObjectResult], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     extra: Sequence[Transcoded] = (),
 ) -> SendReport:
     """Send ``plan`` to ``peer`` over one association and report each object.
@@ -542,13 +526,14 @@ def send(
         reasons = "; ".join(str(r) for r in plan.refused) or "no study or series was given"
         raise SendRefused(f"nothing to send: {reasons}")
     results: list[ObjectResult] = []
+    items: list[InstanceRow | Transcoded] = [*plan.objects, *extra]
+    t0 = time.monotonic()
 
     def record(r: ObjectResult) -> None:
         results.append(r)
         if progress is not None:
-            progress(r)
+            progress(Progress(len(results), len(items), seconds=time.monotonic() - t0, item=r))
 
-    items: list[InstanceRow | Transcoded] = [*plan.objects, *extra]
     needed = {o.sop_class_uid for o in items}
     with send_lock(store.data_dir):
         ae = _make_ae(settings, tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed))
@@ -558,11 +543,11 @@ def send(
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             for item in items:
                 if error is not None:
-                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, SendOutcome.NOT_SENT))
+                    record(_result(item.sop_instance_uid, item.sop_class_uid, SendOutcome.NOT_SENT))
                     continue
                 if item.sop_class_uid not in accepted:
-                    record(ObjectResult(item.sop_instance_uid, item.sop_class_uid, SendOutcome.FAILED, None,
-                                        f"{_peer(peer)} refused {_label(item.sop_class_uid)} in Implicit VR LE"))
+                    record(_result(item.sop_instance_uid, item.sop_class_uid, SendOutcome.FAILED, None,
+                                   f"{_peer(peer)} refused {sop_class_label(item.sop_class_uid)} in Implicit VR LE"))
                     continue
                 result, answered = _send_one(assoc, store, item)
                 record(result)
@@ -575,7 +560,8 @@ def send(
         finally:
             if assoc.is_established:
                 assoc.release()
-    report = SendReport(peer, settings.calling_ae, tuple(results), plan.refused, error)
+    report = SendReport(peer=peer, calling_ae=settings.calling_ae, items=tuple(results), refused=plan.refused,
+                        network_error=error)
     log.info("export to %s: %s", _peer(peer), report.summary().splitlines()[0])
     return report
 
@@ -588,18 +574,22 @@ def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) 
         ds: Dataset = t.dataset()
     except TranscodeError as exc:
         log.error("cannot export %s: %s", uid, exc)
-        return ObjectResult(uid, cls, SendOutcome.FAILED, None, str(exc)), True
+        return _result(uid, cls, SendOutcome.FAILED, None, str(exc)), True
     rsp: Any = assoc.send_c_store(ds)
     if not rsp or "Status" not in rsp:
-        return ObjectResult(uid, cls, SendOutcome.FAILED, None,
-                            "no response: the association was aborted or timed out; it may not be stored"), False
+        return _result(uid, cls, SendOutcome.FAILED, None,
+                       "no response: the association was aborted or timed out; it may not be stored"), False
     code = int(rsp.Status)
     comment = str(rsp.get("ErrorComment", "") or "")
     category = code_to_category(code)
     if category == "Success":
-        return ObjectResult(uid, cls, SendOutcome.SENT, code, comment), True
+        return _result(uid, cls, SendOutcome.SENT, code, comment), True
     if category == "Warning":
         log.warning("%s stored by the peer with warning 0x%04X %s", uid, code, comment)
-        return ObjectResult(uid, cls, SendOutcome.WARNING, code, comment), True
+        return _result(uid, cls, SendOutcome.WARNING, code, comment), True
     log.error("%s refused by the peer with status 0x%04X %s", uid, code, comment)
-    return ObjectResult(uid, cls, SendOutcome.FAILED, code, comment), True
+    return _result(uid, cls, SendOutcome.FAILED, code, comment), True
+
+
+def _result(uid: str, cls: str, outcome: SendOutcome, status: int | None = None, comment: str = "") -> ObjectResult:
+    return ObjectResult(outcome=outcome, reason=comment, sop_instance_uid=uid, sop_class_uid=cls, status=status)

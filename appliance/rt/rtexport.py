@@ -48,6 +48,7 @@ from appliance.dicom.transcode import Transcoded
 from appliance.errors import ApplianceError
 from appliance.media import exporter
 from appliance.net import sender
+from appliance.reports import Progress
 from appliance.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -622,7 +623,7 @@ def _encode(ds: Dataset) -> Transcoded:
 
 
 def send(store: Store, export: RTExport, peer: Destination, settings: sender.ClientSettings | None = None,
-         progress: Callable[[sender.ObjectResult], None] | None = None) -> sender.SendReport:
+         progress: Callable[[Progress], None] | None = None) -> sender.SendReport:
     """Send the image series, the structure set and the generated objects over one association
     (Tables 6 and 7, Implicit VR LE), through :func:`appliance.net.sender.send`."""
     plan = sender.plan_send(store, series=[export.series_uid])
@@ -636,7 +637,7 @@ def send(store: Store, export: RTExport, peer: Destination, settings: sender.Cli
 
 
 def write_usb(target: Path, store: Store, cfg: Config, export: RTExport,
-              progress: Callable[[exporter.ExportProgress], None] | None = None) -> exporter.ExportReport:
+              progress: Callable[[Progress], None] | None = None) -> exporter.ExportReport:
     """Write the image series, the structure set's series and the generated objects as one
     file-set with its DICOMDIR (Tables 10 and 11), through :func:`appliance.media.exporter.export`."""
     selection = exporter.Selection.explicit(series=(export.series_uid, export.structure_set_series_uid))
