@@ -6,10 +6,9 @@ import argparse
 import logging
 import sys
 
-from appliance.config import Destination
+from appliance.config import Config, Destination
 from appliance.conformance import CLIENT_AE_TITLE, DEFAULT_CLIENT_PDU, MIN_PDU
 from appliance.errors import ConfigError
-from appliance.reports import item_printer
 from appliance.net.sender import (
     DEFAULT_CALLED_AE,
     DEFAULT_ECHO_TIMEOUT,
@@ -20,6 +19,7 @@ from appliance.net.sender import (
     plan_send,
     send,
 )
+from appliance.reports import item_printer
 
 
 def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
@@ -35,15 +35,27 @@ def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
                    help=f"seconds to wait for connection, association and each response (default {timeout:g})")
 
 
-def _quiet_pynetdicom(args: argparse.Namespace) -> None:
-    # We report failures ourselves in one line; pynetdicom's own ERROR lines would repeat them.
+def quiet_pynetdicom(args: argparse.Namespace) -> None:
+    """Silence pynetdicom below -d: we report failures ourselves in one line, its ERROR lines would repeat them."""
     if args.verbosity < 2:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
+def peer_from(cfg: Config, name: str | None, aec: str | None, host: str | None, port: int | None) -> Destination:
+    """The peer to call: the config file's destination ``name`` (its AE title unless -aec), else HOST PORT."""
+    if name:
+        dest = cfg.destinations.get(name)
+        if dest is None:
+            known = ", ".join(sorted(cfg.destinations)) or "none are configured"
+            raise ConfigError(f"no destination '{name}' in the config file ([destinations.NAME]; known: {known})")
+        return Destination(aec or dest.ae_title, dest.host, dest.port)
+    assert host is not None and port is not None  # the parser checked
+    return Destination(aec or DEFAULT_CALLED_AE, host, port)
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     """Send a C-ECHO and print one line: success with the round-trip time, or what went wrong."""
-    _quiet_pynetdicom(args)
+    quiet_pynetdicom(args)
     peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
     print(echo(peer, ClientSettings(args.aet, args.pdu, args.timeout)))
     return 0
@@ -58,18 +70,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         parser.error("give either HOST PORT or --to DESTINATION, not both")
     if not args.to and (args.host is None or args.port is None):
         parser.error("give HOST PORT, or --to DESTINATION from the config file")
-    _quiet_pynetdicom(args)
+    quiet_pynetdicom(args)
     from appliance.cli.common import load_config, open_store
 
     cfg = load_config(args)
-    if args.to:
-        dest = cfg.destinations.get(args.to)
-        if dest is None:
-            known = ", ".join(sorted(cfg.destinations)) or "none are configured"
-            raise ConfigError(f"no destination '{args.to}' in the config file ([destinations.NAME]; known: {known})")
-        peer = Destination(args.aec or dest.ae_title, dest.host, dest.port)
-    else:
-        peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
+    peer = peer_from(cfg, args.to, args.aec, args.host, args.port)
     settings = ClientSettings(args.aet, args.pdu, args.timeout)
     settings.check()
     check_peer(peer)

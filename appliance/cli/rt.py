@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from appliance.cli.common import load_config, open_store
-from appliance.cli.net import client_options
-from appliance.config import Destination
+from appliance.cli.net import client_options, peer_from, quiet_pynetdicom
 from appliance.dicom import dosegrid
-from appliance.errors import ConfigError
 from appliance.net import sender
 from appliance.reports import item_printer, progress_printer
 from appliance.rt.rtexport import (
@@ -33,21 +30,12 @@ def cmd_rt_export(args: argparse.Namespace) -> int:
     if args.host is not None and args.port is None:
         parser.error("give HOST and PORT")
     cfg = load_config(args)
-    peer = None
-    if args.dest:
-        d = cfg.destinations.get(args.dest)
-        if d is None:
-            known = ", ".join(sorted(cfg.destinations)) or "none are configured"
-            raise ConfigError(f"no destination '{args.dest}' in the config file ([destinations.NAME]; known: {known})")
-        peer = Destination(args.aec or d.ae_title, d.host, d.port)
-    elif args.host is not None:
-        peer = Destination(args.aec or sender.DEFAULT_CALLED_AE, args.host, args.port)
+    peer = peer_from(cfg, args.dest, args.aec, args.host, args.port) if args.dest or args.host is not None else None
     settings = sender.ClientSettings(args.aet, args.pdu, args.timeout)
     if peer is not None:
         settings.check()
         sender.check_peer(peer)
-        if args.verbosity < 2:
-            logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        quiet_pynetdicom(args)
     dose = read_dose(Path(args.dose), units=args.dose_units, frame_of_reference=args.dose_frame_of_reference)
     options = GridOptions(tuple(args.pixel_spacing) if args.pixel_spacing else None, args.slice_spacing,
                           args.interpolation)
