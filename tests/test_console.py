@@ -39,7 +39,8 @@ from appliance.ops import health
 from appliance.adapters import network
 from appliance.config import NetworkConfig, NetworkMode, StoreConfig, load
 from appliance.ops.configservice import ConfigFile
-from appliance.ops.console import Console, Settings
+from appliance.ops.console import Console
+from appliance.ops.consolesettings import ConsoleSettings
 from helpers import ct_series, dcmtk, free_port, run, wait_for, write_series
 from test_supervisor import Appliance, Notifications, echoscu
 
@@ -60,7 +61,7 @@ class Setup:
 
     def console(self, keys: str, **kw: object) -> tuple[str, int]:
         out = io.StringIO()
-        settings = Settings(ConfigFile(self.config), self.runtime / "config.sock")
+        settings = ConsoleSettings(ConfigFile(self.config), self.runtime / "config.sock")
         kw.setdefault("journal", None)
         kw.setdefault("live_network", False)
         c = Console(io.StringIO(keys), out, settings, data_dir=self.data,

@@ -12,11 +12,11 @@ from pathlib import Path
 from appliance.cli.common import data_dir
 from appliance.ops.configservice import SOCKET_NAME, ConfigFile, runtime_dir
 from appliance.ops.console import JOURNAL_COMMAND, SHADOW, Console
-from appliance.ops.consolesettings import Settings
+from appliance.ops.consolesettings import ConsoleSettings
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(ConfigFile(Path(args.config) if args.config else None),
+def _settings(args: argparse.Namespace) -> ConsoleSettings:
+    return ConsoleSettings(ConfigFile(Path(args.config) if args.config else None),
                     runtime_dir(args.runtime_dir) / SOCKET_NAME)
 
 

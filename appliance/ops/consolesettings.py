@@ -1,6 +1,6 @@
 """What the console edits: the configuration, read and changed through the config service
-of a running appliance or else in the config file (:class:`Settings`), and the settings as
-menu fields with their help line and their check of what was typed (:class:`Field`).
+of a running appliance or else in the config file (:class:`ConsoleSettings`), and the
+settings as menu fields with their help line and their check of what was typed (:class:`Field`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from appliance.conformance import MIN_PDU
 from appliance.errors import ApplianceError, ConfigError
 
 
-class Settings:
+class ConsoleSettings:
     """The configuration as the console reads and changes it: through the config service of a
     running appliance at ``socket``, else in the file ``cfile``."""
 
