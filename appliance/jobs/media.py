@@ -4,7 +4,7 @@
 thread runs the jobs in order, so two media never interleave. An insertion is recognised
 once: a drive's duplicate ``change`` events for the same disc (tray open and close) are
 dropped until the medium is removed or a different one appears. Each outcome is kept
-(:func:`appliance.ops.health.record_result`) for ``STATUS=`` and ``appliance status``.
+(:func:`appliance.jobs.results.record_result`) for ``STATUS=`` and ``appliance status``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.ops import health
+from appliance.jobs import results
 from appliance.config import Config
 from appliance.adapters.devices import Change, MediaEvent, MediumKind
 from appliance.errors import ApplianceError, MediaError
@@ -58,7 +58,7 @@ class MediaJobs:
         self.settings = settings
         self.on_change = on_change
         self.export = export if export is not None else usb_exporter()
-        self.results: list[health.JobResult] = []
+        self.results: list[results.JobResult] = []
         self._queue: queue.Queue[MediaEvent | None] = queue.Queue()
         self._present: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -117,7 +117,7 @@ class MediaJobs:
                 with self._job:
                     result = self.run(event)
                 self.results.append(result)
-                health.record_result(self.store.data_dir, result)
+                results.record_result(self.store.data_dir, result)
             except Exception:  # noqa: BLE001 - a job's bug must not end the worker
                 log.exception("media job for %s failed", event)
             finally:
@@ -125,7 +125,7 @@ class MediaJobs:
                 self._queue.task_done()
                 self.on_change()
 
-    def run(self, event: MediaEvent) -> health.JobResult:
+    def run(self, event: MediaEvent) -> results.JobResult:
         """Run the job for ``event`` now, on this thread; return its outcome."""
         kind = "import" if event.kind is MediumKind.CD else "export"
         try:
@@ -136,7 +136,7 @@ class MediaJobs:
         except ApplianceError as exc:
             ok, summary = False, str(exc)
         log.log(logging.INFO if ok else logging.WARNING, "%s %s: %s", kind, "done" if ok else "failed", summary)
-        return health.JobResult(kind, ok, summary, event.device)
+        return results.JobResult(kind, ok, summary, event.device)
 
     def _progress(self, what: str, cancellable: bool) -> Callable[[Progress], None]:
         """Show ``what`` and how far it is; a cancellable job ends between two objects at shutdown."""

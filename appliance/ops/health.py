@@ -2,20 +2,20 @@
 
 :func:`check` asks the Storage SCP for a loopback C-ECHO, writes and removes a small file
 in the store, and gathers counts, disk use and the last import and export results (kept in
-``DATA_DIR/last-media.json`` by the media jobs, so they survive a restart).
+``DATA_DIR/last-media.json`` by the media jobs, so they survive a restart: see
+:mod:`appliance.jobs.results`, whose names this module hands on to the console).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.conformance import Status
+from appliance.jobs.results import JobResult, last_results, record_result
 from appliance.store.disk import store_error_words
 
 if TYPE_CHECKING:
@@ -24,55 +24,13 @@ if TYPE_CHECKING:
 # pynetdicom and the store (pydicom, numpy) are imported where used: the serial console and
 # the supervisor import this module, and at the box's start every second counts.
 
+__all__ = ["Health", "JobResult", "check", "last_results", "loopback", "offline", "record_result",
+           "scp_report_view", "store_problem"]
+
 log = logging.getLogger(__name__)
 
 #: Our calling AE title for the loopback C-ECHO.
 HEALTH_AE_TITLE = "APPLIANCE_CHECK"
-_RESULTS_FILE = "last-media.json"
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """The outcome of one media job (a CD import or a USB export)."""
-
-    kind: str  # "import" or "export"
-    ok: bool
-    summary: str
-    device: str
-    finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def short(self) -> str:
-        return f"last {self.kind} {'OK' if self.ok else 'FAILED'}"
-
-
-def record_result(data_dir: Path, result: JobResult) -> None:
-    """Keep ``result`` as the last one of its kind (temp file, fsync, rename)."""
-    path = data_dir / _RESULTS_FILE
-    results = {k: asdict(v) for k, v in last_results(data_dir).items()}
-    results[result.kind] = asdict(result)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.error("cannot keep the %s result in %s: %s", result.kind, path, exc.strerror)
-
-
-def last_results(data_dir: Path) -> dict[str, JobResult]:
-    """The last import and export results, by kind (empty when there were none)."""
-    try:
-        data = json.loads((data_dir / _RESULTS_FILE).read_text(encoding="utf-8"))
-        return {k: JobResult(**v) for k, v in data.items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("cannot read the last media results in %s: %s", data_dir, exc)
-        return {}
 
 
 @dataclass(frozen=True)
