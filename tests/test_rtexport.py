@@ -26,7 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from appliance.cli import main
 from appliance.config import Config
 from appliance.conformance import SPATIAL_REGISTRATION, UID_ROOT, SOPClass, TransferSyntax, new_uid
-from appliance.rt.rtexport import GridOptions, RTExportError, build, read_dose
+from appliance.rt.inputs import RTExportError, read_dose
+from appliance.rt.rtexport import GridOptions, build
 from appliance.store.store import Store
 
 from helpers import dcmtk

@@ -11,14 +11,8 @@ from appliance.cli.net import client_options, peer_from, quiet_pynetdicom
 from appliance.dicom import dosegrid
 from appliance.net import sender
 from appliance.reports import item_printer, progress_printer
-from appliance.rt.rtexport import (
-    VOLUME_UNITS,
-    GridOptions,
-    build,
-    read_dose,
-    send,
-    write_usb,
-)
+from appliance.rt.inputs import VOLUME_UNITS, read_dose
+from appliance.rt.rtexport import GridOptions, build, send, write_usb
 
 
 def cmd_rt_export(args: argparse.Namespace) -> int:
