@@ -212,7 +212,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     except OSError as exc:
         raise NetworkError(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}") from exc
     if assoc.is_established:
-        log.info("association with %s established, %d context(s) accepted", _peer(peer),
+        log.debug("association with %s established, %d context(s) accepted", _peer(peer),
                  len(assoc.accepted_contexts))
         return assoc
     if assoc.is_rejected:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.conformance import Status
 from appliance.jobs.results import JobResult, last_results, record_result
 from appliance.store.disk import store_error_words
 
@@ -126,24 +125,19 @@ class Health:
 
 
 def echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> str | None:
-    """C-ECHO ``ae_title`` at ``host``:``port``; return None on success, else what went wrong."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    """C-ECHO ``ae_title`` at ``host``:``port`` as :data:`HEALTH_AE_TITLE`, with the client
+    AE's own echo (:func:`appliance.net.sender.echo`); return None on success, else what
+    went wrong."""
+    from appliance.config import Destination
+    from appliance.errors import ApplianceError
+    from appliance.net.sender import ClientSettings
+    from appliance.net.sender import echo as c_echo
 
-    ae = AE(ae_title=HEALTH_AE_TITLE)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=ae_title)
-    if not assoc.is_established:
-        return f"no association with {ae_title} at {host}:{port}"
     try:
-        status = assoc.send_c_echo()
-        if not status or status.Status != Status.SUCCESS:
-            return f"C-ECHO to {ae_title} at {host}:{port} did not succeed"
-        return None
-    finally:
-        assoc.release()
+        c_echo(Destination(ae_title, host, port), ClientSettings(HEALTH_AE_TITLE, timeout=timeout))
+    except ApplianceError as exc:
+        return str(exc)
+    return None
 
 
 #: Seconds without a report after which the SCP is taken for hung (it reports every 5 s).
