@@ -12,8 +12,9 @@ import threading
 
 from appliance import config
 from appliance.cli.common import load_config, open_store, table
-from appliance.conformance import SOP_CLASS_LABELS, TRANSFER_SYNTAX_NAMES, SOPClass
+from appliance.conformance import TRANSFER_SYNTAX_NAMES
 from appliance.errors import ApplianceError
+from appliance.reports import sop_class_label
 
 
 def _orphaned(supervisor: str | None) -> bool:
@@ -108,7 +109,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         out = table(["SERIES UID", "STUDY UID", "MODALITY", "NUMBER", "INSTANCES", "3D VERDICT"], rows)
     elif args.level == "instances":
         rows = [
-            (i.sop_instance_uid, i.series_uid, _label(i.sop_class_uid),
+            (i.sop_instance_uid, i.series_uid, sop_class_label(i.sop_class_uid),
              TRANSFER_SYNTAX_NAMES.get(i.transfer_syntax, i.transfer_syntax), i.size,
              i.received_at, i.calling_ae or i.origin, i.flags or "")
             for i in store.instance_listing()
@@ -125,13 +126,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(out)
     store.close(clean=False)
     return 0
-
-
-def _label(uid: str) -> str:
-    try:
-        return SOP_CLASS_LABELS[SOPClass(uid)]
-    except ValueError:
-        return uid
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
