@@ -11,7 +11,8 @@ from pathlib import Path
 
 from appliance.cli.common import data_dir
 from appliance.ops.configservice import SOCKET_NAME, ConfigFile, runtime_dir
-from appliance.ops.console import JOURNAL_COMMAND, SHADOW, Console
+from appliance.ops.console import Console
+from appliance.ops.console.screen import JOURNAL_COMMAND, SHADOW
 from appliance.ops.consolesettings import ConsoleSettings
 
 
