@@ -18,8 +18,9 @@ import threading
 from pathlib import Path
 from typing import cast
 
-from appliance.net.acceptor import Acceptor, Settings
+from appliance.config import ScpConfig
 from appliance.conformance import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_SCP_AE_TITLE, Status
+from appliance.net.acceptor import Acceptor
 from appliance.store.ingest import IncomingObject, Outcome
 
 #: Where the sink leaves its count, under --data-dir.
@@ -65,14 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("port", type=int)
     args = p.parse_args(argv)
     sink = Sink()
-    settings = Settings(
+    settings = ScpConfig(
         ae_title=args.aet,
         max_pdu=args.pdu,
         max_associations=args.max_associations,
         check_called_ae=True,
-        allowed_calling_aes=(),
-        acse_timeout=30.0,
-        network_timeout=60.0,
     )
     acceptor = Acceptor(settings, sink.open_stream)
     stop = threading.Event()

@@ -15,18 +15,8 @@ import sys
 import threading
 import time
 import tracemalloc
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
-from pynetdicom import AE
-
-from appliance.ops import health
-from appliance.net.acceptor import Acceptor, Settings
-from appliance.net.dimse import CommandField, Tag, encode_command
-from appliance.config import ScpConfig
-from appliance.conformance import SOPClass, Status, TransferSyntax
-from appliance.net.scp import report
 from helpers import (
     ROOT,
     associate_rq_pdu,
@@ -38,6 +28,14 @@ from helpers import (
     wait_for,
     write_series,
 )
+from pynetdicom import AE
+
+from appliance.config import ScpConfig
+from appliance.conformance import SOPClass, Status, TransferSyntax
+from appliance.net.acceptor import Acceptor
+from appliance.net.dimse import CommandField, Tag, encode_command
+from appliance.net.scp import report
+from appliance.ops import health
 
 ILE = TransferSyntax.IMPLICIT_LE
 A_ASSOCIATE_AC, P_DATA, A_ABORT = 0x02, 0x04, 0x07
@@ -188,7 +186,7 @@ def test_an_exception_in_a_connection_thread_is_logged_once_and_the_server_serve
     def broken_open_stream(*_args: str):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug in the store")
 
-    settings = Settings("ELEKTA_STORAGE", 16384, 5, False, (), 5.0, 5.0)
+    settings = ScpConfig(max_pdu=16384, acse_timeout=5.0, network_timeout=5.0)
     acceptor = Acceptor(settings, broken_open_stream)
     _, port = acceptor.listen("127.0.0.1", 0)
     try:

@@ -10,14 +10,16 @@ import struct
 from typing import Iterator
 
 import pytest
+from helpers import associate_rq_pdu, ct_series, p_data_pdu, read_pdu, wait_for
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
+from appliance.config import ScpConfig
 from appliance.conformance import SCP_STORAGE_CLASSES, SOPClass, Status, TransferSyntax
-from appliance.net.acceptor import Acceptor, Settings
+from appliance.net.acceptor import Acceptor
 from appliance.net.dimse import (
     ERROR_COMMENT_MAX,
     NO_DATA_SET,
@@ -34,7 +36,6 @@ from appliance.net.dimse import (
 )
 from appliance.net.ul import A_ABORT_PDU, A_ASSOCIATE_AC_PDU, ProtocolError
 from appliance.store.ingest import Outcome
-from helpers import associate_rq_pdu, ct_series, p_data_pdu, read_pdu, wait_for
 
 CT = SOPClass.CT_IMAGE
 ILE = TransferSyntax.IMPLICIT_LE
@@ -163,7 +164,7 @@ class _Sink:
 @pytest.fixture
 def sink_acceptor() -> Iterator[tuple[_Sink, int]]:
     sink = _Sink()
-    acceptor = Acceptor(Settings("ELEKTA_STORAGE", 16384, 5, True, (), 5.0, 5.0), sink.open_stream)
+    acceptor = Acceptor(ScpConfig(max_pdu=16384, check_called_ae=True, acse_timeout=5.0, network_timeout=5.0), sink.open_stream)
     _, port = acceptor.listen("127.0.0.1", 0)
     try:
         yield sink, port

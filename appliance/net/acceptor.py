@@ -20,7 +20,7 @@ and the robustness tests showed:
 pynetdicom still decodes and encodes the association PDUs (A-ASSOCIATE-RQ/AC/RJ) and
 negotiates presentation contexts, so that logic is not written twice.
 
-**Bounded everything** (the :class:`Settings`, from ``[scp]``). One thread, ``scp-accept``,
+**Bounded everything** (the ``[scp]`` settings, :class:`~appliance.config.ScpConfig`). One thread, ``scp-accept``,
 accepts connections and reads their A-ASSOCIATE-RQs without blocking, each into a buffer
 that grows only as bytes arrive (never from a length the peer announced), up to
 ``max_associate_rq_bytes``, and by a deadline of ``acse_timeout`` from the connect. At most
@@ -51,6 +51,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from appliance.config import ScpConfig
 from appliance.conformance import APPLICATION_CONTEXT_NAME, SCP_CONTEXTS, SOPClass
 from appliance.net.dimse import Message, OpenStream, Request, StoreResult, service_for
 from appliance.net.ul import (
@@ -98,24 +99,6 @@ _STUCK_AFTER = 10.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: A peer's repeated protocol errors are logged once per this many seconds.
 _LOG_EVERY = 60.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the acceptor needs of the ``[scp]`` configuration (see :class:`ScpConfig`)."""
-
-    ae_title: str
-    max_pdu: int
-    max_associations: int
-    check_called_ae: bool
-    allowed_calling_aes: tuple[str, ...]
-    acse_timeout: float
-    network_timeout: float
-    pdu_timeout: float = 120.0
-    idle_timeout: float = 900.0
-    max_command_bytes: int = 65536
-    max_associate_rq_bytes: int = 131072
-    max_pending_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -171,7 +154,7 @@ class _Pending:
 class Acceptor:
     """Accepts associations on a listening socket and serves C-ECHO and C-STORE."""
 
-    def __init__(self, settings: Settings, open_stream: OpenStream,
+    def __init__(self, settings: ScpConfig, open_stream: OpenStream,
                  on_association_end: Callable[[Association], None] | None = None) -> None:
         self.settings = settings
         self.open_stream = open_stream

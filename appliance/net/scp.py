@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from appliance.net.acceptor import Acceptor, AcceptorState, Association, Settings
 from appliance.config import ScpConfig
+from appliance.net.acceptor import Acceptor, AcceptorState, Association
 from appliance.store.disk import store_error_words
 from appliance.store.ingest import Ingest
 
@@ -54,20 +54,7 @@ class StorageServer:
         self._sock = sock
         self.ingest = ingest
         self._acceptor = Acceptor(
-            Settings(
-                ae_title=cfg.ae_title,
-                max_pdu=cfg.max_pdu,
-                max_associations=cfg.max_associations,
-                check_called_ae=cfg.check_called_ae,
-                allowed_calling_aes=tuple(cfg.allowed_calling_aes),
-                acse_timeout=cfg.acse_timeout,
-                network_timeout=cfg.network_timeout,
-                pdu_timeout=cfg.pdu_timeout,
-                idle_timeout=cfg.idle_timeout,
-                max_command_bytes=cfg.max_command_bytes,
-                max_associate_rq_bytes=cfg.max_associate_rq_bytes,
-                max_pending_connections=cfg.max_pending_connections,
-            ),
+            cfg,
             ingest.open_stream,
             self._on_association_end,
         )
