@@ -21,7 +21,7 @@ from typing import Callable
 
 from appliance.config import ScpConfig
 from appliance.net.acceptor import Acceptor, AcceptorState, Association
-from appliance.store.disk import store_error_words
+from appliance.store.disk import self_store
 from appliance.store.ingest import Ingest
 
 log = logging.getLogger(__name__)
@@ -98,35 +98,6 @@ class StorageServer:
     def state(self) -> AcceptorState:
         """How the network side is doing (accepting, associations, the last store)."""
         return self._acceptor.state()
-
-
-def self_store(data_dir: Path) -> str:
-    """Store a small file the way an object is stored (temp file in ``tmp/``, write,
-    fsync, rename into ``scratch/``, fsync of the folder), then remove it; return "" or
-    what went wrong, in words. ``scratch/`` is never indexed or exported."""
-    scratch = data_dir / "scratch"
-    tmp = data_dir / "tmp" / f"{os.getpid()}-self-store.part"
-    final = scratch / f"{os.getpid()}-self-store.dcm"
-    try:
-        scratch.mkdir(exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"\0" * 128 + b"DICM" + b"self-store of the Storage SCP\n" * 128)
-            os.replace(tmp, final)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dfd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        final.unlink()
-        return ""
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        final.unlink(missing_ok=True)
-        return store_error_words(exc)
 
 
 def process_usage() -> tuple[int, int, int]:

@@ -9,13 +9,12 @@ in the store, and gathers counts, disk use and the last import and export result
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.jobs.results import JobResult, last_results, record_result
-from appliance.store.disk import store_error_words
+from appliance.store.disk import self_store
 
 if TYPE_CHECKING:
     from appliance.store.store import Store
@@ -179,21 +178,9 @@ def loopback(bind: str) -> str:
 
 
 def store_problem(data_dir: Path) -> str:
-    """Write, fsync and remove a small file in the store; return "" or what is wrong."""
-    probe = data_dir / "tmp" / f"{os.getpid()}-health-check.part"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"health check\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
-        return ""
-    except OSError as exc:
-        probe.unlink(missing_ok=True)
-        return store_error_words(exc)
-
+    """Store a small file as an object is stored (see :func:`appliance.store.disk.self_store`);
+    return "" or what is wrong."""
+    return self_store(data_dir, "health-check")
 
 
 def check(

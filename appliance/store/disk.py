@@ -74,3 +74,28 @@ def store_error_words(exc: OSError) -> str:
     if exc.errno == errno.EIO:
         return "store degraded: input/output error (disk failing?)"
     return f"store not writable: {exc.strerror}"
+
+
+def self_store(data_dir: Path, name: str = "self-store") -> str:
+    """Store a small file the way an object is stored (temp file in ``tmp/``, write,
+    fsync, rename into ``scratch/``, fsync of the folder), then remove it; return "" or
+    what went wrong, in words. ``scratch/`` is never indexed or exported."""
+    scratch = data_dir / "scratch"
+    tmp = data_dir / "tmp" / f"{os.getpid()}-{name}.part"
+    final = scratch / f"{os.getpid()}-{name}.dcm"
+    try:
+        scratch.mkdir(exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 128 + b"DICM" + b"self-store of the Storage SCP\n" * 128)
+            os.replace(tmp, final)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(scratch)
+        final.unlink()
+        return ""
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        return store_error_words(exc)
