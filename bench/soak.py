@@ -11,7 +11,7 @@ Starts ``appliance scp`` on a free loopback port with a data directory of its ow
   object from the shared corpus (``../shared/dicom-samples``: a CT, an MR and an RT
   Structure Set in turn), rewritten with pydicom to a fresh SOP Instance UID (ten objects
   to a series), as scanners do;
-* in the background, at a modest rate, the generators of ``bench/hostile.py``: a connect
+* in the background, at a modest rate, the generators of ``bench/hostile/``: a connect
   flood (300 bare connects every 30 s), slow peers (2 trickling inside an association and 2
   trickling an A-ASSOCIATE-RQ, every 40 s), memory bombs (a 64 MiB never-ending command and
   50 headers announcing 1 MiB PDUs, every 60 s), fuzzing (batches of 50 mutated PDUs, seed
