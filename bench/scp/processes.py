@@ -1,0 +1,267 @@
+"""The processes of a bench-scp run: the DCMTK tools found on PATH, a receiver started in its
+own session (ready once it answers C-ECHO, its memory and CPU read from ``/proc``, stopped with
+SIGTERM) and the storescu senders, timed."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from appliance.conformance import CLIENT_AE_TITLE
+
+LOOPBACK = "127.0.0.1"
+#: Environment of every DCMTK tool: DCMTK reads TCP_NODELAY from it. Without it, Nagle's
+#: algorithm and delayed ACKs add ~40 ms to every small message.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: Our SCP, started the way the console script would, without needing it installed.
+OURS_ARGV = (
+    *(sys.executable, "-c", "from appliance.cli import main; raise SystemExit(main())"),
+    *("--data-dir", "{data_dir}", "scp", "-aet", "{aet}", "-pdu", "{pdu}"),
+    *("--max-associations", "{max_associations}", "--bind", LOOPBACK, "{port}"),
+)
+#: What ours stored, under its data directory (see appliance/store/store.py).
+OURS_COUNT = "objects/**/*.dcm"
+#: The sink (bench/sink.py): our acceptor, every data set dropped; it writes its count to
+#: {data_dir}/received on SIGTERM.
+SINK_ARGV = (
+    *(sys.executable, "-m", "bench.sink", "--data-dir", "{data_dir}", "--aet", "{aet}", "--pdu", "{pdu}"),
+    *("--max-associations", "{max_associations}", "--bind", LOOPBACK, "{port}"),
+)
+SINK_COUNT_FILE = "received"
+#: Durable commits timed per series and round with --floor.
+FLOOR_COMMITS = 50
+STORESCP_ARGV = ("storescp", "-aet", "{aet}", "-pdu", "{pdu}", "-dhl", "-od", "{data_dir}", "{port}")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+class RunError(Exception):
+    """One run could not be completed or its result is wrong."""
+
+
+def usage_error(message: str) -> NoReturn:
+    """Stop with ``message`` and exit status 2, as argparse does."""
+    print(f"bench-scp: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class Dcmtk:
+    """Paths of the DCMTK tools used."""
+
+    storescu: str
+    storescp: str
+    echoscu: str
+
+    @classmethod
+    def find(cls) -> Dcmtk:
+        """The first DCMTK build of each tool on PATH.
+
+        pynetdicom installs look-alike ``storescu``/``storescp``/``echoscu`` scripts (into a
+        venv's bin, for one), so a name alone may not be DCMTK's: ask each for its version.
+        """
+        found, missing = {}, []
+        for tool in ("storescu", "storescp", "echoscu"):
+            for directory in os.get_exec_path():
+                candidate = os.path.join(directory, tool)
+                if not os.access(candidate, os.X_OK):
+                    continue
+                try:
+                    version = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    continue
+                if "dcmtk" in version.stdout.lower():
+                    found[tool] = candidate
+                    break
+            else:
+                missing.append(tool)
+        if missing:
+            usage_error(f"DCMTK's {', '.join(missing)} not found on PATH (apt-get install dcmtk)")
+        return cls(**found)
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def with_log(message: str, log: Path, lines: int = 8) -> str:
+    """``message``, followed by the last ``lines`` of ``log`` if it has any."""
+    try:
+        tail = log.read_text(errors="replace").rstrip().splitlines()[-lines:]
+    except OSError:
+        tail = []
+    return "\n".join([message] + ["    | " + line for line in tail])
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its live (or zombie) descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _tree_usage(root: int) -> tuple[int, float]:
+    """Summed VmHWM (KiB) and CPU seconds (own + reaped children) of ``root``'s tree."""
+    hwm_kib, ticks = 0, 0
+    for pid in _process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                hwm_kib += int(line.split()[1])
+    return hwm_kib, ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Stopped:
+    """How a receiver ended, and its usage just before it was told to stop."""
+
+    exit_status: int  # as subprocess reports it: negative for a signal
+    peak_rss_kib: int
+    cpu_s: float
+    terminated: bool  # it was running and got SIGTERM (not: it had already exited)
+    killed: bool  # it did not stop within STOP_TIMEOUT of SIGTERM
+
+
+class ReceiverProcess:
+    """A receiver running in its own session, with its output in ``log``."""
+
+    def __init__(self, argv: list[str], log: Path, cwd: Path | None, env: dict[str, str]) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+
+    def wait_until_ready(self, echoscu: str, port: int, aet: str) -> None:
+        """Return once the receiver answers C-ECHO (DCMTK echoscu); raise if it never does."""
+        deadline = time.monotonic() + START_TIMEOUT
+        argv = [echoscu, "-aet", CLIENT_AE_TITLE, "-aec", aet, "-to", "2", "-ta", "2", "-td", "2", LOOPBACK, str(port)]
+        while True:
+            if self.proc.poll() is not None:
+                raise RunError(
+                    with_log(f"exited with status {self.proc.returncode} before answering C-ECHO", self.log)
+                )
+            try:
+                if subprocess.run(argv, env=DCMTK_ENV, capture_output=True, timeout=10).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                raise RunError(with_log(f"did not answer C-ECHO within {START_TIMEOUT:.0f} s", self.log))
+            time.sleep(0.05)
+
+    def usage(self) -> tuple[int, float]:
+        """Summed VmHWM (KiB) and CPU seconds so far of the receiver's process tree.
+
+        Not ru_maxrss: a child forked from this (large) Python process inherits its
+        high-water mark across exec, so wait4() would report ours, not the receiver's.
+        """
+        return _tree_usage(self.proc.pid)
+
+    def stop(self) -> Stopped:
+        """Take the usage, SIGTERM, wait (SIGKILL after STOP_TIMEOUT); report how it ended."""
+        if self.proc.poll() is not None:
+            return Stopped(self.proc.returncode, 0, 0.0, terminated=False, killed=False)
+        hwm_kib, cpu_s = self.usage()
+        self.proc.send_signal(signal.SIGTERM)
+        killed = False
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            killed = True
+            self._kill_group()
+            self.proc.wait()
+        self._kill_group()  # anything the receiver left behind
+        return Stopped(self.proc.returncode, hwm_kib, cpu_s, terminated=True, killed=killed)
+
+    def kill(self) -> None:
+        """Make sure nothing of the receiver survives (for ``finally``)."""
+        if self.proc.returncode is None:
+            self._kill_group()
+            self.proc.wait()
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def send(storescu: str, parts: list[tuple[Path, ...]], port: int, args: argparse.Namespace, log_dir: Path) -> float:
+    """Run one storescu per part, all at once; return the seconds until the last exits."""
+    aet, pdu, timeout = args.aet, args.pdu, args.timeout
+    argv = [
+        storescu,
+        *("-aet", CLIENT_AE_TITLE, "-aec", aet),
+        *("-xi", "-R"),  # propose Implicit VR LE only, and only the SOP classes of the files
+        *("-pdu", str(pdu)),
+        *("-to", "10", "-ta", "30", "-ts", "60"),  # connection, ACSE and socket timeouts
+        *(LOOPBACK, str(port)),
+    ]
+    log_paths = [log_dir / f"storescu-{i + 1}.log" for i in range(len(parts))]
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as logs:
+        try:
+            start = time.perf_counter()
+            for files, log_path in zip(parts, log_paths, strict=True):
+                log = logs.enter_context(open(log_path, "wb"))
+                command = argv + [str(f) for f in files]
+                procs.append(
+                    subprocess.Popen(
+                        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+                    )
+                )
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            elapsed = time.perf_counter() - start
+        except subprocess.TimeoutExpired:
+            raise RunError(f"storescu did not finish within {timeout:.0f} s") from None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for p, log_path in zip(procs, log_paths, strict=True):
+        if p.returncode != 0:
+            raise RunError(with_log(f"{log_path.stem} of {len(procs)} exited with status {p.returncode}", log_path))
+    return elapsed

@@ -1,0 +1,156 @@
+"""The figures of bench-scp: medians over the rounds per case and receiver, ours/DCMTK ratios,
+and the printed table, floor and problems."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench import series as seriesgen
+from bench.scp.runs import Case, Receiver, Run
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[Run], cases: list[Case], receivers: list[Receiver]) -> list[dict[str, Any]]:
+    """Per case and receiver: throughput, latency and resource figures over the good runs."""
+    rows = []
+    for case in cases:
+        for receiver in receivers:
+            mine = [r for r in runs if r.case == case.name and r.receiver == receiver.name]
+            good = [r for r in mine if r.ok]
+            row: dict[str, Any] = {"case": case.name, "receiver": receiver.name, "runs": len(mine), "ok": len(good)}
+            if good:
+                echoes = [e for r in good for e in r.echo_ms]
+                assocs = [r.assoc_ms for r in good if r.assoc_ms is not None]
+                row |= {
+                    "images_per_s": _stats([r.images_per_s for r in good]),
+                    "mb_per_s": _stats([r.mb_per_s for r in good]),
+                    "seconds": _stats([r.seconds for r in good if r.seconds is not None]),
+                    "peak_rss_mib": max((r.peak_rss_kib or 0) for r in good) / 1024,
+                    "cpu_ms_per_image": statistics.median((r.cpu_s or 0.0) * 1e3 / r.images for r in good),
+                    "echo_ms": statistics.median(echoes) if echoes else None,
+                    "assoc_ms": statistics.median(assocs) if assocs else None,
+                }
+            rows.append(row)
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Ours' median images/s over DCMTK's, per case."""
+    by_key = {(r["case"], r["receiver"]): r for r in rows}
+    out: dict[str, float | None] = {}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours, dcmtk = by_key.get((case, "ours"), {}), by_key.get((case, "dcmtk"), {})
+        if "images_per_s" in ours and "images_per_s" in dcmtk:
+            out[case] = ours["images_per_s"]["median"] / dcmtk["images_per_s"]["median"]
+        else:
+            out[case] = None
+    return out
+
+
+COLUMNS = (
+    "case",
+    "receiver",
+    "ok",
+    "images/s med [min..max]",
+    "MB/s med [min..max]",
+    "peak RSS",
+    "CPU/img",
+    "echo",
+    "assoc",
+)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    """One row of the table: the case, the receiver and its figures."""
+    cells = [row["case"], row["receiver"], f"{row['ok']}/{row['runs']}"]
+    if "images_per_s" not in row:
+        return cells + ["-"] * (len(COLUMNS) - len(cells))
+
+    def spread(s: dict[str, float]) -> str:
+        return f"{s['median']:.1f} [{s['min']:.1f}..{s['max']:.1f}]"
+
+    def ms(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f} ms"
+
+    return cells + [
+        spread(row["images_per_s"]),
+        spread(row["mb_per_s"]),
+        f"{row['peak_rss_mib']:.0f} MiB",
+        ms(row["cpu_ms_per_image"], 2),
+        ms(row["echo_ms"], 3),
+        ms(row["assoc_ms"], 2),
+    ]
+
+
+def print_report(rows: list[dict[str, Any]], case_ratios: dict[str, float | None], header: list[str]) -> None:
+    """The header lines, the table, and the ratio of each case."""
+    print()
+    print("\n".join(header))
+    print()
+    table = [list(COLUMNS)] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    for n, line in enumerate(table):
+        # the names left-aligned, the figures right-aligned
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    print("ours/DCMTK, median images/s (1.00 = parity, below 1 = ours slower):")
+    for case, ratio in case_ratios.items():
+        if ratio is None:
+            print(f"  {case:8}  -     (no successful runs on one side)")
+        else:
+            print(f"  {case:8}  {ratio:.2f}  (ours takes {1 / ratio:.2f}x DCMTK's time)")
+
+
+def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], series: list[seriesgen.Series]) -> None:
+    """The least time per image a receiver that commits each object durably before it
+    answers can take over one association, next to DCMTK's and ours.
+
+    With one association storescu waits for each answer, so nothing overlaps the commit:
+    such a receiver needs at least what the sink needs (sender, loopback, our protocol
+    code) plus one durable commit of an object of that size."""
+    by_key = {(r["case"], r["receiver"]): r for r in rows}
+
+    def ms(case: str, receiver: str) -> float | None:
+        row = by_key.get((case, receiver), {})
+        return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
+
+    print("\none association, ms per image (medians):")
+    for s in series:
+        case = f"{s.spec.modality} x1"
+        dcmtk, ours, sink = ms(case, "dcmtk"), ms(case, "ours"), ms(case, "sink")
+        commits = floors.get(s.spec.modality)
+        if dcmtk is None or ours is None or sink is None or not commits:
+            print(f"  {case:8}  -  (a run failed)")
+            continue
+        commit = statistics.median(commits) * 1e3
+        least = sink + commit
+        print(
+            f"  {case:8}  DCMTK {dcmtk:.2f}; sink {sink:.2f} + durable commit of {s.nbytes // len(s.files) // 1000} kB "
+            f"{commit:.2f} = at least {least:.2f} for a durable receiver (at best {dcmtk / least:.2f}x DCMTK); "
+            f"ours {ours:.2f} ({dcmtk / ours:.2f}x)"
+        )
+
+
+def report_problems(runs: list[Run]) -> None:
+    """Print the warnings (grouped) and the failed runs."""
+    warnings: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        if r.warning:
+            warnings.setdefault((r.receiver, r.warning.splitlines()[0]), []).append(r)
+    if warnings:
+        print("\nwarnings:")
+        for (receiver, first_line), which in warnings.items():
+            print(f"  {receiver}: {first_line} ({len(which)} of {len(runs)} runs)")
+            for line in (which[0].warning or "").splitlines()[1:]:
+                print(line)
+    failures = [r for r in runs if r.error]
+    if failures:
+        print(f"\nFAILED: {len(failures)} of {len(runs)} runs (left out of the figures above):")
+        for r in failures:
+            print(f"  round {r.round} {r.case} {r.receiver}: {r.error}")
