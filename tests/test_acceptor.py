@@ -288,3 +288,56 @@ def test_the_scp_report_says_when_it_does_not_accept(server):
     assert "has not reported" in health.scp_report_view(fields, 60.0, 600.0)[0]
     assert "cannot store" in health.scp_report_view({**fields, "X_ACCEPTING": "1",
                                                      "X_SELF_STORE": "store degraded: read-only"}, 1.0, 60.0)[0]
+
+
+def _without_abstract_syntax(rq: bytes) -> bytes:
+    """``rq`` with its first presentation context's abstract syntax sub-item (0x30) cut out,
+    every length fixed: a context that negotiation cannot read (found by the soak's fuzz)."""
+    pos = 6 + 68  # items after the fixed fields
+    while rq[pos] != 0x20:
+        pos += 4 + struct.unpack_from(">H", rq, pos + 2)[0]
+    (item_len,) = struct.unpack_from(">H", rq, pos + 2)
+    sub = pos + 8  # context id, 3 reserved bytes
+    assert rq[sub] == 0x30
+    sub_len = 4 + struct.unpack_from(">H", rq, sub + 2)[0]
+    item = rq[pos:sub] + rq[sub + sub_len : pos + 4 + item_len]
+    item = item[:2] + struct.pack(">H", len(item) - 4) + item[4:]
+    body = rq[6:pos] + item + rq[pos + 4 + item_len :]
+    return rq[:2] + struct.pack(">L", len(body)) + body
+
+
+def test_a_presentation_context_without_an_abstract_syntax_is_one_warning(server, caplog):
+    with caplog.at_level(logging.DEBUG):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.settimeout(10)
+        s.sendall(_without_abstract_syntax(associate_rq_pdu()))
+        assert read_pdu(s)[0] == A_ABORT
+        s.close()
+        wait_for(lambda: server.server.active() == 0, what="the slot to free up")
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert [r for r in caplog.records if "malformed presentation context" in r.getMessage()]
+    r = run([dcmtk("echoscu"), "-to", "5", "-aec", server.ae_title, "127.0.0.1", str(server.port)])
+    assert r.returncode == 0, r.stderr
+
+
+def test_library_warnings_go_to_debug_not_the_journal(capsys):
+    import warnings
+
+    from appliance import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        _warnings_to_debug(logs, warnings, capsys)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+
+
+def _warnings_to_debug(logs, warnings, capsys) -> None:  # type: ignore[no-untyped-def]
+    logs.setup(0)
+    logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.x'")
+    warnings.warn("Invalid value for VR UI", UserWarning, stacklevel=1)
+    assert "Invalid value" not in capsys.readouterr().err
+    logs.setup(2)
+    logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.y'")
+    assert "DEBUG pydicom: Invalid value for VR UI: '1.2.y'" in capsys.readouterr().err

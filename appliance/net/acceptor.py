@@ -282,7 +282,7 @@ class Acceptor:
         """Accept and read A-ASSOCIATE-RQs until :meth:`stop`. Whatever goes wrong in one
         round is logged and the loop goes on: a Storage SCP that stops accepting while its
         process lives is the worst failure it can have."""
-        self._quiet.thread = threading.get_ident()
+        self._quiet.threads.add(threading.get_ident())
         failures = 0
         while not self._stopping.is_set():
             try:
@@ -554,7 +554,11 @@ class Acceptor:
     def _accept_association(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> Association:
         """Negotiate the presentation contexts and send the A-ASSOCIATE-AC."""
         rq_contexts = primitive.presentation_context_definition_list
-        results, _ = negotiate_as_acceptor(rq_contexts, self._supported, None)
+        try:
+            with self._quiet.here():
+                results, _ = negotiate_as_acceptor(rq_contexts, self._supported, None)
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed contexts
+            raise ProtocolError(f"malformed presentation context in the A-ASSOCIATE-RQ ({_brief(exc)})") from None
         accepted = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
         peer_max = 0
         for item in primitive.user_information:

@@ -10,6 +10,7 @@ logger (:class:`RateLimitedLog` writes to the logger it is given).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Container
+from typing import Callable, Container, Iterator
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import (
@@ -277,15 +278,26 @@ class RateLimitedLog:
 
 
 class QuietPynetdicom(logging.Filter):
-    """Drops pynetdicom's log records while it decodes a peer's PDU in the accept thread:
+    """Drops pynetdicom's log records in the threads that decode and negotiate a peer's
+    A-ASSOCIATE-RQ (the accept thread always, an association's thread while it negotiates):
     a malformed A-ASSOCIATE-RQ is our one warning line, not pynetdicom's traceback."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.thread: int | None = None
+        self.threads: set[int] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread
+        return record.thread not in self.threads
+
+    @contextlib.contextmanager
+    def here(self) -> Iterator[None]:
+        """Quiet pynetdicom in this thread for the ``with`` block."""
+        ident = threading.get_ident()
+        self.threads.add(ident)
+        try:
+            yield
+        finally:
+            self.threads.discard(ident)
 
 
 def pynetdicom_loggers() -> list[logging.Logger]:
