@@ -30,6 +30,15 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
+class _ToDebug(logging.Filter):
+    """Logs a record at DEBUG, whatever level it was made at (and drops it unless the root
+    logger is at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup(verbosity: int = 0) -> None:
     """Configure the root logger: WARNING by default, INFO with -v, DEBUG with -d.
 
@@ -48,5 +57,13 @@ def setup(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Library warnings (pydicom's "Invalid value for VR UI", Python's UserWarning) are the
+    # library talking to a programmer: DEBUG, never the operator's journal. A peer's bad
+    # values are reported by our own refusals, once each.
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "pydicom"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToDebug) for f in logger.filters):
+            logger.addFilter(_ToDebug())
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level <= logging.DEBUG and verbosity >= 2
                                              else logging.WARNING)
