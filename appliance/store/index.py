@@ -21,6 +21,8 @@ from appliance.errors import StoreDiskError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
+#: Page cache of one index connection, in KiB.
+_CACHE_KIB = 1024
 SCHEMA_VERSION = 1
 
 #: Idle connections kept for the next call; more are opened while needed and closed after.
@@ -241,6 +243,9 @@ class Index:
             # Durability comes from the fsynced object files: an index row lost in a power
             # cut is rebuilt from its file at the next start (Store.recover).
             con.execute("PRAGMA synchronous=NORMAL")
+            # Each pooled connection keeps its own page cache: 1 MiB each (SQLite's default
+            # is 2 MiB) bounds what the pool holds as the index grows.
+            con.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             con.execute("PRAGMA foreign_keys=ON")
         except BaseException:
             con.close()
