@@ -1,4 +1,8 @@
-"""Helpers of ``scripts/bench-scp``: the generated series and a bare C-ECHO client.
+"""The benchmarks' and the soak run's code; ``scripts/`` holds their thin launchers.
 
-Not part of the appliance package (``pyproject.toml`` packages ``appliance*`` only).
+``scp/`` is ``scripts/bench-scp`` (our SCP against DCMTK's storescp), ``soak`` is
+``scripts/soak``, ``hostile/`` the hostile peers the soak run and ``tests/test_soak.py``
+use, ``sink`` a receiver that stores nothing, ``series`` and ``echo`` generated series and a
+bare C-ECHO client, ``launch`` what every launcher does. Not part of the appliance package
+(``pyproject.toml`` packages ``appliance*`` only).
 """
