@@ -28,8 +28,10 @@ def _orphaned(supervisor: str | None) -> bool:
 def cmd_scp(args: argparse.Namespace) -> int:
     """Run the Storage SCP in the foreground until SIGTERM or SIGINT."""
     supervisor = os.environ.get(config.SUPERVISOR_PID) if args.listen_fd is not None else None
-    from appliance.net.scp import StorageServer
+    from appliance.net.scp import StorageServer, limit_malloc_arenas
     from appliance.store.ingest import Ingest
+
+    limit_malloc_arenas()
 
     cfg = config.with_overrides(
         load_config(args),

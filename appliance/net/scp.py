@@ -100,6 +100,30 @@ class StorageServer:
         return self._acceptor.state()
 
 
+#: glibc's mallopt(3) parameter M_ARENA_MAX.
+_M_ARENA_MAX = -8
+#: Malloc arenas the SCP process may use. glibc gives threads up to 8 per core, and each keeps
+#: the memory its threads freed: with a thread per association, RSS rose by about 13 MiB
+#: over a 30-minute soak and stayed there. Two arenas serve 2 cores' worth of threads.
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process (call before starting threads); False
+    where it cannot be done (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def process_usage() -> tuple[int, int, int]:
     """This process's open descriptors, threads and resident memory in KiB."""
     try:
