@@ -116,6 +116,21 @@ class StudySummary:
 
 
 @dataclass(frozen=True)
+class StudyUsage:
+    """One study as deletion and retention see it: its patient, when it last received an
+    object, and how many objects and bytes it holds."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str | None
+    first_received: str
+    last_received: str
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class RecentStudy:
     """One of the latest studies: its date, modalities (comma-separated) and number of instances."""
 
@@ -340,6 +355,27 @@ class Index:
         con.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
         con.execute("DELETE FROM patients WHERE id NOT IN (SELECT patient FROM studies)")
 
+    def remove_instances(self, rows: list[tuple[str, str]]) -> int:
+        """Delete the instances given as (SOP Instance UID, path) in one transaction, each
+        only if its row still names that path, and their series/study/patient rows once
+        empty; return how many rows were deleted."""
+        removed = 0
+        with self._writing("the index could not drop rows") as con:
+            series = set()
+            for uid, path in rows:
+                r = con.execute("SELECT series_uid FROM instances WHERE sop_instance_uid = ? AND path = ?",
+                                (uid, path)).fetchone()
+                if r is None:
+                    continue
+                con.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (uid,))
+                series.add(r[0])
+                removed += 1
+            for s in series:
+                con.execute("UPDATE series SET volume_stale = 1 WHERE series_uid = ?", (s,))
+            if removed:
+                self._prune(con)
+        return removed
+
     def clear(self) -> None:
         """Delete every row (before a rebuild)."""
         with self._writing("the index could not be cleared") as con:
@@ -458,6 +494,33 @@ class Index:
                              r["nseries"], r["n"])
                 for r in con.execute(_STUDY_LISTING)
             ]
+
+    def study_usage(self, study_uids: list[str] | None = None) -> list[StudyUsage]:
+        """Return every study (or those of ``study_uids`` that are stored) with its size,
+        least recently received first."""
+        sql = ("SELECT st.study_uid, st.study_date, st.first_received, st.last_received, p.patient_id,"
+               " p.patient_name, count(i.sop_instance_uid) AS n, coalesce(sum(i.size), 0) AS bytes"
+               " FROM studies st JOIN patients p ON p.id = st.patient"
+               " LEFT JOIN series s ON s.study_uid = st.study_uid"
+               " LEFT JOIN instances i ON i.series_uid = s.series_uid")
+        args: tuple[str, ...] = ()
+        if study_uids is not None:
+            if not study_uids:
+                return []
+            sql += f" WHERE st.study_uid IN ({', '.join('?' * len(study_uids))})"
+            args = tuple(study_uids)
+        sql += " GROUP BY st.study_uid ORDER BY st.last_received, st.study_uid"
+        with self._connection(_READ) as con:
+            return [StudyUsage(r["study_uid"], r["patient_id"], r["patient_name"], r["study_date"],
+                               r["first_received"], r["last_received"], r["n"], r["bytes"])
+                    for r in con.execute(sql, args)]
+
+    def studies_of_patient(self, patient_id: str) -> list[str]:
+        """Return the studies of every patient with this Patient ID, least recently received first."""
+        with self._connection(_READ) as con:
+            return [r[0] for r in con.execute(
+                "SELECT st.study_uid FROM studies st JOIN patients p ON p.id = st.patient"
+                " WHERE p.patient_id = ? ORDER BY st.last_received", (patient_id,))]
 
     def recent_studies(self, limit: int) -> list[RecentStudy]:
         """Return the ``limit`` studies last received, latest first."""

@@ -91,6 +91,18 @@ class UidLocks:
             finally:
                 _ofd_lock(fd, bucket, fcntl.F_UNLCK)
 
+    @contextlib.contextmanager
+    def hold_many(self, uids: list[str]) -> Iterator[None]:
+        """Hold the locks of every bucket of ``uids`` at once, taken in bucket order (a
+        holder of one bucket never waits for a lower one, so this cannot deadlock with it)."""
+        buckets: dict[int, str] = {}
+        for uid in uids:
+            buckets.setdefault(zlib.crc32(uid.encode("utf-8", "surrogateescape")) % _UID_LOCK_BUCKETS, uid)
+        with contextlib.ExitStack() as stack:
+            for bucket in sorted(buckets):
+                stack.enter_context(self.hold(buckets[bucket]))
+            yield
+
     def _descriptor(self) -> int | None:
         if self._fd is None and _F_OFD_SETLKW is not None:
             with self._lock:
@@ -170,11 +182,18 @@ class Placer:
                     os.replace(old_path, dest)
                     moved = dest
                     fsync_dir(self.superseded)
-                if not final.parent.is_dir():
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    fsync_dir(final.parent.parent)
-                    fsync_dir(final.parent.parent.parent)
-                os.replace(tmp, final)
+                for attempt in range(3):
+                    if not final.parent.is_dir():
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        fsync_dir(final.parent.parent)
+                        fsync_dir(final.parent.parent.parent)
+                    try:
+                        os.replace(tmp, final)
+                        break
+                    except FileNotFoundError:
+                        # A deletion removed the (empty) series folder just now: make it again.
+                        if attempt == 2 or not tmp.exists():
+                            raise
                 placed = True
                 os.fsync(fd)  # ENOSPC of delayed allocation (or a thin disk) shows up here
                 fsync_dir(final.parent)

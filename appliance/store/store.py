@@ -27,6 +27,7 @@ placing of one object), ``disk`` (OSError as StoreError, fsync, free space) and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,14 +42,17 @@ from appliance.config import DuplicatePolicy
 from appliance.conformance import TransferSyntax
 from appliance.dicom import attributes, dicomio, volume
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.store import lifecycle
+from appliance.store import deletion, lifecycle
 from appliance.store.disk import disk_usage_percent, free_bytes, remove_temp, store_error
+from appliance.store.deletion import DeleteReport, DeletionRefused
 from appliance.store.index import (Index, InstanceRow, InstanceSummary, RecentStudy, SeriesSummary,
-                                   StudySummary)
+                                   StudySummary, StudyUsage)
+from appliance.store.marks import StudyMark, StudyMarks, busy, delete_lock
 from appliance.store.placing import DuplicateConflict, Placer, StoredObject
 
 #: What callers import from here: the store's parts behind Store are its own business.
-__all__ = ["DuplicateConflict", "Store", "StoredObject", "disk_usage_percent", "path_component"]
+__all__ = ["DeleteReport", "DeletionRefused", "DuplicateConflict", "Store", "StoredObject", "StudyMark",
+           "StudyUsage", "disk_usage_percent", "path_component"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class Store:
         self.index = Index(data_dir / "index.sqlite")
         self._writer = lifecycle.Writer(data_dir)
         self._placer = Placer(data_dir, self.superseded, self.index, self._writer)
+        self._marks: StudyMarks | None = None
 
     # -- lifecycle (see appliance.store.lifecycle) ------------------------------
 
@@ -97,6 +102,14 @@ class Store:
         alone = self._writer.become()
         lifecycle.clear_tmp(self.tmp)
         result = {"indexed": 0, "dropped": 0}
+        # A deletion cut short by a crash is finished first, or recovery would index its files
+        # again (unless another process is deleting right now: it finishes them itself).
+        with delete_lock(self.data_dir, wait=False) as locked:
+            if locked:
+                try:
+                    deletion.finish_pending(self)
+                except (StoreFullError, StoreDiskError) as exc:
+                    self._writer.note_mismatch(f"finishing an interrupted deletion did not work: {exc}")
         if alone and self._writer.unclean:
             try:
                 result = self.recover()
@@ -249,6 +262,51 @@ class Store:
         return self._placer.commit(
             tmp, fd, final, attrs["sop_instance_uid"], body, transfer_syntax,
             lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags), policy)
+
+    # -- deleting (see appliance.store.deletion) and study marks (appliance.store.marks) --
+
+    def hold_uids(self, uids: list[str]) -> contextlib.AbstractContextManager[None]:
+        """Hold the SOP Instance UID locks of ``uids``: no object with one of them is stored meanwhile."""
+        return self._placer.uid_locks.hold_many(uids)
+
+    def delete_studies(self, study_uids: list[str], *, what: str = "",
+                       quiet_seconds: float = deletion.DEFAULT_QUIET_SECONDS, reason: str = "asked") -> DeleteReport:
+        """Delete whole studies, crash-safely (see :func:`appliance.store.deletion.delete_studies`)."""
+        return deletion.delete_studies(self, study_uids, what=what, quiet_seconds=quiet_seconds, reason=reason)
+
+    def delete_series(self, series_uids: list[str], *, quiet_seconds: float = deletion.DEFAULT_QUIET_SECONDS,
+                      reason: str = "asked") -> DeleteReport:
+        """Delete whole series, crash-safely (see :func:`appliance.store.deletion.delete_series`)."""
+        return deletion.delete_series(self, series_uids, quiet_seconds=quiet_seconds, reason=reason)
+
+    @property
+    def marks(self) -> StudyMarks:
+        """The studies' protected and delivered marks (kept apart from the rebuildable index)."""
+        if self._marks is None:
+            self._marks = StudyMarks(self.data_dir)
+        return self._marks
+
+    def busy(self, study_uids: list[str]) -> contextlib.AbstractContextManager[None]:
+        """Mark ``study_uids`` as being exported or sent while the block runs: no deletion takes them."""
+        return busy(self.data_dir, study_uids)
+
+    def record_delivery(self, sent_uids: set[str], to: str, at: str) -> list[str]:
+        """Record as delivered to ``to`` (by an export or send started ``at``) every study all
+        of whose objects are in ``sent_uids``; return those studies."""
+        studies = {r.study_uid for uid in sent_uids if (r := self.index.instance(uid)) is not None}
+        done = [s for s in sorted(studies)
+                if all(r.sop_instance_uid in sent_uids for r in self.index.study_instances(s))]
+        if done:
+            self.marks.delivered(done, to, at)
+        return done
+
+    def study_usage(self, study_uids: list[str] | None = None) -> list[StudyUsage]:
+        """Return every study (or those given) with its size, least recently received first."""
+        return self.index.study_usage(study_uids)
+
+    def studies_of_patient(self, patient_id: str) -> list[str]:
+        """Return the studies of every patient with this Patient ID."""
+        return self.index.studies_of_patient(patient_id)
 
     # -- reading ---------------------------------------------------------------
 
