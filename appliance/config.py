@@ -133,6 +133,54 @@ class UsbConfig:
     policy: ExportPolicy = ExportPolicy.SINCE_LAST_EXPORT
 
 
+class RetentionPolicy(enum.StrEnum):
+    """Which studies retention may delete."""
+
+    #: Only studies that reached somewhere else: every object exported to USB or sent
+    #: to a remote SCP since it was last received (default).
+    DELIVERED = "delivered"
+    #: Any study that is not protected, delivered or not.
+    UNCONDITIONAL = "unconditional"
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Deleting old studies to keep the data partition from filling up (``[retention]``)."""
+
+    #: Off by default: nothing is deleted unless a person says so.
+    enabled: bool = False
+    #: Start deleting when the data partition is fuller than this: a percentage ("90%") or
+    #: the space used in GB ("40GB").
+    high_water: str = "85%"
+    #: Delete down to this ("75%", "30GB").
+    low_water: str = "75%"
+    #: Also delete studies whose last object arrived more than this many days ago (0: never).
+    max_age_days: int = 0
+    policy: RetentionPolicy = RetentionPolicy.DELIVERED
+    #: A study is left alone for this many minutes after its last object (it may still be arriving).
+    quiet_minutes: float = 10.0
+
+
+def parse_mark(value: str, what: str) -> tuple[float, str]:
+    """Parse a high- or low-water mark: ``(percent, "%")`` or ``(bytes, "B")``; raise ValueError."""
+    text = value.strip().upper().replace(" ", "")
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 1 <= pct <= 99:
+                raise ValueError
+            return pct, "%"
+        if text.endswith("GB"):
+            gb = float(text[:-2])
+            if gb <= 0:
+                raise ValueError
+            return gb * 1e9, "B"
+    except ValueError:
+        pass
+    raise ValueError(f"{what} '{value}' is not a mark; use a percentage of the data partition from 1% to 99% "
+                     "(e.g. 85%) or the space used in GB (e.g. 40GB)")
+
+
 class NetworkMode(enum.StrEnum):
     """How the appliance's network interface gets its address."""
 
@@ -167,6 +215,7 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     usb: UsbConfig = field(default_factory=UsbConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     #: Named peers for ``appliance send --to NAME``, by name.
     destinations: Mapping[str, Destination] = field(default_factory=dict)
 
@@ -237,6 +286,28 @@ def validate_network(n: NetworkConfig, where: str = "network") -> list[str]:
     return problems
 
 
+def validate_retention(r: RetentionConfig, where: str = "retention") -> list[str]:
+    """Return the problems of ``r`` (empty if it is valid)."""
+    problems = []
+    marks = []
+    for name in ("high_water", "low_water"):
+        try:
+            marks.append(parse_mark(getattr(r, name), f"{where}.{name}"))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if len(marks) == 2 and marks[0][1] == marks[1][1] and marks[1][0] >= marks[0][0]:
+        problems.append(f"{where}.low_water {r.low_water} is not below {where}.high_water {r.high_water}; "
+                        "retention deletes from the high-water mark down to the low-water mark")
+    if len(marks) == 2 and marks[0][1] != marks[1][1]:
+        problems.append(f"{where}.high_water {r.high_water} and {where}.low_water {r.low_water} must both be "
+                        "percentages or both be GB")
+    if not 0 <= r.max_age_days <= 36500:
+        problems.append(f"{where}.max_age_days {r.max_age_days} is out of range; use 0 (no age limit) to 36500")
+    if not 0 <= r.quiet_minutes <= 1440:
+        problems.append(f"{where}.quiet_minutes {r.quiet_minutes} is out of range; use 0 to 1440")
+    return problems
+
+
 #: The ranges of the ``[scp]`` limits: (field, lowest, highest).
 _SCP_LIMITS: tuple[tuple[str, float, float], ...] = (
     ("acse_timeout", 1, 3600),
@@ -271,6 +342,7 @@ def _check(cfg: Config) -> list[str]:
         problems.append(f"store.min_free_mb {st.min_free_mb} is negative")
     if not 0 < st.slice_tolerance_mm <= 10:
         problems.append(f"store.slice_tolerance_mm {st.slice_tolerance_mm} is out of range; use 0.001 to 10")
+    problems += validate_retention(cfg.retention)
     for name, d in cfg.destinations.items():
         where = f"destinations.{name}"
         if not _DESTINATION_NAME_RE.match(name):

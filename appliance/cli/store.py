@@ -50,7 +50,10 @@ def cmd_scp(args: argparse.Namespace) -> int:
         import socket
 
         sock = socket.socket(fileno=args.listen_fd)
-    server = StorageServer(cfg.scp, Ingest(store, cfg.store), sock=sock)
+    from appliance.store.retention import Retention, RetentionWorker
+
+    retention = Retention(store, cfg.retention, cfg.store.min_free_mb * 2**20)
+    server = StorageServer(cfg.scp, Ingest(store, cfg.store, make_room=retention.make_room), sock=sock)
     try:
         where = server.start()
     except PermissionError:
@@ -84,8 +87,11 @@ def cmd_scp(args: argparse.Namespace) -> int:
     )
     from appliance.net.scp import serve_until_stopped
 
+    worker = RetentionWorker(retention)
+    worker.start()
     serve_until_stopped(server, store.data_dir, notifier.send, stop, lambda: _orphaned(supervisor))
     notifier.stopping("stopping: finishing associations in flight")
+    worker.stop()
     server.stop()
     store.close(clean=True)
     return 0

@@ -76,15 +76,26 @@ class Refused(Exception):
 class Ingest:
     """Validates and stores objects into ``store`` under the ``[store]`` rules."""
 
-    def __init__(self, store: Store, rules: StoreConfig) -> None:
+    def __init__(self, store: Store, rules: StoreConfig,
+                 make_room: Callable[[int], bool] | None = None) -> None:
         self.store = store
         self.rules = rules
+        #: Called before an object is refused for space (retention): True if it freed some.
+        self.make_room = make_room
 
     def space_status(self, expected_bytes: int = 0) -> Outcome | None:
-        """Return an Out of Resources outcome if the store is below its free-space watermark."""
+        """Return an Out of Resources outcome if the store is below its free-space watermark
+        (after retention, if it is on, had its chance to make room)."""
+        min_free = self.rules.min_free_mb * 2**20
         try:
-            self.store.check_space(expected_bytes, self.rules.min_free_mb * 2**20)
+            self.store.check_space(expected_bytes, min_free)
         except StoreFullError as exc:
+            if self.make_room is not None and self.make_room(expected_bytes):
+                try:
+                    self.store.check_space(expected_bytes, min_free)
+                except StoreFullError as again:
+                    return Outcome(Status.OUT_OF_RESOURCES, str(again))
+                return None
             return Outcome(Status.OUT_OF_RESOURCES, str(exc))
         return None
 
