@@ -355,6 +355,21 @@ def test_a_series_reaches_storescp_identical_in_implicit_le_over_one_association
     # One association for the export; the others are the fixture's readiness C-ECHOs.
     assert log.count("Association Received") - log.count("Received Echo Request") == 1
     assert_received_as_stored(box, peer.received(), {d.SOPInstanceUID for d in images} | {rs.SOPInstanceUID})
+    # Half of the study stayed behind: it is not delivered, so retention keeps it.
+    assert box.marks.get() == {}
+
+
+def test_a_study_sent_whole_is_recorded_as_delivered(box, data_dir, storescp, capsys) -> None:  # type: ignore[no-untyped-def]
+    images = ct_series(3)
+    for ds in images:
+        put(box, ds)
+    peer = storescp()
+    study = images[0].StudyInstanceUID
+    assert run_cli(data_dir, "send", "-aec", PEER_AE, "127.0.0.1", peer.port, "--study", study) == 0
+    mark = box.marks.get()[study]
+    assert mark.delivered_to == f"{PEER_AE}@127.0.0.1:{peer.port}"
+    assert mark.delivered_at is not None and mark.delivered_at >= box.study_usage()[0].last_received
+    assert not list((data_dir / "busy").glob("*")), "the busy mark goes when the send ends"
 
 
 def test_a_study_sends_its_volumes_and_refuses_the_rest_with_reasons(

@@ -56,9 +56,10 @@ from appliance.conformance import (
     Status,
 )
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
-from appliance.errors import ApplianceError, ConfigError, NetworkError
+from appliance.errors import ApplianceError, ConfigError, NetworkError, StoreError
 from appliance.reports import Item, Progress, Report, sop_class_label
 from appliance.store.index import InstanceRow
+from appliance.store.marks import now as delivery_time
 from appliance.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -535,7 +536,9 @@ def send(
             progress(Progress(len(results), len(items), seconds=time.monotonic() - t0, item=r))
 
     needed = {o.sop_class_uid for o in items}
-    with send_lock(store.data_dir):
+    started_at = delivery_time()
+    # While it is being sent, no deletion takes a study (see appliance.store.marks.busy).
+    with send_lock(store.data_dir), store.busy(sorted({o.study_uid for o in plan.objects})):
         ae = _make_ae(settings, tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed))
         assoc = _associate(ae, peer, settings)
         error: str | None = None
@@ -562,8 +565,21 @@ def send(
                 assoc.release()
     report = SendReport(peer=peer, calling_ae=settings.calling_ae, items=tuple(results), refused=plan.refused,
                         network_error=error)
+    _record_delivery(store, results, _peer(peer), started_at)
     log.info("export to %s: %s", _peer(peer), report.summary().splitlines()[0])
     return report
+
+
+def _record_delivery(store: Store, results: list[ObjectResult], to: str, started_at: str) -> None:
+    """Record the studies every object of which the peer took (retention may delete them)."""
+    taken = {r.sop_instance_uid for r in results if r.outcome in (SendOutcome.SENT, SendOutcome.WARNING)}
+    try:
+        done = store.record_delivery(taken, to, started_at)
+    except StoreError as exc:
+        log.warning("could not record which studies reached %s (retention keeps them): %s", to, exc)
+        return
+    if done:
+        log.debug("delivered to %s: %s", to, ", ".join(done))
 
 
 def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) -> tuple[ObjectResult, bool]:
