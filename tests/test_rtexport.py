@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from appliance.cli import main
 from appliance.config import Config
 from appliance.conformance import SPATIAL_REGISTRATION, UID_ROOT, SOPClass, TransferSyntax, new_uid
+from appliance.dicom.dosegrid import Box, fraction_inside
 from appliance.rt.inputs import RTExportError, read_dose
 from appliance.rt.rtexport import GridOptions, build
 from appliance.store.store import Store
@@ -403,6 +404,39 @@ def test_spacings_are_configurable(box, case, dose_file) -> None:  # type: ignor
         assert [float(v) for v in ds.PixelSpacing] == [2.0, 2.0]
         assert np.allclose(np.diff([float(v) for v in ds.GridFrameOffsetVector]), 5.0)
         assert_within_bound(ds, interpolation_bound())
+
+
+# -- coverage geometry ---------------------------------------------------------------------------
+
+
+def test_fraction_inside_matches_sampling_for_boxes_in_any_orientation() -> None:
+    rng = np.random.default_rng(18)
+    partial = 0
+    for trial in range(8):
+        ra, ba = rotation(*rng.uniform(-1, 1, 3)), rotation(*rng.uniform(-1, 1, 3))
+        lo = rng.uniform(-5, 15, 3)
+        hi = lo + rng.uniform(10, 40, 3)
+        if trial >= 6:
+            hi[2] = lo[2]  # a flat box (one slice): the fraction of its area
+        to_region = np.eye(4)
+        to_region[:3, :3] = rotation(0.1, -0.05, 0.2)
+        to_region[:3, 3] = rng.uniform(-3, 3, 3)
+        # The region (in another frame and orientation) about the box's centre, shifted by up to 15 mm.
+        size = rng.uniform(20, 40, 3)
+        centre = to_region[:3, :3] @ (ba @ ((lo + hi) / 2)) + to_region[:3, 3] + rng.uniform(-15, 15, 3)
+        region = Box(tuple(centre - ra @ size / 2), (*ra[:, 0], *ra[:, 1]), (0.0, 0.0, 0.0), tuple(size))
+        box = Box((0.0, 0.0, 0.0), (*ba[:, 0], *ba[:, 1]), tuple(lo), tuple(hi))
+        got = fraction_inside(box, region, to_region=to_region, tolerance=1e-9)
+        u = lo + rng.random((400_000, 3)) * (hi - lo)
+        p = (u @ ba.T) @ to_region[:3, :3].T + to_region[:3, 3]
+        v = (p - np.asarray(region.origin)) @ ra
+        expected = float(np.mean(np.all((v >= 0) & (v <= size), axis=1)))
+        assert abs(got - expected) < 0.005, (trial, got, expected)
+        partial += 0.05 < expected < 0.95
+    assert partial >= 6  # the boxes overlap in part: the comparison is not vacuous
+    inside = Box((0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (0.0, 0.0, 0.0), (10.0, 10.0, 10.0))
+    assert fraction_inside(Box((2.0, 3.0, 4.0), (1, 0, 0, 0, 1, 0), (0.0,) * 3, (0.0,) * 3), inside) == 1.0
+    assert fraction_inside(Box((2.0, 3.0, 11.0), (1, 0, 0, 0, 1, 0), (0.0,) * 3, (0.0,) * 3), inside) == 0.0
 
 
 # -- selection and refusals ----------------------------------------------------------------------

@@ -9,10 +9,14 @@
   of reference through a 4x4 registration) at a grid's points with scipy's
   ``RegularGridInterpolator``; points outside the input are 0 and counted.
 * :func:`quantize` chooses Dose Grid Scaling so that the largest dose fits 16 stored bits.
+* :class:`Box` is the region a grid or a set of points spans; :func:`fraction_inside` says how
+  much of one box (its volume, or its area or length when it is flat) lies inside another,
+  whatever their orientations, exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +28,9 @@ from appliance.errors import ApplianceError
 ORTHONORMAL_TOLERANCE = 1e-4
 #: Points this close (mm) outside an input grid's edge count as on the edge (floating-point noise).
 EDGE_TOLERANCE_MM = 1e-6
+#: How far (mm) a point may lie beyond a box and still count as inside it, and how thin a box
+#: may be and count as flat: the rounding of coordinates written as decimal strings, clinically nothing.
+COVERAGE_TOLERANCE_MM = 0.01
 #: Interpolation methods offered (scipy's names); "linear" is trilinear.
 METHODS = ("linear", "nearest", "cubic")
 #: Stored bits of the generated RT Dose pixels. dicom3tools (dciodvfy) cannot read 32-bit
@@ -101,6 +108,88 @@ class Grid:
         relative to the origin, in mm."""
         local: np.ndarray = (np.asarray(points, dtype=float) - np.asarray(self.origin)) @ self.axes
         return local
+
+    def box(self) -> Box:
+        """The box the grid's points span, from its first to its last row, column and frame."""
+        return Box(self.origin, self.orientation,
+                   (0.0, 0.0, float(min(self.offsets))),
+                   ((self.columns - 1) * self.spacing[1], (self.rows - 1) * self.spacing[0], float(max(self.offsets))))
+
+
+@dataclass(frozen=True)
+class Box:
+    """The points ``origin + u[0] * row_dir + u[1] * col_dir + u[2] * normal`` with
+    ``lo <= u <= hi``: a box in patient coordinates (mm) along an orientation's axes."""
+
+    origin: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    lo: tuple[float, float, float]
+    hi: tuple[float, float, float]
+
+    @property
+    def axes(self) -> np.ndarray:
+        return axes_of(self.orientation)
+
+    @classmethod
+    def around(cls, points: np.ndarray, origin: tuple[float, float, float],
+               orientation: tuple[float, float, float, float, float, float]) -> Box:
+        """The smallest box along ``orientation``'s axes (coordinates from ``origin``) holding ``points`` (N, 3)."""
+        pts = np.asarray(points, dtype=float).reshape(-1, 3)
+        if not len(pts):
+            raise GeometryError("no contour points to bound")
+        local = (pts - np.asarray(origin)) @ axes_of(orientation)
+        lo, hi = local.min(axis=0), local.max(axis=0)
+        return cls(origin, orientation, (float(lo[0]), float(lo[1]), float(lo[2])),
+                   (float(hi[0]), float(hi[1]), float(hi[2])))
+
+
+def fraction_inside(box: Box, region: Box, *, to_region: np.ndarray | None = None,
+                    tolerance: float = COVERAGE_TOLERANCE_MM) -> float:
+    """The fraction (0..1) of ``box`` that lies inside ``region`` grown by ``tolerance`` mm.
+
+    The fraction is of the box's volume; of its area, length or its one point along the axes
+    on which it is thinner than ``tolerance`` (a structure drawn on one slice is flat).
+    ``to_region`` is a 4x4 matrix taking the box's coordinates into the region's frame of
+    reference (None: the same frame); the region may lie in any orientation to the box.
+    Exact up to rounding: the part inside is a convex polytope, measured from its vertices."""
+    lo, hi = np.asarray(box.lo, dtype=float), np.asarray(box.hi, dtype=float)
+    m = np.eye(4) if to_region is None else np.asarray(to_region, dtype=float)
+    # Region coordinates of the box point u: c @ u + d.
+    c = region.axes.T @ m[:3, :3] @ box.axes
+    d = region.axes.T @ (m[:3, :3] @ np.asarray(box.origin) + m[:3, 3] - np.asarray(region.origin))
+    flat = hi - lo < tolerance
+    d = d + c[:, flat] @ ((lo + hi) / 2)[flat]
+    c, lo, hi = c[:, ~flat], lo[~flat], hi[~flat]
+    n = len(lo)
+    rlo = np.asarray(region.lo, dtype=float) - tolerance
+    rhi = np.asarray(region.hi, dtype=float) + tolerance
+    # The part inside: g @ x <= h, over the box's coordinates along its n axes that are not flat.
+    g = np.vstack([np.eye(n), -np.eye(n), c, -c])
+    h = np.concatenate([hi, -lo, rhi - d, d - rlo])
+    eps = 1e-9 * max(1.0, float(np.max(np.abs(h))))
+    if n == 0:
+        return 1.0 if bool(np.all(h >= -eps)) else 0.0
+    vertices = []
+    for rows in itertools.combinations(range(len(g)), n):
+        a = g[list(rows)]
+        if abs(np.linalg.det(a)) < 1e-12:
+            continue
+        x = np.linalg.solve(a, h[list(rows)])
+        if np.all(g @ x <= h + eps):
+            vertices.append(x)
+    if len(vertices) < n + 1:
+        return 0.0
+    pts = np.asarray(vertices)
+    if n == 1:
+        measure = float(pts.max() - pts.min())
+    else:
+        from scipy.spatial import ConvexHull, QhullError  # noqa: PLC0415 - see resample
+
+        try:
+            measure = float(ConvexHull(pts).volume)  # the area when n == 2
+        except QhullError:  # the vertices span less than n dimensions: nothing inside
+            measure = 0.0
+    return min(1.0, measure / float(np.prod(hi - lo)))
 
 
 @dataclass(frozen=True)
