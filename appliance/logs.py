@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import warnings
+from typing import TextIO
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -30,13 +33,46 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
-class _ToDebug(logging.Filter):
-    """Logs a record at DEBUG, whatever level it was made at (and drops it unless the root
-    logger is at DEBUG)."""
+#: Loggers of libraries talking to a programmer, not to the operator: pydicom (and its children,
+#: e.g. ``pydicom.pixels.decoders.base``) and Python's warnings (``py.warnings``). A peer's or a
+#: disc's bad values are reported by our own refusals, once each, in words.
+LIBRARY_LOGGERS = ("pydicom", "py.warnings")
+
+
+class _LibraryToDebug(logging.Filter):
+    """On the operator's handler: a record of :data:`LIBRARY_LOGGERS` is DEBUG whatever level it
+    was made at, and dropped unless the root logger is at DEBUG; a Python warning repeating the
+    line pydicom has just logged in the same thread (its ``warn_and_log`` does both) is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+        if name == "py.warnings":
+            if getattr(record, "warning_text", None) == getattr(self._last, "text", None):
+                self._last.text = None
+                return False
+            return True
+        self._last.text = record.getMessage()
+        return True
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """``warnings.showwarning``: a warning is one DEBUG line of ``py.warnings`` (the category,
+    the text, where it was raised), not two lines of source on stderr."""
+    if file is not None:  # a caller that asked for a file gets it there, as Python would
+        file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno,
+                                           extra={"warning_text": str(message)})
 
 
 def setup(verbosity: int = 0) -> None:
@@ -50,6 +86,10 @@ def setup(verbosity: int = 0) -> None:
         level = {"debug": logging.DEBUG, "info": logging.INFO, "notice": logging.INFO,
                  "warning": logging.WARNING, "err": logging.ERROR}.get(env, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
+    # Library warnings (pydicom's "Invalid value for VR DA", Python's UserWarning) are the
+    # library talking to a programmer: DEBUG, never the operator's terminal or journal.
+    handler.addFilter(_LibraryToDebug())
+    warnings.showwarning = _show_warning
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournalFormatter())
     else:
@@ -57,13 +97,5 @@ def setup(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Library warnings (pydicom's "Invalid value for VR UI", Python's UserWarning) are the
-    # library talking to a programmer: DEBUG, never the operator's journal. A peer's bad
-    # values are reported by our own refusals, once each.
-    logging.captureWarnings(True)
-    for name in ("py.warnings", "pydicom"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _ToDebug) for f in logger.filters):
-            logger.addFilter(_ToDebug())
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level <= logging.DEBUG and verbosity >= 2
                                              else logging.WARNING)
