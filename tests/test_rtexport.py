@@ -9,6 +9,8 @@ grid rotated about all three axes, not aligned with the series.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import re
 import subprocess
@@ -31,8 +33,8 @@ from appliance.rt.inputs import RTExportError, read_dose
 from appliance.rt.rtexport import GridOptions, build
 from appliance.store.store import Store
 
-from helpers import dcmtk
-from test_sender import PEER_AE, put, storescp  # noqa: F401 - storescp is a fixture
+from helpers import dcmtk, sample
+from test_sender import PEER_AE, put, put_file, storescp  # noqa: F401 - storescp is a fixture
 
 # -- the analytic dose -----------------------------------------------------------------------
 
@@ -406,7 +408,7 @@ def test_spacings_are_configurable(box, case, dose_file) -> None:  # type: ignor
         assert_within_bound(ds, interpolation_bound())
 
 
-# -- coverage geometry ---------------------------------------------------------------------------
+# -- coverage: the part of each ROI with no image or no dose -----------------------------------
 
 
 def test_fraction_inside_matches_sampling_for_boxes_in_any_orientation() -> None:
@@ -437,6 +439,188 @@ def test_fraction_inside_matches_sampling_for_boxes_in_any_orientation() -> None
     inside = Box((0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (0.0, 0.0, 0.0), (10.0, 10.0, 10.0))
     assert fraction_inside(Box((2.0, 3.0, 4.0), (1, 0, 0, 0, 1, 0), (0.0,) * 3, (0.0,) * 3), inside) == 1.0
     assert fraction_inside(Box((2.0, 3.0, 11.0), (1, 0, 0, 0, 1, 0), (0.0,) * 3, (0.0,) * 3), inside) == 0.0
+
+
+def test_a_dose_that_misses_part_of_an_oblique_roi_is_a_warning(box, case, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    origin, pts, shape = dose_grid(half_extent=22.0)
+    write_rt_dose(tmp_path / "small.dcm", case.frame, f(pts), origin)
+    with caplog.at_level(logging.WARNING, logger="appliance.rt.rtexport"):
+        made = build(box, case.series_uid, case.ss_uid, read_dose(tmp_path / "small.dcm"))
+    cord = made.doses[1]
+    # The cord's bounding box along the oblique series' axes, sampled, against the rotated input grid.
+    local = (case.rois["Rückenmark"] - _slice_position(0)) @ case.series_axes
+    rng = np.random.default_rng(4)
+    u = local.min(axis=0) + rng.random((400_000, 3)) * (local.max(axis=0) - local.min(axis=0))
+    v = (_slice_position(0) + u @ case.series_axes.T - origin) @ DOSE_AXES
+    extent = (np.array(shape[::-1]) - 1) * DOSE_SPACING
+    expected = 1 - float(np.mean(np.all((v >= -0.01) & (v <= extent + 0.01), axis=1)))
+    assert 0.01 < expected < 0.99
+    assert cord.coverage.no_dose == pytest.approx(expected, abs=0.005)
+    assert cord.coverage.no_image == 0
+    text = f"ROI 'Rückenmark' (2): {round(100 * cord.coverage.no_dose)} % of its extent has no dose"
+    assert made.warnings == (text,)
+    assert f"warning: {text}" in made.render()
+    assert text in caplog.text
+    assert made.doses[0].coverage.warning == ""  # the PTV lies inside
+
+
+def test_a_fully_covered_case_warns_nothing(box, case, dose_file, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.WARNING):
+        made = build(box, case.series_uid, case.ss_uid, read_dose(dose_file))
+    assert made.warnings == ()
+    assert all(d.coverage.no_image == 0 and d.coverage.no_dose == 0 for d in made.doses)
+    assert "warning" not in made.render() and caplog.text == ""
+
+
+#: The real LCTSC slice is copied along z, 3 mm apart (its Slice Thickness), from this slice on.
+LCTSC_FIRST, LCTSC_SLICES = -550.2, 37
+
+
+@dataclass
+class Lctsc:
+    store: Store
+    series_uid: str
+    ss: Dataset  # the real structure set as stored
+    frame: str
+    #: The lowest and highest corner of what the slices cover (patient coordinates; the series is axial).
+    corners: tuple[np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def lctsc(tmp_path_factory) -> Lctsc:  # type: ignore[no-untyped-def]
+    """A CT series made of the LCTSC sample slice (real pixels, geometry and frame), shorter than
+    the sample structure set's ROIs, and that structure set, stored."""
+    store = Store(tmp_path_factory.mktemp("lctsc") / "data")
+    ct = dcmread(sample("ct_ele_2").path)
+    series = new_uid()
+    for k in range(LCTSC_SLICES):
+        ds = copy.deepcopy(ct)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = new_uid(), series, k + 1
+        x, y, _ = (float(v) for v in ct.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, round(LCTSC_FIRST + 3.0 * k, 6)]
+        put(store, ds)
+    put_file(store, sample("rtstruct_ile_large").path)
+    x, y, _ = (float(v) for v in ct.ImagePositionPatient)
+    dy, dx = (float(v) for v in ct.PixelSpacing)
+    lo = np.array([x, y, LCTSC_FIRST])
+    hi = np.array([x + (ct.Columns - 1) * dx, y + (ct.Rows - 1) * dy, LCTSC_FIRST + 3.0 * (LCTSC_SLICES - 1)])
+    yield Lctsc(store, series, dcmread(sample("rtstruct_ile_large").path), str(ct.FrameOfReferenceUID), (lo, hi))
+    store.close()
+
+
+def roi_boxes(ss: Dataset) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """ROI name -> (number, lowest x y z, highest x y z) of its contour points, read from the structure set."""
+    names = {int(r.ROINumber): str(r.ROIName) for r in ss.StructureSetROISequence}
+    out = {}
+    for rc in ss.ROIContourSequence:
+        pts = np.concatenate([np.array([float(v) for v in c.ContourData]).reshape(-1, 3) for c in rc.ContourSequence])
+        out[names[int(rc.ReferencedROINumber)]] = (int(rc.ReferencedROINumber), pts.min(axis=0), pts.max(axis=0))
+    return out
+
+
+def outside(lo: np.ndarray, hi: np.ndarray, elo: np.ndarray, ehi: np.ndarray) -> float:
+    """The fraction of the axis-aligned box [lo, hi] outside [elo, ehi] (a flat axis counts by its position)."""
+    inside = 1.0
+    for a, b, c, d in zip(lo, hi, elo, ehi):
+        inside *= float(c <= a <= d) if b - a < 0.01 else max(0.0, min(b, d) - max(a, c)) / (b - a)
+    return 1 - inside
+
+
+def sample_dose(path: Path, frame: str, origin: tuple[float, float, float], spacing: float, gap: float,
+                frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The pydicom RT Dose sample (10 x 10 x 15 points) as an absolute dose in ``frame``, placed at
+    ``origin`` with ``spacing`` in-plane and ``gap`` between frames, only its first ``frames`` kept.
+    Returns the lowest and highest corner of its grid."""
+    ds = dcmread(sample("rej_rtdose").path)
+    n = frames or int(ds.NumberOfFrames)
+    pixels = ds.pixel_array[:n]
+    ds.SOPInstanceUID, ds.DoseUnits, ds.FrameOfReferenceUID = new_uid(), "GY", frame
+    ds.ImagePositionPatient, ds.PixelSpacing = list(origin), [spacing, spacing]
+    ds.NumberOfFrames, ds.GridFrameOffsetVector = n, [k * gap for k in range(n)]
+    ds.PixelData = pixels.astype("<u4").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    lo = np.asarray(origin, dtype=float)
+    return lo, lo + np.array([(ds.Columns - 1) * spacing, (ds.Rows - 1) * spacing, (n - 1) * gap])
+
+
+#: The dose grid over the heart: 20 mm in-plane, 8 mm between frames (180 x 180 x 112 mm).
+HEART_DOSE = {"origin": (-60.0, -300.0, -550.0), "spacing": 20.0, "gap": 8.0}
+
+
+def check_lctsc(made, lctsc: Lctsc, dose: tuple[np.ndarray, np.ndarray], rois: dict) -> None:  # type: ignore[no-untyped-def, type-arg]
+    """Each ROI's fractions, its warning's percentages and words, against the boxes computed here."""
+    lo_img, hi_img = lctsc.corners
+    for d in made.doses:
+        number, lo, hi = rois[d.roi_name]
+        no_image, no_dose = outside(lo, hi, lo_img, hi_img), outside(lo, hi, *dose)
+        assert d.coverage.no_image == pytest.approx(no_image, abs=1e-3), d.roi_name
+        assert d.coverage.no_dose == pytest.approx(no_dose, abs=1e-3), d.roi_name
+        text = d.coverage.warning
+        if not no_image and not no_dose:
+            assert text == ""
+            continue
+        assert text.startswith(f"ROI {d.roi_name!r} ({number}): ")
+        if no_image:
+            assert f"{round(100 * no_image)} % of its extent lies outside the CT series (" in text
+            if hi[2] > hi_img[2] + 0.01:  # the contours' -550.20001 is the slice at -550.2
+                assert f"z {hi_img[2]:.1f}..{hi[2]:.1f} mm beyond the last slice at {hi_img[2]:.1f} mm" in text
+            if lo[2] < lo_img[2] - 0.01:
+                assert f"z {lo[2]:.1f}..{lo_img[2]:.1f} mm beyond the first slice at {lo_img[2]:.1f} mm" in text
+        if no_dose:
+            assert text.endswith(f"; {round(100 * no_dose)} % has no dose" if no_image else
+                                 f": {round(100 * no_dose)} % of its extent has no dose")
+    assert made.warnings == tuple(d.coverage.warning for d in made.doses if d.coverage.warning)
+
+
+def test_real_rois_past_the_last_slice_and_a_cropped_dose_are_warned_in_percent(lctsc, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rois = roi_boxes(lctsc.ss)
+    uid = str(lctsc.ss.SOPInstanceUID)
+    full = sample_dose(tmp_path / "heart.dcm", lctsc.frame, **HEART_DOSE)  # type: ignore[arg-type]
+    made = build(lctsc.store, lctsc.series_uid, uid, read_dose(tmp_path / "heart.dcm"))
+    assert {d.roi_name for d in made.doses} == set(rois)
+    check_lctsc(made, lctsc, full, rois)
+    heart = next(d for d in made.doses if d.roi_name == "Heart")
+    assert heart.coverage.warning == ""  # inside the slices and the dose grid
+    lung = next(d for d in made.doses if d.roi_name == "Lung_R")
+    assert lung.coverage.no_image > 0.2 and lung.coverage.no_dose > lung.coverage.no_image
+    # The same dose with its last 7 frames cropped: the heart's upper half has no dose.
+    cropped = sample_dose(tmp_path / "cropped.dcm", lctsc.frame, frames=8, **HEART_DOSE)  # type: ignore[arg-type]
+    made = build(lctsc.store, lctsc.series_uid, uid, read_dose(tmp_path / "cropped.dcm"), rois=["Heart", "Lung_L"])
+    check_lctsc(made, lctsc, cropped, rois)
+    assert 0.2 < made.doses[0].coverage.no_dose < 0.8 and made.doses[0].coverage.no_image == 0
+    # The CLI prints the warnings with the other lines of the export.
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    args = ["--data-dir", str(lctsc.store.data_dir), "rt-export", "--series", lctsc.series_uid, "--structure-set",
+            uid, "--dose", str(tmp_path / "cropped.dcm"), "--roi", "Heart", "--roi", "Lung_L", "--to", str(stick)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for line in made.warnings:
+        assert f"  warning: {line}\n" in out
+
+
+def test_a_shifted_roi_past_the_images_edge_is_named_by_its_side(lctsc, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ss = copy.deepcopy(lctsc.ss)
+    ss.SOPInstanceUID = new_uid()
+    number = next(int(r.ROINumber) for r in ss.StructureSetROISequence if r.ROIName == "Heart")
+    for rc in ss.ROIContourSequence:
+        if int(rc.ReferencedROINumber) == number:  # 200 mm to the patient's left, 30 mm up
+            for c in rc.ContourSequence:
+                c.ContourData = [round(float(v) + dv, 4) for v, dv in zip(c.ContourData, [200.0, 0.0, 30.0] * len(c.ContourData))]
+    path = tmp_path / "shifted.dcm"
+    ss.save_as(path, enforce_file_format=True)
+    put_file(lctsc.store, path)
+    sample_dose(tmp_path / "heart.dcm", lctsc.frame, **HEART_DOSE)  # type: ignore[arg-type]
+    made = build(lctsc.store, lctsc.series_uid, str(ss.SOPInstanceUID), read_dose(tmp_path / "heart.dcm"),
+                 rois=["Heart"])
+    _, lo, hi = roi_boxes(ss)["Heart"]
+    lo_img, hi_img = lctsc.corners
+    assert hi[0] > hi_img[0] and hi[2] > hi_img[2]
+    text = made.doses[0].coverage.warning
+    assert f"{round(100 * outside(lo, hi, lo_img, hi_img))} % of its extent lies outside the CT series" in text
+    assert (f"(x {hi_img[0]:.1f}..{hi[0]:.1f} mm beyond the last column at {hi_img[0]:.1f} mm, "
+            f"z {hi_img[2]:.1f}..{hi[2]:.1f} mm beyond the last slice at {hi_img[2]:.1f} mm)") in text
+    assert text.endswith("% has no dose")
 
 
 # -- selection and refusals ----------------------------------------------------------------------

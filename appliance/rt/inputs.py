@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from appliance.conformance import SPATIAL_REGISTRATION, SOPClass
 from appliance.dicom import dosegrid
-from appliance.dicom.dosegrid import GeometryError, Grid, Lattice
+from appliance.dicom.dosegrid import Box, GeometryError, Grid, Lattice
 from appliance.errors import ApplianceError
 from appliance.store.store import Store
 
@@ -27,7 +27,7 @@ from appliance.store.store import Store
 VOLUME_UNITS = {"GY": 1.0, "CGY": 0.01}
 _SERIES_TAGS = ["SOPClassUID", "SOPInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient",
                 "ImagePositionPatient", "PixelSpacing", "PatientID", "StudyInstanceUID",
-                "PositionReferenceIndicator", "SliceThickness"]
+                "PositionReferenceIndicator", "SliceThickness", "Rows", "Columns", "Modality"]
 
 
 class RTExportError(ApplianceError):
@@ -68,6 +68,17 @@ class Series:
     orientation_text: tuple[str, ...]
     position_reference: str
     slice_thickness: str
+    #: Rows and Columns every slice has at least (the in-plane extent all of them cover).
+    rows: int
+    columns: int
+    modality: str
+
+    def box(self) -> Box:
+        """The region the images cover: from the first to the last pixel centre of every slice,
+        and from the first slice to the last."""
+        lat = self.lattice
+        return Box(lat.origin, lat.orientation, (0.0, 0.0, 0.0),
+                   ((self.columns - 1) * lat.spacing[1], (self.rows - 1) * lat.spacing[0], lat.offsets[-1]))
 
 
 def read_series(store: Store, series_uid: str) -> Series:
@@ -122,6 +133,9 @@ def read_series(store: Store, series_uid: str) -> Series:
         tuple(str(v) for v in first.ImageOrientationPatient),
         str(first.get("PositionReferenceIndicator", "") or ""),
         str(first.get("SliceThickness", "") or ""),
+        min(int(h.get("Rows", 0) or 0) for h in headers),
+        min(int(h.get("Columns", 0) or 0) for h in headers),
+        str(first.get("Modality", "") or ""),
     )
 
 

@@ -11,6 +11,9 @@ that references every dose, the structure set and the Frame of Reference.
   geometry and frame of reference are checked; ambiguity is refused (:class:`RTExportError`).
 * Values are interpolated with :func:`appliance.dicom.dosegrid.resample` (scipy, trilinear by
   default); points outside the input are 0 and counted in the report.
+* Each ROI's bounding box is compared with the region the images cover and with the input
+  dose grid (:class:`Coverage`): a part with no image or no dose is a warning, logged and in
+  the report, in words and percent.
 * Generated objects carry new UIDs under :data:`appliance.conformance.UID_ROOT`, the
   structure set's patient, study and Specific Character Set, and are encoded once in
   Implicit VR LE; :func:`send` and :func:`write_usb` pass them, with the image series and the
@@ -33,13 +36,14 @@ import numpy as np
 from appliance.config import Config, Destination
 from appliance.conformance import new_uid
 from appliance.dicom import dosegrid
-from appliance.dicom.dosegrid import GeometryError, Grid
+from appliance.dicom.dosegrid import Box, GeometryError, Grid
 from appliance.dicom.transcode import Transcoded
 from appliance.media import exporter
 from appliance.net import sender
 from appliance.reports import Progress
 from appliance.rt.inputs import (
     DoseInput,
+    Roi,
     RTExportError,
     Series,
     read_registration,
@@ -65,9 +69,85 @@ class GridOptions:
     method: str = "linear"
 
 
+#: The words for the ends of a series' three axes (row direction, column direction, normal).
+_ENDS = (("first column", "last column"), ("first row", "last row"), ("first slice", "last slice"))
+_ALONG = ("along the rows", "along the columns", "along the slice normal")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of an ROI's bounding box (its volume; its area or length if it is flat) lies
+    outside the region the images cover, and outside the input dose grid (fractions 0..1)."""
+
+    roi_number: int
+    roi_name: str
+    modality: str
+    no_image: float
+    no_dose: float
+    #: Where the box passes the images' ends, in words ("z 105.0..120.0 mm beyond the last slice at 105.0 mm").
+    beyond: tuple[str, ...] = ()
+
+    @property
+    def warning(self) -> str:
+        """The warning for the operator, or "" when images and dose cover the whole box."""
+        parts = []
+        if self.no_image > 0:
+            where = f" ({', '.join(self.beyond)})" if self.beyond else ""
+            series = f"the {self.modality} series" if self.modality else "the image series"
+            parts.append(f"{_percent(self.no_image)} of its extent lies outside {series}{where}")
+        if self.no_dose > 0:
+            parts.append(f"{_percent(self.no_dose)} has no dose" if parts else
+                         f"{_percent(self.no_dose)} of its extent has no dose")
+        return f"ROI {self.roi_name!r} ({self.roi_number}): " + "; ".join(parts) if parts else ""
+
+
+def _percent(fraction: float) -> str:
+    """A fraction in whole percent; a part that rounds to 0 or 100 % is not called that."""
+    p = fraction * 100
+    if 0 < p < 0.5:
+        return "less than 1 %"
+    if 99.5 <= p < 100:
+        return "more than 99 %"
+    return f"{p:.0f} %"
+
+
+def coverage(roi: Roi, series: Series, dose: DoseInput, to_source: np.ndarray | None = None) -> Coverage:
+    """Compare ``roi``'s bounding box (along the series' axes) with the images of ``series``
+    and the grid of ``dose`` (``to_source``: series coordinates into the dose's, None if the same)."""
+    images = series.box()
+    box = Box.around(roi.points, images.origin, images.orientation)
+    no_image = 1 - dosegrid.fraction_inside(box, images)
+    no_dose = 1 - dosegrid.fraction_inside(box, dose.grid.box(), to_region=to_source)
+    return Coverage(roi.number, roi.name, series.modality, no_image, no_dose,
+                    _beyond(box, images) if no_image > 0 else ())
+
+
+def _beyond(box: Box, images: Box) -> tuple[str, ...]:
+    """Where ``box`` passes the ends of ``images`` (both on the series' origin and axes), in words:
+    patient coordinates along an axis that is x, y or z, else the distance along an oblique axis."""
+    tol = dosegrid.COVERAGE_TOLERANCE_MM
+    origin = np.asarray(images.origin)
+    out = []
+    for i, (first, last) in enumerate(_ENDS):
+        a = images.axes[:, i]
+        k = int(np.argmax(np.abs(a)))
+        label, base, scale = ("xyz"[k], float(origin[k]), float(a[k])) if abs(a[k]) > 1 - 1e-6 else \
+            (_ALONG[i], float(origin @ a), 1.0)
+        spans = []
+        if box.lo[i] < images.lo[i] - tol:
+            spans.append((first, box.lo[i], min(box.hi[i], images.lo[i]), images.lo[i]))
+        if box.hi[i] > images.hi[i] + tol:
+            spans.append((last, max(box.lo[i], images.hi[i]), box.hi[i], images.hi[i]))
+        for end, u0, u1, edge in spans:
+            lo, hi = sorted((base + scale * u0, base + scale * u1))
+            out.append(f"{label} {lo:.1f}..{hi:.1f} mm beyond the {end} at {base + scale * edge:.1f} mm")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class DoseObject:
-    """One generated RT Dose: its ROI, grid, values as stored, and how many points lay outside."""
+    """One generated RT Dose: its ROI, grid, values as stored, how many points lay outside
+    the input dose, and how much of the ROI's box has no image or no dose."""
 
     roi_number: int
     roi_name: str
@@ -75,6 +155,7 @@ class DoseObject:
     quantized: dosegrid.Quantized = field(repr=False)
     outside: int
     obj: Transcoded = field(repr=False)
+    coverage: Coverage
 
 
 @dataclass(frozen=True)
@@ -91,12 +172,19 @@ class RTExport:
     def objects(self) -> tuple[Transcoded, ...]:
         return tuple(d.obj for d in self.doses) + (self.plan,)
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """One line per ROI whose bounding box has a part with no image or no dose."""
+        return tuple(d.coverage.warning for d in self.doses if d.coverage.warning)
+
     def render(self) -> str:
         lines = []
         for d in self.doses:
             f, r, c = d.grid.shape
             lines.append(f"RT Dose {d.obj.sop_instance_uid}  ROI {d.roi_name!r}: {c} x {r} x {f} points, max "
                          f"{d.quantized.dose.max():.3f} Gy, {d.outside} point(s) outside the input dose (set to 0)")
+            if d.coverage.warning:
+                lines.append(f"  warning: {d.coverage.warning}")
         lines.append(f"RT Plan {self.plan.sop_instance_uid} references {len(self.doses)} dose(s) and structure set "
                      f"{self.structure_set_uid}")
         return "\n".join(lines)
@@ -121,13 +209,16 @@ def build(store: Store, series_uid: str, structure_set_uid: str, dose: DoseInput
             grid = dosegrid.roi_grid(lattice, roi.points)
             resampled = dosegrid.resample(dose.values, dose.grid, grid, to_source=to_source, method=options.method)
             quantized = dosegrid.quantize(resampled.values)
+            covered = coverage(roi, series, dose, to_source)
         except GeometryError as exc:
             raise RTExportError(f"ROI {roi.name!r}: {exc}") from None
         if resampled.outside:
             log.warning("ROI %s: %d of %d grid points lie outside the input dose grid; they are 0",
                         roi.number, resampled.outside, resampled.values.size)
+        if covered.warning:
+            log.warning("%s", covered.warning)
         obj = encode(rt_dose(ctx, n, roi, grid, quantized))
-        doses.append(DoseObject(roi.number, roi.name, grid, quantized, resampled.outside, obj))
+        doses.append(DoseObject(roi.number, roi.name, grid, quantized, resampled.outside, obj, covered))
     plan = encode(rt_plan(ctx, structure_set_uid, [d.obj.sop_instance_uid for d in doses], chosen))
     log.info("built %d RT Dose(s) and RT Plan %s for series %s from %s", len(doses), plan.sop_instance_uid,
              series_uid, dose.source)
