@@ -113,6 +113,12 @@ def test_above_the_mark_with_nothing_eligible_the_box_says_so(small_fs):
     assert "no more studies may be deleted (2 not yet exported or sent, 1 protected)" in report.problem
     assert "export or send studies" in report.problem
     assert last_report(store.data_dir).problem == report.problem
+    # appliance status, the console's Status page and the supervisor's STATUS= say it.
+    from appliance.ops import health
+
+    h = health.offline(store)
+    assert f"retention: PROBLEM: {report.problem}" in h.render()
+    assert "RETENTION: the data partition is" in h.status_line()
     # Unconditional: the two unprotected go, the protected one stays.
     report = Retention(store, RetentionConfig(enabled=True, high_water=cfg.high_water, low_water=cfg.low_water,
                                               quiet_minutes=0, policy=RetentionPolicy.UNCONDITIONAL), 0).run()

@@ -53,6 +53,9 @@ class Health:
     scp_problem: str = ""
     #: The SCP's own numbers: associations, open files, threads, memory, the last store.
     scp_detail: str = ""
+    #: What retention last did ("" if it never ran), and what it cannot do ("" when nothing).
+    retention: str = ""
+    retention_problem: str = ""
 
     @property
     def ok(self) -> bool:
@@ -73,6 +76,8 @@ class Health:
             parts.append(self.scp_problem)
         if self.store_problem:
             parts.append(self.store_problem)
+        if self.retention_problem:
+            parts.append("RETENTION: " + self.retention_problem.split(". ")[0])
         parts.append(f"{self.counts.get('studies', 0):,} studies")
         parts.append(f"disk {self.disk_used_percent:.0f}% used")
         if self.activity:
@@ -100,6 +105,10 @@ class Health:
             f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
             f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances",
         ]
+        if self.retention:
+            lines.append(f"retention: {self.retention}")
+        if self.retention_problem:
+            lines.append(f"retention: PROBLEM: {self.retention_problem}")
         if self.activity:
             lines.append(f"now:      {self.activity}")
         for label, r in (("import", self.last_import), ("export", self.last_export)):
@@ -206,9 +215,17 @@ def offline(store: Store) -> Health:
 
 def _gather(store: Store, listening: str, answered: bool, activity: str, notes: tuple[str, ...]) -> Health:
     from appliance.store.disk import disk_usage_percent
+    from appliance.store.retention import last_report
 
     results = last_results(store.data_dir)
+    retention = last_report(store.data_dir)
+    said = ""
+    if retention is not None:
+        said = (f"{retention.summary()} (last run {retention.at.replace('T', ' ')[:16]} UTC)"
+                if retention.enabled else "off")
     return Health(
+        retention=said,
+        retention_problem="" if retention is None else retention.problem,
         listening=listening,
         scp_answered=answered,
         store_problem=store_problem(store.data_dir),

@@ -282,6 +282,8 @@ class RetentionWorker:
     def start(self) -> None:
         if self.retention.cfg.enabled:
             self._thread.start()
+        else:
+            self.retention.run("retention is off")  # replaces the report of an earlier, enabled run
 
     def _loop(self) -> None:
         while not self._stop.is_set():
