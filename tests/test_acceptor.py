@@ -29,10 +29,11 @@ from helpers import (
     write_series,
 )
 from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
 
 from appliance.config import ScpConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
-from appliance.net.acceptor import Acceptor
+from appliance.net.acceptor import SELF_CHECK_AE_TITLE, Acceptor, Association, PeerLog
 from appliance.net.dimse import CommandField, Tag, encode_command
 from appliance.net.scp import report
 from appliance.ops import health
@@ -341,3 +342,87 @@ def _warnings_to_debug(logs, warnings, capsys) -> None:  # type: ignore[no-untyp
     logs.setup(2)
     logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.y'")
     assert "DEBUG pydicom: Invalid value for VR UI: '1.2.y'" in capsys.readouterr().err
+
+
+# -- who is talking to the box: the first association from each peer -----------------------------
+
+
+def _info_lines(caplog) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "appliance.net.acceptor" and r.levelno >= logging.INFO]
+
+
+def _echoscu(port: int, aet: str) -> None:
+    r = run([dcmtk("echoscu"), "-to", "5", "-aet", aet, "-aec", "ELEKTA_STORAGE", "127.0.0.1", str(port)])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_an_echo_from_a_new_peer_is_one_info_line_a_repeat_and_the_self_check_are_not(server, caplog, tmp_path):
+    """An admin's echoscu from a new system shows in the journal; echoing again within the
+    hour, and the supervisor's own echo every few seconds, write only DEBUG lines."""
+    assert SELF_CHECK_AE_TITLE == health.HEALTH_AE_TITLE  # the supervisor's echo is the one kept quiet
+    with caplog.at_level(logging.DEBUG, logger="appliance.net.acceptor"):
+        _echoscu(server.port, "ADMIN_PC")
+        wait_for(lambda: _info_lines(caplog), what="the first association's line")
+        assert _info_lines(caplog) == ["first association from ADMIN_PC at 127.0.0.1: C-ECHO answered"]
+        released = lambda: sum("association from ADMIN_PC released" in r.getMessage()  # noqa: E731
+                               for r in caplog.records)
+        _echoscu(server.port, "ADMIN_PC")
+        wait_for(lambda: released() == 2, what="the second echo to end")
+        for _ in range(3):
+            assert health.echo("127.0.0.1", server.port, "ELEKTA_STORAGE") is None
+        wait_for(lambda: server.server.active() == 0, what="the self-checks to end")
+        _echoscu(server.port, "OTHER_PC")
+        wait_for(lambda: len(_info_lines(caplog)) == 2, what="the other peer's line")
+        files = write_series(ct_series(2), tmp_path / "series")
+        r = run([dcmtk("storescu"), "-aet", "CT_ROOM_1", "-aec", "ELEKTA_STORAGE", "127.0.0.1", str(server.port),
+                 *map(str, files)])
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: any("CT_ROOM_1 at" in line for line in _info_lines(caplog)), what="the store's line")
+    lines = _info_lines(caplog)
+    assert lines[1] == "first association from OTHER_PC at 127.0.0.1: C-ECHO answered"
+    assert "first association from CT_ROOM_1 at 127.0.0.1: 2 C-STORE requests answered" in lines
+    assert not [line for line in lines if "ADMIN_PC" in line][1:]
+    assert not [line for line in lines if SELF_CHECK_AE_TITLE in line]
+    assert sum(SELF_CHECK_AE_TITLE in r.getMessage() for r in caplog.records) >= 3  # at DEBUG
+
+
+def _echo_association(calling: str, host: str) -> Association:
+    cx = PresentationContext()
+    cx.context_id, cx.abstract_syntax, cx.transfer_syntax = 1, SOPClass.VERIFICATION, [ILE]
+    assoc = Association(calling, f"{host}:40000", {1: cx}, 16384)
+    assoc.requests["C-ECHO"] += 1
+    return assoc
+
+
+def test_repeated_echoes_are_one_info_line_per_peer_per_interval(caplog):
+    peers = PeerLog(every=3600.0)
+    with caplog.at_level(logging.DEBUG, logger="appliance.net.acceptor"):
+        for minute in range(0, 125, 5):  # a monitoring system's echo every 5 minutes, 2 hours long
+            peers.note(_echo_association("MONITOR", "10.0.0.5"), True, now=minute * 60.0)
+    assert _info_lines(caplog) == [
+        "first association from MONITOR at 10.0.0.5: C-ECHO answered",
+        "association from MONITOR at 10.0.0.5: C-ECHO answered (12 association(s) from it in the last 60 min)",
+        "association from MONITOR at 10.0.0.5: C-ECHO answered (12 association(s) from it in the last 60 min)",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="appliance.net.acceptor"):
+        for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):  # the supervisor's own echo, at any time
+            peers.note(_echo_association(SELF_CHECK_AE_TITLE, host), True, now=9000.0)
+        peers.note(_echo_association(SELF_CHECK_AE_TITLE, "10.0.0.9"), True, now=9000.0)  # not ours: from afar
+    assert _info_lines(caplog) == [f"first association from {SELF_CHECK_AE_TITLE} at 10.0.0.9: C-ECHO answered"]
+
+
+def test_the_peers_remembered_are_bounded_least_recently_seen_forgotten_first(caplog):
+    peers = PeerLog(every=3600.0, max_peers=1000)
+    peers.note(_echo_association("REGULAR", "10.0.0.1"), True, now=0.0)
+    for i in range(20_000):  # a peer inventing a new AE title each time
+        peers.note(_echo_association(f"X{i}", "10.6.6.6"), True, now=1.0)
+        if i % 500 == 0:
+            peers.note(_echo_association("REGULAR", "10.0.0.1"), True, now=1.0)  # seen now and then: kept
+    assert len(peers) == 1000
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="appliance.net.acceptor"):
+        peers.note(_echo_association("REGULAR", "10.0.0.1"), True, now=2.0)
+        peers.note(_echo_association("X0", "10.6.6.6"), True, now=2.0)
+    assert _info_lines(caplog) == ["first association from X0 at 10.6.6.6: C-ECHO answered"]

@@ -36,13 +36,14 @@ on; it never ends but at :meth:`Acceptor.stop`.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import selectors
 import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -99,6 +100,15 @@ _STUCK_AFTER = 10.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: A peer's repeated protocol errors are logged once per this many seconds.
 _LOG_EVERY = 60.0
+#: The calling AE title of the supervisor's own C-ECHO (``appliance.ops.health``), which from
+#: a loopback address is never logged above DEBUG: it comes every few seconds.
+SELF_CHECK_AE_TITLE = "APPLIANCE_CHECK"
+#: Seconds between two INFO lines for verification-only associations from one peer (calling
+#: AE title and address); the ones in between are DEBUG.
+ECHO_LOG_INTERVAL = 3600.0
+#: Peers remembered for that (least recently seen forgotten first), so that peers
+#: inventing AE titles or addresses cannot grow the SCP's memory over months of running.
+MAX_PEERS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True)
@@ -127,14 +137,75 @@ class Association:
     contexts: dict[int, PresentationContext]
     peer_max_pdu: int
     touched_series: set[str] = field(default_factory=set)
+    #: Requests answered, by service name ("C-ECHO", "C-STORE").
+    requests: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def verification_only(self) -> bool:
+        return all(str(cx.abstract_syntax) == SOPClass.VERIFICATION for cx in self.contexts.values())
 
     @property
     def log_level(self) -> int:
         """INFO for associations that can store; DEBUG for verification-only ones (the
-        health check echoes every few seconds and would drown the journal)."""
-        if all(str(cx.abstract_syntax) == SOPClass.VERIFICATION for cx in self.contexts.values()):
-            return logging.DEBUG
-        return logging.INFO
+        health check echoes every few seconds and would drown the journal; :class:`PeerLog`
+        writes their one INFO line when a peer is new, and once an interval after that)."""
+        return logging.DEBUG if self.verification_only else logging.INFO
+
+    def summary(self, released: bool) -> str:
+        """What the association did, in words: ``C-ECHO answered``, ``20 C-STORE requests answered``."""
+        done = [name if n == 1 else f"{n} {name} requests" for name, n in self.requests.items()]
+        words = f"{', '.join(done)} answered" if done else "no request"
+        return words if released else f"{words}, then aborted by the peer"
+
+
+@dataclass
+class _Seen:
+    last_info: float  # when the peer's last INFO line was written
+    since: int = 0  # associations from it since then
+
+
+class PeerLog:
+    """The INFO line that makes a new peer visible: the first association from each calling
+    AE title and address, whatever it did, and then for verification-only associations at most
+    one line per ``every`` seconds, so that an admin's ``echoscu`` from a new system shows in
+    the journal but a monitoring system's echo every few seconds does not fill it. The
+    supervisor's own echo (:data:`SELF_CHECK_AE_TITLE` from loopback) is never noted. At most
+    ``max_peers`` are remembered, the least recently seen forgotten first."""
+
+    def __init__(self, every: float = ECHO_LOG_INTERVAL, max_peers: int = MAX_PEERS_REMEMBERED) -> None:
+        self.every = every
+        self.max_peers = max_peers
+        self._seen: OrderedDict[tuple[str, str], _Seen] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def note(self, assoc: Association, released: bool, now: float | None = None) -> None:
+        """Log ``assoc``'s INFO line if it is due (at its end); otherwise nothing."""
+        host = _host(assoc.peer)
+        if assoc.calling_ae == SELF_CHECK_AE_TITLE and _is_loopback(host):
+            return
+        now = clock() if now is None else now
+        key = (assoc.calling_ae, host)
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                self._seen[key] = _Seen(now)
+                while len(self._seen) > self.max_peers:
+                    self._seen.popitem(last=False)
+            else:
+                self._seen.move_to_end(key)
+                seen.since += 1
+                if not assoc.verification_only or now - seen.last_info < self.every:
+                    return  # a storing association has its own INFO lines
+                since, ago = seen.since, now - seen.last_info
+                seen.last_info, seen.since = now, 0
+        if seen is None:
+            log.info("first association from %s at %s: %s", assoc.calling_ae, host, assoc.summary(released))
+        else:
+            log.info("association from %s at %s: %s (%d association(s) from it in the last %.0f min)",
+                     assoc.calling_ae, host, assoc.summary(released), since, ago / 60)
 
 
 @dataclass
@@ -178,6 +249,7 @@ class Acceptor:
         self._wake_w: socket.socket | None = None
         self._quiet = QuietPynetdicom()
         self._ratelimited = RateLimitedLog(log, _LOG_EVERY)
+        self._peers = PeerLog()
         self._out_of_fds_since: float | None = None  # backing off since
         self._burst_last: float | None = None  # the last EMFILE of a burst still logged as one
         self._failing_since: float | None = None  # EMFILE without an accept in between
@@ -523,11 +595,13 @@ class Acceptor:
             assoc = self._accept_association(conn, peer, primitive)
             who = f"{assoc.calling_ae} ({peer})"
             on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc))
-            if serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
-                            max_command_bytes=s.max_command_bytes):
+            released = serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
+                                    max_command_bytes=s.max_command_bytes)
+            if released:
                 log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
             else:
                 log.warning("association from %s aborted by the peer", assoc.calling_ae)
+            self._peers.note(assoc, released)
         except ProtocolError as exc:
             log.warning("aborting association with %s: %s", who, exc)
             send_quietly(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
@@ -579,6 +653,7 @@ class Acceptor:
         cx = assoc.contexts[cx_id]
         abstract_syntax = str(cx.abstract_syntax)
         service.check_context(abstract_syntax)
+        assoc.requests[service.name] += 1
         return service.handler(Message(
             request, conn, cx_id, abstract_syntax, str(cx.transfer_syntax[0]), assoc.calling_ae,
             self.open_stream, stored))
@@ -595,6 +670,16 @@ class Acceptor:
 def _host(peer: str) -> str:
     """The address part of ``host:port`` (log lines are rate-limited per address)."""
     return peer.rsplit(":", 1)[0]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 def _brief(exc: BaseException) -> str:
