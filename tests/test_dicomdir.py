@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 from io import BytesIO
+from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian
@@ -64,3 +66,60 @@ def test_the_dicomdir_bytes_are_pinned(tmp_path):
     first = _encoded(tmp_path / "a")
     assert first == _encoded(tmp_path / "b")  # deterministic
     assert hashlib.sha256(first).hexdigest() == PINNED
+
+
+def test_legacy_dates_and_times_become_da_and_tm_and_what_is_no_date_becomes_empty():
+    assert [dicomdir.dicom_date(v) for v in ("1995.05.01", "19950501", " 20040119 ", "1995-05-01", "20041340", "")] == [
+        "19950501", "19950501", "20040119", "", "", ""]
+    assert [dicomdir.dicom_time(v) for v in ("15:26:10", "16:22:53.770000", "11:42", "072730", "1200",
+                                             "094836.214743984", "25:00", "15:26:10:01")] == [
+        "152610", "162253.770000", "1142", "072730", "1200", "094836.214743", "", ""]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the legacy values written here on purpose
+def test_keys_convert_legacy_values_and_complete_empty_type_1_keys_only():
+    keys = dicomdir.Keys(dicomdir.load(Path("/nonexistent")))
+    ds = _header(1)
+    ds.StudyDate, ds.StudyTime = "1995.05.01", "15:26:10"
+    ds.StructureSetDate = "not a date"  # a Type 2 key of RT records (if this were one): emptied, not invented
+    assert keys.complete(ds, "2026-11-30T15:24:29.965+00:00") == {
+        "StudyDate": "19950501", "StudyTime": "152610", "StructureSetDate": ""}
+    ds = _header(2)
+    del ds.PatientID
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.InstanceNumber = "", "", "", None
+    ds.AccessionNumber, ds.PatientName = "", ""  # Type 2 in the records: stay empty
+    ds.AcquisitionDate, ds.ContentTime = "2024.01.03", "09:30"
+    done = keys.complete(ds, "2026-11-30T15:24:29.965+00:00")
+    assert done == {"PatientID": dicomdir.generated_id("patient", ds.StudyInstanceUID), "StudyDate": "20240103",
+                    "StudyTime": "0930", "StudyID": dicomdir.generated_id("study", ds.StudyInstanceUID),
+                    "InstanceNumber": "1"}
+    keys.listed(dicomdir.record_source(ds, done))
+    # The next object of the study takes what its records say; the next of the series the next number.
+    ds = _header(3)
+    del ds.PatientID
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.InstanceNumber = "", "", "", ""
+    assert keys.complete(ds, "2027-01-01T00:00:00+00:00") == {k: v for k, v in done.items() if k != "InstanceNumber"} | {
+        "InstanceNumber": "2"}
+    # Nothing in the object dates it: the time the box received it.
+    ds = _header(4)
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = "1.2.826.0.1.3680043.10.9.77.101", "", ""
+    assert keys.complete(ds, "2026-11-30T15:24:29.965+00:00") == {"StudyDate": "20261130", "StudyTime": "152429"}
+
+
+def test_generated_ids_are_deterministic_per_study_and_fit_their_vrs():
+    a, b = "1.2.826.0.1.3680043.10.9.77.100", "1.2.826.0.1.3680043.10.9.77.101"
+    assert dicomdir.generated_id("patient", a) == dicomdir.generated_id("patient", a)
+    assert len({dicomdir.generated_id(kind, uid) for kind in ("patient", "study") for uid in (a, b)}) == 4
+    assert all(len(dicomdir.generated_id("study", uid)) <= 16 for uid in (a, b))  # SH
+
+
+def test_a_record_keeps_its_character_set_only_if_one_of_its_keys_needs_it():
+    ascii_name = _header(1)
+    ascii_name.SpecificCharacterSet = "ISO_IR 100"
+    assert "SpecificCharacterSet" not in dicomdir.record_source(ascii_name, {})
+    latin = _header(1)
+    latin.SpecificCharacterSet, latin.PatientName = "ISO_IR 100", "Buc^J\u00e9r\u00f4me"
+    buf = BytesIO()
+    latin.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    for header in (latin, dcmread(BytesIO(buf.getvalue()))):  # decoded, and raw as read from a file
+        assert dicomdir.record_source(header, {}).SpecificCharacterSet == "ISO_IR 100"

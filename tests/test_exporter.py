@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,26 +21,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
-from pydicom.fileset import FileSet, is_conformant_file_id
+from pydicom.fileset import FileInstance, FileSet, is_conformant_file_id
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from appliance.dicom import attributes, dicomio
 
 from appliance import cli, config
 
-from appliance.media import exporter, usbtarget
+from appliance.media import dicomdir, exporter, usbtarget
 from appliance.config import Config, ExportPolicy, StoreConfig, UsbConfig
 from appliance.conformance import SOPClass, TransferSyntax
 from appliance.errors import ConfigError, MediaError
-from appliance.media.exporter import ExportStatus, FileOutcome, Selection, SelectionMode, export
+from appliance.media.exporter import TOP, ExportStatus, FileOutcome, Selection, SelectionMode, export
+from appliance.media.importer import ImportOutcome, run_import
 from appliance.reports import Progress
 from appliance.store.ingest import Ingest, Source
 from appliance.store.queue import ExportQueue
 from appliance.store.store import Store
 
-from helpers import ct_series, dcmtk, encode, samples
+from helpers import SAMPLES, ct_series, dcmtk, encode, samples
 
 _SWAP = {"US": 2, "SS": 2, "OW": 2, "UL": 4, "SL": 4, "FL": 4, "OF": 4, "OL": 4, "FD": 8, "OD": 8}
 pytestmark = pytest.mark.skipif(shutil.which("mformat") is None, reason="mtools is not installed")
@@ -93,10 +97,12 @@ def _value(elem, big: bool):  # type: ignore[no-untyped-def]
     return str(value)
 
 
-def assert_same_values(orig: Dataset, new: Dataset, big: bool, path: str = "") -> None:
+def assert_same_values(orig: Dataset, new: Dataset, big: bool, path: str = "",
+                       completed: frozenset[int] = frozenset()) -> None:
     """Every element of the stored ``orig`` is in ``new`` with the same value (Pixel Data and
-    group lengths are compared elsewhere); implicit VR is read with the original's VR."""
-    keys = lambda ds: {t for t in ds.keys() if t.element != 0 and t != 0x7FE00010}  # noqa: E731
+    group lengths are compared elsewhere, the top-level tags ``completed`` by
+    :func:`completed_keys`); implicit VR is read with the original's VR."""
+    keys = lambda ds: {t for t in ds.keys() if t.element != 0 and t != 0x7FE00010} - completed  # noqa: E731
     assert keys(orig) == keys(new), f"{path}: tags differ: {sorted(keys(orig) ^ keys(new))}"
     for tag in sorted(keys(orig)):
         a, raw, b = orig[tag], new.get_item(tag), new[tag]
@@ -110,8 +116,32 @@ def assert_same_values(orig: Dataset, new: Dataset, big: bool, path: str = "") -
             assert _value(a, big) == _value(b, False), f"{path}{tag}"
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def completed_keys(orig: Dataset, new: Dataset, instance: FileInstance) -> frozenset[int]:
+    """The tags of the record keys the exporter changed in the copy ``new`` of ``orig``: only
+    keys dicomdir.Keys may change, only an empty value completed or a date or time converted
+    from its legacy form (or, if it is no date or time at all, replaced like an empty one),
+    and always to the value of the instance's directory record: file and record agree."""
+    convert = {"DA": dicomdir.dicom_date, "TM": dicomdir.dicom_time}
+    changed = set()
+    for keyword in dicomdir.COMPLETED_KEYS:
+        before, after = _text(orig, keyword), _text(new, keyword)
+        if before == after:
+            continue
+        readable = convert.get(dictionary_VR(keyword), lambda v: v)(before)
+        assert not readable or after == readable, f"{instance.SOPInstanceUID}: {keyword} {before!r} -> {after!r}"
+        assert after == str(instance[keyword].value).strip(), f"{instance.SOPInstanceUID}: {keyword}"
+        changed.add(int(Tag(keyword)))
+    return frozenset(changed)
+
+
 def check_file_set(root: Path, store: Store, expected: set[str]) -> None:
-    """The file-set under ``root`` lists exactly ``expected`` and every file matches the store."""
+    """The file-set under ``root`` lists exactly ``expected`` and every file matches the store
+    (but for the record keys the exporter completes, which match the file's records)."""
     fs = FileSet(root / "DICOMDIR")
     assert {str(i.SOPInstanceUID) for i in fs} == expected
     files = []
@@ -121,10 +151,12 @@ def check_file_set(root: Path, store: Store, expected: set[str]) -> None:
         assert inst.TransferSyntaxUID == TransferSyntax.IMPLICIT_LE
         new = dcmread(inst.path)
         assert new.file_meta.TransferSyntaxUID == TransferSyntax.IMPLICIT_LE
+        assert new.file_meta.MediaStorageSOPClassUID == inst.SOPClassUID == new.SOPClassUID
         stored_path = store.locate(str(inst.SOPInstanceUID))
         assert stored_path is not None
         orig = dcmread(stored_path)
-        assert_same_values(orig, new, big=orig.file_meta.TransferSyntaxUID == TransferSyntax.EXPLICIT_BE)
+        assert_same_values(orig, new, big=orig.file_meta.TransferSyntaxUID == TransferSyntax.EXPLICIT_BE,
+                           completed=completed_keys(orig, new, inst))
         if "PixelData" in orig:
             assert np.array_equal(orig.pixel_array, new.pixel_array), inst.SOPInstanceUID
         files.append(inst.path)
@@ -319,6 +351,153 @@ def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path
     check_file_set(out, store, _instances(store))
     listing = _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout
     assert "DICOMDIR" in listing and ".TMP" not in listing
+
+
+# -- the DICOMDIR and its files against dciodvfy and dcmmkdir ----------------------------------------
+
+
+def _sample_stick(store: Store, tmp_path: Path, strict: bool) -> Path:
+    """Import every shared sample through the CD door (a folder import: it also takes the JPEG
+    Lossless objects, dated ``1995.05.01``, that the network refuses; ``strict=False`` also
+    the character sets stored flagged), export them all to a FAT image and copy it out."""
+    report = run_import(SAMPLES, Ingest(store, StoreConfig(min_free_mb=0, charset_strict=strict)), eject_after=False)
+    assert report.count(ImportOutcome.IMPORTED) >= 25, report.render()
+    image = _fat_image(tmp_path / "stick.img", 32 * 1024)
+    report = export(image, store, Config(), Selection(SelectionMode.ALL))
+    assert report.ok and report.count(FileOutcome.WRITTEN) == len(_instances(store)), report.render()
+    return _mcopy_out(image, tmp_path / "stick")
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        raise RuntimeError("dicom3tools' dciodvfy is not installed; scripts/test installs Debian's dicom3tools")
+    done = _tool(tool, str(path))
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["charset_strict", "charset_lax"])
+def test_dciodvfy_finds_no_error_in_the_dicomdir_of_every_storable_sample(
+    store: Store, tmp_path: Path, strict: bool
+) -> None:
+    stick = _sample_stick(store, tmp_path, strict)
+    lines = _dciodvfy(stick / "DICOMDIR")
+    assert "BasicDirectory" in lines, lines  # the IOD it recognised
+    assert [line for line in lines if line.startswith("Error")] == []
+    # Warned, and kept: a Patient's Name without a '^' (e.g. "Anonymized") as the scanner sent it.
+    warnings = [line for line in lines if line.startswith("Warning")]
+    assert all("Patient's Name" in w and "Retired Person Name form" in w for w in warnings), warnings
+
+
+def _inconsistencies(lines: list[str]) -> list[tuple[str, str, list[str]]]:
+    """Each "file inconsistent with existing DICOMDIR record" dcmmkdir reports, as (key
+    keyword, key value, the keywords whose values differ between the record and the file)."""
+    found = []
+    for i, line in enumerate(lines):
+        if "file inconsistent with existing DICOMDIR record" in line:
+            key = re.search(r'\[Key: (\w+) \(.*\)="(.*)"\]', lines[i + 1])
+            assert key is not None, lines[i + 1]
+            differing = []
+            for detail in lines[i + 3:]:
+                if "File (" in detail:
+                    break
+                differing += re.findall(r"^W:\s+(\w+) \(", detail)
+            found.append((key[1], key[2], differing))
+    return found
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["charset_strict", "charset_lax"])
+def test_dcmmkdir_accepts_every_file_of_a_stick_of_every_storable_sample(
+    store: Store, tmp_path: Path, strict: bool
+) -> None:
+    stick = _sample_stick(store, tmp_path, strict)
+    files = sorted(p for p in (stick / TOP).rglob("*") if p.is_file())
+    checked = tmp_path / "DICOMDIR.checked"  # dcmmkdir +A rewrites the DICOMDIR it appends to
+    shutil.copyfile(stick / "DICOMDIR", checked)
+    # +A: append the files to the stick's own DICOMDIR (each is checked against the General
+    # Purpose profile, then against the records that list it); -Nxc: Implicit VR LE is only a
+    # warning (Table 10 writes it, the profile wants Explicit VR LE); -I (default): strict on
+    # the keys that are Type 1 in a DICOMDIR.
+    done = _tool(dcmtk("dcmmkdir"), "-v", "+A", "-nb", "-Nxc", "+id", str(stick), "+D", str(checked), "+r", TOP)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0, lines
+    assert [line for line in lines if line.startswith(("E:", "F:"))] == []
+    assert not any("cannot be added" in line for line in lines), lines
+    assert sum("I: checking file:" in line for line in lines) == len(files)
+    assert sum("LittleEndianExplicit expected but LittleEndianImplicit found" in line for line in lines) == len(files)
+    assert sum("directory record for this SOP instance already exists" in line for line in lines) == len(files)
+    # What dcmmkdir still warns about is in the objects themselves, never made by the box: the
+    # files listed under the record disagree among themselves (the samples have one series with
+    # Modality OT and DS, and RT Structure Sets of one patient and study under other names), or
+    # pydicom reads the record's value and the file's alike (a Patient's Name ending in an
+    # empty '=' group, which the record omits, PS3.5 6.2.1).
+    fs = FileSet(stick / "DICOMDIR")
+    copies = [dcmread(f, stop_before_pixels=True) for f in files]
+    for key, key_value, differing in _inconsistencies(lines):
+        under = [ds for ds in copies if _text(ds, key) == key_value]
+        records = fs.find(**{key: key_value})
+        assert under and records and differing, (key, key_value, differing)
+        for keyword in differing:
+            values = {_text(ds, keyword) for ds in under}
+            assert len(values) > 1 or values == {str(records[0][keyword].value)}, (key, key_value, keyword, values)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the legacy values written here on purpose
+def test_a_legacy_study_date_and_time_are_converted_in_the_record_and_the_copy_only(
+    store: Store, tmp_path: Path
+) -> None:
+    series = ct_series(2)
+    for ds in series:
+        ds.StudyDate, ds.StudyTime, ds.SeriesDate, ds.SeriesTime = "1995.05.01", "15:26:10", "1995.05.01", "16:22:53.77"
+    _put_generated(store, series)
+    before = _store_state(store)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    assert export(stick, store, Config()).ok
+    study = [r for r in dcmread(stick / "DICOMDIR").DirectoryRecordSequence if r.DirectoryRecordType == "STUDY"]
+    assert [(r.StudyDate, r.StudyTime) for r in study] == [("19950501", "152610")]
+    for inst in FileSet(stick / "DICOMDIR"):
+        copy = dcmread(inst.path)
+        assert (copy.StudyDate, copy.StudyTime) == ("19950501", "152610")
+        assert (copy.SeriesDate, copy.SeriesTime) == ("1995.05.01", "16:22:53.77")  # not a record key: as stored
+    assert _store_state(store) == before
+    assert [line for line in _dciodvfy(stick / "DICOMDIR") if line.startswith("Error")] == []
+    check_file_set(stick, store, _instances(store))
+
+
+def test_two_patients_without_an_id_and_with_one_name_get_two_patient_records(
+    store: Store, tmp_path: Path
+) -> None:
+    absent, empty = ct_series(2, patient="Anonymized"), ct_series(1, patient="Anonymized")
+    for ds in absent:
+        del ds.PatientID, ds.StudyDate  # and no other date in the object to take one from
+    for ds in empty:
+        ds.PatientID, ds.StudyTime, ds.SeriesTime = "", "", "093000"
+    _put_generated(store, absent + empty)
+    received = {r.received_at[:10].replace("-", "") for r in store.instances() if r.study_uid == absent[0].StudyInstanceUID}
+    before = _store_state(store)
+    ids = []
+    for name in ("stick1", "stick2"):
+        stick = tmp_path / name
+        stick.mkdir()
+        assert export(stick, store, Config(), Selection(SelectionMode.ALL)).ok
+        records = dcmread(stick / "DICOMDIR").DirectoryRecordSequence
+        patients = [r for r in records if r.DirectoryRecordType == "PATIENT"]
+        assert len(patients) == 2 and {str(r.PatientName) for r in patients} == {"Anonymized"}
+        ids.append(sorted(r.PatientID for r in patients))
+        assert ids[-1][0] != ids[-1][1] and all(i.startswith("NOID-") for i in ids[-1]), ids
+        studies = {r.StudyInstanceUID: r for r in records if r.DirectoryRecordType == "STUDY"}
+        assert (studies[empty[0].StudyInstanceUID].StudyDate, studies[empty[0].StudyInstanceUID].StudyTime) == (
+            "20261128", "093000")  # the object's Study Date, its Series Time
+        assert studies[absent[0].StudyInstanceUID].StudyDate in received  # nothing dates it but its arrival
+        for inst in FileSet(stick / "DICOMDIR"):
+            copy = dcmread(inst.path)
+            assert copy.PatientID == inst.PatientID  # the file says what its PATIENT record says
+            assert (copy.StudyDate, copy.StudyTime, copy.StudyID) == (inst.StudyDate, inst.StudyTime, inst.StudyID)
+        check_file_set(stick, store, _instances(store))
+        assert [line for line in _dciodvfy(stick / "DICOMDIR") if line.startswith("Error")] == []
+    assert ids[0] == ids[1]  # the same study gets the same generated ID on every stick
+    assert _store_state(store) == before  # only the copies carry it
 
 
 # -- selection, queue, policy -------------------------------------------------------------------

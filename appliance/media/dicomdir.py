@@ -6,21 +6,70 @@ small function, pinned by ``tests/test_dicomdir.py`` (byte for byte, with pydico
 instance itself (no temp name, no fsync) and, when adding to an existing set, copies every
 existing file off the stick and back onto it; the exporter writes the files itself,
 atomically, and asks this module only for the DICOMDIR's bytes.
+
+:class:`Keys` decides the values of the record keys (PS3.3 F.5) that an object cannot give
+as they are: a date or time in the ACR-NEMA form (``1995.05.01``, ``15:26:10``) is
+converted, and a key that is Type 1 in a record but only Type 2 in the object (Patient ID,
+Study Date, Time and ID, Series and Instance Number) is completed when the object leaves it
+empty. The exporter writes the same values into the object's copy on the stick, so that
+records and files agree (DCMTK's ``dcmmkdir`` checks both); the stored object never changes.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+from collections.abc import Callable
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
-from pydicom.fileset import FileSet
+from pydicom.fileset import FileInstance, FileSet
 
+from appliance.conformance import SOPClass
 from appliance.errors import MediaError
 
 #: The File-set ID of the sets we create (PS3.3 F.5: CS, at most 16 characters).
 FILE_SET_ID = "APPLIANCE"
+
+#: Record keys of VR DA and TM (PS3.3 F.5-2, F.5-26, F.5-27): Study Date and Time are Type 1,
+#: the RT objects' dates and times Type 2 (an unreadable one is left empty, never invented).
+_DATES = ("StudyDate", "StructureSetDate", "RTPlanDate")
+_TIMES = ("StudyTime", "StructureSetTime", "RTPlanTime")
+#: Where an empty Study Date or Time is taken from, first found first (DCMTK's dcmmkdir takes
+#: Series, Acquisition and Content; the RT objects and Instance Creation date the object too).
+_DATE_SOURCES = ("SeriesDate", "AcquisitionDate", "ContentDate", "StructureSetDate", "RTPlanDate",
+                 "InstanceCreationDate")  # fmt: skip
+_TIME_SOURCES = ("SeriesTime", "AcquisitionTime", "ContentTime", "StructureSetTime", "RTPlanTime",
+                 "InstanceCreationTime")  # fmt: skip
+#: Type 1 keys that are Type 1 in the objects too (any object, then by SOP class): the value
+#: for an object that lacks one all the same.
+_LAST_RESORT: dict[str, dict[str, str]] = {
+    "*": {"Modality": "OT"},
+    SOPClass.RT_STRUCTURE_SET: {"StructureSetLabel": "UNKNOWN"},
+    SOPClass.RT_PLAN: {"RTPlanLabel": "UNKNOWN"},
+    SOPClass.RT_DOSE: {"DoseSummationType": "UNKNOWN"},
+}
+_STUDY_KEYS = ("PatientID", "StudyDate", "StudyTime", "StudyID")
+#: Every key :meth:`Keys.complete` may change, in the records and in the copy.
+COMPLETED_KEYS = tuple(dict.fromkeys(_DATES + _TIMES + _STUDY_KEYS + (
+    "SeriesNumber", "InstanceNumber", "Modality", "StructureSetLabel", "RTPlanLabel", "DoseSummationType")))
+#: What the records use of an object: what pydicom's PATIENT, STUDY, SERIES, IMAGE and RT
+#: record creators read (the record types are picked from them).
+_RECORD_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "PatientName", "PatientID", "StudyDate",
+    "StudyTime", "StudyDescription", "StudyInstanceUID", "StudyID", "AccessionNumber", "Modality",
+    "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "StructureSetLabel", "StructureSetDate",
+    "StructureSetTime", "RTPlanLabel", "RTPlanDate", "RTPlanTime", "DoseSummationType",
+)  # fmt: skip
+#: The record keys whose values a character set affects (VRs PN, LO, SH).
+_TEXT_KEYS = ("PatientName", "PatientID", "StudyDescription", "StudyID", "AccessionNumber",
+              "StructureSetLabel", "RTPlanLabel")  # fmt: skip
+_DA = re.compile(r"(\d{4})(\.?)(\d{2})\2(\d{2})")
+_TM = re.compile(r"(\d{2})(?:(:?)(\d{2})(?:\2(\d{2})(?:\.(\d+))?)?)?")
 
 
 def load(root: Path) -> FileSet:
@@ -35,6 +84,35 @@ def load(root: Path) -> FileSet:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged DICOMDIR
         raise MediaError(f"the stick holds a DICOMDIR that cannot be read ({exc}); nothing was written. "
                          "Move it away or use another stick") from None
+
+
+def record_source(header: Dataset, values: dict[str, str]) -> Dataset:
+    """What the records of an object are made from: its header's record keys, with ``values``
+    (from :meth:`Keys.complete`).
+
+    Specific Character Set is kept only if a key needs it (PS3.3 F.5: Type 1C, "if an
+    extended or replacement character set is used in one of the keys"): pydicom copies it
+    into all four records, so a study whose objects differ only in the character set of
+    other attributes would get records that disagree with some of its files."""
+    ds = Dataset()  # only what the records use: pydicom writes this to its staging folder
+    ds.file_meta = header.file_meta
+    for keyword in _RECORD_KEYWORDS:
+        if keyword in header:
+            ds[keyword] = header[keyword]
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    if "SpecificCharacterSet" in ds and not any(_extended(header, kw) for kw in _TEXT_KEYS):
+        del ds.SpecificCharacterSet
+    return ds
+
+
+def _extended(header: Dataset, keyword: str) -> bool:
+    """True if the value of ``keyword`` in ``header`` is not plain ASCII (or holds an escape)."""
+    elem = header.get_item(keyword)  # raw (bytes) until pydicom converts it (str, PersonName)
+    if elem is None or elem.value is None:
+        return False
+    value = elem.value if isinstance(elem.value, bytes) else str(elem.value).encode("utf-8")
+    return any(b >= 0x80 or b == 0x1B for b in value)
 
 
 def add(fs: FileSet, record_source: Dataset, file_id: str) -> None:
@@ -52,3 +130,135 @@ def encode(fs: FileSet) -> bytes:
     buf = BytesIO()
     fs._write_dicomdir(DicomFileLike(buf))  # noqa: SLF001
     return buf.getvalue()
+
+
+# -- the values of the record keys ------------------------------------------------------------
+
+
+def dicom_date(value: str) -> str:
+    """``value`` as a DA (``YYYYMMDD``), converting the ACR-NEMA ``YYYY.MM.DD``; "" if it is no date."""
+    m = _DA.fullmatch(value.strip())
+    if m is None:
+        return ""
+    text = m[1] + m[3] + m[4]
+    try:
+        datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return ""
+    return text
+
+
+def dicom_time(value: str) -> str:
+    """``value`` as a TM (``HH[MM[SS[.F{1,6}]]]``), converting the ACR-NEMA ``HH:MM:SS.F``
+    and cutting a fraction to 6 digits; "" if it is no time."""
+    m = _TM.fullmatch(value.strip())
+    if m is None:
+        return ""
+    hh, _, mm, ss, frac = m.groups()
+    if int(hh) > 23 or (mm is not None and int(mm) > 59) or (ss is not None and int(ss) > 60):
+        return ""
+    return hh + (mm or "") + (ss or "") + (f".{frac[:6]}" if frac else "")
+
+
+def generated_id(kind: str, study_uid: str) -> str:
+    """The ID (``kind``: "patient" or "study") the records and the copy get for a study
+    whose objects have none: ``NOID-`` and 11 characters of a hash of the Study Instance UID,
+    so two studies without IDs stay apart, and the same study gets the same ID on every
+    export (an LO and an SH, at most 16 characters)."""
+    digest = hashlib.sha256(f"{kind}:{study_uid}".encode()).digest()
+    return "NOID-" + base64.b32encode(digest).decode()[:11]
+
+
+def _text(source: Dataset | FileInstance, keyword: str) -> str:
+    try:
+        value = source[keyword].value
+    except KeyError:
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+class Keys:
+    """The record key values of the instances of one file-set, study by study.
+
+    A study's PATIENT and STUDY records and a series' SERIES record are made from the first
+    of their objects added (pydicom keeps the first); a later object that leaves one of their
+    Type 1 keys empty takes the listed value, so its copy agrees with the records above it."""
+
+    def __init__(self, fs: FileSet) -> None:
+        #: Study Instance UID -> Patient ID, Study Date, Study Time, Study ID as listed.
+        self._studies: dict[str, dict[str, str]] = {}
+        #: Series Instance UID -> Series Number as listed.
+        self._series: dict[str, str] = {}
+        #: Study Instance UID -> its highest Series Number; Series Instance UID -> its highest Instance Number.
+        self._top_series: dict[str, int] = {}
+        self._top_instance: dict[str, int] = {}
+        for instance in fs:
+            self.listed(instance)
+
+    def complete(self, ds: Dataset, received_at: str) -> dict[str, str]:
+        """The record keys of ``ds`` (an object's header, received by the box at the ISO time
+        ``received_at``) whose values must change for valid records: ``{keyword: value}``.
+
+        A legacy or unreadable date or time is converted (or emptied); an empty Type 1 key
+        is taken from the records already listed for its study or series, else from the
+        object (a Study Date from its Series, Acquisition, Content or Instance Creation Date),
+        else generated: Patient and Study ID from the Study Instance UID (:func:`generated_id`),
+        a Series or Instance Number as the next in its study or series, a Study Date and Time
+        from ``received_at``."""
+        out: dict[str, str] = {}
+        for keywords, convert in ((_DATES, dicom_date), (_TIMES, dicom_time)):
+            for kw in keywords:
+                value = _text(ds, kw)
+                if value and convert(value) != value:
+                    out[kw] = convert(value)
+
+        def empty(kw: str) -> bool:
+            return not out.get(kw, _text(ds, kw))
+
+        study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+        listed = self._studies.get(study, {})
+        if empty("PatientID"):
+            out["PatientID"] = listed.get("PatientID") or generated_id("patient", study)
+        if empty("StudyDate"):
+            out["StudyDate"] = listed.get("StudyDate") or _first(ds, _DATE_SOURCES, dicom_date) or (
+                dicom_date(received_at[:10].replace("-", "")))
+        if empty("StudyTime"):
+            out["StudyTime"] = listed.get("StudyTime") or _first(ds, _TIME_SOURCES, dicom_time) or (
+                dicom_time(received_at[11:19].replace(":", "")))
+        if empty("StudyID"):
+            out["StudyID"] = listed.get("StudyID") or generated_id("study", study)
+        if empty("SeriesNumber"):
+            out["SeriesNumber"] = self._series.get(series) or str(self._top_series.get(study, 0) + 1)
+        if empty("InstanceNumber"):
+            out["InstanceNumber"] = str(self._top_instance.get(series, 0) + 1)
+        for kw, value in (_LAST_RESORT["*"] | _LAST_RESORT.get(_text(ds, "SOPClassUID"), {})).items():
+            if empty(kw):
+                out[kw] = value
+        return out
+
+    def listed(self, source: Dataset | FileInstance) -> None:
+        """Note the keys of an instance just listed (its record source, or a record read)."""
+        study, series = _text(source, "StudyInstanceUID"), _text(source, "SeriesInstanceUID")
+        if study:
+            self._studies.setdefault(study, {kw: _text(source, kw) for kw in _STUDY_KEYS})
+            self._top_series[study] = max(self._top_series.get(study, 0), _number(_text(source, "SeriesNumber")))
+        if series:
+            self._series.setdefault(series, _text(source, "SeriesNumber"))
+            self._top_instance[series] = max(self._top_instance.get(series, 0),
+                                             _number(_text(source, "InstanceNumber")))
+
+
+def _first(ds: Dataset, keywords: tuple[str, ...], convert: Callable[[str], str]) -> str:
+    """The first of ``keywords`` that ``ds`` has a readable value of, converted; else ""."""
+    for kw in keywords:
+        value = convert(_text(ds, kw))
+        if value:
+            return value
+    return ""

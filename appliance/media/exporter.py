@@ -4,7 +4,10 @@
 when a stick is inserted. What it writes:
 
 * every selected object whose SOP class is in Table 10 or 11, as a Part 10 file in Implicit
-  VR Little Endian (:func:`appliance.dicom.transcode.to_implicit_le`: no value changes);
+  VR Little Endian (:func:`appliance.dicom.transcode.to_implicit_le`: no value changes), but
+  for the keys its DICOMDIR records need valid (:class:`appliance.media.dicomdir.Keys`): a
+  legacy date or time is converted, and an empty Patient ID, Study Date, Time or ID, Series or
+  Instance Number is completed, in the copy as in its records (the stored object never changes);
 * File IDs ``DICOM/STxxxxxx/SExxxxxx/IMxxxxxx``: uppercase, 8 characters, 4 levels. The
   ``x`` are derived from the study, series and instance UIDs, so the same object always gets
   the same name on a stick (a retry after a pulled stick overwrites its own half-done files);
@@ -42,14 +45,16 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Callable, Sequence
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
@@ -57,10 +62,10 @@ from appliance.config import Config, ExportPolicy
 from appliance.conformance import (
     TABLE_10,
     TABLE_11,
-    SOPClass,
     TransferSyntax,
     syntaxes_for,
 )
+from appliance.dicom import dicomio
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 from appliance.errors import ApplianceError, MediaError
 from appliance.media import dicomdir
@@ -80,25 +85,8 @@ _DICOMDIR_RECORD_BYTES = 1024  # an upper bound per new instance, with its paren
 _MARGIN = 64 * 1024
 #: Errors that mean the medium went away or failed under us (a pulled stick).
 _PULLED = {errno.EIO, errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.EROFS, errno.ENOTDIR}
-#: Directory-record attributes that are Type 1 in the DICOMDIR but may be absent or empty
-#: in an object; the record (never the file) gets this placeholder.
-_RECORD_PLACEHOLDERS = {
-    "PatientID": "UNKNOWN", "StudyDate": "19000101", "StudyTime": "000000", "StudyID": "NONE",
-    "Modality": "OT", "SeriesNumber": "0", "InstanceNumber": "0",
-}  # fmt: skip
-#: What pydicom's PATIENT, STUDY, SERIES, IMAGE and RT record creators read from an object.
-_RECORD_KEYWORDS = (
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "PatientName", "PatientID", "StudyDate",
-    "StudyTime", "StudyDescription", "StudyInstanceUID", "StudyID", "AccessionNumber", "Modality",
-    "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "StructureSetLabel", "StructureSetDate",
-    "StructureSetTime", "RTPlanLabel", "RTPlanDate", "RTPlanTime", "DoseSummationType",
-)  # fmt: skip
-#: The same, for the attributes one record type needs (pydicom picks the record type from them).
-_CLASS_PLACEHOLDERS = {
-    SOPClass.RT_STRUCTURE_SET: {"StructureSetLabel": "UNKNOWN"},
-    SOPClass.RT_PLAN: {"RTPlanLabel": "UNKNOWN"},
-    SOPClass.RT_DOSE: {"DoseSummationType": "UNKNOWN"},
-}
+#: An upper bound of what the record keys completed in a copy add to it (dicomdir.Keys).
+_COMPLETED_BYTES = 512
 
 
 def _now() -> str:
@@ -274,19 +262,34 @@ class _Names:
         return self._claim(series, "IM", row.sop_instance_uid)
 
 
-def _record_source(part10: bytes) -> Dataset:
-    """The object's header (no pixels) with placeholders for what the DICOMDIR needs (Type 1)."""
-    full = dcmread(BytesIO(part10), stop_before_pixels=True)
-    ds = Dataset()  # only what the records use: pydicom writes this to its staging folder
-    ds.file_meta = full.file_meta
-    for keyword in _RECORD_KEYWORDS:
-        if keyword in full:
-            ds[keyword] = full[keyword]
-    extra = _CLASS_PLACEHOLDERS.get(str(ds.get("SOPClassUID", "")), {})  # type: ignore[call-overload]
-    for keyword, value in (_RECORD_PLACEHOLDERS | extra).items():
-        if keyword not in ds or ds[keyword].VM == 0:
-            setattr(ds, keyword, value)
-    return ds
+def _with_values(body: bytes, values: dict[str, str]) -> bytes:
+    """``body`` (an Implicit VR LE data set) with the top-level text elements ``values``
+    (keyword: value, ASCII) replaced or inserted in tag order. Every other byte is kept, but
+    the group length of a changed group, if the object has one, is recomputed."""
+    new: dict[int, bytes] = {}
+    for keyword, text in values.items():
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"no DICOM keyword {keyword}")
+        value = text.encode("ascii")
+        value += b" " * (len(value) & 1)
+        new[tag] = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+    pending = sorted(new)
+    parts: list[tuple[int, bytes]] = []
+    for tag, elem in dicomio.walk(body, True, True).elements.items():
+        while pending and pending[0] < tag:
+            parts.append((pending[0], new[pending.pop(0)]))
+        if pending and pending[0] == tag:
+            parts.append((tag, new[pending.pop(0)]))
+        else:
+            parts.append((tag, body[elem.offset:elem.end]))
+    parts += [(tag, new[tag]) for tag in pending]
+    groups = {tag >> 16 for tag in new}
+    for i, (tag, _) in enumerate(parts):
+        if tag & 0xFFFF == 0 and tag >> 16 in groups:
+            size = sum(len(p) for t, p in parts if t >> 16 == tag >> 16 and t != tag)
+            parts[i] = (tag, struct.pack("<HHLL", tag >> 16, 0, 4, size))
+    return b"".join(p for _, p in parts)
 
 
 def _write_atomic(root: Path, file_id: str, data: bytes, made: list[str]) -> None:
@@ -468,10 +471,10 @@ def _plan(medium: Medium, store: Store, rows: list[InstanceRow],
             except ValueError:
                 compressed = True
             # Implicit VR is never longer than explicit; our file meta is at most ~256 bytes longer.
-            job.estimate = row.size + 256
+            job.estimate = row.size + 256 + _COMPLETED_BYTES
             if compressed:
                 try:
-                    job.estimate = len(to_implicit_le(store.data_dir / row.path).part10())
+                    job.estimate = len(to_implicit_le(store.data_dir / row.path).part10()) + _COMPLETED_BYTES
                 except TranscodeError as exc:
                     job.outcome, job.reason = FileOutcome.FAILED, str(exc)
         jobs.append(job)
@@ -504,9 +507,10 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     made: list[str] = []
     done_bytes = 0
     error = ""
+    keys = dicomdir.Keys(fs)
     try:
         for i, job in enumerate(todo, 1):
-            if not _prepare(job, store, fs):
+            if not _prepare(job, store, fs, keys):
                 continue
             medium.check()
             _write_atomic(medium.root, job.file_id, job.part10, made)
@@ -547,15 +551,23 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
                         error=error, safe_to_remove=not error)
 
 
-def _prepare(job: _Job, store: Store, fs: FileSet) -> bool:
-    """Transcode one stored object and add its records to ``fs``; False if it cannot be exported."""
+def _prepare(job: _Job, store: Store, fs: FileSet, keys: dicomdir.Keys) -> bool:
+    """Transcode one stored object, complete its record keys in the copy (dicomdir.Keys) and
+    add its records to ``fs``; False if it cannot be exported."""
     try:
         data = job.generated if job.generated is not None else (store.data_dir / job.row.path).read_bytes()
         t = to_implicit_le(data)
+        header = dcmread(BytesIO(t.part10()), stop_before_pixels=True)
+        values = keys.complete(header, job.row.received_at)
+        if values:
+            t = replace(t, body=_with_values(t.body, values))
+            log.debug("%s: %s set in the copy for its DICOMDIR records", t.sop_instance_uid, ", ".join(values))
         job.part10 = t.part10()
         job.decode = t.source_syntax is TransferSyntax.EXPLICIT_BE or t.source_syntax.is_compressed
         job.pixels = _pixel_digest(dcmread(BytesIO(data)), job.decode)
-        dicomdir.add(fs, _record_source(job.part10), job.file_id)
+        record = dicomdir.record_source(header, values)
+        dicomdir.add(fs, record, job.file_id)
+        keys.listed(record)
         return True
     except (OSError, TranscodeError) as exc:
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot read it from the store: {exc}"
