@@ -1,6 +1,7 @@
-"""The DICOMDIR encoder (appliance/media/dicomdir.py) uses two private parts of pydicom's
+"""The DICOMDIR encoder (appliance/media/dicomdir.py) uses private parts of pydicom's
 FileSet. This pins what they produce, byte for byte, for a fixed file-set: an upgrade of
-pydicom (pinned at 3.0.2 in pyproject.toml) that changes them fails here, not on a stick."""
+pydicom (pinned at 3.0.2 in pyproject.toml) that changes them fails here, not on a stick.
+The values of the record keys (dicomdir.Keys) are tested here too."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
-from appliance.conformance import SOPClass
+from appliance.conformance import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    SOPClass,
+)
 from appliance.media import dicomdir
 
-#: sha256 of the DICOMDIR below as pydicom 3.0.2 encodes it.
-PINNED = "049d067b7da54e6c274689fe5fe384b5c2eacce4056599a9f3b1bef7a6f00b6e"
+#: sha256 of the DICOMDIR below as pydicom 3.0.2 encodes it, with the appliance's identity in its meta.
+PINNED = "bac068d591bfd2080b26bbae4045536a28fd61534a92452cd30985a41f04fb45"
 
 
 def _header(n: int) -> Dataset:
@@ -54,12 +63,20 @@ def test_the_dicomdir_names_our_files_and_reads_back(tmp_path):
     data = _encoded(tmp_path)
     ds = dcmread(BytesIO(data))
     assert ds.FileSetID == dicomdir.FILE_SET_ID
+    # PS3.10 8.6 / PS3.11: the DICOMDIR itself in Explicit VR LE, written by the appliance (as
+    # its files' meta says); each record names its file's syntax, Implicit VR LE (Table 10).
+    assert ds.file_meta.MediaStorageSOPClassUID == MediaStorageDirectoryStorage
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert ds.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
     kinds = [r.DirectoryRecordType for r in ds.DirectoryRecordSequence]
     assert kinds == ["PATIENT", "STUDY", "SERIES", "IMAGE", "IMAGE"]
     images = [r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]
     assert [list(r.ReferencedFileID) for r in images] == [
         ["DICOM", "STAAAAAA", "SEBBBBBB", f"IM00000{n}"] for n in (1, 2)]
     assert [r.ReferencedSOPInstanceUIDInFile for r in images] == [f"1.2.826.0.1.3680043.10.9.77.{n}" for n in (1, 2)]
+    assert {r.ReferencedTransferSyntaxUIDInFile for r in images} == {ImplicitVRLittleEndian}
+    assert {r.ReferencedSOPClassUIDInFile for r in images} == {SOPClass.CT_IMAGE}
 
 
 def test_the_dicomdir_bytes_are_pinned(tmp_path):

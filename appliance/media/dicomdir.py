@@ -1,8 +1,8 @@
 """The DICOMDIR of a USB file-set (PS3.10 8.2, PS3.3 F.5), through pydicom's FileSet.
 
-The only module that touches pydicom's FileSet internals: two private uses, each in one
-small function, pinned by ``tests/test_dicomdir.py`` (byte for byte, with pydicom pinned at
-3.0.2 in ``pyproject.toml``). ``FileSet.write()`` cannot serve: it copies every staged
+The only module that touches pydicom's FileSet internals: private uses in two small
+functions (:func:`add` and :func:`encode`), pinned by ``tests/test_dicomdir.py`` (byte for
+byte, with pydicom pinned at 3.0.2 in ``pyproject.toml``). ``FileSet.write()`` cannot serve: it copies every staged
 instance itself (no temp name, no fsync) and, when adding to an existing set, copies every
 existing file off the stick and back onto it; the exporter writes the files itself,
 atomically, and asks this module only for the DICOMDIR's bytes.
@@ -28,8 +28,13 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileInstance, FileSet
+from pydicom.uid import UID
 
-from appliance.conformance import SOPClass
+from appliance.conformance import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    SOPClass,
+)
 from appliance.errors import MediaError
 
 #: The File-set ID of the sets we create (PS3.3 F.5: CS, at most 16 characters).
@@ -126,7 +131,16 @@ def add(fs: FileSet, record_source: Dataset, file_id: str) -> None:
 
 def encode(fs: FileSet) -> bytes:
     """The DICOMDIR of ``fs``, encoded with pydicom's own encoder (a private method: the
-    public ``write()`` would also copy the files, see the module docstring)."""
+    public ``write()`` would also copy the files, see the module docstring).
+
+    Its file meta names the appliance as the implementation that wrote it, as the meta of
+    every file on the stick does (pydicom would name itself, ``PYDICOM 3.0.2``); a new set's
+    DICOMDIR data set is made here for that, as pydicom would make it while writing."""
+    if not fs._ds:  # noqa: SLF001
+        fs._ds = fs._create_dicomdir()  # noqa: SLF001
+    meta = fs._ds.file_meta  # noqa: SLF001
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buf = BytesIO()
     fs._write_dicomdir(DicomFileLike(buf))  # noqa: SLF001
     return buf.getvalue()
