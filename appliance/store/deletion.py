@@ -23,15 +23,22 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
 from appliance.errors import StoreError
 from appliance.store.disk import fsync_dir, store_error
-from appliance.store.index import InstanceRow, StudyUsage
+from appliance.store.index import Index, InstanceRow, StudyUsage
 from appliance.store.marks import StudyMarks, busy_studies, delete_lock
 
-if TYPE_CHECKING:
-    from appliance.store.store import Store
+
+class Store(Protocol):
+    """What a deletion needs of :class:`appliance.store.store.Store` (which calls this module)."""
+
+    data_dir: Path
+    objects: Path
+    index: Index
+
+    def hold_uids(self, uids: list[str]) -> contextlib.AbstractContextManager[None]: ...
 
 log = logging.getLogger(__name__)
 
