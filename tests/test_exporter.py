@@ -263,10 +263,13 @@ def test_a_second_export_adds_to_the_file_set_and_never_rewrites_it(store: Store
     stick = tmp_path / "stick"
     stick.mkdir()
     assert export(stick, store, Config(), Selection.explicit(studies=(first,))).ok
+    # Retention may delete what reached a stick: the first study, not the second.
+    assert set(store.marks.get()) == {first} and store.marks.get()[first].delivered_to.startswith("USB stick")
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stick.rglob("*") if p.is_file()
               and p.name != "DICOMDIR"}
     report = export(stick, store, Config(), Selection.explicit(studies=(first, second)))
     assert report.ok and report.count(FileOutcome.WRITTEN) == 2 and report.count(FileOutcome.ON_STICK) == 3
+    assert set(store.marks.get()) == {first, second}
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) == v for p, v in before.items())
     check_file_set(stick, store, _instances(store))
 
@@ -291,6 +294,7 @@ def test_a_stick_pulled_mid_write_fails_cleanly_and_the_next_export_completes_it
     assert _store_state(store) == before
     with _state(store) as state:
         assert state.mark(ExportStatus.DONE) is None  # a failed export does not count as "the last export"
+    assert store.marks.get() == {}, "a study only part of which reached the stick is not delivered"
     stick.mkdir()  # the stick is back
     report = export(stick, store, Config())
     assert report.ok and report.count(FileOutcome.WRITTEN) == 5, report.render()

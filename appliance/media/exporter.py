@@ -67,7 +67,7 @@ from appliance.conformance import (
 )
 from appliance.dicom import dicomio
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
-from appliance.errors import ApplianceError, MediaError
+from appliance.errors import ApplianceError, MediaError, StoreError
 from appliance.media import dicomdir
 from appliance.media.usbtarget import Medium, open_medium
 from appliance.reports import Item, Progress, Report
@@ -405,8 +405,11 @@ def export(
     lock = _lock(store.data_dir)
     state = ExportQueue(store.data_dir)
     medium: Medium | None = None
+    busy = contextlib.ExitStack()
     try:
         what, rows, consumed, moves_mark = _resolve(store, state, cfg, selection, started_at)
+        # While they are being written, no deletion takes these studies (appliance.store.marks.busy).
+        busy.enter_context(store.busy(sorted({r.study_uid for r in rows})))
         generated = {t.sop_instance_uid: t.part10() for t in extra}
         rows += [_generated_row(data, started_at) for data in generated.values()]
         if extra:
@@ -431,6 +434,7 @@ def export(
         if report.status is not ExportStatus.FAILED:
             for uid in consumed:
                 state.remove(uid)
+        _record_delivery(store, report, started_at)
         state.record(ExportRecord(
             report.started_at, _now(), report.target, report.selection, report.status.value,
             report.count(FileOutcome.WRITTEN), report.bytes_done, moves_mark and report.ok))
@@ -438,10 +442,20 @@ def export(
         if medium is not None:
             with contextlib.suppress(ApplianceError, OSError):
                 medium.close()
+        busy.close()
         state.close()
         os.close(lock)
     log.log(logging.INFO if report.ok else logging.WARNING, "%s", report.summary())
     return report
+
+
+def _record_delivery(store: Store, report: ExportReport, started_at: str) -> None:
+    """Record the studies every object of which is now on the stick (retention may delete them)."""
+    on_stick = {i.sop_instance_uid for i in report.items if i.outcome in (FileOutcome.WRITTEN, FileOutcome.ON_STICK)}
+    try:
+        store.record_delivery(on_stick, f"USB stick {report.target}", started_at)
+    except StoreError as exc:
+        log.warning("could not record which studies reached the stick (retention keeps them): %s", exc)
 
 
 def _generated_row(part10: bytes, at: str) -> InstanceRow:
