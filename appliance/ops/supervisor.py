@@ -425,7 +425,8 @@ class Supervisor:
         self._refresh.set()
 
     def _apply(self, new: config.Config, commit: Any) -> None:
-        if (new.scp, new.store) != (self.cfg.scp, self.cfg.store):
+        # The SCP process runs retention too: it reads [retention] when it starts.
+        if (new.scp, new.store, new.retention) != (self.cfg.scp, self.cfg.store, self.cfg.retention):
             self._switch_scp(new, commit)
         else:
             commit()
