@@ -14,6 +14,7 @@ from appliance.media.importer import (
 )
 from appliance.reports import progress_printer
 from appliance.store.ingest import Ingest
+from appliance.store.retention import Retention
 
 #: Exit codes of ``appliance import`` (2 is the CLI's usage error).
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
@@ -27,7 +28,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         report = run_import(
             Path(args.source),
-            Ingest(store, cfg.store),
+            Ingest(store, cfg.store,
+                   make_room=Retention(store, cfg.retention, cfg.store.min_free_mb * 2**20).make_room),
             eject_after=cfg.media.eject_after_import if args.eject is None else args.eject,
             progress=progress_printer(sys.stderr),
             max_object_bytes=args.max_object_mb * 2**20,

@@ -22,6 +22,7 @@ from appliance.errors import ApplianceError, MediaError
 from appliance.media.importer import keep_report, run_import
 from appliance.reports import Progress
 from appliance.store.ingest import Ingest
+from appliance.store.retention import Retention
 from appliance.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ class MediaJobs:
         self.on_change()
         report = run_import(
             Path(event.device),
-            Ingest(self.store, cfg.store),
+            Ingest(self.store, cfg.store, make_room=Retention(self.store, cfg.retention,
+                                                              cfg.store.min_free_mb * 2**20).make_room),
             eject_after=cfg.media.eject_after_import,
             progress=self._progress(what, cancellable=True),
         )
