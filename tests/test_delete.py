@@ -210,3 +210,45 @@ def test_kill_9_in_the_middle_of_a_large_delete(tmp_path, rules, chunks):
     assert again.counts()["instances"] == 0  # the deletion was finished
     assert not list(again.objects.rglob("*.dcm"))
     again.close()
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real program, as an admin runs it (no terminal: stdin is closed)."""
+    return subprocess.run([sys.executable, "-m", "appliance", "--data-dir", str(store.data_dir), *args],
+                          capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_delete_protect_and_retention_on_the_command_line(store, ingest):
+    a, b = ct_series(3), ct_series(2, patient="Other^Patient")
+    for ds in b:
+        ds.PatientID = "OTHER-7"
+    put(ingest, a + b)
+    study_a = a[0].StudyInstanceUID
+
+    r = cli(store, "delete", "--study", study_a)
+    assert r.returncode == 1 and "add --yes" in r.stderr and store.counts()["instances"] == 5
+
+    r = cli(store, "protect", "--study", study_a)
+    assert r.returncode == 0 and "protected from deletion" in r.stdout
+    assert study_a in cli(store, "protect").stdout
+    r = cli(store, "delete", "--study", study_a, "--yes", "--quiet-minutes", "0")
+    assert r.returncode == 1 and "protected" in r.stderr and "Traceback" not in r.stderr
+    cli(store, "protect", "--off", "--study", study_a)
+
+    r = cli(store, "retention")
+    assert r.returncode == 0 and "retention: off" in r.stdout
+    assert "not yet exported or sent" in r.stdout or "may still be arriving" in r.stdout
+
+    r = cli(store, "delete", "--patient", "OTHER-7", "--yes", "--quiet-minutes", "0")
+    assert r.returncode == 0, r.stderr
+    assert "deleted 1 study (patient OTHER-7 (1 study)): 2 object(s)" in r.stdout and "MB freed" in r.stdout
+    r = cli(store, "delete", "--series", a[0].SeriesInstanceUID, "--yes", "--quiet-minutes", "0")
+    assert r.returncode == 0 and "deleted 1 series" in r.stdout
+    assert store.counts()["instances"] == 0
+    agree(store)
+    r = cli(store, "delete", "--study", "1.2.3", "--yes")
+    assert r.returncode == 1 and "not stored" in r.stderr
