@@ -14,7 +14,7 @@ from typing import Any
 from appliance import config
 
 from appliance.ops import health
-from appliance.config import Config, ExportPolicy
+from appliance.config import Config, ExportPolicy, RetentionPolicy
 from appliance.ops.configservice import ConfigFile, request
 from appliance.conformance import MIN_PDU
 from appliance.errors import ApplianceError, ConfigError
@@ -85,7 +85,8 @@ class Field:
     key: str
     label: str
     help: str
-    kind: str = "text"  # text, int, bool, list, choice
+    kind: str = "text"  # text, int, number (a decimal), bool, list, choice
+    #: The range of an int field; with ``high`` 0 the configuration's own check says what is allowed.
     low: int = 0
     high: int = 0
     choices: tuple[str, ...] = ()
@@ -93,6 +94,8 @@ class Field:
     def show(self, value: Any) -> str:
         if isinstance(value, bool):
             return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:g}"
         if isinstance(value, (list, tuple)):
             return ", ".join(str(v) for v in value) or "(none)"
         return str(value) if value != "" else "(empty)"
@@ -101,9 +104,14 @@ class Field:
         """Turn what was typed into the config service's text; raise ConfigError saying what is allowed."""
         if self.kind == "int":
             if not re.fullmatch(r"\d+", text):
-                raise ConfigError(f"'{text}' is not a whole number; {self.label} allows {self.low} to {self.high}")
-            if not self.low <= int(text) <= self.high:
+                raise ConfigError(f"'{text}' is not a whole number" + (
+                    f"; {self.label} allows {self.low} to {self.high}" if self.high else ""))
+            if self.high and not self.low <= int(text) <= self.high:
                 raise ConfigError(f"{self.label} {text} is out of range; allowed: {self.low} to {self.high}")
+            return text
+        if self.kind == "number":
+            if not re.fullmatch(r"\d+(\.\d+)?", text):
+                raise ConfigError(f"'{text}' is not a number; {self.label} takes e.g. 10 or 2.5")
             return text
         if self.kind == "bool":
             low = text.lower()
@@ -142,6 +150,21 @@ POLICY_FIELD = Field("usb.policy", "Default policy",
                      "choice", choices=tuple(p.value for p in ExportPolicy))
 EJECT_FIELD = Field("media.eject_after_import", "Eject after import", "yes: open the tray once a CD is imported.",
                     "bool")
+RETENTION_FIELDS = (
+    Field("retention.enabled", "Retention", "yes: delete studies when the disk passes the high-water mark.",
+          "bool"),
+    Field("retention.high_water", "High-water mark",
+          "Delete above this: % of the data partition (85%) or GB used (40GB)."),
+    Field("retention.low_water", "Low-water mark",
+          "Delete down to this, in the high-water mark's unit (75%, 30GB)."),
+    Field("retention.max_age_days", "Max age (days)",
+          "Also delete studies last received longer ago than this; 0: no limit.", "int"),
+    Field("retention.policy", "Policy",
+          "delivered: only studies exported or sent since; unconditional: any.",
+          "choice", choices=tuple(p.value for p in RetentionPolicy)),
+    Field("retention.quiet_minutes", "Quiet minutes",
+          "A study is left alone this long after its last object (0 to 1440).", "number"),
+)
 DEST_FIELDS = (
     Field("ae_title", "AE title", "The peer's AE title: 1 to 16 characters, no backslash."),
     Field("host", "Host", "The peer's IP address or host name."),

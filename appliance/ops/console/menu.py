@@ -11,13 +11,14 @@ from appliance.ops.console.destinations import DestinationsPage
 from appliance.ops.console.media import MediaPages
 from appliance.ops.console.network import NetworkPage
 from appliance.ops.console.screen import Quit
+from appliance.ops.console.storage import StoragePages
 from appliance.ops.console.system import SystemPages
 from appliance.ops.consolesettings import SCP_FIELDS
 
 log = logging.getLogger(__name__)
 
 
-class Console(DestinationsPage, MediaPages, NetworkPage, SystemPages):
+class Console(DestinationsPage, MediaPages, NetworkPage, StoragePages, SystemPages):
     """The menu, reading lines from ``inp`` and writing to ``out``."""
 
     def run(self) -> int:
@@ -32,6 +33,7 @@ class Console(DestinationsPage, MediaPages, NetworkPage, SystemPages):
             "7": ("Log", self.log),
             "8": ("Reboot", self.reboot),
             "9": ("Shut down", self.poweroff),
+            "d": ("Storage: delete, protect, retention", self.studies),
             "s": ("Service shell (root password)", self.service_shell),
         }
         try:
@@ -51,7 +53,7 @@ class Console(DestinationsPage, MediaPages, NetworkPage, SystemPages):
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, s or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, s or q.")
                     continue
                 try:
                     screens[choice][1]()
