@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -312,6 +313,47 @@ def test_echo_reports_an_abort() -> None:
 def test_echo_with_an_unknown_host() -> None:
     with pytest.raises(NetworkError, match="cannot resolve host name"):
         echo(Destination("ANY", "no-such-host.invalid", 104))
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A loopback port whose connects time out, as a host that drops packets: a listening
+    socket with its accept queue full (Linux drops the SYNs). Checked before it is used."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers: list[socket.socket] = []
+        try:
+            while True:
+                assert len(fillers) < 8, "the accept queue never filled: connects to the port do not time out"
+                s = socket.socket()
+                fillers.append(s)
+                s.settimeout(0.5)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except TimeoutError:
+                    break
+            yield port
+        finally:
+            for s in fillers:
+                s.close()
+
+
+@pytest.mark.parametrize("command", ["echo", "send"])
+def test_a_connect_timeout_is_waited_once(command, box, data_dir, blackhole, capsys) -> None:  # type: ignore[no-untyped-def]
+    images = ct_series(2)
+    for ds in images:
+        put(box, ds)
+    args: list[str | int] = [command, "--timeout", 2, "127.0.0.1", blackhole]
+    if command == "send":
+        args += ["--series", images[0].SeriesInstanceUID]
+    t0 = time.monotonic()
+    assert run_cli(data_dir, *args) == 1
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert f"connection to 127.0.0.1:{blackhole} timed out after 2 s: the host does not answer" in err
+    assert 2 <= elapsed < 2 * 1.3, f"{elapsed:.2f} s for a timeout of 2 s"
 
 
 @pytest.mark.parametrize("command", ["echo", "send"])

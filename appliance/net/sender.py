@@ -2,8 +2,8 @@
 
 * :func:`echo` sends one C-ECHO over the Verification context (Table 8, Implicit VR LE
   only) and returns the round-trip time, or raises :class:`NetworkError` saying in words
-  what went wrong: unknown host, connection refused, timed out, association rejected
-  (with the decoded reason) or aborted.
+  what went wrong: unknown host, connection refused, timed out, unreachable, association
+  rejected (with the decoded reason) or aborted.
 * :func:`plan_send` turns ``--study``/``--series`` requests into the objects to send.
   Objects travel with their image series (section 2.2): a series goes with the RT objects
   that reference it; only 3D volumes go (the Storage Server's 3D verdict); XA and SC are
@@ -19,6 +19,7 @@ pynetdicom objects stay inside this module; callers get frozen dataclasses.
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import logging
 import os
@@ -163,19 +164,30 @@ def _rejection(rsp: Any, peer: Destination, calling: str) -> str:
     return f"association rejected {kind} by {_peer(peer)}: " + text.format(calling=calling, called=peer.ae_title)
 
 
-def _connect_failure(peer: Destination, timeout: float) -> str:
-    """Say why a TCP connection to ``peer`` cannot be made (probing it once more)."""
+def _connect_failure(peer: Destination, timeout: float, spent: float) -> str:
+    """Say why a TCP connection to ``peer`` could not be made, within what is left of ``timeout``.
+
+    pynetdicom logs the connect's OSError but does not return it. An attempt that took
+    (nearly) the whole timeout timed out; a quicker failure is probed once more, for at most
+    the time left, so the whole operation takes ``timeout`` once, not twice."""
     where = f"{peer.host}:{peer.port}"
+    timed_out = (f"connection to {where} timed out after {timeout:g} s: the host does not answer "
+                 "(check the address, the network and firewalls)")
+    left = timeout - spent
+    if left <= timeout * 0.1:
+        return timed_out
     try:
-        with socket.create_connection((peer.host, peer.port), timeout=timeout):
+        with socket.create_connection((peer.host, peer.port), timeout=left):
             pass
     except ConnectionRefusedError:
         return (f"connection refused by {where}: nothing listens on port {peer.port} "
                 "(is the DICOM service running, is the port right?)")
     except (TimeoutError, socket.timeout):
-        return (f"connection to {where} timed out after {timeout:g} s: the host does not answer "
-                "(check the address, the network and firewalls)")
+        return timed_out
     except OSError as exc:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return (f"{where} is unreachable: {exc.strerror} (check the address, the network cable "
+                    "and the routes)")
         return f"cannot connect to {where}: {exc.strerror or exc}"
     return f"the connection to {where} failed, then worked on a second try; try again"
 
@@ -196,12 +208,12 @@ def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -
 
 def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Association:
     """Open an association with ``peer``; raise NetworkError saying why it failed."""
+    started = time.monotonic()
     try:
         socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise NetworkError(f"cannot resolve host name '{peer.host}'; check the name or use an IP address") from None
     connected = threading.Event()
-    started = time.monotonic()
     try:
         assoc = ae.associate(
             peer.host,
@@ -219,7 +231,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     if assoc.is_rejected:
         raise NetworkError(_rejection(assoc.acceptor.primitive, peer, settings.calling_ae))
     if not connected.is_set():
-        raise NetworkError(_connect_failure(peer, settings.timeout))
+        raise NetworkError(_connect_failure(peer, settings.timeout, time.monotonic() - started))
     late = _late_rejection(assoc)
     if late is not None:
         raise NetworkError(_rejection(late, peer, settings.calling_ae))
