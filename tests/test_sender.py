@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from appliance.conformance import (
 from appliance.errors import ConfigError, NetworkError
 from appliance.store.ingest import Ingest, Source
 from appliance.net.sender import (
+    MAX_PDU,
     ClientSettings,
     SendOutcome,
     SendRefused,
@@ -357,16 +359,43 @@ def test_a_connect_timeout_is_waited_once(command, box, data_dir, blackhole, cap
 
 
 @pytest.mark.parametrize("command", ["echo", "send"])
-def test_max_pdu_below_4096_is_refused(command, data_dir, capsys) -> None:  # type: ignore[no-untyped-def]
-    args = [command, "-pdu", str(MIN_PDU - 1), "127.0.0.1", "104"]
+@pytest.mark.parametrize("pdu", [100, MIN_PDU - 1, -1, MAX_PDU + 1])
+def test_a_max_pdu_out_of_range_is_a_usage_error(command, pdu, data_dir, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = [command, "-pdu", str(pdu), "127.0.0.1", "104"]
     if command == "send":
         args += ["--series", "1.2.3"]
-    assert run_cli(data_dir, *args) == 1
-    assert f"max PDU {MIN_PDU - 1} bytes is out of range; the client AE needs {MIN_PDU} bytes" in capsys.readouterr().err
-    with pytest.raises(ConfigError):
-        ClientSettings(max_pdu=1024).check()
-    ClientSettings(max_pdu=MIN_PDU).check()
+    with pytest.raises(SystemExit) as usage:
+        run_cli(data_dir, *args)
+    assert usage.value.code == 2
+    assert (f"argument -pdu/--max-pdu: max PDU {pdu} bytes is out of range; the client AE needs {MIN_PDU} to "
+            f"{MAX_PDU} bytes, or 0 for no limit") in capsys.readouterr().err
+
+
+def test_client_settings_check_the_max_pdu() -> None:
+    for bad in (1024, MIN_PDU - 1, -1, MAX_PDU + 1):
+        with pytest.raises(ConfigError, match=f"max PDU {bad} bytes is out of range"):
+            ClientSettings(max_pdu=bad).check()
+    for good in (0, MIN_PDU, MAX_PDU):
+        ClientSettings(max_pdu=good).check()
     assert ClientSettings().max_pdu == DEFAULT_CLIENT_PDU and ClientSettings().calling_ae == CLIENT_AE_TITLE
+
+
+def test_max_pdu_0_means_no_limit_for_echo_and_send(box, data_dir, storescp, capsys) -> None:  # type: ignore[no-untyped-def]
+    images = ct_series(3)
+    for ds in images:
+        put(box, ds)
+    peer = storescp("-d")
+    assert run_cli(data_dir, "echo", "-aec", PEER_AE, "-pdu", 0, "127.0.0.1", peer.port) == 0
+    assert "succeeded" in capsys.readouterr().out
+    series = images[0].SeriesInstanceUID
+    assert run_cli(data_dir, "send", "-aec", PEER_AE, "-pdu", 0, "127.0.0.1", peer.port, "--series", series) == 0
+    assert "3 of 3 object(s) stored by" in capsys.readouterr().out
+    log = peer.stop()
+    # What each A-ASSOCIATE-RQ announced: the echo and the send 0 (no limit), the fixture's
+    # readiness echoes DCMTK's default.
+    announced = re.findall(r"BEGIN A-ASSOCIATE-RQ.*?Their Max PDU Receive Size: +(\d+)", log, re.S)
+    assert announced.count("0") == 2 and len(announced) > 2
+    assert_received_as_stored(box, peer.received(), {d.SOPInstanceUID for d in images})
 
 
 # -- export --------------------------------------------------------------------------

@@ -16,10 +16,23 @@ from appliance.net.sender import (
     ClientSettings,
     check_peer,
     echo,
+    max_pdu_problem,
     plan_send,
     send,
 )
 from appliance.reports import item_printer
+
+
+def max_pdu(text: str) -> int:
+    """``-pdu``'s value: 0 (no limit) or MIN_PDU to MAX_PDU bytes; else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of bytes") from None
+    problem = max_pdu_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
@@ -29,8 +42,8 @@ def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
                    help=f"our (calling) AE title (default {CLIENT_AE_TITLE})")
     p.add_argument("-aec", "--call", dest="aec", metavar="AET",
                    help=f"the peer's (called) AE title (default {DEFAULT_CALLED_AE}, or the destination's)")
-    p.add_argument("-pdu", "--max-pdu", dest="pdu", type=int, default=DEFAULT_CLIENT_PDU, metavar="BYTES",
-                   help=f"max PDU we receive, {MIN_PDU} or more (default {DEFAULT_CLIENT_PDU})")
+    p.add_argument("-pdu", "--max-pdu", dest="pdu", type=max_pdu, default=DEFAULT_CLIENT_PDU, metavar="BYTES",
+                   help=f"max PDU we receive, {MIN_PDU} or more, 0 for no limit (default {DEFAULT_CLIENT_PDU})")
     p.add_argument("--timeout", type=float, default=timeout, metavar="S",
                    help=f"seconds to wait for connection, association and each response (default {timeout:g})")
 

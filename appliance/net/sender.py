@@ -98,15 +98,22 @@ class ClientSettings:
     def check(self) -> None:
         """Raise ConfigError listing every invalid setting."""
         problems = config.validate_ae_title(self.calling_ae, "calling AE title (-aet)")
-        if not MIN_PDU <= self.max_pdu <= MAX_PDU:
-            problems.append(
-                f"max PDU {self.max_pdu} bytes is out of range; the client AE needs {MIN_PDU} bytes "
-                f"or more (default {DEFAULT_CLIENT_PDU})"
-            )
+        pdu_problem = max_pdu_problem(self.max_pdu)
+        if pdu_problem:
+            problems.append(pdu_problem)
         if not 0 < self.timeout <= 3600:
             problems.append(f"timeout {self.timeout} s is out of range; use 1 to 3600 seconds")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def max_pdu_problem(max_pdu: int) -> str | None:
+    """Why ``max_pdu`` cannot be the client's max PDU, or None: 0 (no limit, PS3.8 D.1.1) or
+    :data:`MIN_PDU` up to :data:`MAX_PDU` bytes."""
+    if max_pdu == 0 or MIN_PDU <= max_pdu <= MAX_PDU:
+        return None
+    return (f"max PDU {max_pdu} bytes is out of range; the client AE needs {MIN_PDU} to {MAX_PDU} bytes, "
+            f"or 0 for no limit (default {DEFAULT_CLIENT_PDU})")
 
 
 def check_peer(peer: Destination) -> None:
