@@ -181,6 +181,42 @@ def parse_mark(value: str, what: str) -> tuple[float, str]:
                      "(e.g. 85%) or the space used in GB (e.g. 40GB)")
 
 
+@dataclass(frozen=True)
+class ForwardRule:
+    """Send what arrives to destinations, automatically (``[[forward]]``). Empty lists match anything."""
+
+    #: Any of these calling AE titles (objects from a CD have none: they match only an empty list).
+    calling_ae: tuple[str, ...] = ()
+    #: Any of these modalities (the series' Modality, e.g. CT, RTSTRUCT).
+    modality: tuple[str, ...] = ()
+    #: Any of these SOP Class UIDs.
+    sop_class: tuple[str, ...] = ()
+    #: Any of these origins: "network" (the Storage SCP) or "cd" (a CD import).
+    origin: tuple[str, ...] = ()
+    #: The destination names ([destinations.NAME]) to send to.
+    to: tuple[str, ...] = ()
+    #: 0: send each object as it arrives; N: send a series once it received nothing for N
+    #: seconds, so the destination gets it in one association.
+    stable_after: float = 0.0
+    #: The most objects waiting for one destination (0: no limit); above it, the box says so,
+    #: and drops the oldest only if ``drop_oldest`` is true.
+    max_pending: int = 0
+    #: The most GB waiting for one destination (0: no limit), likewise.
+    max_pending_gb: float = 0.0
+    drop_oldest: bool = False
+
+    def matches(self, calling_ae: str | None, modality: str | None, sop_class: str, origin: str) -> bool:
+        """True if an object with these properties is to be forwarded by this rule."""
+        return ((not self.calling_ae or (calling_ae or "") in self.calling_ae)
+                and (not self.modality or (modality or "") in self.modality)
+                and (not self.sop_class or sop_class in self.sop_class)
+                and (not self.origin or origin.split(":", 1)[0] in self.origin))
+
+
+#: The origins a forwarding rule can name.
+FORWARD_ORIGINS = ("network", "cd")
+
+
 class NetworkMode(enum.StrEnum):
     """How the appliance's network interface gets its address."""
 
@@ -216,6 +252,8 @@ class Config:
     usb: UsbConfig = field(default_factory=UsbConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    #: Forwarding rules (``[[forward]]``), in file order.
+    forward: tuple[ForwardRule, ...] = ()
     #: Named peers for ``appliance send --to NAME``, by name.
     destinations: Mapping[str, Destination] = field(default_factory=dict)
 
@@ -353,6 +391,32 @@ def _check(cfg: Config) -> list[str]:
         if not 1 <= d.port <= 65535:
             problems.append(f"{where}.port {d.port} is out of range; use 1 to 65535")
     problems += validate_network(cfg.network)
+    problems += validate_forward(cfg.forward, cfg.destinations)
+    return problems
+
+
+def validate_forward(rules: tuple[ForwardRule, ...], destinations: Mapping[str, Destination]) -> list[str]:
+    """Return the problems of the forwarding rules (empty if they are valid)."""
+    problems = []
+    for n, r in enumerate(rules, 1):
+        where = f"forward rule {n}"
+        if not r.to:
+            problems.append(f"{where}: 'to' is empty; name one or more destinations, e.g. to = [\"PACS\"]")
+        for name in r.to:
+            if name not in destinations:
+                known = ", ".join(sorted(destinations)) or "none is configured"
+                problems.append(f"{where}: destination '{name}' is not configured ([destinations.{name}]); "
+                                f"known: {known}")
+        for ae in r.calling_ae:
+            problems += validate_ae_title(ae, f"{where}: calling_ae entry")
+        for o in r.origin:
+            if o not in FORWARD_ORIGINS:
+                problems.append(f"{where}: origin '{o}' is not one of {', '.join(FORWARD_ORIGINS)}")
+        if not 0 <= r.stable_after <= 86400:
+            problems.append(f"{where}: stable_after {r.stable_after} is out of range; use 0 (each object as it "
+                            "arrives) to 86400 seconds")
+        if r.max_pending < 0 or r.max_pending_gb < 0:
+            problems.append(f"{where}: max_pending and max_pending_gb cannot be negative (0: no limit)")
     return problems
 
 
@@ -425,6 +489,13 @@ def from_dict(data: dict[str, Any]) -> Config:
         if name == "destinations":
             kwargs[name] = _destinations(table, problems)
             continue
+        if name == "forward":
+            if not isinstance(table, list):
+                problems.append("[forward] must be written [[forward]]: one table per rule")
+                continue
+            kwargs[name] = tuple(_coerce(ForwardRule, t, f"forward rule {n}", problems)
+                                 for n, t in enumerate(table, 1))
+            continue
         kwargs[name] = _coerce(type(getattr(Config(), name)), table, name, problems)
     cfg = Config(**kwargs)
     problems += _check(cfg)
@@ -474,11 +545,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return list(v)
         return v
 
-    out = {
+    out: dict[str, Any] = {
         name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
         for name in (f.name for f in fields(Config))
-        if name != "destinations"
+        if name not in ("destinations", "forward")
     }
+    if cfg.forward:
+        out["forward"] = [{k: plain(v) for k, v in dataclasses.asdict(r).items()} for r in cfg.forward]
     out["destinations"] = {name: dataclasses.asdict(d) for name, d in cfg.destinations.items()}
     return out
 

@@ -25,6 +25,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     was), 3 if some were and others were refused or unreadable, 1 if none was."""
     cfg = load_config(args)
     store = open_store(args, cfg)
+    store.set_forwarding(cfg.forward)
     try:
         report = run_import(
             Path(args.source),

@@ -44,6 +44,7 @@ def cmd_scp(args: argparse.Namespace) -> int:
     if args.port == 0:  # any free port: for tests and benchmarks
         cfg = dataclasses.replace(cfg, scp=dataclasses.replace(cfg.scp, port=0))
     store = open_store(args, cfg)
+    store.set_forwarding(cfg.forward)  # what the rules match is queued as it is stored
     store.open_for_service()
     sock = None
     if args.listen_fd is not None:  # a listening socket handed over by ``appliance run``

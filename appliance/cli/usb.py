@@ -31,8 +31,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_forward_queue(args: argparse.Namespace) -> int:
+    """List the forwarding queue (one line per destination, and what is set aside), or put
+    what was set aside back in it."""
+    from appliance.jobs.forwarder import forward_lines
+
+    store = open_store(args)
+    try:
+        if args.action == "retry":
+            n = store.index.forward_requeue(args.destination)
+            print(f"{n} object(s) set aside are queued again" + (f" for {args.destination}" if args.destination else "")
+                  + "; the destination is tried at once")
+            return 0
+        lines = forward_lines(store)
+        if args.destination:
+            lines = [line for line in lines if line.startswith(f"{args.destination}:")]
+        print("\n".join(lines) if lines else "nothing has been queued for forwarding")
+        for s in store.index.forward_states():
+            if args.destination in (None, s.destination) and s.set_aside:
+                for uid, reason in store.index.forward_set_aside_items(s.destination):
+                    print(f"  set aside for {s.destination}: {uid}: {reason}")
+        return 0
+    finally:
+        store.close(clean=False)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     """Add to, remove from or list the export queue."""
+    if args.forward:
+        return cmd_forward_queue(args)
+    if args.action == "retry":
+        raise MediaError("retry is for the forwarding queue: appliance queue retry --forward [DESTINATION]")
     store = open_store(args)
     state = ExportQueue(store.data_dir)
     try:
@@ -69,11 +98,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                    help="export every stored study")
     s.set_defaults(func=cmd_export, mode=None, parser=s)
 
-    q = subparsers.add_parser("queue", help="the USB export queue: add, rm or ls")
+    q = subparsers.add_parser("queue", help="the USB export queue (add, rm, ls); --forward: the forwarding queue")
     qs = q.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("add", "queue studies or series (by UID) for the next export"),
                          ("rm", "remove studies or series from the queue")):
         a = qs.add_parser(action, help=text)
         a.add_argument("uids", nargs="+", metavar="UID")
-    qs.add_parser("ls", help="list the queue")
+        a.set_defaults(forward=False)
+    a = qs.add_parser("ls", help="list the queue (--forward: per destination, with what is set aside)")
+    a.add_argument("--forward", action="store_true", help="the forwarding queue")
+    a.add_argument("destination", nargs="?", metavar="DESTINATION", help="with --forward: only this destination")
+    a = qs.add_parser("retry", help="--forward: queue again what a destination refused for good (set aside)")
+    a.add_argument("--forward", action="store_true", required=True, help="the forwarding queue")
+    a.add_argument("destination", nargs="?", metavar="DESTINATION", help="only this destination")
     q.set_defaults(func=cmd_queue)

@@ -252,6 +252,34 @@ def file_meta(
     return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body)), b"") + body
 
 
+def source_ae(data: bytes | memoryview) -> str | None:
+    """Return the Source Application Entity Title (0002,0016) of a Part 10 file's meta
+    header (for a stored object: the calling AE title it came from), or None."""
+    mv = memoryview(data)
+    pos = 132
+    if len(mv) < pos or bytes(mv[128:132]) != b"DICM":
+        return None
+    while pos + 8 <= len(mv):
+        group, elem = struct.unpack_from("<HH", mv, pos)
+        if group != 0x0002:
+            return None
+        vr = bytes(mv[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(mv):
+                return None
+            (length,) = struct.unpack_from("<L", mv, pos + 8)
+            vpos = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", mv, pos + 6)
+            vpos = pos + 8
+        if length == UNDEFINED_LENGTH or vpos + length > len(mv):
+            return None
+        if elem == 0x0016:
+            return bytes(mv[vpos : vpos + length]).strip(b"\x00 ").decode("ascii", "replace") or None
+        pos = vpos + length
+    return None
+
+
 def split_part10(data: bytes | memoryview) -> tuple[int, str]:
     """Return (offset of the data set, transfer syntax UID) of a Part 10 file in ``data``.
 

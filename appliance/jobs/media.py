@@ -153,6 +153,7 @@ class MediaJobs:
     def _import(self, event: MediaEvent) -> tuple[bool, str]:
         cfg = self.settings()
         what = f"importing CD '{event.label}'"
+        self.store.set_forwarding(cfg.forward)
         self._activity = what
         self.on_change()
         report = run_import(

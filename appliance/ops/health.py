@@ -56,6 +56,9 @@ class Health:
     #: What retention last did ("" if it never ran), and what it cannot do ("" when nothing).
     retention: str = ""
     retention_problem: str = ""
+    #: One line per forwarding destination, and what is wrong with forwarding ("" when nothing).
+    forwarding: tuple[str, ...] = ()
+    forwarding_problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -78,6 +81,10 @@ class Health:
             parts.append(self.store_problem)
         if self.retention_problem:
             parts.append("RETENTION: " + self.retention_problem.split(". ")[0])
+        parts.extend(f"FORWARDING: {p}" for p in self.forwarding_problems)
+        waiting = [line.split(";")[0] for line in self.forwarding if " 0 waiting" not in line.split(";")[0]]
+        if waiting:
+            parts.append("forward " + ", ".join(waiting))
         parts.append(f"{self.counts.get('studies', 0):,} studies")
         parts.append(f"disk {self.disk_used_percent:.0f}% used")
         if self.activity:
@@ -109,6 +116,8 @@ class Health:
             lines.append(f"retention: {self.retention}")
         if self.retention_problem:
             lines.append(f"retention: PROBLEM: {self.retention_problem}")
+        lines.extend(f"forward:  {line}" for line in self.forwarding)
+        lines.extend(f"forward:  PROBLEM: {p}" for p in self.forwarding_problems)
         if self.activity:
             lines.append(f"now:      {self.activity}")
         for label, r in (("import", self.last_import), ("export", self.last_export)):
@@ -129,6 +138,8 @@ class Health:
         for k in ("last_import", "last_export"):
             d[k] = JobResult(**d[k]) if d.get(k) else None
         d["notes"] = tuple(d.get("notes", ()))
+        d["forwarding"] = tuple(d.get("forwarding", ()))
+        d["forwarding_problems"] = tuple(d.get("forwarding_problems", ()))
         return cls(**d)
 
 
@@ -223,7 +234,11 @@ def _gather(store: Store, listening: str, answered: bool, activity: str, notes: 
     if retention is not None:
         said = (f"{retention.summary()} (last run {retention.at.replace('T', ' ')[:16]} UTC)"
                 if retention.enabled else "off")
+    from appliance.jobs import forwarder
+
     return Health(
+        forwarding=tuple(forwarder.forward_lines(store)),
+        forwarding_problems=tuple(forwarder.problems(store)),
         retention=said,
         retention_problem="" if retention is None else retention.problem,
         listening=listening,

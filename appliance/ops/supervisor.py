@@ -47,6 +47,7 @@ from appliance.ops.configservice import (
 )
 
 if TYPE_CHECKING:  # imported once the SCP is spawned (see Supervisor._open_store)
+    from appliance.jobs.forwarder import Forwarder
     from appliance.jobs.media import MediaJobs
     from appliance.store.store import Store
 
@@ -161,6 +162,7 @@ class Supervisor:
         self._last: health.Health | None = None
         self._ready_sent = False
         self.jobs: MediaJobs | None = None
+        self.forwarder: Forwarder | None = None
         self.watcher: MediaWatcher | None = None
         self.service: ConfigService | None = None
         self.listener: NotifyListener | None = None
@@ -180,6 +182,8 @@ class Supervisor:
             threading.Thread(target=self._receive_notifications, name="notify", daemon=True).start()
             self._start_scp(self.cfg)
             jobs = self._open_store()
+            assert self.forwarder is not None
+            self.forwarder.start()
             self._start_service()
             if self.media_enabled:
                 jobs.start()
@@ -214,6 +218,8 @@ class Supervisor:
             clean = not self.jobs.alive()
         if self.service is not None:
             self.service.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         with self._cfg_lock:
             children = [c for c in [self._scp, *self._retired] if c is not None]
             for child in children:
@@ -276,8 +282,12 @@ class Supervisor:
         from appliance.jobs.media import MediaJobs
         from appliance.store.store import Store
 
+        from appliance.jobs.forwarder import Forwarder
+
         self.store = Store(self.data_dir, slice_tolerance_mm=self.cfg.store.slice_tolerance_mm)
+        self.store.set_forwarding(self.cfg.forward)  # for CD imports; the SCP sets its own
         self.jobs = MediaJobs(self.store, lambda: self.cfg, on_change=self._refresh.set)
+        self.forwarder = Forwarder(self.store, lambda: self.cfg)
         return self.jobs
 
     # -- the SCP child --------------------------------------------------------------------
@@ -426,11 +436,14 @@ class Supervisor:
 
     def _apply(self, new: config.Config, commit: Any) -> None:
         # The SCP process runs retention too: it reads [retention] when it starts.
-        if (new.scp, new.store, new.retention) != (self.cfg.scp, self.cfg.store, self.cfg.retention):
+        if (new.scp, new.store, new.retention, new.forward) != (self.cfg.scp, self.cfg.store, self.cfg.retention,
+                                                                self.cfg.forward):
             self._switch_scp(new, commit)
         else:
             commit()
             self.cfg = new
+        if self.store is not None:
+            self.store.set_forwarding(self.cfg.forward)
 
     # -- threads: config service, media watcher, self-check -------------------------------------
 

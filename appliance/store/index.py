@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from appliance.dicom.attributes import COLUMNS
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: Page cache of one index connection, in KiB.
 _CACHE_KIB = 1024
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Idle connections kept for the next call; more are opened while needed and closed after.
 MAX_IDLE_CONNECTIONS = 4
@@ -85,6 +85,39 @@ CREATE INDEX series_study ON series(study_uid);
 CREATE INDEX studies_received ON studies(last_received);
 """
 
+#: Version 2: the forwarding queue. It lives here so that an object and its queue entries
+#: are written in one transaction; unlike the four tables above it is not rebuilt from the
+#: files (reindex keeps it), it is the box's own durable state.
+_FORWARD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forward_queue (
+  id INTEGER PRIMARY KEY,
+  destination TEXT NOT NULL,
+  sop_instance_uid TEXT NOT NULL,
+  study_uid TEXT NOT NULL,
+  series_uid TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  queued_at TEXT NOT NULL,
+  not_before REAL NOT NULL,
+  next_try REAL NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL DEFAULT 'pending',
+  reason TEXT,
+  UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS forward_due ON forward_queue(destination, state, id);
+CREATE INDEX IF NOT EXISTS forward_study ON forward_queue(study_uid);
+CREATE TABLE IF NOT EXISTS forward_destinations (
+  destination TEXT PRIMARY KEY,
+  next_try REAL NOT NULL DEFAULT 0,
+  failures INTEGER NOT NULL DEFAULT 0,
+  last_success TEXT,
+  last_error TEXT,
+  last_error_at TEXT,
+  sent INTEGER NOT NULL DEFAULT 0,
+  dropped INTEGER NOT NULL DEFAULT 0
+)
+"""
+
 
 @dataclass(frozen=True)
 class InstanceRow:
@@ -128,6 +161,43 @@ class StudyUsage:
     last_received: str
     instances: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class ForwardItem:
+    """One queued object for one destination, with what sending it needs."""
+
+    id: int
+    destination: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    size: int
+    attempts: int
+    #: None when the object is no longer stored (deleted since it was queued).
+    path: str | None
+    sop_class_uid: str | None
+    transfer_syntax: str | None
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """One destination's queue: what waits, what was set aside, how the last tries went."""
+
+    destination: str
+    pending: int
+    pending_bytes: int
+    #: When the oldest waiting object was queued (ISO 8601), or None.
+    oldest: str | None
+    set_aside: int
+    #: Epoch seconds before which the destination is not tried again (after a failure).
+    next_try: float
+    failures: int
+    last_success: str | None
+    last_error: str | None
+    last_error_at: str | None
+    sent: int
+    dropped: int
 
 
 @dataclass(frozen=True)
@@ -222,7 +292,7 @@ class Index:
         try:
             with self._connection("cannot open the index") as con:
                 version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
+                if version in (0, 1):
                     version = self._create(con)
             if version != SCHEMA_VERSION:
                 raise StoreError(
@@ -244,6 +314,10 @@ class Index:
             version: int = con.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+            if version in (0, 1):  # 1 -> 2: the forwarding queue
+                for statement in _FORWARD_SCHEMA.split(";"):
                     if statement.strip():
                         con.execute(statement)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -309,10 +383,12 @@ class Index:
 
     # -- writing -------------------------------------------------------------
 
-    def add(self, values: dict[str, Any]) -> None:
-        """Insert or replace one instance with its patient, study and series rows."""
+    def add(self, values: dict[str, Any], forward: Sequence[tuple[str, float]] = ()) -> None:
+        """Insert or replace one instance with its patient, study and series rows, and, in
+        the same transaction, queue it for each (destination, stable_after seconds) of ``forward``."""
         now = values["received_at"]
         with self._writing("the index could not record the object") as con:
+            self._queue_forward(con, values, forward)
             con.execute(
                 "INSERT INTO patients (patient_id, patient_name) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (values.get("patient_id") or "", values.get("patient_name") or ""),
@@ -355,6 +431,22 @@ class Index:
         con.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
         con.execute("DELETE FROM patients WHERE id NOT IN (SELECT patient FROM studies)")
 
+    @staticmethod
+    def _queue_forward(con: sqlite3.Connection, values: dict[str, Any], forward: Sequence[tuple[str, float]]) -> None:
+        at = time.time()
+        for destination, stable_after in forward:
+            not_before = at + stable_after
+            if stable_after > 0:  # the series is not stable yet: its waiting objects wait longer
+                con.execute("UPDATE forward_queue SET not_before = max(not_before, ?) WHERE destination = ?"
+                            " AND series_uid = ? AND state = 'pending'", (not_before, destination, values["series_uid"]))
+            con.execute(
+                "INSERT INTO forward_queue (destination, sop_instance_uid, study_uid, series_uid, size, queued_at,"
+                " not_before) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination, sop_instance_uid) DO UPDATE SET"
+                " state = 'pending', attempts = 0, next_try = 0, reason = NULL, size = excluded.size,"
+                " queued_at = excluded.queued_at, not_before = excluded.not_before",
+                (destination, values["sop_instance_uid"], values["study_uid"], values["series_uid"],
+                 values.get("size") or 0, values["received_at"], not_before))
+
     def remove_instances(self, rows: list[tuple[str, str]]) -> int:
         """Delete the instances given as (SOP Instance UID, path) in one transaction, each
         only if its row still names that path, and their series/study/patient rows once
@@ -368,6 +460,7 @@ class Index:
                 if r is None:
                     continue
                 con.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (uid,))
+                con.execute("DELETE FROM forward_queue WHERE sop_instance_uid = ?", (uid,))
                 series.add(r[0])
                 removed += 1
             for s in series:
@@ -534,6 +627,151 @@ class Index:
         """Run a read-only query; for tests only: library code calls the named queries above."""
         with self._connection(_READ) as con:
             return iter(con.execute(sql, args).fetchall())
+
+    # -- forwarding ---------------------------------------------------------
+
+    def forward_due(self, now: float) -> list[str]:
+        """Return the destinations with objects due to be sent at ``now`` (epoch seconds)."""
+        with self._connection(_READ) as con:
+            return [r[0] for r in con.execute(
+                "SELECT DISTINCT q.destination FROM forward_queue q LEFT JOIN forward_destinations d"
+                " USING (destination) WHERE q.state = 'pending' AND q.not_before <= ? AND q.next_try <= ?"
+                " AND coalesce(d.next_try, 0) <= ?", (now, now, now))]
+
+    def forward_batch(self, destination: str, now: float, limit: int, max_bytes: int) -> list[ForwardItem]:
+        """Return the next objects due for ``destination``, in arrival order, at most
+        ``limit`` of them and (beyond the first) ``max_bytes`` together."""
+        out: list[ForwardItem] = []
+        total = 0
+        with self._connection(_READ) as con:
+            for r in con.execute(
+                    "SELECT q.*, i.path, i.sop_class_uid, i.transfer_syntax FROM forward_queue q"
+                    " LEFT JOIN instances i USING (sop_instance_uid) WHERE q.destination = ? AND q.state = 'pending'"
+                    " AND q.not_before <= ? AND q.next_try <= ? ORDER BY q.id LIMIT ?",
+                    (destination, now, now, limit)):
+                if out and total + r["size"] > max_bytes:
+                    break
+                total += r["size"]
+                out.append(ForwardItem(r["id"], r["destination"], r["sop_instance_uid"], r["study_uid"],
+                                       r["series_uid"], r["size"], r["attempts"], r["path"], r["sop_class_uid"],
+                                       r["transfer_syntax"]))
+        return out
+
+    def forward_sent(self, item_id: int, destination: str, at: str) -> None:
+        """The destination took the object: drop it from the queue, count it."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            con.execute("DELETE FROM forward_queue WHERE id = ?", (item_id,))
+            con.execute("INSERT INTO forward_destinations (destination, last_success, sent) VALUES (?, ?, 1)"
+                        " ON CONFLICT (destination) DO UPDATE SET last_success = excluded.last_success,"
+                        " sent = sent + 1, failures = 0, next_try = 0", (destination, at))
+
+    def forward_retry(self, item_id: int, next_try: float, reason: str) -> None:
+        """The object failed for a reason that may pass: try it again from ``next_try``."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            con.execute("UPDATE forward_queue SET attempts = attempts + 1, next_try = ?, reason = ? WHERE id = ?",
+                        (next_try, reason, item_id))
+
+    def forward_set_aside(self, item_id: int, reason: str) -> None:
+        """The destination refused the object for good: keep it aside with the reason; it no longer blocks."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            con.execute("UPDATE forward_queue SET state = 'set-aside', reason = ?, attempts = attempts + 1"
+                        " WHERE id = ?", (reason, item_id))
+
+    def forward_drop(self, item_ids: list[int], destination: str) -> None:
+        """Drop queue entries (objects no longer stored, or beyond a backlog cap), counting those of a cap."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            for item_id in item_ids:
+                con.execute("DELETE FROM forward_queue WHERE id = ?", (item_id,))
+            con.execute("INSERT INTO forward_destinations (destination, dropped) VALUES (?, ?)"
+                        " ON CONFLICT (destination) DO UPDATE SET dropped = dropped + excluded.dropped",
+                        (destination, len(item_ids)))
+
+    def forward_failed(self, destination: str, error: str, at: str,
+                       delay: Callable[[int], float]) -> tuple[int, float]:
+        """No association (or it broke): the destination waits ``delay(failures in a row)``
+        seconds; return (failures in a row, seconds to wait)."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            row = con.execute("SELECT failures FROM forward_destinations WHERE destination = ?",
+                              (destination,)).fetchone()
+            failures = (int(row[0]) if row else 0) + 1
+            wait = delay(failures)
+            con.execute("INSERT INTO forward_destinations (destination, next_try, failures, last_error, last_error_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET next_try = excluded.next_try,"
+                        " failures = excluded.failures, last_error = excluded.last_error,"
+                        " last_error_at = excluded.last_error_at", (destination, time.time() + wait, failures, error, at))
+        return failures, wait
+
+    def forward_note_error(self, destination: str, error: str, at: str) -> None:
+        """Record the last error of a destination without making it wait (an object refused)."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            con.execute("INSERT INTO forward_destinations (destination, last_error, last_error_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT (destination) DO UPDATE SET last_error = excluded.last_error,"
+                        " last_error_at = excluded.last_error_at", (destination, error, at))
+
+    def forward_requeue(self, destination: str | None = None) -> int:
+        """Put the objects set aside (for ``destination``, or all) back in the queue; return how many."""
+        with self._writing("the forwarding queue could not be updated") as con:
+            sql = "UPDATE forward_queue SET state = 'pending', attempts = 0, next_try = 0 WHERE state = 'set-aside'"
+            cur = con.execute(sql + (" AND destination = ?" if destination else ""),
+                              (destination,) if destination else ())
+            if destination:
+                con.execute("UPDATE forward_destinations SET next_try = 0, failures = 0 WHERE destination = ?",
+                            (destination,))
+            else:
+                con.execute("UPDATE forward_destinations SET next_try = 0, failures = 0")
+            return cur.rowcount
+
+    def forward_oldest(self, destination: str, excess_objects: int, excess_bytes: int) -> list[int]:
+        """Return the oldest waiting entries of ``destination`` that make up the excess over a cap."""
+        out: list[int] = []
+        n = b = 0
+        with self._connection(_READ) as con:
+            for r in con.execute("SELECT id, size FROM forward_queue WHERE destination = ? AND state = 'pending'"
+                                 " ORDER BY id", (destination,)):
+                if n >= excess_objects and b >= excess_bytes:
+                    break
+                out.append(r[0])
+                n += 1
+                b += r[1]
+        return out
+
+    def forward_states(self) -> list[ForwardState]:
+        """Return every destination with queued objects or a history, by name."""
+        with self._connection(_READ) as con:
+            q = {r["destination"]: r for r in con.execute(
+                "SELECT destination, sum(state = 'pending') AS pending,"
+                " sum(CASE WHEN state = 'pending' THEN size ELSE 0 END) AS bytes,"
+                " min(CASE WHEN state = 'pending' THEN queued_at END) AS oldest,"
+                " sum(state = 'set-aside') AS aside FROM forward_queue GROUP BY destination")}
+            d = {r["destination"]: r for r in con.execute("SELECT * FROM forward_destinations")}
+        out = []
+        for name in sorted(set(q) | set(d)):
+            qr, dr = q.get(name), d.get(name)
+            out.append(ForwardState(
+                name, int(qr["pending"] or 0) if qr else 0, int(qr["bytes"] or 0) if qr else 0,
+                qr["oldest"] if qr else None, int(qr["aside"] or 0) if qr else 0,
+                float(dr["next_try"]) if dr else 0.0, int(dr["failures"]) if dr else 0,
+                dr["last_success"] if dr else None, dr["last_error"] if dr else None,
+                dr["last_error_at"] if dr else None, int(dr["sent"]) if dr else 0, int(dr["dropped"]) if dr else 0))
+        return out
+
+    def forward_set_aside_items(self, destination: str, limit: int = 50) -> list[tuple[str, str]]:
+        """Return (SOP Instance UID, reason) of objects set aside for ``destination``."""
+        with self._connection(_READ) as con:
+            return [(r[0], r[1] or "") for r in con.execute(
+                "SELECT sop_instance_uid, reason FROM forward_queue WHERE destination = ? AND state = 'set-aside'"
+                " ORDER BY id LIMIT ?", (destination, limit))]
+
+    def forward_studies(self) -> set[str]:
+        """Return the studies with objects still queued for forwarding (waiting or set aside)."""
+        with self._connection(_READ) as con:
+            return {r[0] for r in con.execute("SELECT DISTINCT study_uid FROM forward_queue")}
+
+    def forward_left_in_study(self, study_uid: str) -> int:
+        """Return how many objects of a study are still queued for forwarding."""
+        with self._connection(_READ) as con:
+            return int(con.execute("SELECT count(*) FROM forward_queue WHERE study_uid = ?",
+                                   (study_uid,)).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
         """Return the number of patients, studies, series and instances."""

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from appliance.config import DuplicatePolicy
 from appliance.dicom import attributes, dicomio
@@ -137,7 +137,8 @@ class Placer:
         self.uid_locks.close()
 
     def commit(self, tmp: Path, fd: int, final: Path, uid: str, body: bytes | memoryview, transfer_syntax: str,
-               row: Callable[[], dict[str, Any]], policy: DuplicatePolicy) -> StoredObject:
+               row: Callable[[], dict[str, Any]], policy: DuplicatePolicy,
+               forward: Sequence[tuple[str, float]] = ()) -> StoredObject:
         """Place the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
         at ``final`` and index it with ``row()``, unless the same object is already stored;
         raise DuplicateConflict for a different one under the REJECT policy, else supersede it.
@@ -164,12 +165,12 @@ class Placer:
                         )
                 else:
                     old_path = None
-                return self._place(tmp, fd, final, old_path, uid, row)
+                return self._place(tmp, fd, final, old_path, uid, row, forward)
         except OSError as exc:  # the UID lock
             raise store_error(exc, f"cannot store {uid}") from exc
 
     def _place(self, tmp: Path, fd: int, final: Path, old_path: Path | None, uid: str,
-               row: Callable[[], dict[str, Any]]) -> StoredObject:
+               row: Callable[[], dict[str, Any]], forward: Sequence[tuple[str, float]]) -> StoredObject:
         """Supersede ``old_path`` (if any), rename ``tmp`` to ``final``, fsync, index.
 
         Any failure undoes the steps done (see :meth:`_undo`) and raises a StoreError."""
@@ -200,7 +201,7 @@ class Placer:
             except OSError as exc:
                 raise store_error(exc, f"cannot store {uid}") from exc
             try:
-                self.index.add(row())
+                self.index.add(row(), forward)
             except StoreDiskError:
                 # An I/O error at COMMIT leaves unknown whether the row was written: the
                 # next start checks (a row whose file the undo removes is dropped then).

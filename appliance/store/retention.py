@@ -3,8 +3,9 @@ least recently received first, down to a low-water mark; optionally, studies old
 maximum age.
 
 Only studies that are *safe to delete* go: not protected, not being received or exported,
-and (unless the policy is ``unconditional``) delivered: every object exported to a USB
-stick or sent to a remote SCP after it was last received. Deleting is
+not waiting in the forwarding queue, and (unless the policy is ``unconditional``)
+delivered: every object exported to a USB stick, sent to a remote SCP, or forwarded by the
+``[[forward]]`` rules that matched it, after it was last received. Deleting is
 :func:`appliance.store.deletion.delete_studies`: crash-safe, one deletion at a time.
 
 The SCP runs retention every :data:`INTERVAL` seconds and, before it answers a C-STORE
@@ -142,6 +143,7 @@ def last_report(data_dir: Path) -> RetentionReport | None:
 
 
 _NOT_DELIVERED = "not yet exported or sent"
+_FORWARDING = "waiting to be forwarded"
 
 
 def _now() -> datetime:
@@ -163,11 +165,14 @@ class Retention:
         """Each study (oldest first) with why it must be kept now, or None if it may go."""
         marks_ = self.store.marks.get()
         busy = busy_studies(self.store.data_dir)
+        forwarding = self.store.index.forward_studies()
         out = []
         for u in usage:
             m = marks_.get(u.study_uid)
             why = why_kept(u, protected=bool(m and m.protected), busy=u.study_uid in busy,
                            quiet_seconds=self.cfg.quiet_minutes * 60)
+            if why is None and u.study_uid in forwarding:
+                why = _FORWARDING
             if why is None and self.cfg.policy is RetentionPolicy.DELIVERED and not (
                     m and m.delivered_at and m.delivered_at >= u.last_received):
                 why = _NOT_DELIVERED
@@ -205,7 +210,7 @@ class Retention:
         for u, why in self.eligibility(self.store.study_usage()):
             too_old = bool(cutoff) and u.last_received < cutoff
             if why is not None:
-                key = why if why == _NOT_DELIVERED else _short(why)
+                key = why if why in (_NOT_DELIVERED, _FORWARDING) else _short(why)
                 report.kept[key] = report.kept.get(key, 0) + 1
                 continue
             if not too_old and freed >= to_free:

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from appliance.config import DuplicatePolicy
+from appliance.config import DuplicatePolicy, ForwardRule
 from appliance.conformance import TransferSyntax
 from appliance.dicom import attributes, dicomio, volume
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
@@ -92,6 +92,7 @@ class Store:
         self._writer = lifecycle.Writer(data_dir)
         self._placer = Placer(data_dir, self.superseded, self.index, self._writer)
         self._marks: StudyMarks | None = None
+        self._forward_rules: tuple[ForwardRule, ...] = ()
 
     # -- lifecycle (see appliance.store.lifecycle) ------------------------------
 
@@ -131,8 +132,12 @@ class Store:
         self._writer.close(clean)
 
     def recover(self) -> dict[str, int]:
-        """Make index and files agree: index unindexed files, drop rows without a file."""
-        return lifecycle.recover(self.index, self.data_dir, self.objects, self.quarantine, self._index_file)
+        """Make index and files agree: index unindexed files, drop rows without a file.
+
+        A file indexed again is queued by the forwarding rules too: its row and its queue
+        entries were written in one transaction, so a power cut lost both or neither."""
+        return lifecycle.recover(self.index, self.data_dir, self.objects, self.quarantine,
+                                 lambda path, origin: self._index_file(path, origin, forward=True))
 
     def reindex(self) -> int:
         """Rebuild the whole index from the stored files; return how many were indexed.
@@ -144,7 +149,7 @@ class Store:
         self.update_verdicts()
         return count
 
-    def _index_file(self, path: Path, origin: str) -> None:
+    def _index_file(self, path: Path, origin: str, forward: bool = False) -> None:
         data = path.read_bytes()
         offset, ts = dicomio.split_part10(data)
         try:
@@ -155,7 +160,11 @@ class Store:
         layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
         attrs = attributes.read(body, layout, syntax.is_implicit_vr, syntax.is_little_endian)
         mtime = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="milliseconds")
-        self.index.add(self._row(attrs, path, ts, len(data), mtime, None, origin, None))
+        targets: list[tuple[str, float]] = []
+        if forward and self._forward_rules:
+            calling = dicomio.source_ae(data)
+            targets = self.forward_targets(attrs.values, calling, "network" if calling else "cd")
+        self.index.add(self._row(attrs, path, ts, len(data), mtime, None, origin, None), targets)
 
     def _row(
         self,
@@ -179,6 +188,21 @@ class Store:
             flags=flags,
         )
         return row
+
+    # -- forwarding (the queue is in the index; appliance.jobs.forwarder sends it) -----
+
+    def set_forwarding(self, rules: tuple[ForwardRule, ...]) -> None:
+        """Queue what is stored from now on by these ``[[forward]]`` rules."""
+        self._forward_rules = rules
+
+    def forward_targets(self, values: dict[str, Any], calling_ae: str | None, origin: str) -> list[tuple[str, float]]:
+        """The (destination, stable_after) an object with index ``values`` is queued for."""
+        targets: dict[str, float] = {}
+        for rule in self._forward_rules:
+            if rule.matches(calling_ae, values.get("modality"), values.get("sop_class_uid") or "", origin):
+                for name in rule.to:
+                    targets.setdefault(name, rule.stable_after)
+        return list(targets.items())
 
     # -- writing (see appliance.store.placing) ----------------------------------
 
@@ -259,9 +283,11 @@ class Store:
         into place, make it durable, and index it (see :meth:`Placer.commit`). The caller
         closes ``fd`` and removes ``tmp`` if it is still there afterwards."""
         final = self.path_for(attrs)
+        forward = self.forward_targets(attrs.values, calling_ae, origin)
         return self._placer.commit(
             tmp, fd, final, attrs["sop_instance_uid"], body, transfer_syntax,
-            lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags), policy)
+            lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags), policy,
+            forward)
 
     # -- deleting (see appliance.store.deletion) and study marks (appliance.store.marks) --
 

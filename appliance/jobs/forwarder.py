@@ -1,0 +1,416 @@
+"""Forwarding: sending what the ``[[forward]]`` rules queued to its destinations.
+
+The queue is in the index (``forward_queue``): an object is queued in the same transaction
+that indexes it (:meth:`appliance.store.store.Store.commit`), so an acknowledged object
+that matches a rule is in the queue after any crash. :class:`Forwarder` (run by
+``appliance run``) drains it: per destination, in arrival order, one association at a
+time, up to :data:`BATCH_OBJECTS` objects (or :data:`BATCH_BYTES`) per association. Each
+stored file is sent as it is stored, byte for byte (in its own transfer syntax; converted to
+Implicit VR Little Endian only if the destination accepts no other); an entry leaves the
+queue only when the destination acknowledged the object, so a destination killed
+mid-association or a box cut off mid-send re-sends exactly what was not acknowledged.
+
+- No association, or one that breaks: the destination waits, with exponential backoff
+  and jitter (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_MAX`), its backlog kept.
+- Out of Resources (0xA7xx), Cannot Understand (0xC0xx is permanent, see below), 0xA9xx
+  and other failures that may pass: the object is tried again later, at most
+  :data:`MAX_ATTEMPTS` times, then set aside.
+- Refused for good (SOP class not supported 0x0122, not authorized 0x0124, 0xCxxx, no
+  acceptable transfer syntax): the object is set aside with the reason and no longer blocks
+  the queue; ``appliance queue retry --forward`` puts it back.
+- A backlog above a rule's cap is reported; the oldest are dropped only if the rule says
+  ``drop_oldest``, each drop logged.
+
+A study whose objects have all left the queue is recorded as delivered (retention may then
+delete it, see :mod:`appliance.store.retention`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+from appliance.config import Config, Destination
+from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOPClass, TransferSyntax
+from appliance.dicom.transcode import TranscodeError, to_implicit_le
+from appliance.errors import ApplianceError, StoreError
+from appliance.net.sender import ClientSettings
+from appliance.net.sender import _associate as associate
+from appliance.reports import sop_class_label
+from appliance.store.index import ForwardItem
+from appliance.store.store import Store
+
+log = logging.getLogger(__name__)
+
+#: At most this many objects, and this many bytes, per association.
+BATCH_OBJECTS = 500
+BATCH_BYTES = 2 * 10**9
+#: Seconds a destination waits after its first failure; doubled per failure in a row, up to BACKOFF_MAX.
+BACKOFF_BASE = 5.0
+BACKOFF_MAX = 3600.0
+#: Tries of an object refused with a status that may pass, before it is set aside.
+MAX_ATTEMPTS = 20
+#: Seconds between two looks at the queue.
+POLL = 0.5
+#: Seconds between two checks of the backlog caps.
+CAP_INTERVAL = 30.0
+
+_UNCOMPRESSED = {TransferSyntax.IMPLICIT_LE, TransferSyntax.EXPLICIT_LE, TransferSyntax.EXPLICIT_BE}
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def backoff(failures: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait after ``failures`` failures in a row: doubling from BACKOFF_BASE up
+    to BACKOFF_MAX, times a jitter of 0.5 to 1.5 so that boxes do not retry in step."""
+    base: float = min(BACKOFF_BASE * 2.0 ** max(failures - 1, 0), BACKOFF_MAX)
+    return base * (0.5 + (rng or random).random())
+
+
+def _permanent(status: int) -> bool:
+    """True for a refusal that will not pass by trying again."""
+    return status in (0x0122, 0x0124) or (status & 0xF000) == 0xC000
+
+
+@dataclass
+class BatchResult:
+    """What one association with a destination did."""
+
+    sent: int = 0
+    bytes: int = 0
+    retried: int = 0
+    set_aside: int = 0
+    dropped: int = 0
+    error: str = ""
+
+
+class Forwarder:
+    """Drains the forwarding queue of ``store`` with the destinations of ``settings()``
+    (read for every batch, so a config change applies at once), until :meth:`stop`."""
+
+    def __init__(self, store: Store, settings: Callable[[], Config],
+                 client: ClientSettings | None = None, poll: float = POLL) -> None:
+        self.store = store
+        self.settings = settings
+        self.client = client or ClientSettings()
+        self.poll = poll
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Thread] = {}
+        self._loop_thread: threading.Thread | None = None
+        self._over_cap: dict[str, str] = {}
+        #: What each destination is doing now, e.g. "sending 12 of 300".
+        self.activity: dict[str, str] = {}
+
+    def start(self) -> None:
+        # Stored files go out as they are stored, read in chunks: never decoded, never whole in memory.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self._loop_thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
+        self._loop_thread.start()
+
+    def wake(self) -> None:
+        """Look at the queue now (something was queued)."""
+        self._wake.set()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop after the objects being sent now (each association is released)."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop_thread is not None:
+            self._loop_thread.join(grace)
+        with self._lock:
+            threads = list(self._running.values())
+        for t in threads:
+            t.join(grace)
+
+    def over_cap(self) -> dict[str, str]:
+        """The destinations whose backlog is above a rule's cap, with what the box does about it."""
+        return dict(self._over_cap)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_cap = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_cap >= CAP_INTERVAL:
+                    last_cap = time.monotonic()
+                    self.enforce_caps()
+                for name in self.store.index.forward_due(time.time()):
+                    with self._lock:
+                        if name in self._running and self._running[name].is_alive():
+                            continue
+                        t = threading.Thread(target=self._drain, args=(name,), name=f"forward-{name}", daemon=True)
+                        self._running[name] = t
+                    t.start()
+            except StoreError as exc:
+                log.error("forwarding: cannot read the queue: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug must not end forwarding; the next round retries
+                log.exception("forwarding: unexpected error")
+            self._wake.wait(self.poll)
+            self._wake.clear()
+
+    def _drain(self, name: str) -> None:
+        """Send batches to ``name`` while it has due objects and answers."""
+        try:
+            while not self._stop.is_set():
+                batch = self.store.index.forward_batch(name, time.time(), BATCH_OBJECTS, BATCH_BYTES)
+                if not batch:
+                    return
+                result = self.send_batch(name, batch)
+                if result.error:
+                    return
+        except Exception:  # noqa: BLE001 - logged; the loop starts the destination again
+            log.exception("forwarding to %s failed unexpectedly", name)
+        finally:
+            self.activity.pop(name, None)
+
+    # -- one association -----------------------------------------------------------------
+
+    def send_batch(self, name: str, batch: list[ForwardItem]) -> BatchResult:
+        """Send ``batch`` to destination ``name`` over one association; update the queue."""
+        result = BatchResult()
+        index = self.store.index
+        cfg = self.settings()
+        peer = cfg.destinations.get(name)
+        started_at = _now_iso()
+        if peer is None:
+            self._destination_failed(name, f"destination {name} is no longer configured ([destinations.{name}]); "
+                                           "its queue waits until it is configured again", result)
+            return result
+        gone = [i for i in batch if i.path is None]
+        if gone:
+            index.forward_drop([i.id for i in gone], name)
+            log.info("forwarding to %s: %d queued object(s) are no longer stored (deleted); dropped from the queue",
+                     name, len(gone))
+            result.dropped += len(gone)
+        items = [i for i in batch if i.path is not None][:_max_items(batch)]
+        if not items:
+            return result
+        ae = self._make_ae(items)
+        t0 = time.monotonic()
+        try:
+            assoc = associate(ae, peer, self.client)
+        except ApplianceError as exc:
+            self._destination_failed(name, str(exc), result)
+            return result
+        studies = {i.study_uid for i in items}
+        try:
+            for n, item in enumerate(items, 1):
+                if self._stop.is_set():
+                    break
+                self.activity[name] = f"sending {n} of {len(items)} to {name}"
+                if not self._send_one(assoc, name, peer, item, result):
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        seconds = time.monotonic() - t0
+        if result.sent:
+            log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", result.sent, result.bytes / 1e6,
+                     name, seconds, result.bytes / 1e6 / max(seconds, 1e-3),
+                     f"; {result.set_aside} set aside, {result.retried} to retry" if result.set_aside or result.retried
+                     else "")
+        self._record_delivered(name, studies, started_at)
+        return result
+
+    def _make_ae(self, items: list[ForwardItem]) -> AE:
+        ae = AE(ae_title=self.client.calling_ae)
+        ae.maximum_pdu_size = self.client.max_pdu
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.client.timeout
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        pairs: list[tuple[str, str]] = []
+        for i in items:
+            for ts in dict.fromkeys([str(i.transfer_syntax), str(TransferSyntax.IMPLICIT_LE)]):
+                if (str(i.sop_class_uid), ts) not in pairs:
+                    pairs.append((str(i.sop_class_uid), ts))
+        for cls, ts in pairs:
+            ae.add_requested_context(cls, [ts])
+        # Verification too: a destination that refuses every storage context still associates,
+        # and each object is then set aside with the reason instead of the whole queue waiting.
+        ae.add_requested_context(str(SOPClass.VERIFICATION), [str(TransferSyntax.IMPLICIT_LE)])
+        return ae
+
+    def _send_one(self, assoc: Association, name: str, peer: Destination, item: ForwardItem,
+                  result: BatchResult) -> bool:
+        """Send one object; update the queue. Return False if the association is gone."""
+        index = self.store.index
+        cls, ts = str(item.sop_class_uid), str(item.transfer_syntax)
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        path = self.store.data_dir / str(item.path)
+        payload: Any
+        if (cls, ts) in accepted:
+            payload = path
+        elif (cls, str(TransferSyntax.IMPLICIT_LE)) in accepted and ts in _UNCOMPRESSED:
+            try:
+                payload = to_implicit_le(path).dataset()
+            except (TranscodeError, OSError) as exc:
+                index.forward_set_aside(item.id, f"cannot convert to Implicit VR LE: {exc}")
+                result.set_aside += 1
+                return True
+        else:
+            why = (f"{name} accepts no {sop_class_label(cls)} in this object's transfer syntax {ts}"
+                   + ("" if ts in _UNCOMPRESSED else " (the box does not decompress)"))
+            index.forward_set_aside(item.id, why)
+            index.forward_note_error(name, why, _now_iso())
+            result.set_aside += 1
+            return True
+        if not path.exists():
+            index.forward_drop([item.id], name)
+            result.dropped += 1
+            return True
+        try:
+            rsp: Any = assoc.send_c_store(payload)
+        except (ValueError, OSError) as exc:  # the file went away or is unreadable
+            index.forward_set_aside(item.id, f"cannot read the stored object: {exc}")
+            result.set_aside += 1
+            return True
+        if not rsp or "Status" not in rsp:
+            self._destination_failed(name, f"the association with {name} ({peer.ae_title}@{peer.host}:{peer.port}) "
+                                           "ended without an answer (aborted, or a timeout); the rest waits", result)
+            return False
+        status = int(rsp.Status)
+        comment = str(rsp.get("ErrorComment", "") or "")
+        if status == 0 or (status & 0xF000) == 0xB000 or status == 0x0107 or status == 0x0116:
+            index.forward_sent(item.id, name, _now_iso())
+            result.sent += 1
+            result.bytes += item.size
+            return True
+        why = f"{name} refused {sop_class_label(cls)} {item.sop_instance_uid} with status 0x{status:04X}" + (
+            f" ({comment})" if comment else "")
+        index.forward_note_error(name, why, _now_iso())
+        if _permanent(status) or item.attempts + 1 >= MAX_ATTEMPTS:
+            index.forward_set_aside(item.id, why + ("" if _permanent(status) else
+                                                    f"; given up after {MAX_ATTEMPTS} tries"))
+            log.error("forwarding: %s; set aside", why)
+            result.set_aside += 1
+        else:
+            index.forward_retry(item.id, time.time() + backoff(item.attempts + 1), why)
+            log.warning("forwarding: %s; tried again later", why)
+            result.retried += 1
+        return True
+
+    def _destination_failed(self, name: str, why: str, result: BatchResult) -> None:
+        result.error = why
+        failures, wait = self.store.index.forward_failed(name, why, _now_iso(), backoff)
+        log.log(logging.WARNING if failures == 1 else logging.INFO,
+                "forwarding to %s: %s; trying again in %.0f s (failure %d in a row)", name, why, wait, failures)
+
+    def _record_delivered(self, name: str, studies: set[str], started_at: str) -> None:
+        """Studies none of whose objects wait any more are delivered (retention may delete them)."""
+        done = [s for s in sorted(studies) if self.store.index.forward_left_in_study(s) == 0]
+        if done:
+            try:
+                self.store.marks.delivered(done, f"forwarded to {name}", started_at)
+            except StoreError as exc:
+                log.warning("could not record which studies were forwarded (retention keeps them): %s", exc)
+
+    # -- backlog caps -------------------------------------------------------------------
+
+    def enforce_caps(self) -> None:
+        """Report (and, if a rule says so, drop the oldest of) a backlog above a rule's cap."""
+        cfg = self.settings()
+        states = {s.destination: s for s in self.store.index.forward_states()}
+        over: dict[str, str] = {}
+        for rule in cfg.forward:
+            if not rule.max_pending and not rule.max_pending_gb:
+                continue
+            for name in rule.to:
+                st = states.get(name)
+                if st is None:
+                    continue
+                excess_n = st.pending - rule.max_pending if rule.max_pending else 0
+                excess_b = int(st.pending_bytes - rule.max_pending_gb * 1e9) if rule.max_pending_gb else 0
+                if excess_n <= 0 and excess_b <= 0:
+                    continue
+                cap = " and ".join(x for x in (f"{rule.max_pending} objects" if rule.max_pending else "",
+                                               f"{rule.max_pending_gb:g} GB" if rule.max_pending_gb else "") if x)
+                if rule.drop_oldest:
+                    ids = self.store.index.forward_oldest(name, max(excess_n, 0), max(excess_b, 0))
+                    self.store.index.forward_drop(ids, name)
+                    log.warning("forwarding to %s: %d object(s) waiting (%.1f MB), above the cap of %s: the %d "
+                                "oldest were dropped from the queue (the rule says drop_oldest); they stay stored",
+                                name, st.pending, st.pending_bytes / 1e6, cap, len(ids))
+                else:
+                    over[name] = (f"{st.pending} object(s) ({st.pending_bytes / 1e6:.0f} MB) wait for {name}, above "
+                                  f"the cap of {cap}; nothing is dropped (drop_oldest is off)")
+        for name, text in over.items():
+            if self._over_cap.get(name) is None:
+                log.error("forwarding: %s", text)
+        self._over_cap = over
+
+
+def _max_items(batch: list[ForwardItem]) -> int:
+    """How many of ``batch`` fit one association's 128 presentation contexts (one per class
+    and syntax, one per class in Implicit VR LE, and Verification)."""
+    pairs: set[tuple[str, str]] = set()
+    for n, i in enumerate(batch):
+        pairs.update({(str(i.sop_class_uid), str(i.transfer_syntax)), (str(i.sop_class_uid), "implicit")})
+        if len(pairs) > 127:
+            return n
+    return len(batch)
+
+
+def forward_lines(store: Store) -> list[str]:
+    """One line per destination for ``appliance queue ls --forward`` and status pages."""
+    lines = []
+    now = time.time()
+    for s in store.index.forward_states():
+        text = f"{s.destination}: {s.pending} waiting"
+        if s.pending:
+            text += f" ({s.pending_bytes / 1e6:.1f} MB"
+            if s.oldest:
+                age = datetime.now(timezone.utc) - datetime.fromisoformat(s.oldest)
+                text += f", oldest {_age(age.total_seconds())}"
+            text += ")"
+        if s.set_aside:
+            text += f", {s.set_aside} set aside (appliance queue ls --forward {s.destination})"
+        text += f"; {s.sent} sent"
+        if s.dropped:
+            text += f", {s.dropped} dropped"
+        if s.last_success:
+            text += f"; last sent {s.last_success[:19].replace('T', ' ')} UTC"
+        if s.last_error and (not s.last_success or (s.last_error_at or "") > s.last_success):
+            text += f"; last error {str(s.last_error_at)[:19].replace('T', ' ')} UTC: {s.last_error}"
+            if s.next_try > now:
+                text += f" (next try in {s.next_try - now:.0f} s)"
+        lines.append(text)
+    return lines
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def problems(store: Store) -> list[str]:
+    """What a person must know: destinations failing with objects waiting."""
+    out = []
+    for s in store.index.forward_states():
+        failing = s.last_error and s.failures > 0 and s.pending
+        if failing:
+            out.append(f"forwarding to {s.destination} failing ({s.failures} tries): {s.last_error}; "
+                       f"{s.pending} object(s) wait")
+        if s.set_aside:
+            out.append(f"forwarding to {s.destination}: {s.set_aside} object(s) set aside, refused for good; "
+                       "see appliance queue ls --forward")
+    return out
+
+
