@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from appliance import __version__
 from appliance.errors import ApplianceError
+from appliance.jobs import sendjob
 from appliance.ops.console.destinations import DestinationsPage
+from appliance.ops.console.export import ExportPages
 from appliance.ops.console.media import MediaPages
 from appliance.ops.console.network import NetworkPage
 from appliance.ops.console.screen import Quit
@@ -18,7 +20,7 @@ from appliance.ops.consolesettings import SCP_FIELDS
 log = logging.getLogger(__name__)
 
 
-class Console(DestinationsPage, MediaPages, NetworkPage, StoragePages, SystemPages):
+class Console(DestinationsPage, ExportPages, MediaPages, NetworkPage, StoragePages, SystemPages):
     """The menu, reading lines from ``inp`` and writing to ``out``."""
 
     def run(self) -> int:
@@ -34,6 +36,7 @@ class Console(DestinationsPage, MediaPages, NetworkPage, StoragePages, SystemPag
             "8": ("Reboot", self.reboot),
             "9": ("Shut down", self.poweroff),
             "d": ("Storage: delete, protect, retention", self.studies),
+            "e": ("Send studies or series to a destination", self.export),
             "s": ("Service shell (root password)", self.service_shell),
         }
         try:
@@ -53,7 +56,7 @@ class Console(DestinationsPage, MediaPages, NetworkPage, StoragePages, SystemPag
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, s or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, e, s or q.")
                     continue
                 try:
                     screens[choice][1]()
@@ -81,6 +84,11 @@ class Console(DestinationsPage, MediaPages, NetworkPage, StoragePages, SystemPag
         h = self.settings.status(self.data_dir)
         for line in h.render().splitlines():
             self.say(line)
+        for job in sendjob.running(self.data_dir):
+            self.say(f"now:      {job.line()}")
+        last = sendjob.last_result(self.data_dir)
+        self.say("last send: " + ("none yet" if last is None else
+                                  f"{'OK' if last.ok else 'FAILED'} {last.finished_at} {last.device}: {last.summary}"))
         self.pause()
 
     def storage(self) -> None:
