@@ -177,3 +177,39 @@ def test_the_supervisor_and_its_scp_print_no_library_noise(legacy: Legacy, tmp_p
         proc.wait(timeout=40)
     assert proc.returncode == 0
     assert noise(out.read_text()) == [], out.read_text()
+
+
+def test_what_is_done_at_the_console_reaches_the_system_log(tmp_path, monkeypatch, capsys):
+    """A deletion at the console is logged at INFO; the serial screen shows only warnings, the
+    system log (journald's /dev/log on the box) keeps the INFO line."""
+    import logging
+    import socket
+
+    from appliance import logs
+    from appliance.cli import console as console_cli
+
+    path = str(tmp_path / "log.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setattr(console_cli, "SYSLOG_SOCKET", path)
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), [h.level for h in root.handlers])
+    app = logging.getLogger("appliance")
+    try:
+        logs.setup(0)
+        console_cli._journal_what_is_done()
+        logging.getLogger("appliance.store.deletion").info("deleted 1 study (study 1.2.3): 4 object(s)")
+        got = sock.recv(4096).decode()
+        assert "appliance-console: appliance.store.deletion: deleted 1 study (study 1.2.3)" in got
+        assert "deleted 1 study" not in capsys.readouterr().err, "the serial screen shows warnings only"
+    finally:
+        for h in list(app.handlers):
+            app.removeHandler(h)
+            h.close()
+        app.setLevel(logging.NOTSET)
+        root.handlers[:] = saved[1]
+        for h, level in zip(saved[1], saved[2]):
+            h.setLevel(level)
+        root.setLevel(saved[0])
+        sock.close()

@@ -25,6 +25,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     """Run the menu on stdin/stdout (the serial line) until the input ends."""
     if args.verbosity < 2:  # the console says what failed in words; pynetdicom's lines would garble the screen
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    _journal_what_is_done()
     log_file = args.log_file or os.environ.get("APPLIANCE_LOG_FILE")
     console = Console(
         sys.stdin, sys.stdout, _settings(args),
@@ -37,6 +38,34 @@ def cmd_console(args: argparse.Namespace) -> int:
         shadow=SHADOW if args.service_password else None,
     )
     return console.run()
+
+
+#: The system log's socket (journald listens on it on the box).
+SYSLOG_SOCKET = "/dev/log"
+
+
+def _journal_what_is_done() -> None:
+    """What a person does at the console (a deletion, a protection, a send started) is logged
+    at INFO by the library; the console's own stderr is the serial screen, which shows only
+    warnings. Send INFO to the system log too, so the journal keeps who deleted what and when."""
+    import logging.handlers
+
+    if not os.path.exists(SYSLOG_SOCKET):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+    except OSError:
+        return
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("appliance-console: %(name)s: %(message)s"))
+    app = logging.getLogger("appliance")
+    app.addHandler(handler)
+    if app.getEffectiveLevel() > logging.INFO:
+        # INFO reaches the system log; the serial screen's handler keeps its own level.
+        for h in logging.getLogger().handlers:
+            if h.level == logging.NOTSET:
+                h.setLevel(logging.getLogger().getEffectiveLevel())
+        app.setLevel(logging.INFO)
 
 
 def cmd_network(args: argparse.Namespace) -> int:
