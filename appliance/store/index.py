@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS forward_queue (
 );
 CREATE INDEX IF NOT EXISTS forward_due ON forward_queue(destination, state, id);
 CREATE INDEX IF NOT EXISTS forward_study ON forward_queue(study_uid);
+CREATE INDEX IF NOT EXISTS forward_series ON forward_queue(destination, series_uid);
 CREATE TABLE IF NOT EXISTS forward_destinations (
   destination TEXT PRIMARY KEY,
   next_try REAL NOT NULL DEFAULT 0,
