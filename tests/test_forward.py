@@ -134,6 +134,7 @@ def test_a_rule_by_calling_ae_and_modality_forwards_what_it_matches_byte_for_byt
         assert "PLANNING: 0 waiting; 40 sent; last sent" in forward_lines(box.store)[0]
         # Every object of the study arrived: retention may delete it.
         study = str(dcmread(ct[0]).StudyInstanceUID)
+        wait_for(lambda: study in box.store.marks.get(), what="the study recorded as delivered after its batch")
         assert box.store.marks.get()[study].delivered_to == "forwarded to PLANNING"
         assert p.requests() == 40, "nothing sent twice"
     finally:

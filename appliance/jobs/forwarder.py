@@ -58,8 +58,8 @@ BACKOFF_BASE = 5.0
 BACKOFF_MAX = 3600.0
 #: Tries of an object refused with a status that may pass, before it is set aside.
 MAX_ATTEMPTS = 20
-#: Seconds between two looks at the queue.
-POLL = 0.5
+#: Seconds between two looks at the queue (the SCP, another process, queues what it stores).
+POLL = 0.2
 #: Seconds between two checks of the backlog caps.
 CAP_INTERVAL = 30.0
 

@@ -213,6 +213,17 @@ def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -
     return ae
 
 
+def _connected(event: Any, connected: threading.Event) -> None:
+    """The TCP connection is open: send each PDU at once (TCP_NODELAY). Without it a small
+    C-STORE-RQ waits for the peer's delayed ACK: about 40 ms per small object, 4-6 ms per
+    512x512 slice (scripts/bench-forward measured forwarding at 0.08x of storescu, 0.29x with it)."""
+    connected.set()
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:  # not a TCP socket (a test double), or already closed
+        log.debug("cannot set TCP_NODELAY: %s", exc)
+
+
 def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Association:
     """Open an association with ``peer``; raise NetworkError saying why it failed."""
     started = time.monotonic()
@@ -227,7 +238,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
             peer.port,
             ae_title=peer.ae_title,
             max_pdu=settings.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())],
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: _connected(event, connected))],
         )
     except OSError as exc:
         raise NetworkError(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}") from exc
