@@ -33,7 +33,7 @@ from appliance.ops.console import Console
 from appliance.ops.console.export import StudyFilter, date_range
 from appliance.ops.consolesettings import ConsoleSettings
 from appliance.store.store import Store
-from helpers import ct_series, wait_for
+from helpers import ct_series, run, wait_for
 from test_console import APPLIANCE, Terminal, w
 from test_console_delete import quit_console
 from test_sender import PEER_AE, Storescp, put, storescp, structure_set  # noqa: F401 - storescp is a fixture
@@ -81,6 +81,11 @@ class Box:
         t.expect("Choice: ")
         t.type("e")
         return t
+
+    def status(self) -> str:
+        """What ``appliance status`` prints."""
+        return run([*APPLIANCE, "--config", str(self.config), "--data-dir", str(self.data), "status",
+                    "--runtime-dir", str(self.tmp / "run")]).stdout
 
     def stop_jobs(self) -> None:
         for s in sendjob.running(self.data):
@@ -217,6 +222,10 @@ def test_a_send_left_running_shows_in_status_then_its_result(box: Box, slow_peer
         assert re.search(w("last send: none yet"), seen)
         t.type("")
         assert len(slow_peer.stored) == 2
+        # appliance status says the same, from the same Health as STATUS= (no supervisor runs here).
+        shown = box.status()
+        assert f"now:      sending 2 of 5 to slow (SLOWPACS@127.0.0.1:{slow_peer.port}):" in shown
+        assert "last send: none yet" in shown
 
         slow_peer.gate.set()
         wait_for(lambda: not sendjob.running(box.data), 60, "the send to end")
@@ -227,6 +236,8 @@ def test_a_send_left_running_shows_in_status_then_its_result(box: Box, slow_peer
                                                                 "stored all 5 object(s); 1 request(s) refused"), seen)
         t.type("")
         quit_console(t, 0)
+        shown = box.status()
+        assert "now:      sending" not in shown and re.search(r"last send: OK \S+ slow \(SLOWPACS@", shown), shown
     finally:
         t.close()
     assert set(slow_peer.stored) == box.sent

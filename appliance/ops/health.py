@@ -1,9 +1,10 @@
 """The appliance's self-check and the state ``appliance status`` and ``STATUS=`` show.
 
 :func:`check` asks the Storage SCP for a loopback C-ECHO, writes and removes a small file
-in the store, and gathers counts, disk use and the last import and export results (kept in
-``DATA_DIR/last-media.json`` by the media jobs, so they survive a restart: see
-:mod:`appliance.jobs.results`, whose names this module hands on to the console).
+in the store, and gathers counts, disk use and the last import, export and send results (kept
+in ``DATA_DIR/last-media.json`` by the media jobs and the send job, so they survive a restart:
+see :mod:`appliance.jobs.results`, whose names this module hands on to the console), and the
+sends started on the console that still run (their status files, :mod:`appliance.jobs.sendjob`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Health:
     #: One line per forwarding destination, and what is wrong with forwarding ("" when nothing).
     forwarding: tuple[str, ...] = ()
     forwarding_problems: tuple[str, ...] = ()
+    #: The sends started on the console that have not finished, one line each
+    #: ("sending 12 of 40 to PACS ..."), and the last finished send's result.
+    sending: tuple[str, ...] = ()
+    last_send: JobResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,7 +94,8 @@ class Health:
         parts.append(f"disk {self.disk_used_percent:.0f}% used")
         if self.activity:
             parts.append(self.activity)
-        for r in (self.last_import, self.last_export):
+        parts.extend(self.sending)
+        for r in (self.last_import, self.last_export, self.last_send):
             if r is not None:
                 parts.append(r.short)
         parts.extend(self.notes)
@@ -120,7 +126,8 @@ class Health:
         lines.extend(f"forward:  PROBLEM: {p}" for p in self.forwarding_problems)
         if self.activity:
             lines.append(f"now:      {self.activity}")
-        for label, r in (("import", self.last_import), ("export", self.last_export)):
+        lines.extend(f"now:      {line}" for line in self.sending)
+        for label, r in (("import", self.last_import), ("export", self.last_export), ("send", self.last_send)):
             text = "none yet" if r is None else f"{'OK' if r.ok else 'FAILED'} {r.finished_at} {r.device}: {r.summary}"
             lines.append(f"last {label}: {text}")
         lines.extend(f"note:     {n}" for n in self.notes)
@@ -135,11 +142,12 @@ class Health:
     def from_dict(cls, d: dict[str, Any]) -> Health:
         d = dict(d)
         d.pop("ok", None)
-        for k in ("last_import", "last_export"):
+        for k in ("last_import", "last_export", "last_send"):
             d[k] = JobResult(**d[k]) if d.get(k) else None
         d["notes"] = tuple(d.get("notes", ()))
         d["forwarding"] = tuple(d.get("forwarding", ()))
         d["forwarding_problems"] = tuple(d.get("forwarding_problems", ()))
+        d["sending"] = tuple(d.get("sending", ()))
         return cls(**d)
 
 
@@ -234,9 +242,11 @@ def _gather(store: Store, listening: str, answered: bool, activity: str, notes: 
     if retention is not None:
         said = (f"{retention.summary()} (last run {retention.at.replace('T', ' ')[:16]} UTC)"
                 if retention.enabled else "off")
-    from appliance.jobs import forwarder
+    from appliance.jobs import forwarder, sendjob
 
     return Health(
+        sending=tuple(job.line() for job in sendjob.running(store.data_dir)),
+        last_send=results.get("send"),
         forwarding=tuple(forwarder.forward_lines(store)),
         forwarding_problems=tuple(forwarder.problems(store)),
         retention=said,

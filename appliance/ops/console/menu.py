@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from appliance import __version__
 from appliance.errors import ApplianceError
-from appliance.jobs import sendjob
 from appliance.ops.console.destinations import DestinationsPage
 from appliance.ops.console.export import ExportPages
 from appliance.ops.console.media import MediaPages
@@ -82,13 +81,8 @@ class Console(DestinationsPage, ExportPages, MediaPages, NetworkPage, StoragePag
         self.heading("Status")
         self.say("Checking (a C-ECHO to the Storage Server and a test write to the store)...")
         h = self.settings.status(self.data_dir)
-        for line in h.render().splitlines():
+        for line in h.render().splitlines():  # with the sends started here and the last one's result
             self.say(line)
-        for job in sendjob.running(self.data_dir):
-            self.say(f"now:      {job.line()}")
-        last = sendjob.last_result(self.data_dir)
-        self.say("last send: " + ("none yet" if last is None else
-                                  f"{'OK' if last.ok else 'FAILED'} {last.finished_at} {last.device}: {last.summary}"))
         self.pause()
 
     def storage(self) -> None:
