@@ -13,6 +13,10 @@ A ``set`` is validated against the whole file, applied (the supervisor restarts 
 the new settings when they concern it) and only then written. Without a running service the
 commands read and edit the file themselves. Either way the file is written atomically, and
 only the key that was set changes: a file holding only ``[scp] port`` stays that short.
+
+A list of tables (``[[forward]]``, :data:`LIST_KEYS`) has no key per value: it is set whole,
+its value a JSON (or TOML) array of tables, ``{"op": "set", "key": "forward", "value":
+"[{\"to\": [\"PACS\"]}]"}``; an empty array removes every table of it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ SOCKET_NAME = "config.sock"
 SOCKET_GROUP = "appliance"
 _MAX_LINE = 1 << 20
 _CLIENT_TIMEOUT = 90.0  # a set may restart the SCP, whose in-flight associations get 10 s
+#: Top-level keys whose value is a list of tables (``[[forward]]``): set whole, never one key of one table.
+LIST_KEYS = ("forward",)
 
 
 def runtime_dir(explicit: str | None = None) -> Path:
@@ -59,6 +65,8 @@ def runtime_dir(explicit: str | None = None) -> Path:
 def get_key(cfg: config.Config, key: str) -> Any:
     """The value of dotted ``key`` (``scp.port``, ``destinations.pacs.host``, ``scp``) in ``cfg``."""
     node: Any = config.to_dict(cfg)
+    if key in LIST_KEYS:  # to_dict leaves an empty list of tables out, as the file does
+        return node.get(key, [])
     for i, part in enumerate(key.split(".")):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(key.split(".")[:i]) or "the file"
@@ -97,6 +105,23 @@ def parse_value(key: str, text: str, current: Any) -> Any:
         raise ConfigError(f"{key}: cannot use '{text}' as a {kind} ({exc})") from None
 
 
+def parse_tables(key: str, text: str) -> list[dict[str, Any]]:
+    """Turn ``text``, a JSON or TOML array of tables, into the list for ``[[key]]``; raise
+    ConfigError saying what is expected."""
+    value: Any
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{key} takes the whole list of [[{key}]] tables, an array of tables such as "
+                          f"[{{to = [\"PACS\"]}}] ([] removes them all); '{text[:60]}' is not one")
+    return value
+
+
 class ConfigFile:
     """The TOML file at ``path`` (None: the box's default), read and changed one key at a time."""
 
@@ -127,9 +152,17 @@ class ConfigFile:
         except ConfigError:
             loaded = None
         for key, text in changes.items():
+            if key in LIST_KEYS:
+                tables = [] if text is None else parse_tables(key, text)
+                if tables:
+                    raw[key] = tables
+                else:
+                    raw.pop(key, None)
+                continue
             parts = key.split(".")
             if len(parts) < 2 or not all(parts):
-                raise ConfigError(f"'{key}' is not a setting; address one as TABLE.KEY, e.g. scp.port")
+                raise ConfigError(f"'{key}' is not a setting; address one as TABLE.KEY, e.g. scp.port, "
+                                  f"or a list of tables whole ({', '.join(LIST_KEYS)})")
             try:
                 current = get_key(loaded, key) if loaded is not None else None
             except ConfigError:
@@ -149,7 +182,7 @@ class ConfigFile:
         try:
             cfg = config.from_dict(raw)
         except ConfigError as exc:
-            what = ", ".join(f"{k} = {t!r}" if t is not None else f"removing {k}" for k, t in changes.items())
+            what = ", ".join(_what(k, t) for k, t in changes.items())
             raise ConfigError(f"{what} not applied: {exc}") from None
         return raw, cfg
 
@@ -158,6 +191,15 @@ class ConfigFile:
             config.save_table(raw, self.path)
         except OSError as exc:
             raise ConfigError(f"cannot write config file {self.path}: {exc.strerror}") from None
+
+
+def _what(key: str, text: str | None) -> str:
+    """A change in the words of an error: ``scp.port = '0'``, ``removing destinations.pacs``,
+    ``[[forward]] (2 tables)``."""
+    if key in LIST_KEYS:
+        n = len(parse_tables(key, text)) if text is not None else 0
+        return f"[[{key}]] ({n} table{'' if n == 1 else 's'})"
+    return f"{key} = {text!r}" if text is not None else f"removing {key}"
 
 
 # -- the service -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ settings as menu fields with their help line and their check of what was typed (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from appliance import config
 from appliance.ops import health
 from appliance.config import Config, ExportPolicy, RetentionPolicy
 from appliance.ops.configservice import ConfigFile, request
-from appliance.conformance import MIN_PDU
+from appliance.conformance import ACCEPTED_MODALITIES, MIN_PDU
 from appliance.errors import ApplianceError, ConfigError
 
 
@@ -48,6 +49,24 @@ class ConsoleSettings:
     def check(self, changes: dict[str, str | None]) -> Config:
         """The configuration ``changes`` would make; raise ConfigError naming every problem."""
         return self.cfile.plan_changes(changes)[1]
+
+    def check_forward(self, rules: list[dict[str, Any]]) -> Config:
+        """The configuration with ``rules`` as its whole ``[[forward]]`` list; raise ConfigError
+        naming every problem (an unknown destination, a bad origin, an empty ``to``)."""
+        return self.check({"forward": json.dumps(rules)})
+
+    def set_forward(self, rules: list[dict[str, Any]]) -> str:
+        """Replace the ``[[forward]]`` list by ``rules`` (tables as :func:`rule_table` makes
+        them); return what happened in words. The running appliance restarts its Storage SCP
+        on them, which queues by them what arrives from then on."""
+        text = json.dumps(rules)
+        try:
+            self._ask("change", value={"forward": text})
+        except (FileNotFoundError, ConnectionRefusedError):
+            raw, _cfg = self.cfile.plan_changes({"forward": text})
+            self.cfile.write(raw)
+            return f"written to {self.cfile.path}; the rules apply when the appliance starts (it is not running)"
+        return "applied: the Storage SCP queues what arrives by them from now on"
 
     def change(self, changes: dict[str, str | None]) -> str:
         """Apply ``changes`` (None removes a key); return what happened in words."""
@@ -170,6 +189,44 @@ DEST_FIELDS = (
     Field("host", "Host", "The peer's IP address or host name."),
     Field("port", "Port", "The peer's TCP port: 1 to 65535.", "int", 1, 65535),
 )
+
+
+#: A ``[[forward]]`` rule's fields; ``key`` is the rule table's own key.
+FORWARD_FIELDS = (
+    Field("calling_ae", "Calling AE titles", "From any of these senders; comma-separated, 'none': any.",
+          "list"),
+    Field("modality", "Modalities", "Any of these, e.g. CT, RTSTRUCT; 'none': any.", "list"),
+    Field("sop_class", "SOP classes", "Any of these SOP Class UIDs; 'none': any.", "list"),
+    Field("origin", "Origins", "network (the Storage Server), cd (a CD import); 'none': both.", "list"),
+    Field("to", "Send to", "One or more configured destinations, comma-separated.", "list"),
+    Field("stable_after", "Stable after (s)",
+          "0: each object as it arrives; N: a series once nothing came for N s.", "number"),
+    Field("max_pending", "Max waiting objects", "Backlog cap per destination, objects; 0: none.", "int"),
+    Field("max_pending_gb", "Max waiting GB", "Backlog cap per destination, GB; 0: none.", "number"),
+    Field("drop_oldest", "Drop oldest", "Above a cap: yes drops the oldest, no only reports it.", "bool"),
+)
+
+
+def rule_table(rule: config.ForwardRule) -> dict[str, Any]:
+    """``rule`` as its ``[[forward]]`` table, without the keys that hold their default, so
+    that the file says only what the rule asks for."""
+    default = config.ForwardRule()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(rule).items()
+            if k == "to" or v != getattr(default, k)}
+
+
+def rule_value(f: Field, text: str) -> Any:
+    """What was typed for rule field ``f`` as the rule table's value; raise ConfigError
+    saying what is allowed. Modalities are DICOM code strings: upper case, and only those
+    the box stores (a rule for another would never match)."""
+    value = json.loads(f.parse(text))
+    if f.key == "modality":
+        value = [m.upper() for m in value]
+        other = [m for m in value if m not in ACCEPTED_MODALITIES]
+        if other:
+            raise ConfigError(f"the box stores no {', '.join(other)}: a rule for it would never match; "
+                              f"modalities it stores: {', '.join(sorted(ACCEPTED_MODALITIES))}")
+    return value
 
 
 def value_of(cfg: Config, key: str) -> Any:

@@ -9,6 +9,7 @@ from appliance import __version__
 from appliance.errors import ApplianceError
 from appliance.ops.console.destinations import DestinationsPage
 from appliance.ops.console.export import ExportPages
+from appliance.ops.console.forwarding import ForwardingPages
 from appliance.ops.console.media import MediaPages
 from appliance.ops.console.network import NetworkPage
 from appliance.ops.console.screen import Quit
@@ -19,7 +20,7 @@ from appliance.ops.consolesettings import SCP_FIELDS
 log = logging.getLogger(__name__)
 
 
-class Console(DestinationsPage, ExportPages, MediaPages, NetworkPage, StoragePages, SystemPages):
+class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, NetworkPage, StoragePages, SystemPages):
     """The menu, reading lines from ``inp`` and writing to ``out``."""
 
     def run(self) -> int:
@@ -36,6 +37,7 @@ class Console(DestinationsPage, ExportPages, MediaPages, NetworkPage, StoragePag
             "9": ("Shut down", self.poweroff),
             "d": ("Storage: delete, protect, retention", self.studies),
             "e": ("Send studies or series to a destination", self.export),
+            "f": ("Forwarding: rules, queue per destination", self.forwarding),
             "s": ("Service shell (root password)", self.service_shell),
         }
         try:
@@ -55,7 +57,7 @@ class Console(DestinationsPage, ExportPages, MediaPages, NetworkPage, StoragePag
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, e, s or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, e, f, s or q.")
                     continue
                 try:
                     screens[choice][1]()
