@@ -137,6 +137,12 @@ def test_a_rule_by_calling_ae_and_modality_forwards_what_it_matches_byte_for_byt
         wait_for(lambda: study in box.store.marks.get(), what="the study recorded as delivered after its batch")
         assert box.store.marks.get()[study].delivered_to == "forwarded to PLANNING"
         assert p.requests() == 40, "nothing sent twice"
+        # The audit trail has each batch: from the client AE to the destination, per study.
+        from appliance import audit
+
+        sent = [e for e in audit.read(box.store.data_dir) if e["event"] == "DICOM Instances Transferred"]
+        assert sum(st["objects"] for e in sent for st in e["studies"]) == 40
+        assert all(e["participants"][1]["ae"] == PEER_AE and e["outcome"] == 0 for e in sent)
     finally:
         box.stop()
 

@@ -441,6 +441,12 @@ def test_a_study_sent_whole_is_recorded_as_delivered(box, data_dir, storescp, ca
     assert mark.delivered_to == f"{PEER_AE}@127.0.0.1:{peer.port}"
     assert mark.delivered_at is not None and mark.delivered_at >= box.study_usage()[0].last_received
     assert not list((data_dir / "busy").glob("*")), "the busy mark goes when the send ends"
+    from appliance import audit
+
+    [event] = audit.read(data_dir)
+    assert event["event"] == "DICOM Instances Transferred" and event["outcome"] == 0
+    assert event["studies"] == [{"study_uid": study, "objects": 3}]
+    assert event["participants"][1] == {"role": "destination", "ae": PEER_AE, "address": f"127.0.0.1:{peer.port}"}
 
 
 def test_a_study_sends_its_volumes_and_refuses_the_rest_with_reasons(

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "delete": "appliance.cli.retain",
     "protect": "appliance.cli.retain",
     "retention": "appliance.cli.retain",
+    "audit": "appliance.cli.audit",
     "import": "appliance.cli.cd",
     "echo": "appliance.cli.net",
     "send": "appliance.cli.net",

@@ -31,13 +31,14 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from appliance import audit
 from appliance.config import Config, Destination
 from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOPClass, TransferSyntax
 from appliance.dicom.transcode import TranscodeError, to_implicit_le
@@ -92,6 +93,8 @@ class BatchResult:
     set_aside: int = 0
     dropped: int = 0
     error: str = ""
+    #: (study UID, SOP Instance UID) of each object the destination took.
+    taken: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Forwarder:
@@ -204,6 +207,7 @@ class Forwarder:
             assoc = associate(ae, peer, self.client)
         except ApplianceError as exc:
             self._destination_failed(name, str(exc), result)
+            self._audit(name, peer, result)
             return result
         studies = {i.study_uid for i in items}
         try:
@@ -223,7 +227,21 @@ class Forwarder:
                      f"; {result.set_aside} set aside, {result.retried} to retry" if result.set_aside or result.retried
                      else "")
         self._record_delivered(name, studies, started_at)
+        if result.sent or result.set_aside or result.error:
+            self._audit(name, peer, result)
         return result
+
+    def _audit(self, name: str, peer: Destination, result: BatchResult) -> None:
+        outcome = audit.SUCCESS if not (result.set_aside or result.error or result.retried) else \
+            audit.SERIOUS if result.sent == 0 else audit.MINOR
+        audit.record(self.store.data_dir, audit.Event(
+            "transfer", "R", outcome=outcome,
+            outcome_text=result.error or (f"{result.set_aside} set aside, {result.retried} to retry"
+                                          if outcome else ""),
+            participants=(audit.Participant("source", ae=self.client.calling_ae, requestor=True),
+                          audit.Participant("destination", ae=peer.ae_title, address=f"{peer.host}:{peer.port}")),
+            studies=audit.studies_of(result.taken),
+            detail=f"forwarded {result.sent} object(s), {result.bytes / 1e6:.1f} MB, to {name}"))
 
     def _make_ae(self, items: list[ForwardItem]) -> AE:
         ae = AE(ae_title=self.client.calling_ae)
@@ -285,6 +303,7 @@ class Forwarder:
         comment = str(rsp.get("ErrorComment", "") or "")
         if status == 0 or (status & 0xF000) == 0xB000 or status == 0x0107 or status == 0x0116:
             index.forward_sent(item.id, name, _now_iso())
+            result.taken.append((item.study_uid, item.sop_instance_uid))
             result.sent += 1
             result.bytes += item.size
             return True

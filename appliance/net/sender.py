@@ -39,7 +39,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from appliance import config
+from appliance import audit, config
 from appliance.config import Destination
 from appliance.conformance import (
     CLIENT_AE_TITLE,
@@ -596,8 +596,23 @@ def send(
     report = SendReport(peer=peer, calling_ae=settings.calling_ae, items=tuple(results), refused=plan.refused,
                         network_error=error)
     _record_delivery(store, results, _peer(peer), started_at)
+    _audit(store, report, peer, settings.calling_ae)
     log.info("export to %s: %s", _peer(peer), report.summary().splitlines()[0])
     return report
+
+
+def _audit(store: Store, report: SendReport, peer: Destination, calling_ae: str) -> None:
+    """The send in the audit trail: to whom, which studies, how many objects each, the outcome."""
+    taken = [(r.study_uid, r.sop_instance_uid) for i in report.items
+             if i.outcome in (SendOutcome.SENT, SendOutcome.WARNING) and (r := store.index.instance(i.sop_instance_uid))]
+    failed = len(report.items) - len(taken)
+    audit.record(store.data_dir, audit.Event(
+        "transfer", "R",
+        outcome=audit.SUCCESS if report.ok else audit.SERIOUS if not taken else audit.MINOR,
+        outcome_text="" if report.ok else (report.network_error or f"{failed} object(s) not stored by the peer"),
+        participants=(audit.Participant("source", ae=calling_ae, requestor=True),
+                      audit.Participant("destination", ae=peer.ae_title, address=f"{peer.host}:{peer.port}")),
+        studies=audit.studies_of(taken), detail=report.summary().splitlines()[0]))
 
 
 def _record_delivery(store: Store, results: list[ObjectResult], to: str, started_at: str) -> None:

@@ -17,6 +17,7 @@ reads it (:func:`appliance.store.marks.busy`), or while it is protected.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from appliance import audit
 from appliance.errors import StoreError
 from appliance.store.disk import fsync_dir, store_error
 from appliance.store.index import Index, InstanceRow, StudyUsage
@@ -152,7 +154,24 @@ def delete_studies(store: Store, study_uids: Iterable[str], *, what: str = "",
         report.studies = [u.study_uid for u in chosen if u.study_uid in gone]
         StudyMarks(store.data_dir).forget(gone)
     log.info("%s (%s)", report.summary(), reason)
+    _audit(store, rows, report, reason)
     return report
+
+
+def _audit(store: Store, rows: list[InstanceRow], report: DeleteReport, reason: str) -> None:
+    """The deletion in the audit trail: which studies, how many objects each, who asked."""
+    audit.record(store.data_dir, audit.Event(
+        "deleted", "D",
+        participants=(audit.Participant("person" if "asked" in reason else "application", user=_user()),),
+        studies=audit.studies_of((r.study_uid, r.sop_instance_uid) for r in rows),
+        detail=f"{reason}: {report.summary()}" + (f"; kept {len(report.kept)} study(ies)" if report.kept else "")))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def delete_series(store: Store, series_uids: Iterable[str], *, quiet_seconds: float = DEFAULT_QUIET_SECONDS,
@@ -186,6 +205,7 @@ def delete_series(store: Store, series_uids: Iterable[str], *, quiet_seconds: fl
         emptied = set(usage) - {u.study_uid for u in store.index.study_usage(list(usage))}
         StudyMarks(store.data_dir).forget(emptied)
     log.info("%s (%s)", report.summary(), reason)
+    _audit(store, rows, report, reason)
     return report
 
 

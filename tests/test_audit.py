@@ -1,0 +1,60 @@
+"""The audit trail: JSON lines that several processes append to at once, rotated, read back
+in words; deletions, sends and forwards leave their events."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from appliance import audit
+from appliance.conformance import TransferSyntax
+from appliance.store.ingest import Source
+
+from helpers import ROOT, ct_series, encode
+
+WRITER = r"""
+import sys
+from pathlib import Path
+from appliance import audit
+for n in range(int(sys.argv[2])):
+    audit.record(Path(sys.argv[1]), audit.Event("transfer", "R", detail=f"{sys.argv[3]} {n} " + "x" * 200))
+"""
+
+
+def test_processes_appending_at_once_never_interleave_and_rotation_keeps_every_event(tmp_path, monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "400", name], env=env)
+             for name in ("a", "b", "c")]
+    for p in procs:
+        assert p.wait(60) == 0
+    lines = (tmp_path / "audit" / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 1200
+    events = [json.loads(line) for line in lines]  # every line whole
+    assert {e["event"] for e in events} == {"DICOM Instances Transferred"}
+    assert sorted(int(e["detail"].split()[1]) for e in events if e["detail"].startswith("a ")) == list(range(400))
+
+    monkeypatch.setattr(audit, "MAX_BYTES", 10_000)
+    for n in range(200):
+        audit.record(tmp_path, audit.Event("deleted", "D", detail=f"r{n}"))
+    files = sorted(p.name for p in (tmp_path / "audit").iterdir() if p.name.startswith("audit.jsonl"))
+    assert "audit.jsonl.1" in files and len(files) <= audit.KEEP + 1
+    last = audit.read(tmp_path, 5)
+    assert [e["detail"] for e in last] == [f"r{n}" for n in range(195, 200)]
+
+
+def test_a_deletion_is_audited_with_who_what_and_why(store, ingest):
+    series = ct_series(3, rows=8, cols=8)
+    for ds in series:
+        ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID, sop_instance_uid=None,
+                      source=Source("CT"))
+    store.delete_studies([series[0].StudyInstanceUID], quiet_seconds=0, reason="asked on the command line")
+    [e] = audit.read(store.data_dir)
+    assert e["event"] == "DICOM Study Deleted" and e["event_code"] == "110105" and e["action"] == "D"
+    assert e["studies"] == [{"study_uid": series[0].StudyInstanceUID, "objects": 3}]
+    assert e["participants"][0]["role"] == "person" and e["participants"][0]["user"]
+    assert "asked on the command line" in e["detail"]
+    r = subprocess.run([sys.executable, "-m", "appliance", "--data-dir", str(store.data_dir), "audit"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "DICOM Study Deleted D; person" in r.stdout and f"study {series[0].StudyInstanceUID} (3)" in r.stdout
