@@ -96,6 +96,15 @@ class ScpConfig:
 
 
 @dataclass(frozen=True)
+class QrConfig:
+    """Query/Retrieve on the Storage Server's port (``[qr]``; beyond the conformance
+    statement): C-FIND, C-MOVE to ``[destinations]`` and C-GET, Patient and Study Root."""
+
+    #: Accept the Query/Retrieve presentation contexts (on by default).
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """The store and ingest rules (``[store]``)."""
 
@@ -252,6 +261,7 @@ class Config:
     usb: UsbConfig = field(default_factory=UsbConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    qr: QrConfig = field(default_factory=QrConfig)
     #: Forwarding rules (``[[forward]]``), in file order.
     forward: tuple[ForwardRule, ...] = ()
     #: Named peers for ``appliance send --to NAME``, by name.

@@ -80,6 +80,14 @@ class SOPClass(enum.StrEnum):
     RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
     RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
     RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
+    # Beyond the statement (issue 20): the Query/Retrieve information models (PS3.4 C.6.1,
+    # C.6.2) the Storage Server offers when [qr] is enabled.
+    PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+    PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+    PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+    STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+    STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+    STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
     @property
     def label(self) -> str:
@@ -101,6 +109,12 @@ SOP_CLASS_LABELS: Mapping[SOPClass, str] = MappingProxyType(
         SOPClass.RT_STRUCTURE_SET: "RT Structure Set Storage",
         SOPClass.RT_DOSE: "RT Dose Storage",
         SOPClass.RT_PLAN: "RT Plan Storage",
+        SOPClass.PATIENT_ROOT_FIND: "Patient Root Query/Retrieve - FIND",
+        SOPClass.PATIENT_ROOT_MOVE: "Patient Root Query/Retrieve - MOVE",
+        SOPClass.PATIENT_ROOT_GET: "Patient Root Query/Retrieve - GET",
+        SOPClass.STUDY_ROOT_FIND: "Study Root Query/Retrieve - FIND",
+        SOPClass.STUDY_ROOT_MOVE: "Study Root Query/Retrieve - MOVE",
+        SOPClass.STUDY_ROOT_GET: "Study Root Query/Retrieve - GET",
     }
 )
 
@@ -195,6 +209,39 @@ SCP_CONTEXTS = TABLE_2 + TABLE_3
 SCU_STORAGE_CONTEXTS = TABLE_6 + TABLE_7
 #: Abstract syntaxes the Storage Server stores.
 SCP_STORAGE_CLASSES: frozenset[SOPClass] = frozenset(r.abstract_syntax for r in TABLE_2)
+
+
+# -- Beyond the statement: Query/Retrieve (issue 20) --------------------------------
+
+#: The information models' FIND, MOVE and GET SOP classes (Patient Root, Study Root).
+QR_FIND_CLASSES: frozenset[SOPClass] = frozenset({SOPClass.PATIENT_ROOT_FIND, SOPClass.STUDY_ROOT_FIND})
+QR_MOVE_CLASSES: frozenset[SOPClass] = frozenset({SOPClass.PATIENT_ROOT_MOVE, SOPClass.STUDY_ROOT_MOVE})
+QR_GET_CLASSES: frozenset[SOPClass] = frozenset({SOPClass.PATIENT_ROOT_GET, SOPClass.STUDY_ROOT_GET})
+#: Query/Retrieve SCP presentation contexts, in the statement's uncompressed syntaxes and
+#: order of preference. Not in the statement: accepted only when ``[qr] enabled``.
+QR_CONTEXTS = _rows(
+    (
+        SOPClass.PATIENT_ROOT_FIND,
+        SOPClass.STUDY_ROOT_FIND,
+        SOPClass.PATIENT_ROOT_MOVE,
+        SOPClass.STUDY_ROOT_MOVE,
+        SOPClass.PATIENT_ROOT_GET,
+        SOPClass.STUDY_ROOT_GET,
+    ),
+    UNCOMPRESSED,
+    "SCP",
+)
+#: The information model (Patient Root or Study Root) of each Q/R SOP class.
+QR_MODELS: Mapping[SOPClass, str] = MappingProxyType(
+    {
+        SOPClass.PATIENT_ROOT_FIND: "PATIENT",
+        SOPClass.PATIENT_ROOT_MOVE: "PATIENT",
+        SOPClass.PATIENT_ROOT_GET: "PATIENT",
+        SOPClass.STUDY_ROOT_FIND: "STUDY",
+        SOPClass.STUDY_ROOT_MOVE: "STUDY",
+        SOPClass.STUDY_ROOT_GET: "STUDY",
+    }
+)
 
 
 def syntaxes_for(table: tuple[PresentationContextRow, ...], sop_class: str) -> tuple[TransferSyntax, ...]:
@@ -342,6 +389,24 @@ class Status(enum.IntEnum):
     REFUSED_DUPLICATE = 0xC007
     #: Failure: Processing failure (an unexpected fault on our side).
     PROCESSING_FAILURE = 0x0110
+    # Query/Retrieve (beyond the statement; PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
+    #: C-FIND, C-MOVE, C-GET: matches or sub-operations are continuing.
+    PENDING = 0xFF00
+    #: C-FIND: matches are continuing; one or more optional keys were not supported.
+    PENDING_WARNING = 0xFF01
+    #: Matching or sub-operations ended by a C-CANCEL-RQ.
+    CANCEL = 0xFE00
+    #: C-MOVE: the Move Destination is not a configured destination.
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    #: C-MOVE, C-GET: out of resources, unable to perform sub-operations.
+    OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
+    #: C-MOVE, C-GET: sub-operations complete, one or more failures or warnings (0xB000,
+    #: the value of WARNING_COERCED: a name of its own for what it means here).
+    SUBOPERATIONS_FAILED = 0xB000
+    #: C-FIND, C-MOVE, C-GET: Identifier does not match SOP Class (0xA900).
+    IDENTIFIER_DOES_NOT_MATCH = 0xA900
+    #: C-FIND, C-MOVE, C-GET: unable to process (0xC000, as Cannot understand).
+    UNABLE_TO_PROCESS = 0xC000
 
     @property
     def is_success(self) -> bool:

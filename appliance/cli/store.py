@@ -28,7 +28,8 @@ def _orphaned(supervisor: str | None) -> bool:
 def cmd_scp(args: argparse.Namespace) -> int:
     """Run the Storage SCP in the foreground until SIGTERM or SIGINT."""
     supervisor = os.environ.get(config.SUPERVISOR_PID) if args.listen_fd is not None else None
-    from appliance.net.scp import StorageServer, limit_malloc_arenas
+    from appliance.net.qr import QueryRetrieveServer
+    from appliance.net.scp import limit_malloc_arenas
     from appliance.store.ingest import Ingest
 
     limit_malloc_arenas()
@@ -54,7 +55,9 @@ def cmd_scp(args: argparse.Namespace) -> int:
     from appliance.store.retention import Retention, RetentionWorker
 
     retention = Retention(store, cfg.retention, cfg.store.min_free_mb * 2**20)
-    server = StorageServer(cfg.scp, Ingest(store, cfg.store, make_room=retention.make_room), sock=sock)
+    # The Storage Server, with Query/Retrieve when [qr] is enabled (beyond the statement).
+    server = QueryRetrieveServer(cfg.scp, Ingest(store, cfg.store, make_room=retention.make_room), sock=sock,
+                                 qr=cfg.qr)
     try:
         where = server.start()
     except PermissionError:

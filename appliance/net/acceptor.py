@@ -46,15 +46,31 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from appliance.config import ScpConfig
-from appliance.conformance import APPLICATION_CONTEXT_NAME, SCP_CONTEXTS, SOPClass
-from appliance.net.dimse import Message, OpenStream, Request, StoreResult, service_for
+from appliance.conformance import (
+    APPLICATION_CONTEXT_NAME,
+    SCP_CONTEXTS,
+    SCP_STORAGE_CLASSES,
+    PresentationContextRow,
+    SOPClass,
+)
+from appliance.net.dimse import (
+    SERVICES,
+    Link,
+    Message,
+    OpenStream,
+    Request,
+    Service,
+    StorageContext,
+    StoreResult,
+    service_for,
+)
 from appliance.net.ul import (
     A_ASSOCIATE_RQ_PDU,
     ABORT_SERVICE_PROVIDER,
@@ -137,6 +153,8 @@ class Association:
     contexts: dict[int, PresentationContext]
     peer_max_pdu: int
     touched_series: set[str] = field(default_factory=set)
+    #: Storage contexts on which we act as SCU (SCP/SCU Role Selection, for C-GET).
+    storage: tuple[StorageContext, ...] = ()
     #: Requests answered, by service name ("C-ECHO", "C-STORE").
     requests: Counter[str] = field(default_factory=Counter)
 
@@ -223,19 +241,29 @@ class _Pending:
 
 
 class Acceptor:
-    """Accepts associations on a listening socket and serves C-ECHO and C-STORE."""
+    """Accepts associations on a listening socket and serves the rows of ``services``
+    (C-ECHO and C-STORE; the Storage Server adds Query/Retrieve's) on ``contexts``.
+    ``storage_roles``: accept SCP/SCU Role Selection for the storage classes, so that a
+    C-GET requestor can take the SCP role and we send it C-STORE requests."""
 
     def __init__(self, settings: ScpConfig, open_stream: OpenStream,
-                 on_association_end: Callable[[Association], None] | None = None) -> None:
+                 on_association_end: Callable[[Association], None] | None = None, *,
+                 services: Mapping[int, Service] = SERVICES,
+                 contexts: Sequence[PresentationContextRow] = SCP_CONTEXTS,
+                 storage_roles: bool = False) -> None:
         self.settings = settings
         self.open_stream = open_stream
         self.on_association_end = on_association_end
+        self.services = services
+        self.storage_roles = storage_roles
         self._supported = [
-            PresentationContext() for _ in SCP_CONTEXTS
+            PresentationContext() for _ in contexts
         ]
-        for cx, row in zip(self._supported, SCP_CONTEXTS):
+        for cx, row in zip(self._supported, contexts):
             cx.abstract_syntax = str(row.abstract_syntax)
             cx.transfer_syntax = [str(ts) for ts in row.transfer_syntaxes]
+            if storage_roles and row.abstract_syntax in SCP_STORAGE_CLASSES:
+                cx.scu_role = cx.scp_role = True  # the requestor may be SCU, SCP or both
         self._lock = threading.Lock()
         # Sockets of accepted associations, and their threads.
         self._associated: dict[socket.socket, threading.Thread] = {}
@@ -594,7 +622,9 @@ class Acceptor:
                                idle_timeout=s.idle_timeout)  # makes conn blocking, with TCP keepalive
             assoc = self._accept_association(conn, peer, primitive)
             who = f"{assoc.calling_ae} ({peer})"
-            on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc))
+            link = Link(conn, reader, contexts=assoc.contexts, peer_max_pdu=assoc.peer_max_pdu, max_pdu=s.max_pdu,
+                        max_command_bytes=s.max_command_bytes, storage=assoc.storage)
+            on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc), link)
             released = serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
                                     max_command_bytes=s.max_command_bytes)
             if released:
@@ -628,9 +658,14 @@ class Acceptor:
     def _accept_association(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> Association:
         """Negotiate the presentation contexts and send the A-ASSOCIATE-AC."""
         rq_contexts = primitive.presentation_context_definition_list
+        roles: dict[str, tuple[bool | None, bool | None]] | None = None
+        if self.storage_roles:
+            roles = {str(item.sop_class_uid): (item.scu_role, item.scp_role) for item in primitive.user_information
+                     if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
         try:
             with self._quiet.here():
-                results, _ = negotiate_as_acceptor(rq_contexts, self._supported, None)
+                results, reply_roles = negotiate_as_acceptor(
+                    rq_contexts, self._supported, roles)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed contexts
             raise ProtocolError(f"malformed presentation context in the A-ASSOCIATE-RQ ({_brief(exc)})") from None
         accepted = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
@@ -639,24 +674,26 @@ class Acceptor:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
         calling = (primitive.calling_ae_title or "").strip()
-        conn.sendall(associate_ac_pdu(primitive, results, self.settings.max_pdu))
-        assoc = Association(calling, peer, accepted, peer_max)
+        conn.sendall(_associate_ac(primitive, results, self.settings.max_pdu, reply_roles))
+        storage = tuple(StorageContext(i, str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                        for i, cx in accepted.items() if reply_roles and cx.as_scu)
+        assoc = Association(calling, peer, accepted, peer_max, storage=storage)
         log.log(assoc.log_level, "association from %s (%s) accepted, %d of %d context(s)", calling, peer,
                 len(accepted), len(rq_contexts))
         return assoc
 
     def _on_command(self, conn: socket.socket, assoc: Association, stored: Callable[[StoreResult], None],
-                    cx_id: int, command: bytes) -> DataSetSink | None:
-        """Dispatch a whole command set to its row of :data:`SERVICES`."""
+                    link: Link, cx_id: int, command: bytes) -> DataSetSink | None:
+        """Dispatch a whole command set to its row of the service table."""
         request = Request.decode(command)
-        service = service_for(request)
+        service = service_for(request, self.services)
         cx = assoc.contexts[cx_id]
         abstract_syntax = str(cx.abstract_syntax)
         service.check_context(abstract_syntax)
         assoc.requests[service.name] += 1
         return service.handler(Message(
             request, conn, cx_id, abstract_syntax, str(cx.transfer_syntax[0]), assoc.calling_ae,
-            self.open_stream, stored))
+            self.open_stream, stored, link))
 
     def _stored(self, assoc: Association, result: StoreResult) -> None:
         """A C-STORE has been answered by the store: note its series and the outcome."""
@@ -665,6 +702,22 @@ class Acceptor:
         with self._lock:
             self._last_store = "ok" if result.ok else f"0x{int(result.status):04X} {result.comment}"
             self._last_store_at = time.time()
+
+
+def _associate_ac(rq: A_ASSOCIATE, results: list[PresentationContext], max_pdu: int,
+                  roles: Sequence[SCP_SCU_RoleSelectionNegotiation]) -> bytes:
+    """The A-ASSOCIATE-AC answering ``rq`` (:func:`~appliance.net.ul.associate_ac_pdu`),
+    with the SCP/SCU Role Selection replies ``roles``, if any, in its user information."""
+    raw = associate_ac_pdu(rq, results, max_pdu)
+    if not roles:
+        return raw
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    prim = ac.to_primitive()
+    prim.user_information = [*prim.user_information, *roles]
+    out = A_ASSOCIATE_AC()
+    out.from_primitive(prim)
+    return bytes(out.encode())
 
 
 def _host(peer: str) -> str:

@@ -2,7 +2,7 @@
 encoding (Implicit VR Little Endian, group 0000), and the services of the Storage SCP as a
 table, :data:`SERVICES`: command field -> :class:`Service` (its name, the abstract syntaxes
 it may arrive on, its handler). The acceptor decodes each request, looks its command field
-up there (A-ABORT for one not in the table), checks the presentation context against the
+up in its table (A-ABORT for one not in it), checks the presentation context against the
 row and calls the handler with a :class:`Message`.
 
 A handler answers through :meth:`Message.respond` and returns ``None`` when the message is
@@ -10,18 +10,15 @@ complete (C-ECHO answers at once), or a :class:`~appliance.net.ul.DataSetSink` w
 set follows: its fragments are written as they arrive and ``complete`` answers (C-STORE
 streams into :meth:`Ingest.open_stream` and responds from ``finish``).
 
-**Adding C-FIND** is one handler and one row, here:
-
-1. ``def find(msg: Message) -> DataSetSink``: gather the identifier (a few hundred bytes)
-   in ``write``; in ``complete``, run the query and answer each match with a Pending
-   C-FIND-RSP and the end with Success, through ``msg.respond`` (a Pending response carries
-   its match as a data set, so ``respond`` gains a ``data_set`` argument then).
-2. ``CommandField.C_FIND_RQ: Service("C-FIND", FIND_CLASSES, find)`` in :data:`SERVICES`.
-
-Around those two: the acceptor negotiates ``conformance.SCP_CONTEXTS``, so the FIND model's
-SOP classes go into that table (conformance, not this module), and what a handler needs from
-outside (C-FIND: the index's named query; C-STORE: ``open_stream``) is a field of
-:class:`Message` that the acceptor fills in from its constructor's arguments.
+**Query/Retrieve** (:mod:`appliance.net.qr`, beyond the statement) is rows of the same
+kind: C-FIND, C-MOVE, C-GET and C-CANCEL, in a table of their own that the Storage Server
+joins to :data:`SERVICES` when ``[qr] enabled`` (so that switching Q/R off removes the rows
+as well as the contexts). Their handlers are bound to the store and the destinations they
+answer from, as pynetdicom binds handlers per event; and since they answer more than once
+(Pending responses with data sets) and, for C-GET, send C-STORE requests of their own and
+read the responses, a handler talks to the peer through :attr:`Message.link`, a
+:class:`Link`: whole messages out, fragmented to the peer's maximum PDU length, and the
+peer's next command in (a C-CANCEL-RQ between two Pending responses, a C-STORE-RSP).
 
 A command set is a few hundred bytes and arrives once per message, so decoding it into a
 dict and a :class:`Request` costs nothing next to the data set behind it.
@@ -32,11 +29,24 @@ from __future__ import annotations
 import enum
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
-from appliance.conformance import SCP_STORAGE_CLASSES, SOPClass, Status
-from appliance.net.ul import PDV_COMMAND, PDV_LAST, DataSetSink, ProtocolError, p_data_tf_pdu
+from appliance.conformance import QR_MODELS, SCP_STORAGE_CLASSES, SOPClass, Status
+from appliance.net.ul import (
+    A_ABORT_PDU,
+    A_RELEASE_RQ_PDU,
+    P_DATA_TF_PDU,
+    PDU_HEADER_BYTES,
+    PDV_COMMAND,
+    PDV_HEADER_BYTES,
+    PDV_LAST,
+    DataSetSink,
+    PduReader,
+    ProtocolError,
+    clock,
+    p_data_tf_pdu,
+)
 
 
 class Tag(enum.IntEnum):
@@ -99,6 +109,10 @@ class CommandField(enum.IntEnum):
 #: Command Data Set Type (0000,0800) of a message without a data set; any other value
 #: means one follows (PS3.7 E.1-1).
 NO_DATA_SET = 0x0101
+#: The Command Data Set Type we send when a data set follows.
+DATA_SET_FOLLOWS = 0x0000
+#: Priority (0000,0700) of the requests we send: MEDIUM.
+PRIORITY_MEDIUM = 0x0000
 #: The longest Error Comment (0000,0902) we send: its VR is LO.
 ERROR_COMMENT_MAX = 64
 
@@ -150,21 +164,24 @@ def decode_command(data: bytes) -> dict[int, bytes]:
 
 
 def encode_response(field: CommandField, sop_class_uid: str, message_id: int, status: int, *,
-                    error_comment: str | None = None, sop_instance_uid: bytes | None = None) -> bytes:
-    """A response command set without a data set: ``error_comment`` and the Affected SOP
-    Instance UID (raw bytes, the request's own) are sent only when given."""
+                    error_comment: str | None = None, sop_instance_uid: bytes | None = None,
+                    data_set: bool = False, extra: Iterable[tuple[int, bytes]] = ()) -> bytes:
+    """A response command set: ``error_comment``, the Affected SOP Instance UID (raw bytes,
+    the request's own) and the ``extra`` elements (e.g. the sub-operation counts) are sent
+    only when given; ``data_set`` says whether a data set follows."""
     elements = [
         (Tag.AFFECTED_SOP_CLASS_UID, uid(sop_class_uid)),
         (Tag.COMMAND_FIELD, us(field)),
         (Tag.MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
-        (Tag.COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+        (Tag.COMMAND_DATA_SET_TYPE, us(DATA_SET_FOLLOWS if data_set else NO_DATA_SET)),
         (Tag.STATUS, us(status)),
+        *extra,
     ]
     if error_comment is not None:
         elements.append((Tag.ERROR_COMMENT, comment(error_comment)))
     if sop_instance_uid is not None:
         elements.append((Tag.AFFECTED_SOP_INSTANCE_UID, sop_instance_uid))
-    return encode_command(elements)
+    return encode_command(sorted(elements, key=lambda e: int(e[0])))
 
 
 def required_us(elements: Mapping[int, bytes], tag: Tag) -> int:
@@ -191,9 +208,13 @@ class Request:
     @classmethod
     def decode(cls, data: bytes) -> Request:
         """Decode a request's command set; raise ProtocolError if it is malformed or lacks
-        its Command Field or Message ID."""
+        its Command Field or Message ID (a C-CANCEL-RQ has none: its Message ID is the one
+        it cancels, the Message ID Being Responded To)."""
         elements = decode_command(data)
-        return cls(required_us(elements, Tag.COMMAND_FIELD), required_us(elements, Tag.MESSAGE_ID), elements)
+        field = required_us(elements, Tag.COMMAND_FIELD)
+        if field == CommandField.C_CANCEL_RQ:
+            return cls(field, required_us(elements, Tag.MESSAGE_ID_BEING_RESPONDED_TO), elements)
+        return cls(field, required_us(elements, Tag.MESSAGE_ID), elements)
 
     @property
     def has_data_set(self) -> bool:
@@ -217,6 +238,142 @@ class Request:
         """The peer's own bytes, whatever they hold (trailing NULs dropped): a response
         must name what the peer sent."""
         return (self.elements.get(Tag.AFFECTED_SOP_INSTANCE_UID) or b"").rstrip(b"\x00")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A command that arrived while a handler was running: a C-CANCEL-RQ, or the response
+    to a request the handler sent (C-STORE-RSP)."""
+
+    cx_id: int
+    command_field: int
+    elements: Mapping[int, bytes]
+
+    def us(self, tag: Tag) -> int:
+        """The US value of ``tag``; ProtocolError if it is missing."""
+        return required_us(self.elements, tag)
+
+
+@dataclass(frozen=True)
+class StorageContext:
+    """An accepted storage context on which we may send C-STORE requests (the requestor
+    took the SCP role for it in SCP/SCU Role Selection, for C-GET)."""
+
+    cx_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+class Link:
+    """One association, as a handler that answers more than once or sends requests of its
+    own uses it (Query/Retrieve). It runs in the association's thread while the acceptor's
+    read loop waits for the handler, so what it reads is consumed here: only commands
+    without a data set may arrive (C-CANCEL-RQ, responses); a new request, a data set, an
+    A-RELEASE-RQ raise ProtocolError, an A-ABORT ConnectionError. Reading keeps the
+    association's limits: ``network_timeout`` of silence from when waiting starts, the PDU
+    and command-set sizes."""
+
+    def __init__(self, conn: socket.socket, reader: PduReader, *, contexts: Iterable[int], peer_max_pdu: int,
+                 max_pdu: int, max_command_bytes: int, storage: Iterable[StorageContext] = ()) -> None:
+        self.conn = conn
+        self.reader = reader
+        self.contexts = frozenset(contexts)
+        self.peer_max_pdu = peer_max_pdu
+        self.max_pdu = max_pdu
+        self.max_command_bytes = max_command_bytes
+        #: The contexts on which we may send C-STORE requests (C-GET).
+        self.storage = tuple(storage)
+        #: The largest PDV value we send: the peer's maximum PDU length minus a PDV
+        #: header; a peer without a limit (0) gets fragments of a bounded size all the same.
+        self.fragment = (peer_max_pdu if 0 < peer_max_pdu < _MAX_FRAGMENT else _MAX_FRAGMENT) - PDV_HEADER_BYTES
+        self._next_id = 0
+        self._command = bytearray()
+
+    def message_id(self) -> int:
+        """A Message ID for a request of ours (1 to 65535, then again from 1)."""
+        self._next_id = self._next_id % 0xFFFF + 1
+        return self._next_id
+
+    def send(self, cx_id: int, command: bytes, data_set: bytes | memoryview | None = None) -> None:
+        """Send a message: the command set in one PDV, then the data set, if any, in
+        fragments that fit the peer's maximum PDU length."""
+        self.conn.sendall(p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, command))
+        if data_set is None:
+            return
+        view = memoryview(data_set)
+        n = len(view)
+        pos = 0
+        while True:
+            chunk = view[pos : pos + self.fragment]
+            pos += len(chunk)
+            self.conn.sendall(p_data_tf_pdu(cx_id, PDV_LAST if pos >= n else 0, bytes(chunk)))
+            if pos >= n:
+                return
+
+    def poll(self) -> Incoming | None:
+        """The peer's next command if one has started to arrive (read whole), else None at once."""
+        try:
+            if not self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                raise ConnectionError("the peer closed the connection")
+        except (BlockingIOError, InterruptedError):
+            return None
+        return self.receive()
+
+    def receive(self) -> Incoming:
+        """Wait for the peer's next command and return it."""
+        self.reader.last_byte = clock()  # silence counts from when we start to wait
+        header = bytearray(PDU_HEADER_BYTES)
+        while True:
+            idle = clock() + self.reader.idle_timeout
+            self.reader.pdu(memoryview(header), PDU_HEADER_BYTES, idle, first=True)
+            pdu_type = header[0]
+            (length,) = struct.unpack_from(">L", header, 2)
+            if pdu_type == A_ABORT_PDU:
+                raise ConnectionError("the peer aborted the association")
+            if pdu_type == A_RELEASE_RQ_PDU:
+                raise ProtocolError("A-RELEASE-RQ while a request was being answered")
+            if pdu_type != P_DATA_TF_PDU:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+            if length > self.max_pdu + PDU_HEADER_BYTES or length < PDV_HEADER_BYTES:
+                raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {self.max_pdu})")
+            body = bytearray(length)
+            self.reader.pdu(memoryview(body), length, idle)
+            incoming = self._pdvs(body)
+            if incoming is not None:
+                return incoming
+
+    def _pdvs(self, body: bytearray) -> Incoming | None:
+        pos, length, done = 0, len(body), None
+        while pos < length:
+            if pos + PDV_HEADER_BYTES > length:
+                raise ProtocolError("truncated PDV item")
+            (item_len,) = struct.unpack_from(">L", body, pos)
+            if item_len < 2 or pos + 4 + item_len > length:
+                raise ProtocolError("PDV item length exceeds its PDU")
+            cx_id, control = body[pos + 4], body[pos + 5]
+            data = body[pos + PDV_HEADER_BYTES : pos + 4 + item_len]
+            pos += 4 + item_len
+            if cx_id not in self.contexts:
+                raise ProtocolError(f"PDV on presentation context {cx_id}, which was not accepted")
+            if not control & PDV_COMMAND or done is not None:
+                raise ProtocolError("a new request arrived while one was being answered "
+                                    "(asynchronous operations were not negotiated)")
+            if len(self._command) + len(data) > self.max_command_bytes:
+                raise ProtocolError(f"a DIMSE command set of more than {self.max_command_bytes} bytes "
+                                    "(a real one is a few hundred)")
+            self._command += data
+            if control & PDV_LAST:
+                elements = decode_command(bytes(self._command))
+                self._command.clear()
+                done = Incoming(cx_id, required_us(elements, Tag.COMMAND_FIELD), elements)
+                if required_us(elements, Tag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
+                    raise ProtocolError("a new request arrived while one was being answered "
+                                        "(asynchronous operations were not negotiated)")
+        return done
+
+
+#: The largest PDU we send to a peer that sets no limit.
+_MAX_FRAGMENT = 1 << 20
 
 
 # -- the services ------------------------------------------------------------------------
@@ -266,14 +423,24 @@ class Message:
     open_stream: OpenStream
     #: The acceptor's bookkeeping of a finished C-STORE (the series it touched, its state).
     stored: Callable[[StoreResult], None]
+    #: The association, for handlers that answer more than once or send requests (Q/R).
+    link: Link | None = field(default=None, compare=False)
 
     def respond(self, field: CommandField, status: int, *, error_comment: str | None = None,
-                sop_instance_uid: bytes | None = None) -> None:
-        """Send a response without a data set on the request's presentation context."""
+                sop_instance_uid: bytes | None = None, data_set: bytes | None = None,
+                extra: Iterable[tuple[int, bytes]] = ()) -> None:
+        """Send a response on the request's presentation context, with ``data_set`` (encoded
+        in the context's transfer syntax) if given."""
         command = encode_response(field, self.abstract_syntax, self.request.message_id, status,
-                                  error_comment=error_comment, sop_instance_uid=sop_instance_uid)
+                                  error_comment=error_comment, sop_instance_uid=sop_instance_uid,
+                                  data_set=data_set is not None, extra=extra)
+        if data_set is not None and self.link is not None:
+            self.link.send(self.cx_id, command, data_set)
+            return
         # A command set is a few hundred bytes: one PDV fits any negotiated PDU size.
         self.conn.sendall(p_data_tf_pdu(self.cx_id, PDV_COMMAND | PDV_LAST, command))
+        if data_set is not None:  # no link (a test's Message): one PDV, whatever the PDU size
+            self.conn.sendall(p_data_tf_pdu(self.cx_id, PDV_LAST, data_set))
 
 
 #: A service's handler: answer now (None) or say where the data set goes.
@@ -300,6 +467,8 @@ def _context_words(abstract_syntax: str) -> str:
         return "the verification context"
     if abstract_syntax in SCP_STORAGE_CLASSES:
         return "a storage context"
+    if abstract_syntax in QR_MODELS:
+        return f"a {SOPClass(abstract_syntax).label} context"
     return f"the context of {abstract_syntax}"
 
 
@@ -335,9 +504,10 @@ SERVICES: Mapping[int, Service] = {
 }
 
 
-def service_for(request: Request) -> Service:
-    """The row serving ``request``; ProtocolError (the association is aborted) if none does."""
-    service = SERVICES.get(request.command_field)
+def service_for(request: Request, services: Mapping[int, Service] = SERVICES) -> Service:
+    """The row of ``services`` serving ``request``; ProtocolError (the association is
+    aborted) if none does."""
+    service = services.get(request.command_field)
     if service is None:
         raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}")
     return service
