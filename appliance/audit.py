@@ -117,7 +117,7 @@ def record(data_dir: Path, event: Event) -> None:
     folder = data_dir / FOLDER
     try:
         with _lock:
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             path = folder / NAME
             _rotate_if_full(folder, path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

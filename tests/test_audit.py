@@ -58,3 +58,24 @@ def test_a_deletion_is_audited_with_who_what_and_why(store, ingest):
     r = subprocess.run([sys.executable, "-m", "appliance", "--data-dir", str(store.data_dir), "audit"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "DICOM Study Deleted D; person" in r.stdout and f"study {series[0].StudyInstanceUID} (3)" in r.stdout
+
+
+def test_the_console_shows_the_trail_and_records_its_sessions(tmp_path):
+    import io
+
+    from appliance.ops.configservice import ConfigFile
+    from appliance.ops.console import Console
+    from appliance.ops.consolesettings import ConsoleSettings
+
+    data = tmp_path / "data"
+    audit.record(data, audit.Event("deleted", "D", participants=(audit.Participant("person", user="alice"),),
+                                   studies=(("1.2.3", 7),), detail="asked on the command line"))
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text("[scp]\nport = 11112\n")
+    out = io.StringIO()
+    console = Console(io.StringIO("a\n\nq\n"), out, ConsoleSettings(ConfigFile(cfg), tmp_path / "config.sock"),
+                      data_dir=data, networkd_dir=tmp_path / "networkd", journal=None, live_network=False)
+    assert console.run() == 0
+    text = out.getvalue()
+    assert "Audit trail" in text and "DICOM Study Deleted D; person alice; study 1.2.3 (7)" in text
+    assert "User Authentication E; person serial console" in text

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import config
+from appliance import audit, config
 from appliance.adapters.devices import MediaWatcher
 from appliance.adapters.systemd import Notifier, NotifyListener, watchdog_interval
 from appliance.errors import ApplianceError, ConfigError
@@ -402,6 +402,7 @@ class Supervisor:
         with self._cfg_lock:
             raw, new = self.cfile.plan(key, value)
             self._apply(new, lambda: self.cfile.write(raw))
+        self._audit_change(f"{key} = {value}")
         shown = health.loopback(new.scp.bind)
         return f"{key} = {value} applied; Storage SCP {new.scp.ae_title} at {shown}:{new.scp.port}"
 
@@ -410,7 +411,15 @@ class Supervisor:
         with self._cfg_lock:
             raw, new = self.cfile.plan_changes(changes)
             self._apply(new, lambda: self.cfile.write(raw))
+        self._audit_change("; ".join(f"{k} = {v}" if v is not None else f"{k} removed" for k, v in changes.items()))
         return f"{', '.join(changes)} applied"
+
+    def _audit_change(self, what: str) -> None:
+        """A configuration change in the audit trail (values of keys named like secrets are not written)."""
+        if any(word in what.lower() for word in ("password", "secret", "private")):
+            what = what.split("=")[0] + "= (not recorded)"
+        audit.record(self.data_dir, audit.Event("config", "U", participants=(
+            audit.Participant("application", user="config service"),), detail=f"configuration changed: {what[:2000]}"))
 
     def validate_file(self) -> config.Config:
         return self.cfile.load()
@@ -424,6 +433,7 @@ class Supervisor:
                 self._apply(new, lambda: None)
                 self._notes.pop("reload", None)
                 log.info("configuration reloaded from %s", self.cfile.path)
+                self._audit_change(f"reloaded from {self.cfile.path}")
             except ApplianceError as exc:
                 log.error("configuration not reloaded: %s", exc)
                 self._notes["reload"] = "config reload failed (see the journal)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from appliance import __version__
+from appliance import __version__, audit
 from appliance.errors import ApplianceError
 from appliance.ops.console.destinations import DestinationsPage
 from appliance.ops.console.export import ExportPages
@@ -37,9 +37,13 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
             "9": ("Shut down", self.poweroff),
             "d": ("Storage: delete, protect, retention", self.studies),
             "e": ("Send studies or series to a destination", self.export),
+            "a": ("Audit trail: who sent, took, deleted or changed what", self.audit_trail),
             "f": ("Forwarding: rules, queue per destination", self.forwarding),
             "s": ("Service shell (root password)", self.service_shell),
         }
+        audit.record(self.data_dir, audit.Event("login", "E", participants=(
+            audit.Participant("person", user="serial console", requestor=True),),
+            detail="a console session started (the menu needs no password; the service shell does)"))
         try:
             self._first_boot_password()
             while True:
@@ -57,7 +61,7 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, d, e, f, s or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s or q.")
                     continue
                 try:
                     screens[choice][1]()

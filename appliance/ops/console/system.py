@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from appliance import audit
 from appliance.ops.console.screen import LOG_LINES, SHADOW, WIDTH, Screen
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,24 @@ class SystemPages(Screen):
             return
         self.say("Service password set." if r.returncode == 0 else
                  "The password was not set; this question comes back at the next start.")
+
+    def audit_trail(self) -> None:
+        """The last events of the audit trail, newest last, one per line (wrapped)."""
+        events = audit.read(self.data_dir, 200)
+        self.heading(f"Audit trail ({len(events)} latest events; appliance audit prints all)")
+        if not events:
+            self.say("No event yet.")
+        lines: list[str] = []
+        for e in events:
+            text = audit.line(e)
+            lines.append(text[:WIDTH])
+            rest = text[WIDTH:]
+            while rest:
+                lines.append("    " + rest[:WIDTH - 4])
+                rest = rest[WIDTH - 4:]
+        for line in lines[-LOG_LINES:]:
+            self.out.write(line + "\n")
+        self.pause()
 
     def log(self) -> None:
         lines, source = self._log_lines()
@@ -104,6 +123,13 @@ class SystemPages(Screen):
         if not self.confirm("Open the service shell?"):
             return
         try:
-            subprocess.run(list(self.shell), check=False)  # on the terminal itself
+            r = subprocess.run(list(self.shell), check=False)  # on the terminal itself
         except OSError as exc:
             self.say(f"Cannot start {' '.join(self.shell)}: {exc.strerror}")
+            return
+        audit.record(self.data_dir, audit.Event(
+            "login", "E", outcome=audit.SUCCESS if r.returncode == 0 else audit.MINOR,
+            outcome_text="" if r.returncode == 0 else f"the service shell ended with exit code {r.returncode} "
+                                                      "(a wrong password, or the shell's last command failed)",
+            participants=(audit.Participant("person", user="service shell (root)", requestor=True),),
+            detail="the service shell was opened from the serial console"))
