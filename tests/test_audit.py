@@ -79,3 +79,20 @@ def test_the_console_shows_the_trail_and_records_its_sessions(tmp_path):
     text = out.getvalue()
     assert "Audit trail" in text and "DICOM Study Deleted D; person alice; study 1.2.3 (7)" in text
     assert "User Authentication E; person serial console" in text
+
+
+def test_an_import_is_audited_with_its_source_and_new_objects(tmp_path):
+    from helpers import write_series
+
+    folder = tmp_path / "disc"
+    series = ct_series(4, rows=8, cols=8)
+    write_series(series, folder)
+    data = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "appliance", "--data-dir", str(data), "import", "--no-eject",
+                        str(folder)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    [e] = audit.read(data)
+    assert e["event"] == "Import" and e["action"] == "C" and e["outcome"] == 0
+    assert e["studies"] == [{"study_uid": series[0].StudyInstanceUID, "objects": 4}]
+    assert str(folder) in e["participants"][0]["address"]

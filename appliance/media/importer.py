@@ -37,6 +37,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
+from appliance import audit
 from appliance.conformance import (
     TABLE_9,
     TRANSFER_SYNTAX_NAMES,
@@ -487,7 +488,21 @@ def run_import(
             note = str(exc)
         report = dataclasses.replace(report, eject=note)
     log.log(logging.INFO if report.ok else logging.WARNING, "import done: %s", report.summary())
+    _audit(ingest, report)
     return report
+
+
+def _audit(ingest: Ingest, report: ImportReport) -> None:
+    """The import in the audit trail: from which disc, which studies with how many new objects each."""
+    imported = [i.sop_instance_uid for i in report.items if i.outcome is ImportOutcome.IMPORTED and i.sop_instance_uid]
+    pairs = [(r.study_uid, r.sop_instance_uid) for uid in imported if (r := ingest.store.instance(uid)) is not None]
+    failed = report.count(ImportOutcome.REFUSED) + report.count(ImportOutcome.UNREADABLE)
+    audit.record(ingest.store.data_dir, audit.Event(
+        "import", "C", outcome=audit.SUCCESS if report.ok else audit.MINOR if pairs else audit.SERIOUS,
+        outcome_text="" if report.ok else f"{failed} file(s) refused or unreadable",
+        participants=(audit.Participant("source", address=f"{report.kind.value} '{report.label}' ({report.source})",
+                                        requestor=True),),
+        studies=audit.studies_of(pairs), detail=report.summary()))
 
 
 def keep_report(report: ImportReport, folder: Path) -> Path:
