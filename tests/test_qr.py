@@ -1,6 +1,7 @@
-"""Query/Retrieve SCP (issue 20): C-FIND in the Patient Root and Study Root models with
-real peers (DCMTK findscu; pynetdicom where a test needs a character set or a C-CANCEL at
-a moment of its choosing), over a Storage Server that stored what it is asked about."""
+"""Query/Retrieve SCP (issue 20): C-FIND in the Patient Root and Study Root models, C-MOVE
+to configured destinations, with real peers (DCMTK findscu, movescu, storescp; pynetdicom
+where a test needs a character set, the counts of each response or a C-CANCEL at a moment
+of its choosing), over a Storage Server that stored what it is asked about."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from helpers import (
     ct_series,
     dcmtk,
     encode,
+    free_port,
     p_data_pdu,
     read_pdu,
     run,
@@ -32,9 +35,9 @@ from helpers import (
     write_series,
 )
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from appliance.config import QrConfig, ScpConfig, StoreConfig
+from appliance.config import Destination, QrConfig, ScpConfig, StoreConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
 from appliance.net.dimse import (
     CommandField,
@@ -45,6 +48,7 @@ from appliance.net.dimse import (
     us,
 )
 from appliance.net.qr import QueryRetrieveServer
+from appliance.net.sender import ClientSettings
 from appliance.store.index import FIND_COLUMNS, Match, MatchKind
 from appliance.store.ingest import Ingest
 from appliance.store.store import Store
@@ -57,11 +61,13 @@ class QrServer:
     """An in-process Storage Server with Query/Retrieve on a free loopback port."""
 
     def __init__(self, data_dir: Path, *, qr: QrConfig | None = None, rules: StoreConfig | None = None,
-                 scp: ScpConfig | None = None) -> None:
+                 scp: ScpConfig | None = None, destinations: dict[str, Destination] | None = None) -> None:
         self.store = Store(data_dir)
         self.store.open_for_service()
         cfg = replace(scp or ScpConfig(), bind="127.0.0.1", port=0)
-        self.server = QueryRetrieveServer(cfg, Ingest(self.store, rules or StoreConfig(min_free_mb=0)), qr=qr)
+        self.server = QueryRetrieveServer(cfg, Ingest(self.store, rules or StoreConfig(min_free_mb=0)), qr=qr,
+                                          destinations=destinations,
+                                          client=ClientSettings(timeout=10))
         self.port = self.server.start().port
         self.ae_title = cfg.ae_title
 
@@ -444,3 +450,229 @@ def test_index_find_pages_and_matches(store):
     with pytest.raises(ValueError):
         store.index.find("study", [], ["modality"])
     assert set(FIND_COLUMNS) >= {"patient_name", "study_date", "modalities_in_study", "sop_instance_uid"}
+
+
+# -- C-MOVE -------------------------------------------------------------------------------
+
+
+class Storescp:
+    """DCMTK storescp as a move destination, writing what it receives to ``folder``."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEST", *opts: str) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.ae_title = ae_title
+        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", ae_title, "-od", str(folder), *opts, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: run([dcmtk("echoscu"), "-aec", ae_title, "127.0.0.1", str(self.port)]).returncode == 0,
+                 what="storescp to answer")
+
+    @property
+    def destination(self) -> Destination:
+        return Destination(self.ae_title, "127.0.0.1", self.port)
+
+    def received(self) -> dict[str, Dataset]:
+        return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in self.folder.iterdir())}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Any]:
+    started: list[Storescp] = []
+
+    def make(name: str = "dest", ae_title: str = "DEST", *opts: str) -> Storescp:
+        s = Storescp(tmp_path / name, ae_title, *opts)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def _store(port: int, ae_title: str, datasets: list[Dataset], syntax: str) -> None:
+    """Store ``datasets`` over one association that proposes only ``syntax`` (so that the
+    Storage Server keeps them in it)."""
+    ae = AE("PYSTORE")
+    ae.add_requested_context(datasets[0].SOPClassUID, [syntax])
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            ds.file_meta.TransferSyntaxUID = syntax
+            assert assoc.send_c_store(ds).Status == Status.SUCCESS
+    finally:
+        assoc.release()
+
+
+def _movescu(qr: QrServer, destination: str, *keys: str) -> str:
+    args = [dcmtk("movescu"), "-v", "-S", "-aec", qr.ae_title, "-aem", destination, "127.0.0.1", str(qr.port)]
+    for k in keys:
+        args += ["-k", k]
+    r = run(args)
+    return r.stdout + r.stderr
+
+
+def test_movescu_moves_a_ct_series_to_storescp(make_qr, storescp, tmp_path):
+    dest = storescp("dest")
+    implicit_only = storescp("dest-ile", "DEST_ILE", "+xi")
+    qr = make_qr(destinations={"planning": dest.destination, "old_pacs": implicit_only.destination})
+    series = ct_series(6, rows=64, cols=64)
+    _store(qr.port, qr.ae_title, series, TransferSyntax.EXPLICIT_BE)
+    stored = {r.sop_instance_uid: r.transfer_syntax for r in qr.store.instances(series[0].SeriesInstanceUID)}
+    assert set(stored.values()) == {TransferSyntax.EXPLICIT_BE}
+    keys = ("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={series[0].StudyInstanceUID}",
+            f"SeriesInstanceUID={series[0].SeriesInstanceUID}")
+    for target in (dest, implicit_only):
+        out = _movescu(qr, target.ae_title, *keys)
+        assert "Received Final Move Response (Success)" in out, out
+        assert out.count("Received Move Response") == 5  # a Pending response after each but the last
+        received = target.received()
+        assert set(received) == {ds.SOPInstanceUID for ds in series}
+        for ds in series:  # object by object: the same pixels, the same UIDs
+            got = received[ds.SOPInstanceUID]
+            assert (got.pixel_array == ds.pixel_array).all()
+            assert got.SeriesInstanceUID == ds.SeriesInstanceUID and got.SOPClassUID == ds.SOPClassUID
+    # As stored where the destination takes it; Implicit VR LE (as the client AE sends) where not.
+    assert {ds.file_meta.TransferSyntaxUID for ds in dest.received().values()} == {TransferSyntax.EXPLICIT_BE}
+    assert {ds.file_meta.TransferSyntaxUID for ds in implicit_only.received().values()} == \
+        {TransferSyntax.IMPLICIT_LE}
+
+
+def test_a_move_to_an_unknown_ae_gets_a801(make_qr, storescp, tmp_path):
+    dest = storescp()
+    qr = make_qr(destinations={"planning": dest.destination})
+    series = ct_series(2)
+    qr.storescu(write_series(series, tmp_path / "s"))
+    out = _movescu(qr, "STRANGER", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={series[0].StudyInstanceUID}")
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in out, out  # 0xA801
+    assert dest.received() == {}
+    status = _move(qr, "STRANGER", _move_query("STUDY", StudyInstanceUID=series[0].StudyInstanceUID))[-1]
+    assert status.Status == Status.MOVE_DESTINATION_UNKNOWN
+    assert "STRANGER" in status.ErrorComment
+
+
+def _move_query(level: str, **keys: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(q, k, v)
+    return q
+
+
+def _move(qr: QrServer, destination: str, query: Dataset, *, cancel_after: int | None = None,
+          cancel_sent: Any = None) -> list[Dataset]:
+    """C-MOVE with pynetdicom; return every response's status data set, the final one last.
+    ``cancel_after``: send a C-CANCEL-RQ after that many Pending responses, then call
+    ``cancel_sent``."""
+    ae = AE("PYMOVE")
+    ae.add_requested_context(SOPClass.STUDY_ROOT_MOVE, [TransferSyntax.IMPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", qr.port, ae_title=qr.ae_title)
+    assert assoc.is_established
+    out: list[Dataset] = []
+    try:
+        for status, _ in assoc.send_c_move(query, destination, SOPClass.STUDY_ROOT_MOVE, msg_id=7):
+            out.append(status)
+            if cancel_after is not None and len(out) == cancel_after:
+                cx = assoc._get_valid_context(SOPClass.STUDY_ROOT_MOVE, "", "scu")
+                assoc.send_c_cancel(7, cx.context_id)
+                cancel_sent()
+    finally:
+        assoc.release()
+    return out
+
+
+class PynetdicomDestination:
+    """A pynetdicom Storage SCP as move destination: it notes what each C-STORE-RQ says,
+    and can hold a sub-operation until the test lets it go."""
+
+    def __init__(self, ae_title: str = "PYDEST") -> None:
+        self.requests: list[tuple[str, str, int]] = []
+        self.hold_at: int | None = None
+        self.release = threading.Event()
+        ae = AE(ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.destination = Destination(ae_title, "127.0.0.1", self.port)
+
+    def _on_store(self, event: Any) -> int:
+        rq = event.request
+        self.requests.append((rq.AffectedSOPInstanceUID, rq.MoveOriginatorApplicationEntityTitle,
+                              rq.MoveOriginatorMessageID))
+        if self.hold_at is not None and len(self.requests) == self.hold_at:
+            self.release.wait(10)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_move_responses_count_the_sub_operations_and_name_the_originator(make_qr, tmp_path):
+    dest = PynetdicomDestination()
+    try:
+        qr = make_qr(destinations={"planning": dest.destination})
+        series = ct_series(4)
+        qr.storescu(write_series(series, tmp_path / "s"))
+        rsps = _move(qr, "PYDEST", _move_query("SERIES", SeriesInstanceUID=series[0].SeriesInstanceUID))
+    finally:
+        dest.stop()
+    counts = [(r.Status, r.get("NumberOfRemainingSuboperations"), r.NumberOfCompletedSuboperations,
+               r.NumberOfFailedSuboperations, r.NumberOfWarningSuboperations) for r in rsps]
+    assert counts == [(Status.PENDING, 3, 1, 0, 0), (Status.PENDING, 2, 2, 0, 0), (Status.PENDING, 1, 3, 0, 0),
+                      (Status.SUCCESS, None, 4, 0, 0)]
+    assert sorted(uid for uid, _, _ in dest.requests) == sorted(ds.SOPInstanceUID for ds in series)
+    assert {(ae, mid) for _, ae, mid in dest.requests} == {("PYMOVE", 7)}
+
+
+def test_a_move_is_cancelled_between_two_sub_operations(make_qr, tmp_path):
+    dest = PynetdicomDestination()
+    dest.hold_at = 2  # the second object waits until the C-CANCEL-RQ is on its way
+    try:
+        qr = make_qr(destinations={"planning": dest.destination})
+        series = ct_series(6)
+        qr.storescu(write_series(series, tmp_path / "s"))
+        rsps = _move(qr, "PYDEST", _move_query("SERIES", SeriesInstanceUID=series[0].SeriesInstanceUID),
+                     cancel_after=1, cancel_sent=dest.release.set)
+    finally:
+        dest.release.set()
+        dest.stop()
+    final = rsps[-1]
+    assert final.Status == Status.CANCEL  # 0xFE00, after the held object (or, were the cancel late, the next)
+    assert final.NumberOfCompletedSuboperations in (2, 3)
+    assert final.NumberOfRemainingSuboperations == 6 - final.NumberOfCompletedSuboperations
+    assert len(dest.requests) == final.NumberOfCompletedSuboperations
+
+
+def test_a_move_to_a_destination_that_does_not_answer_fails_every_object(make_qr, tmp_path):
+    qr = make_qr(destinations={"gone": Destination("GONE", "127.0.0.1", free_port())})
+    series = ct_series(3)
+    qr.storescu(write_series(series, tmp_path / "s"))
+    [final] = _move(qr, "GONE", _move_query("STUDY", StudyInstanceUID=series[0].StudyInstanceUID))
+    assert final.Status == Status.OUT_OF_RESOURCES_SUBOPERATIONS  # 0xA702
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 3)
+    assert "connection refused" in final.ErrorComment
+
+
+def test_a_move_names_what_it_moves_by_unique_keys(make_qr, tmp_path):
+    dest = PynetdicomDestination()
+    try:
+        qr = make_qr(destinations={"planning": dest.destination})
+        series = ct_series(2)
+        qr.storescu(write_series(series, tmp_path / "s"))
+        [final] = _move(qr, "PYDEST", _move_query("STUDY", PatientName="Test*"))
+        assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH  # 0xA900: no Study Instance UID
+        [final] = _move(qr, "PYDEST", _move_query("STUDY", StudyInstanceUID="1.2.3.4"))
+        assert (final.Status, final.NumberOfCompletedSuboperations) == (Status.SUCCESS, 0)  # nothing matches
+        rsps = _move(qr, "PYDEST", _move_query("IMAGE", StudyInstanceUID=series[0].StudyInstanceUID,
+                                               SeriesInstanceUID=series[0].SeriesInstanceUID,
+                                               SOPInstanceUID=[series[1].SOPInstanceUID, "1.2.3.5"]))
+        assert (rsps[-1].Status, rsps[-1].NumberOfCompletedSuboperations) == (Status.SUCCESS, 1)
+    finally:
+        dest.stop()
+    assert [uid for uid, _, _ in dest.requests] == [series[1].SOPInstanceUID]

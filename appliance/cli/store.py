@@ -57,7 +57,7 @@ def cmd_scp(args: argparse.Namespace) -> int:
     retention = Retention(store, cfg.retention, cfg.store.min_free_mb * 2**20)
     # The Storage Server, with Query/Retrieve when [qr] is enabled (beyond the statement).
     server = QueryRetrieveServer(cfg.scp, Ingest(store, cfg.store, make_room=retention.make_room), sock=sock,
-                                 qr=cfg.qr)
+                                 qr=cfg.qr, destinations=cfg.destinations)
     try:
         where = server.start()
     except PermissionError:

@@ -9,6 +9,8 @@ is the Storage Server's: the association limit, the timeouts and the size limits
 
 * :mod:`~appliance.net.qr.model`: the information models' keys; Identifier in, Identifier out.
 * :mod:`~appliance.net.qr.find`: C-FIND, answered from the index.
+* :mod:`~appliance.net.qr.retrieve`: C-MOVE to configured destinations, C-GET back over the
+  requester's association.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import logging
 import socket
 from typing import Mapping
 
-from appliance.config import QrConfig, ScpConfig
+from appliance.config import Destination, QrConfig, ScpConfig
 from appliance.conformance import QR_CONTEXTS, QR_FIND_CLASSES, QR_GET_CLASSES, QR_MOVE_CLASSES, SCP_CONTEXTS
 from appliance.net.acceptor import Acceptor
 from appliance.net.dimse import SERVICES, CommandField, Message, Service
 from appliance.net.qr.find import Finder
+from appliance.net.qr.retrieve import Retriever
 from appliance.net.scp import StorageServer
+from appliance.net.sender import ClientSettings
 from appliance.store.ingest import Ingest
 from appliance.store.store import Store
 
@@ -34,11 +38,15 @@ def late_cancel(msg: Message) -> None:
     log.debug("C-CANCEL from %s for message %d, already answered", msg.calling_ae, msg.request.message_id)
 
 
-def services(store: Store, ae_title: str) -> Mapping[int, Service]:
-    """The Query/Retrieve rows of a service table, answering from ``store`` as ``ae_title``."""
+def services(store: Store, ae_title: str, destinations: Mapping[str, Destination],
+             client: ClientSettings) -> Mapping[int, Service]:
+    """The Query/Retrieve rows of a service table, answering from ``store`` as ``ae_title``
+    and moving to ``destinations`` as the client AE (``client``)."""
     finder = Finder(store.index, store.data_dir, ae_title)
+    retriever = Retriever(store, destinations, client)
     return {
         CommandField.C_FIND_RQ: Service("C-FIND", frozenset(QR_FIND_CLASSES), finder.find),
+        CommandField.C_MOVE_RQ: Service("C-MOVE", frozenset(QR_MOVE_CLASSES), retriever.move),
         CommandField.C_CANCEL_RQ: Service("C-CANCEL", frozenset(QR_FIND_CLASSES | QR_MOVE_CLASSES | QR_GET_CLASSES),
                                           late_cancel),
     }
@@ -46,16 +54,20 @@ def services(store: Store, ae_title: str) -> Mapping[int, Service]:
 
 class QueryRetrieveServer(StorageServer):
     """The Storage Server (:class:`~appliance.net.scp.StorageServer`) with Query/Retrieve
-    when ``qr.enabled``: its contexts negotiated after the statement's, its rows served."""
+    when ``qr.enabled``: its contexts negotiated after the statement's, its rows served,
+    C-MOVE to ``destinations`` (as ``[destinations]``) through the client AE (``client``,
+    ELEKTA_CLIENT by default), and SCP/SCU Role Selection accepted for storage (C-GET)."""
 
     def __init__(self, cfg: ScpConfig, ingest: Ingest, sock: socket.socket | None = None, *,
-                 qr: QrConfig | None = None) -> None:
+                 qr: QrConfig | None = None, destinations: Mapping[str, Destination] | None = None,
+                 client: ClientSettings | None = None) -> None:
         super().__init__(cfg, ingest, sock)
         self.qr = qr or QrConfig()
         if self.qr.enabled:
+            table = services(ingest.store, cfg.ae_title, dict(destinations or {}), client or ClientSettings())
             self._acceptor = Acceptor(
                 cfg, ingest.open_stream, self._on_association_end,
-                services={**SERVICES, **services(ingest.store, cfg.ae_title)},
+                services={**SERVICES, **table},
                 contexts=SCP_CONTEXTS + QR_CONTEXTS,
                 storage_roles=True,
             )
