@@ -1,5 +1,6 @@
 """Query/Retrieve SCP (issue 20): C-FIND in the Patient Root and Study Root models, C-MOVE
-to configured destinations, with real peers (DCMTK findscu, movescu, storescp; pynetdicom
+to configured destinations and C-GET, with real peers (DCMTK findscu, movescu, storescp,
+getscu; pynetdicom
 where a test needs a character set, the counts of each response or a C-CANCEL at a moment
 of its choosing), over a Storage Server that stored what it is asked about."""
 
@@ -35,10 +36,11 @@ from helpers import (
     write_series,
 )
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 
 from appliance.config import Destination, QrConfig, ScpConfig, StoreConfig
 from appliance.conformance import SOPClass, Status, TransferSyntax
+from appliance.dicom import dicomio
 from appliance.net.dimse import (
     CommandField,
     Tag,
@@ -676,3 +678,104 @@ def test_a_move_names_what_it_moves_by_unique_keys(make_qr, tmp_path):
     finally:
         dest.stop()
     assert [uid for uid, _, _ in dest.requests] == [series[1].SOPInstanceUID]
+
+
+# -- C-GET --------------------------------------------------------------------------------
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    offset, _ = dicomio.split_part10(data)
+    return data[offset:]
+
+
+def test_getscu_gets_a_study_back_over_its_own_association(qr, tmp_path):
+    implicit = ct_series(4, rows=32, cols=32)
+    _store(qr.port, qr.ae_title, implicit, TransferSyntax.IMPLICIT_LE)  # stored in Implicit VR LE
+    explicit = ct_series(3, rows=32, cols=32, study_uid=implicit[0].StudyInstanceUID)
+    _store(qr.port, qr.ae_title, explicit, TransferSyntax.EXPLICIT_LE)  # stored in Explicit VR LE
+    out = tmp_path / "got"
+    out.mkdir()
+    r = run([dcmtk("getscu"), "-v", "-S", "+B", "-od", str(out), "-aec", qr.ae_title, "127.0.0.1", str(qr.port),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={implicit[0].StudyInstanceUID}"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log
+    assert "Received C-GET Response (Success)" in log and "Number of Completed Suboperations : 7" in log, log
+    assert log.count("Received C-GET Response (Pending)") == 6
+    received = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in out.iterdir()}
+    assert set(received) == {ds.SOPInstanceUID for ds in implicit + explicit}
+    for ds in implicit:  # the stored data set, byte for byte
+        stored = qr.store.locate(ds.SOPInstanceUID)
+        assert stored is not None
+        assert _data_set_bytes(received[ds.SOPInstanceUID]) == _data_set_bytes(stored)
+    for ds in explicit:  # getscu's storage contexts are Implicit VR LE here: converted, same pixels
+        got = pydicom.dcmread(received[ds.SOPInstanceUID])
+        assert got.file_meta.TransferSyntaxUID == TransferSyntax.IMPLICIT_LE
+        assert (got.pixel_array == ds.pixel_array).all()
+
+
+def _get(qr: QrServer, query: Dataset, *, storage: list[str], roles: bool = True,
+         on_store: Any = None) -> tuple[list[Dataset], list[str]]:
+    """C-GET with pynetdicom, taking the SCP role for the ``storage`` classes (if ``roles``);
+    return every response's status data set (the final one last) and the SOP Instance UIDs
+    of the C-STORE-RQs received."""
+    got: list[str] = []
+
+    def handle(event: Any) -> int:
+        got.append(event.request.AffectedSOPInstanceUID)
+        if on_store is not None:
+            on_store(event, len(got))
+        return 0x0000
+
+    ae = AE("PYGET")
+    ae.add_requested_context(SOPClass.STUDY_ROOT_GET, [TransferSyntax.IMPLICIT_LE])
+    for cls in storage:
+        ae.add_requested_context(cls, [TransferSyntax.IMPLICIT_LE])
+    ext = [build_role(cls, scp_role=True) for cls in storage] if roles else []
+    assoc = ae.associate("127.0.0.1", qr.port, ae_title=qr.ae_title, ext_neg=ext,
+                         evt_handlers=[(evt.EVT_C_STORE, handle)])
+    assert assoc.is_established
+    out: list[Dataset] = []
+    try:
+        for status, _ in assoc.send_c_get(query, SOPClass.STUDY_ROOT_GET, msg_id=9):
+            out.append(status)
+    finally:
+        assoc.release()
+    return out, got
+
+
+def test_get_counts_and_fails_what_the_requester_cannot_take(qr, tmp_path):
+    ct = ct_series(3)
+    mr = ct_series(2, study_uid=ct[0].StudyInstanceUID)
+    for ds in mr:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = str(SOPClass.MR_IMAGE)
+        ds.Modality = "MR"
+    qr.storescu(write_series(ct, tmp_path / "ct") + write_series(mr, tmp_path / "mr"))
+    query = _move_query("STUDY", StudyInstanceUID=ct[0].StudyInstanceUID)
+    rsps, got = _get(qr, query, storage=[SOPClass.CT_IMAGE])  # no MR context: those sub-operations fail
+    final = rsps[-1]
+    assert final.Status == Status.SUBOPERATIONS_FAILED  # 0xB000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 2)
+    assert sorted(got) == sorted(ds.SOPInstanceUID for ds in ct)
+    assert [r.NumberOfRemainingSuboperations for r in rsps[:-1]] == [4, 3, 2, 1]
+    # Without SCP/SCU Role Selection the requester is no storage SCP: nothing can be sent.
+    rsps, got = _get(qr, query, storage=[SOPClass.CT_IMAGE, SOPClass.MR_IMAGE], roles=False)
+    assert rsps[-1].Status == Status.OUT_OF_RESOURCES_SUBOPERATIONS and got == []  # 0xA702
+    assert rsps[-1].NumberOfFailedSuboperations == 5
+
+
+def test_a_get_is_cancelled_while_an_object_is_being_stored(qr, tmp_path):
+    series = ct_series(5)
+    qr.storescu(write_series(series, tmp_path / "s"))
+
+    def cancel_on_second(event: Any, n: int) -> None:
+        if n == 2:  # before this C-STORE-RSP goes back, the C-CANCEL-RQ does
+            cx = event.assoc._get_valid_context(SOPClass.STUDY_ROOT_GET, "", "scu")
+            event.assoc.send_c_cancel(9, cx.context_id)
+
+    rsps, got = _get(qr, _move_query("SERIES", SeriesInstanceUID=series[0].SeriesInstanceUID),
+                     storage=[SOPClass.CT_IMAGE], on_store=cancel_on_second)
+    final = rsps[-1]
+    assert final.Status == Status.CANCEL
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfRemainingSuboperations) == (2, 3)
+    assert len(got) == 2

@@ -47,6 +47,7 @@ def services(store: Store, ae_title: str, destinations: Mapping[str, Destination
     return {
         CommandField.C_FIND_RQ: Service("C-FIND", frozenset(QR_FIND_CLASSES), finder.find),
         CommandField.C_MOVE_RQ: Service("C-MOVE", frozenset(QR_MOVE_CLASSES), retriever.move),
+        CommandField.C_GET_RQ: Service("C-GET", frozenset(QR_GET_CLASSES), retriever.get),
         CommandField.C_CANCEL_RQ: Service("C-CANCEL", frozenset(QR_FIND_CLASSES | QR_MOVE_CLASSES | QR_GET_CLASSES),
                                           late_cancel),
     }
