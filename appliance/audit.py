@@ -110,8 +110,9 @@ def studies_of(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(counts.items()))
 
 
-def record(data_dir: Path, event: Event) -> None:
-    """Append ``event`` to the trail under ``data_dir`` (never raises)."""
+def record(data_dir: Path, event: Event, *, max_bytes: int = MAX_BYTES) -> None:
+    """Append ``event`` to the trail under ``data_dir`` (never raises); the file is rotated
+    once it holds ``max_bytes``."""
     global _warned
     line = (json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
     folder = data_dir / FOLDER
@@ -119,7 +120,7 @@ def record(data_dir: Path, event: Event) -> None:
         with _lock:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / NAME
-            _rotate_if_full(folder, path)
+            _rotate_if_full(folder, path, max_bytes)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 os.write(fd, line)
@@ -133,15 +134,15 @@ def record(data_dir: Path, event: Event) -> None:
         log.warning("audit: %s", line.decode().strip())
 
 
-def _rotate_if_full(folder: Path, path: Path) -> None:
+def _rotate_if_full(folder: Path, path: Path, max_bytes: int) -> None:
     try:
-        if path.stat().st_size < MAX_BYTES:
+        if path.stat().st_size < max_bytes:
             return
     except FileNotFoundError:
         return
     with _folder_lock(folder):
         try:
-            if path.stat().st_size < MAX_BYTES:
+            if path.stat().st_size < max_bytes:
                 return  # another process rotated it meanwhile
         except FileNotFoundError:
             return

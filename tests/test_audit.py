@@ -23,7 +23,7 @@ for n in range(int(sys.argv[2])):
 """
 
 
-def test_processes_appending_at_once_never_interleave_and_rotation_keeps_every_event(tmp_path, monkeypatch):
+def test_processes_appending_at_once_never_interleave_and_rotation_keeps_every_event(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "400", name], env=env)
              for name in ("a", "b", "c")]
@@ -35,9 +35,8 @@ def test_processes_appending_at_once_never_interleave_and_rotation_keeps_every_e
     assert {e["event"] for e in events} == {"DICOM Instances Transferred"}
     assert sorted(int(e["detail"].split()[1]) for e in events if e["detail"].startswith("a ")) == list(range(400))
 
-    monkeypatch.setattr(audit, "MAX_BYTES", 10_000)
     for n in range(200):
-        audit.record(tmp_path, audit.Event("deleted", "D", detail=f"r{n}"))
+        audit.record(tmp_path, audit.Event("deleted", "D", detail=f"r{n}"), max_bytes=10_000)
     files = sorted(p.name for p in (tmp_path / "audit").iterdir() if p.name.startswith("audit.jsonl"))
     assert "audit.jsonl.1" in files and len(files) <= audit.KEEP + 1
     last = audit.read(tmp_path, 5)

@@ -91,7 +91,8 @@ class Box:
         self.store.open_for_service()
         self.server = StorageServer(ScpConfig(bind="127.0.0.1", port=0), Ingest(self.store, StoreConfig(min_free_mb=0)))
         self.port = self.server.start().port
-        self.forwarder = Forwarder(self.store, lambda: self.cfg, poll=0.1)
+        # Retries after 0.2 s, at most 1 s apart (the box's are 5 s to an hour).
+        self.forwarder = Forwarder(self.store, lambda: self.cfg, poll=0.1, backoff_first=0.2, backoff_most=1.0)
         self.forwarder.start()
 
     def send(self, files: list[Path], aet: str = "CT_SIM") -> None:
@@ -103,12 +104,6 @@ class Box:
         self.forwarder.stop()
         self.server.stop(grace=2)
         self.store.close()
-
-
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fwd, "BACKOFF_BASE", 0.2)
-    monkeypatch.setattr(fwd, "BACKOFF_MAX", 1.0)
 
 
 def test_a_rule_by_calling_ae_and_modality_forwards_what_it_matches_byte_for_byte(tmp_path, peer):
@@ -147,7 +142,7 @@ def test_a_rule_by_calling_ae_and_modality_forwards_what_it_matches_byte_for_byt
         box.stop()
 
 
-def test_a_destination_down_keeps_its_backlog_and_gets_it_when_back(tmp_path, peer, fast_backoff):
+def test_a_destination_down_keeps_its_backlog_and_gets_it_when_back(tmp_path, peer):
     p = peer(start=False)
     box = Box(tmp_path / "data", box_config(p.port))
     try:
@@ -166,7 +161,7 @@ def test_a_destination_down_keeps_its_backlog_and_gets_it_when_back(tmp_path, pe
         box.stop()
 
 
-def test_a_destination_killed_mid_batch_gets_the_rest_and_only_the_unacknowledged_again(tmp_path, peer, fast_backoff):
+def test_a_destination_killed_mid_batch_gets_the_rest_and_only_the_unacknowledged_again(tmp_path, peer):
     p = peer()
     box = Box(tmp_path / "data", box_config(p.port))
     try:
@@ -239,15 +234,17 @@ def test_stable_after_sends_a_series_once_it_is_complete(tmp_path, peer):
     box = Box(tmp_path / "data", box_config(p.port, stable_after=2.0))
     try:
         series = ct_series(10, rows=8, cols=8)
-        first = write_series(series[:5], tmp_path / "a")
+        box.send(write_series(series[:5], tmp_path / "a"))
+        assert box.store.index.forward_batch("PLANNING", time.time(), 100, 10**9) == [], "not stable yet"
         second = write_series(series[5:], tmp_path / "b")
-        box.send(first)
-        time.sleep(1.0)
-        assert p.uids() == set(), "the series is not stable yet"
+        before_second = time.time()
         box.send(second)
-        time.sleep(1.5)
-        assert p.uids() == set(), "a new object restarts the wait for the whole series"
+        # The new objects pushed the whole series' wait back: nothing of it is due until 2 s
+        # after the last of them was stored, and then all of it is.
+        assert box.store.index.forward_batch("PLANNING", before_second + 1.9, 100, 10**9) == []
+        assert len(box.store.index.forward_batch("PLANNING", time.time() + 2.1, 100, 10**9)) == 10
         wait_for(lambda: len(p.uids()) == 10, timeout=20, what="the whole series")
+        assert time.time() - before_second >= 1.9, "sent before the series was stable"
         assert p.log.read_text().count("Association Received") == 2, "one association (and the fixture's echo)"
     finally:
         box.stop()
@@ -285,7 +282,7 @@ def test_forward_rules_are_validated():
     assert Destination  # the config's type for destinations
 
 
-def test_appliance_run_killed_mid_send_loses_nothing(tmp_path, peer, fast_backoff):
+def test_appliance_run_killed_mid_send_loses_nothing(tmp_path, peer):
     """A power cut of the box (kill -9 of appliance run and its SCP) while it forwards: after
     a restart, everything arrives; only what was in flight can come twice."""
     p = peer()

@@ -192,7 +192,7 @@ def test_what_is_done_at_the_console_reaches_the_system_log(tmp_path, monkeypatc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(5)
-    monkeypatch.setattr(console_cli, "SYSLOG_SOCKET", path)
+    monkeypatch.setenv("APPLIANCE_SYSLOG_SOCKET", path)
     root = logging.getLogger()
     saved = (root.level, list(root.handlers), [h.level for h in root.handlers])
     app = logging.getLogger("appliance")

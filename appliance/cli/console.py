@@ -40,7 +40,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     return console.run()
 
 
-#: The system log's socket (journald listens on it on the box).
+#: The system log's socket (journald listens on it on the box); APPLIANCE_SYSLOG_SOCKET names another.
 SYSLOG_SOCKET = "/dev/log"
 
 
@@ -50,10 +50,11 @@ def _journal_what_is_done() -> None:
     warnings. Send INFO to the system log too, so the journal keeps who deleted what and when."""
     import logging.handlers
 
-    if not os.path.exists(SYSLOG_SOCKET):
+    socket_path = os.environ.get("APPLIANCE_SYSLOG_SOCKET", SYSLOG_SOCKET)
+    if not os.path.exists(socket_path):
         return
     try:
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        handler = logging.handlers.SysLogHandler(address=socket_path)
     except OSError:
         return
     handler.setLevel(logging.INFO)

@@ -71,10 +71,11 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def backoff(failures: int, rng: random.Random | None = None) -> float:
-    """Seconds to wait after ``failures`` failures in a row: doubling from BACKOFF_BASE up
-    to BACKOFF_MAX, times a jitter of 0.5 to 1.5 so that boxes do not retry in step."""
-    base: float = min(BACKOFF_BASE * 2.0 ** max(failures - 1, 0), BACKOFF_MAX)
+def backoff(failures: int, rng: random.Random | None = None, *, first: float = BACKOFF_BASE,
+            most: float = BACKOFF_MAX) -> float:
+    """Seconds to wait after ``failures`` failures in a row: doubling from ``first`` up to
+    ``most``, times a jitter of 0.5 to 1.5 so that boxes do not retry in step."""
+    base: float = min(first * 2.0 ** max(failures - 1, 0), most)
     return base * (0.5 + (rng or random).random())
 
 
@@ -102,8 +103,11 @@ class Forwarder:
     (read for every batch, so a config change applies at once), until :meth:`stop`."""
 
     def __init__(self, store: Store, settings: Callable[[], Config],
-                 client: ClientSettings | None = None, poll: float = POLL) -> None:
+                 client: ClientSettings | None = None, poll: float = POLL,
+                 backoff_first: float = BACKOFF_BASE, backoff_most: float = BACKOFF_MAX) -> None:
         self.store = store
+        self.backoff_first = backoff_first
+        self.backoff_most = backoff_most
         self.settings = settings
         self.client = client or ClientSettings()
         self.poll = poll
@@ -316,14 +320,16 @@ class Forwarder:
             log.error("forwarding: %s; set aside", why)
             result.set_aside += 1
         else:
-            index.forward_retry(item.id, time.time() + backoff(item.attempts + 1), why)
+            index.forward_retry(item.id, time.time() + backoff(item.attempts + 1, first=self.backoff_first,
+                                                               most=self.backoff_most), why)
             log.warning("forwarding: %s; tried again later", why)
             result.retried += 1
         return True
 
     def _destination_failed(self, name: str, why: str, result: BatchResult) -> None:
         result.error = why
-        failures, wait = self.store.index.forward_failed(name, why, _now_iso(), backoff)
+        failures, wait = self.store.index.forward_failed(
+            name, why, _now_iso(), lambda n: backoff(n, first=self.backoff_first, most=self.backoff_most))
         log.log(logging.WARNING if failures == 1 else logging.INFO,
                 "forwarding to %s: %s; trying again in %.0f s (failure %d in a row)", name, why, wait, failures)
 

@@ -123,7 +123,8 @@ def why_kept(u: StudyUsage, *, protected: bool, busy: bool, quiet_seconds: float
 
 
 def delete_studies(store: Store, study_uids: Iterable[str], *, what: str = "",
-                   quiet_seconds: float = DEFAULT_QUIET_SECONDS, reason: str = "asked") -> DeleteReport:
+                   quiet_seconds: float = DEFAULT_QUIET_SECONDS, reason: str = "asked",
+                   chunk: int = CHUNK) -> DeleteReport:
     """Delete whole studies (those that may be deleted now; the report says why others were
     kept). Raises DeletionRefused if none of ``study_uids`` is stored, or none may be deleted."""
     uids = list(dict.fromkeys(study_uids))
@@ -149,7 +150,7 @@ def delete_studies(store: Store, study_uids: Iterable[str], *, what: str = "",
                                   "nothing was deleted:\n" + "\n".join(
                                       f"  study {k.study_uid} ({k.patient}): {k.why}" for k in report.kept))
         rows = [r for u in chosen for r in store.index.study_instances(u.study_uid)]
-        _run(store, rows, f"{reason}: {report.what}", report)
+        _run(store, rows, f"{reason}: {report.what}", report, chunk)
         gone = {u.study_uid for u in chosen} - {u.study_uid for u in store.index.study_usage([u.study_uid for u in chosen])}
         report.studies = [u.study_uid for u in chosen if u.study_uid in gone]
         StudyMarks(store.data_dir).forget(gone)
@@ -209,7 +210,7 @@ def delete_series(store: Store, series_uids: Iterable[str], *, quiet_seconds: fl
     return report
 
 
-def _run(store: Store, rows: list[InstanceRow], why: str, report: DeleteReport) -> None:
+def _run(store: Store, rows: list[InstanceRow], why: str, report: DeleteReport, chunk: int = CHUNK) -> None:
     """Journal ``rows``, delete them, remove the journal."""
     items = []
     for r in rows:
@@ -221,7 +222,7 @@ def _run(store: Store, rows: list[InstanceRow], why: str, report: DeleteReport) 
         except OSError as exc:
             raise store_error(exc, f"cannot read {r.path}") from exc
     journal = _write_journal(store.data_dir, why, items)
-    instances, freed = _execute(store, items)
+    instances, freed = _execute(store, items, chunk)
     report.instances += instances
     report.bytes_freed += freed
     _remove_journal(journal)
@@ -280,12 +281,12 @@ def _remove_journal(journal: Path) -> None:
         fsync_dir(journal.parent)
 
 
-def _execute(store: Store, items: list[_Item]) -> tuple[int, int]:
+def _execute(store: Store, items: list[_Item], chunk_size: int = CHUNK) -> tuple[int, int]:
     """Delete ``items`` chunk by chunk; return (objects removed, bytes freed)."""
     removed = freed = 0
     folders: set[Path] = set()
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start:start + CHUNK]
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start:start + chunk_size]
         with store.hold_uids([i.uid for i in chunk]):
             doomed: list[tuple[_Item, Path | None]] = []
             for i in chunk:

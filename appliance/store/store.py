@@ -296,9 +296,12 @@ class Store:
         return self._placer.uid_locks.hold_many(uids)
 
     def delete_studies(self, study_uids: list[str], *, what: str = "",
-                       quiet_seconds: float = deletion.DEFAULT_QUIET_SECONDS, reason: str = "asked") -> DeleteReport:
-        """Delete whole studies, crash-safely (see :func:`appliance.store.deletion.delete_studies`)."""
-        return deletion.delete_studies(self, study_uids, what=what, quiet_seconds=quiet_seconds, reason=reason)
+                       quiet_seconds: float = deletion.DEFAULT_QUIET_SECONDS, reason: str = "asked",
+                       chunk: int = deletion.CHUNK) -> DeleteReport:
+        """Delete whole studies, crash-safely, ``chunk`` objects per index transaction (see
+        :func:`appliance.store.deletion.delete_studies`)."""
+        return deletion.delete_studies(self, study_uids, what=what, quiet_seconds=quiet_seconds, reason=reason,
+                                       chunk=chunk)
 
     def delete_series(self, series_uids: list[str], *, quiet_seconds: float = deletion.DEFAULT_QUIET_SECONDS,
                       reason: str = "asked") -> DeleteReport:
