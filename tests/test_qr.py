@@ -50,6 +50,7 @@ from appliance.net.dimse import (
     us,
 )
 from appliance.net.qr import QueryRetrieveServer
+from appliance.net.qr.exchange import MAX_IDENTIFIER_BYTES
 from appliance.net.sender import ClientSettings
 from appliance.store.index import FIND_COLUMNS, Match, MatchKind
 from appliance.store.ingest import Ingest
@@ -347,6 +348,37 @@ def test_appliance_scp_serves_qr_unless_the_config_turns_it_off(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_qr_associations_hold_the_storage_servers_slots_and_limits(make_qr, caplog):
+    qr = make_qr(scp=ScpConfig(max_associations=1))
+    ae = AE("PYFIND")
+    ae.add_requested_context(STUDY_FIND, [TransferSyntax.IMPLICIT_LE])
+    first = ae.associate("127.0.0.1", qr.port, ae_title=qr.ae_title)
+    assert first.is_established
+    try:
+        second = ae.associate("127.0.0.1", qr.port, ae_title=qr.ae_title)
+        assert second.is_rejected  # rejected-transient, local limit: the slot is the Q/R association's
+    finally:
+        first.release()
+    # An identifier beyond MAX_IDENTIFIER_BYTES is aborted, as an oversized command set is.
+    with socket.create_connection(("127.0.0.1", qr.port)) as s:
+        s.settimeout(10)
+        s.sendall(associate_rq_pdu(qr.ae_title, [(STUDY_FIND, [TransferSyntax.IMPLICIT_LE])]))
+        assert read_pdu(s)[0] == 0x02
+        command = encode_command([
+            (Tag.AFFECTED_SOP_CLASS_UID, uid(STUDY_FIND)), (Tag.COMMAND_FIELD, us(CommandField.C_FIND_RQ)),
+            (Tag.MESSAGE_ID, us(1)), (Tag.PRIORITY, us(0)), (Tag.COMMAND_DATA_SET_TYPE, us(0)),
+        ])
+        s.sendall(p_data_pdu(1, 0x03, command))
+        chunk = p_data_pdu(1, 0x00, b"\0" * 16000)
+        for _ in range(MAX_IDENTIFIER_BYTES // 16000 + 2):
+            try:
+                s.sendall(chunk)
+            except OSError:
+                break
+        assert read_pdu(s)[0] == 0x07  # A-ABORT
+    wait_for(lambda: "identifier of more than" in caplog.text, what="the abort's log line")
 
 
 # -- 10,000 studies ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ from appliance.config import Destination
 from appliance.conformance import QR_MODELS, PresentationContextRow, SOPClass, Status, TransferSyntax
 from appliance.dicom import dicomio
 from appliance.dicom.transcode import TranscodeError, to_implicit_le
-from appliance.errors import ApplianceError, NetworkError, StoreError
+from appliance.errors import ApplianceError, StoreError
 from appliance.net.dimse import (
     DATA_SET_FOLLOWS,
     PRIORITY_MEDIUM,
@@ -166,7 +166,9 @@ class Retriever:
             return
         t0 = time.monotonic()
         started_at = delivery_time()
-        with self.store.busy(sorted({r.study_uid for r in rows})):
+        with contextlib.ExitStack() as stack:
+            if not self._hold(stack, msg, field_, rows):
+                return
             try:
                 assoc = _associate(_make_ae(self.client, _contexts(rows)), peer, self.client)
             except ApplianceError as exc:
@@ -229,7 +231,9 @@ class Retriever:
             msg.respond(field_, Status.SUCCESS, extra=tally.elements(remaining=False))
             return
         t0 = time.monotonic()
-        with self.store.busy(sorted({r.study_uid for r in rows})):
+        with contextlib.ExitStack() as stack:
+            if not self._hold(stack, msg, field_, rows):
+                return
             comment = self._run(msg, field_, rows, tally, self._getter(msg))
         log.info("C-GET from %s: %s in %.1f s", msg.calling_ae, tally.words(), time.monotonic() - t0)
         self._final(msg, field_, tally, comment)
@@ -300,6 +304,19 @@ class Retriever:
             log.error("%s from %s failed: %s", what, msg.calling_ae, exc)
             msg.respond(field_, Status.UNABLE_TO_PROCESS, error_comment=str(exc))
         return None
+
+    def _hold(self, stack: contextlib.ExitStack[bool | None], msg: Message, field_: CommandField,
+              rows: list[InstanceRow]) -> bool:
+        """Mark the studies of ``rows`` busy for the rest of ``stack``; answer and return
+        False if they cannot be."""
+        try:
+            stack.enter_context(self.store.busy(sorted({r.study_uid for r in rows})))
+        except StoreError as exc:
+            log.error("%s from %s failed: %s", "C-MOVE" if field_ == CommandField.C_MOVE_RSP else "C-GET",
+                      msg.calling_ae, exc)
+            msg.respond(field_, Status.UNABLE_TO_PROCESS, error_comment=str(exc))
+            return False
+        return True
 
     def _run(self, msg: Message, field_: CommandField, rows: list[InstanceRow], tally: Tally, send: Send) -> str | None:
         """Run the sub-operations, a Pending response after each; return why they stopped
