@@ -23,7 +23,11 @@ from appliance.conformance import (
     IMPLEMENTATION_VERSION_NAME,
     SOPClass,
 )
+from appliance.dicom import dicomio
+from appliance.dicom.transcode import TranscodeError, to_implicit_le
 from appliance.media import dicomdir
+
+from helpers import samples
 
 #: sha256 of the DICOMDIR below as pydicom 3.0.2 encodes it, with the appliance's identity in its meta.
 PINNED = "bac068d591bfd2080b26bbae4045536a28fd61534a92452cd30985a41f04fb45"
@@ -54,8 +58,9 @@ def _header(n: int) -> Dataset:
 def _encoded(tmp_path) -> bytes:  # type: ignore[no-untyped-def]
     fs = dicomdir.load(tmp_path)  # no DICOMDIR there: a new, empty set
     fs.UID = "1.2.826.0.1.3680043.10.9.77.1000"
+    records = dicomdir.Records(fs)
     for n in (1, 2):
-        dicomdir.add(fs, _header(n), f"DICOM/STAAAAAA/SEBBBBBB/IM00000{n}")
+        records.add(_header(n), f"DICOM/STAAAAAA/SEBBBBBB/IM00000{n}")
     return dicomdir.encode(fs)
 
 
@@ -140,3 +145,83 @@ def test_a_record_keeps_its_character_set_only_if_one_of_its_keys_needs_it():
     latin.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=True)
     for header in (latin, dcmread(BytesIO(buf.getvalue()))):  # decoded, and raw as read from a file
         assert dicomdir.record_source(header, {}).SpecificCharacterSet == "ISO_IR 100"
+
+
+def _kinds() -> list[Dataset]:
+    """Instances of two patients, three studies and five series, with each record type the
+    exporter writes (IMAGE, RT STRUCTURE SET, RT PLAN, RT DOSE), series interleaved."""
+    out = []
+    for n, (patient, study, series, sop_class) in enumerate([
+        ("P1", 100, 200, SOPClass.CT_IMAGE), ("P1", 100, 201, SOPClass.RT_STRUCTURE_SET),
+        ("P1", 100, 200, SOPClass.CT_IMAGE), ("P2", 101, 202, SOPClass.MR_IMAGE),
+        ("P1", 102, 203, SOPClass.RT_PLAN), ("P1", 100, 200, SOPClass.CT_IMAGE),
+        ("P2", 101, 204, SOPClass.RT_DOSE), ("P2", 101, 202, SOPClass.MR_IMAGE),
+    ], start=10):
+        ds = _header(n)
+        ds.PatientID, ds.PatientName = patient, f"Patient^{patient}"
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.9.77.{study}"
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.9.77.{series}"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.StructureSetLabel, ds.RTPlanLabel, ds.DoseSummationType = "SS", "PLAN", "PLAN"
+        if sop_class != SOPClass.RT_PLAN:
+            del ds.RTPlanLabel  # pydicom takes any object with an RT Plan Label for an RT PLAN
+        out.append(ds)
+    return out
+
+
+def test_records_list_what_pydicoms_own_fileset_add_lists(tmp_path):
+    """Records (which finds listed records by key and makes only the missing ones) gives,
+    byte for byte, the DICOMDIR that pydicom's FileSet.add gives, for a new set and for one
+    loaded from a stick and added to."""
+    headers = _kinds()
+
+    def by_pydicom(fs, instances):  # what dicomdir.add did before Records
+        for ds in instances:
+            fs.add(ds).node._record.ReferencedFileID = ["DICOM", "ST", "SE", f"IM{ds.InstanceNumber}"]
+
+    def by_records(fs, instances):
+        records = dicomdir.Records(fs)
+        for ds in instances:
+            records.add(ds, f"DICOM/ST/SE/IM{ds.InstanceNumber}")
+
+    encoded = []
+    for add in (by_pydicom, by_records):
+        fs = dicomdir.load(tmp_path / "none")
+        fs.UID = "1.2.826.0.1.3680043.10.9.77.1000"
+        add(fs, headers[:5])
+        first = dicomdir.encode(fs)
+        stick = tmp_path / add.__name__
+        (stick / "DICOM/ST/SE").mkdir(parents=True)
+        (stick / "DICOMDIR").write_bytes(first)
+        for ds in headers[:5]:  # pydicom drops a listed instance whose file is missing
+            (stick / f"DICOM/ST/SE/IM{ds.InstanceNumber}").touch()
+        fs = dicomdir.load(stick)
+        add(fs, headers[5:] + headers[:1])  # the last is listed already: left as it is
+        encoded.append((first, dicomdir.encode(fs)))
+    assert encoded[0] == encoded[1]
+    kinds = [r.DirectoryRecordType for r in dcmread(BytesIO(encoded[1][1])).DirectoryRecordSequence]
+    assert kinds.count("PATIENT") == 2 and kinds.count("STUDY") == 3 and kinds.count("SERIES") == 5
+    assert {"IMAGE", "RT STRUCTURE SET", "RT PLAN", "RT DOSE"} <= set(kinds) and len(kinds) == 10 + len(headers)  # IM10 once
+
+
+def test_the_header_from_the_walk_gives_what_pydicom_reading_the_file_gives():
+    """dicomdir.header (the record keys, taken from dicomio.walk's layout) makes the same
+    record sources and the same completed keys as pydicom reading the whole file, for every
+    sample that transcodes (character sets, legacy dates, RT objects, missing IDs)."""
+    checked = 0
+    for sample in samples():
+        try:
+            t = to_implicit_le(sample.path)
+        except TranscodeError:
+            continue
+        layout = dicomio.walk(t.body, True, True)
+        cheap = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)
+        full = dcmread(BytesIO(t.part10()), stop_before_pixels=True)
+        keys = [dicomdir.Keys(dicomdir.load(Path("/nonexistent"))) for _ in range(2)]
+        values = [k.complete(ds, "2026-11-30T15:24:29.965+00:00") for k, ds in zip(keys, (cheap, full))]
+        assert values[0] == values[1], sample.path
+        sources = [dicomdir.record_source(ds, values[0]) for ds in (cheap, full)]
+        assert sources[0] == sources[1], sample.path
+        assert sources[0].file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        checked += 1
+    assert checked >= 20

@@ -290,6 +290,7 @@ def test_a_stick_pulled_mid_write_fails_cleanly_and_the_next_export_completes_it
     assert report.status is ExportStatus.FAILED and not report.ok and not report.safe_to_remove
     assert "removed" in report.error and "export again" in report.error
     assert report.count(FileOutcome.WRITTEN) == 2 and report.count(FileOutcome.FAILED) == 3
+    assert all("not listed in the DICOMDIR" in i.reason for i in report.items if i.outcome is FileOutcome.WRITTEN)
     assert not stick.exists(), "nothing may be written where the stick was"
     assert _store_state(store) == before
     with _state(store) as state:
@@ -320,6 +321,45 @@ def test_unmounting_the_stick_mid_write_never_writes_to_the_mount_point(store: S
         assert list(mnt.iterdir()) == []  # the bare mount point got nothing
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+class _FaultyStick(usbtarget.FolderMedium):
+    """A stick that gives back one file with one bit flipped (a failing flash cell)."""
+
+    def __init__(self, root: Path, bad: int) -> None:
+        super().__init__(root)
+        self.bad, self.files_read = bad, 0
+
+    def read_back(self, file_ids: list[str]):  # type: ignore[no-untyped-def]
+        def faulty(contents):  # type: ignore[no-untyped-def]
+            for file_id, data in zip(file_ids, contents):
+                if file_id != "DICOMDIR":
+                    self.files_read += 1
+                    if self.files_read == self.bad:
+                        data = data[:-1] + bytes([data[-1] ^ 1])
+                yield data
+        return faulty(super().read_back(file_ids))
+
+
+def test_a_file_that_reads_back_wrong_fails_the_export_before_any_dicomdir(store: Store, tmp_path: Path) -> None:
+    # 36 slices of 512x512, 19 MB: more than one window is flushed and read back while the
+    # next is written (VERIFY_WINDOW); the 30th file read back differs, in the second window.
+    assert 36 * 512 * 512 * 2 > exporter.VERIFY_WINDOW
+    _put_generated(store, ct_series(36, rows=512, cols=512))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    before = _store_state(store)
+    report = export(_FaultyStick(stick, bad=30), store, Config())
+    assert report.status is ExportStatus.FAILED and not report.safe_to_remove, report.render()
+    assert "differs from what was written" in report.error and "faulty" in report.error
+    assert report.count(FileOutcome.WRITTEN) == 36  # all written and flushed, none listed
+    assert all(i.reason == "written, but not listed in the DICOMDIR yet" for i in report.items)
+    assert not (stick / "DICOMDIR").exists(), "a DICOMDIR only once every file was verified"
+    assert store.marks.get() == {}, "files no DICOMDIR lists were not delivered"
+    assert _store_state(store) == before
+    report = export(stick, store, Config())  # a good stick (or the same one, again)
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 36, report.render()
+    check_file_set(stick, store, _instances(store))
 
 
 # -- FAT images (mtools) -------------------------------------------------------------------------------
@@ -355,6 +395,16 @@ def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path
     check_file_set(out, store, _instances(store))
     listing = _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout
     assert "DICOMDIR" in listing and ".TMP" not in listing
+
+
+def test_a_large_export_onto_a_fat_image_is_copied_in_batches_and_verified(store: Store, tmp_path: Path) -> None:
+    # More than a batch (usbtarget.FAT_BATCH_BYTES) and a window (exporter.VERIFY_WINDOW).
+    assert 36 * 512 * 512 * 2 > max(exporter.VERIFY_WINDOW, usbtarget.FAT_BATCH_BYTES)
+    _put_generated(store, ct_series(36, rows=512, cols=512))
+    image = _fat_image(tmp_path / "stick.img", 32 * 1024)
+    report = export(image, store, Config())
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 36, report.render()
+    check_file_set(_mcopy_out(image, tmp_path / "out"), store, _instances(store))
 
 
 # -- the DICOMDIR and its files against dciodvfy and dcmmkdir ----------------------------------------

@@ -15,11 +15,16 @@ when a stick is inserted. What it writes:
   DICOMDIR is loaded and added to; objects it already lists are not written again.
 
 Safety, in this order: free space is checked before anything is written (nothing is written
-if it is short); each file is written to ``NAME.TMP``, fsynced and renamed; every file is
-read back, parsed and its pixel data compared with the store; the DICOMDIR is written last
-(temp, fsync, rename), so a set whose DICOMDIR does not list a file is recognisably
-incomplete; then everything is synced and a block device unmounted before the report says
-"safe to remove". The store is only read.
+if it is short); each copy is checked before it is written (a well-formed Implicit VR LE
+data set of the object, its pixel data the store's bytes, or for big endian and compressed
+objects the same decoded values); files are written without an fsync each and made durable
+a window at a time (``VERIFY_WINDOW``: one syncfs of the stick, or one fsync of a FAT
+image), then every file is read back from the stick and compared byte for byte with what
+was written; the DICOMDIR is written last (temp, fsync, rename), only once every file was
+verified, so a set whose DICOMDIR does not list a file is recognisably incomplete; then
+everything is synced and a block device unmounted before the report says "safe to remove".
+A failed export reports which files it wrote, and whether they were flushed before the
+failure. The store is only read.
 
 Targets (:mod:`appliance.media.usbtarget`): a mounted folder; a USB partition's block device (the
 appliance checks in sysfs that it is a removable USB disk, mounts it and unmounts it); or a
@@ -51,11 +56,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
 from appliance.config import Config, ExportPolicy
@@ -87,6 +91,10 @@ _MARGIN = 64 * 1024
 _PULLED = {errno.EIO, errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.EROFS, errno.ENOTDIR}
 #: An upper bound of what the record keys completed in a copy add to it (dicomdir.Keys).
 _COMPLETED_BYTES = 512
+#: Files are flushed and read back a window of this many bytes at a time: the stick reads
+#: one window back while the next is prepared and written (see _write).
+VERIFY_WINDOW = 16 * 2**20
+_SOP_INSTANCE_UID = 0x00080018
 
 
 def _now() -> str:
@@ -262,10 +270,10 @@ class _Names:
         return self._claim(series, "IM", row.sop_instance_uid)
 
 
-def _with_values(body: bytes, values: dict[str, str]) -> bytes:
-    """``body`` (an Implicit VR LE data set) with the top-level text elements ``values``
-    (keyword: value, ASCII) replaced or inserted in tag order. Every other byte is kept, but
-    the group length of a changed group, if the object has one, is recomputed."""
+def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str]) -> bytes:
+    """``body`` (an Implicit VR LE data set, laid out as ``layout``) with the top-level text
+    elements ``values`` (keyword: value, ASCII) replaced or inserted in tag order. Every other
+    byte is kept, but the group length of a changed group, if the object has one, is recomputed."""
     new: dict[int, bytes] = {}
     for keyword, text in values.items():
         tag = tag_for_keyword(keyword)
@@ -276,7 +284,7 @@ def _with_values(body: bytes, values: dict[str, str]) -> bytes:
         new[tag] = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
     pending = sorted(new)
     parts: list[tuple[int, bytes]] = []
-    for tag, elem in dicomio.walk(body, True, True).elements.items():
+    for tag, elem in layout.elements.items():
         while pending and pending[0] < tag:
             parts.append((pending[0], new[pending.pop(0)]))
         if pending and pending[0] == tag:
@@ -292,45 +300,21 @@ def _with_values(body: bytes, values: dict[str, str]) -> bytes:
     return b"".join(p for _, p in parts)
 
 
-def _write_atomic(root: Path, file_id: str, data: bytes, made: list[str]) -> None:
-    """Write ``root/file_id`` via ``NAME.TMP``, fsync, rename, fsync the folder.
-
-    Folders below ``root`` are created one level at a time; ``root`` itself never is, so a
-    vanished stick gives ENOENT instead of files on the mount point."""
-    parts = file_id.split("/")
-    for i in range(1, len(parts)):
-        rel = "/".join(parts[:i])
-        try:
-            os.mkdir(root / rel)
-            made.append(rel)
-        except FileExistsError:
-            pass
-    final = root / file_id
-    tmp = final.with_name(final.name + ".TMP")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _pixel_digest(ds: Dataset, decode: bool) -> str | None:
-    """Hash of the pixel data: its raw bytes (little endian), or the decoded values."""
+def _decoded_pixels(part10: bytes) -> str | None:
+    """Hash of the decoded pixel values of a Part 10 file (little endian), or None."""
+    ds = dcmread(BytesIO(part10))
     if "PixelData" not in ds:
         return None
-    if not decode:
-        return hashlib.sha256(ds.PixelData).hexdigest()
     arr = ds.pixel_array
     return hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+
+
+def _pixel_bytes(part10: bytes) -> bytes | None:
+    """The value of the top-level Pixel Data of an uncompressed little endian Part 10 file, or None."""
+    offset, ts = dicomio.split_part10(part10)
+    body = memoryview(part10)[offset:]
+    elem = dicomio.walk(body, TransferSyntax(ts).is_implicit_vr, True).elements.get(dicomio.PIXEL_DATA)
+    return None if elem is None else bytes(body[elem.value_offset:elem.end])
 
 
 @dataclass
@@ -339,9 +323,6 @@ class _Job:
     file_id: str
     estimate: int
     size: int = 0
-    sha256: str = ""
-    pixels: str | None = None
-    decode: bool = False
     outcome: FileOutcome = FileOutcome.WRITTEN
     reason: str = ""
     part10: bytes = b""
@@ -356,6 +337,10 @@ class _Job:
 
 class _Failed(Exception):
     """The medium failed mid-way (internal)."""
+
+
+class _Mismatch(Exception):
+    """An object's copy is not what the store holds (internal: that object fails alone)."""
 
 
 def _medium_error(exc: OSError) -> str:
@@ -450,8 +435,10 @@ def export(
 
 
 def _record_delivery(store: Store, report: ExportReport, started_at: str) -> None:
-    """Record the studies every object of which is now on the stick (retention may delete them)."""
-    on_stick = {i.sop_instance_uid for i in report.items if i.outcome in (FileOutcome.WRITTEN, FileOutcome.ON_STICK)}
+    """Record the studies every object of which is now on the stick, listed in its DICOMDIR
+    (retention may delete them). A failed export wrote no DICOMDIR: what it wrote is not listed."""
+    listed = {FileOutcome.ON_STICK} | ({FileOutcome.WRITTEN} if report.status is not ExportStatus.FAILED else set())
+    on_stick = {i.sop_instance_uid for i in report.items if i.outcome in listed}
     try:
         store.record_delivery(on_stick, f"USB stick {report.target}", started_at)
     except StoreError as exc:
@@ -515,38 +502,62 @@ def _check_space(medium: Medium, fs: FileSet, todo: list[_Job]) -> None:
 
 def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: list[_Job], what: str,
            started_at: str, t0: float, progress: Callable[[Progress], None] | None) -> ExportReport:
-    """Write, verify, write the DICOMDIR, then close ``medium``; medium failures end in a FAILED report."""
+    """Write every file, flush and read back each window of them, write the DICOMDIR, then
+    close ``medium``; medium failures end in a FAILED report that says what was written.
+
+    Durability is paid per window (``VERIFY_WINDOW`` bytes), not per file: the files of a
+    window are written without fsync, then flushed at once (Medium.flush), and the stick
+    starts reading them back (Medium.read_back) while the next window is prepared and
+    written; each is then compared, byte for byte, with what was written, which was checked
+    against the store before it was written (_check_copy). The DICOMDIR comes last."""
     total = sum(j.estimate for j in todo)
     written: list[_Job] = []
-    made: list[str] = []
+    window: list[_Job] = []  # written since the last flush
+    window_bytes = 0
+    reading: tuple[list[_Job], Iterator[bytes]] = ([], iter(()))  # the last window flushed, being read back
+    flushed = 0  # written[:flushed] are durable on the stick
     done_bytes = 0
     error = ""
     keys = dicomdir.Keys(fs)
+    records = dicomdir.Records(fs)
     try:
         for i, job in enumerate(todo, 1):
-            if not _prepare(job, store, fs, keys):
+            if not _prepare(job, store, records, keys):
                 continue
             medium.check()
-            _write_atomic(medium.root, job.file_id, job.part10, made)
-            job.size, job.sha256, job.part10 = len(job.part10), hashlib.sha256(job.part10).hexdigest(), b""
+            medium.write(job.file_id, job.part10)
+            job.size = len(job.part10)
             written.append(job)
+            window.append(job)
+            window_bytes += job.size
             done_bytes += job.size
             if progress is not None:
                 progress(Progress(i, len(todo), done_bytes, time.monotonic() - t0, bytes_total=total))
-        medium.commit([j.file_id for j in written], made)
-        for job in written:
-            _verify(medium.read_back(job.file_id), job)
+            if window_bytes >= VERIFY_WINDOW:
+                _verify(*reading)
+                medium.flush()
+                flushed = len(written)
+                reading = (window, medium.read_back([j.file_id for j in window]))
+                window, window_bytes = [], 0
+        _verify(*reading)
+        if window:
+            medium.flush()
+            flushed = len(written)
+            _verify(window, medium.read_back([j.file_id for j in window]))
         if written:
             medium.check()
             encoded = dicomdir.encode(fs)
-            _write_atomic(medium.root, "DICOMDIR", encoded, made)
-            medium.commit(["DICOMDIR"], [])
-            if medium.read_back("DICOMDIR") != encoded:
+            medium.replace("DICOMDIR", encoded)
+            if next(iter(medium.read_back(["DICOMDIR"]))) != encoded:
                 raise _Failed("the DICOMDIR read back from the stick differs from what was written")
     except OSError as exc:
         error = _medium_error(exc)
     except _Failed as exc:
         error = f"{exc}; the stick may be faulty. Nothing in the store changed"
+    if error and flushed < len(written):
+        with contextlib.suppress(OSError):  # what was written before the failure, if the stick still takes it
+            medium.flush()
+            flushed = len(written)
     try:
         note = medium.close()
         if note:
@@ -554,49 +565,76 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     except (OSError, ApplianceError) as exc:
         error = error or f"the files were written, but the stick could not be released: {exc}"
     if error:
+        done = {id(j) for j in written}
         for job in todo:
-            if job not in written and job.outcome is FileOutcome.WRITTEN:
+            if id(job) not in done and job.outcome is FileOutcome.WRITTEN:
                 job.outcome, job.reason = FileOutcome.FAILED, "not written"
-        for job in written:
-            job.reason = "written, but not listed in the DICOMDIR yet"
+        for n, job in enumerate(written):
+            job.reason = ("written, but not listed in the DICOMDIR yet" if n < flushed else
+                          "written, but the stick failed before it was flushed (it may be incomplete); "
+                          "not listed in the DICOMDIR")
+    for job in written:
+        job.part10 = b""
     status = ExportStatus.FAILED if error else ExportStatus.DONE
     return ExportReport(target=medium.label, status=status, selection=what, started_at=started_at,
                         items=tuple(j.result() for j in jobs), bytes_done=done_bytes, seconds=time.monotonic() - t0,
                         error=error, safe_to_remove=not error)
 
 
-def _prepare(job: _Job, store: Store, fs: FileSet, keys: dicomdir.Keys) -> bool:
-    """Transcode one stored object, complete its record keys in the copy (dicomdir.Keys) and
-    add its records to ``fs``; False if it cannot be exported."""
+def _verify(jobs: list[_Job], read_back: Iterator[bytes]) -> None:
+    """Compare each file read back from the stick with what was written, then let it go."""
+    for job, data in zip(jobs, read_back, strict=True):
+        if data != job.part10:
+            raise _Failed(f"{job.file_id} ({job.row.sop_instance_uid}) read back from the stick differs "
+                          "from what was written")
+        job.part10 = b""
+
+
+def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.Keys) -> bool:
+    """Re-encode one stored object, complete its record keys in the copy (dicomdir.Keys),
+    check the copy against the store and add its records; False if it cannot be exported."""
     try:
-        data = job.generated if job.generated is not None else (store.data_dir / job.row.path).read_bytes()
-        t = to_implicit_le(data)
-        header = dcmread(BytesIO(t.part10()), stop_before_pixels=True)
+        stored = job.generated if job.generated is not None else (store.data_dir / job.row.path).read_bytes()
+        t = to_implicit_le(stored)
+        layout = dicomio.walk(t.body, True, True)
+        header = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)
         values = keys.complete(header, job.row.received_at)
         if values:
-            t = replace(t, body=_with_values(t.body, values))
-            log.debug("%s: %s set in the copy for its DICOMDIR records", t.sop_instance_uid, ", ".join(values))
-        job.part10 = t.part10()
-        job.decode = t.source_syntax is TransferSyntax.EXPLICIT_BE or t.source_syntax.is_compressed
-        job.pixels = _pixel_digest(dcmread(BytesIO(data)), job.decode)
+            t = replace(t, body=_with_values(t.body, layout, values))
+            layout = dicomio.walk(t.body, True, True)
+            log.debug("%s: %s set in the copy for its DICOMDIR records", job.row.sop_instance_uid, ", ".join(values))
+        part10 = t.part10()
+        _check_copy(part10, layout, stored, t.source_syntax, job)
         record = dicomdir.record_source(header, values)
-        dicomdir.add(fs, record, job.file_id)
+        records.add(record, job.file_id)
         keys.listed(record)
+        job.part10 = part10
         return True
     except (OSError, TranscodeError) as exc:
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot read it from the store: {exc}"
+    except _Mismatch as exc:
+        job.outcome, job.reason = FileOutcome.FAILED, f"its copy does not match the store: {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged stored object fails alone
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot be written as a DICOM file-set member: {exc}"
     return False
 
 
-def _verify(data: bytes, job: _Job) -> None:
-    """Parse a file read back from the stick and compare it with what the store holds."""
-    where = f"{job.file_id} ({job.row.sop_instance_uid})"
-    if hashlib.sha256(data).hexdigest() != job.sha256:
-        raise _Failed(f"{where} read back from the stick differs from what was written")
-    ds = dcmread(BytesIO(data))
-    if str(ds.file_meta.TransferSyntaxUID) != TransferSyntax.IMPLICIT_LE or ds.SOPInstanceUID != job.row.sop_instance_uid:
-        raise _Failed(f"{where} read back from the stick is not the object exported")
-    if _pixel_digest(ds, job.decode) != job.pixels:
-        raise _Failed(f"the pixel data of {where} on the stick differs from the store")
+def _check_copy(part10: bytes, layout: dicomio.Layout, stored: bytes, source: TransferSyntax, job: _Job) -> None:
+    """Raise _Mismatch unless ``part10`` (its data set laid out as ``layout``) is an Implicit
+    VR LE file of the object whose pixel data are the store's: the same bytes, or for an
+    object stored big endian or compressed the same decoded values. (What is read back from
+    the stick is then compared with these bytes.)"""
+    offset, ts = dicomio.split_part10(part10)
+    uid = layout.elements.get(_SOP_INSTANCE_UID)
+    if ts != TransferSyntax.IMPLICIT_LE or uid is None or (part10[offset + uid.value_offset:offset + uid.end]
+                                                           .rstrip(b"\0 ").decode("ascii", "replace")
+                                                           != job.row.sop_instance_uid):
+        raise _Mismatch("it is not the object, in Implicit VR Little Endian")
+    if source is TransferSyntax.EXPLICIT_BE or source.is_compressed:
+        same = _decoded_pixels(part10) == _decoded_pixels(stored)
+    else:
+        pixels = layout.elements.get(dicomio.PIXEL_DATA)
+        same = (None if pixels is None else part10[offset + pixels.value_offset:offset + pixels.end]) == (
+            _pixel_bytes(stored))
+    if not same:
+        raise _Mismatch("its pixel data differ")

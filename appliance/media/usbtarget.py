@@ -5,23 +5,39 @@ used after sysfs says it is a removable USB disk (:func:`removable_usb_refusal`)
 appliance mounts it and unmounts it. A FAT image file is written in userspace with mtools,
 for machines whose kernel has no vfat (such as CI). Each medium reports its free space and
 cluster size, so the exporter can check before it writes (``appliance.media.exporter``).
+
+The exporter pays for durability per window of files, not per file: it hands files to
+:meth:`Medium.write` (not yet durable), makes a window of them durable with one
+:meth:`Medium.flush` (one syncfs, or one fsync of the image), has the medium read them back
+(:meth:`Medium.read_back`) while it writes the next window, and only then writes the
+DICOMDIR with :meth:`Medium.replace` (durable, and atomic where the file system allows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
+import itertools
 import os
 import re
 import shutil
 import stat
 import subprocess
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from appliance.errors import MediaError
+
+
+#: How many bytes of files a FAT image medium stages before it copies them into the image.
+FAT_BATCH_BYTES = 8 * 2**20
+#: How many files of one folder a FAT image medium reads back with one mcopy.
+READ_BACK_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -31,8 +47,8 @@ class Space:
 
 
 class Medium(Protocol):
-    """Where the file-set is written. ``root`` is a local folder holding the file-set (the
-    mounted stick itself, or a staging copy of a FAT image's content)."""
+    """Where the file-set is written. ``root`` is a local folder holding the stick's DICOMDIR
+    (if it has one) and its folders: the mounted stick itself, or a copy of a FAT image's."""
 
     root: Path
     label: str
@@ -42,17 +58,44 @@ class Medium(Protocol):
     def check(self) -> None:
         """Raise OSError if the medium is gone (a pulled stick)."""
 
-    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
-        """Make the files written under ``root`` durable on the medium."""
+    def write(self, file_id: str, data: bytes) -> None:
+        """Write one file (``DICOM/ST.../IM...``; its folders are made as needed). It is not
+        durable before :meth:`flush`, and a half-written one may be left if the medium fails."""
 
-    def read_back(self, file_id: str) -> bytes: ...
+    def flush(self) -> None:
+        """Make every file written so far durable on the medium; raise OSError if it cannot."""
+
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
+        """Start reading flushed files back from the medium (not from a cache), at once;
+        the iterator yields the content of each, in order."""
+
+    def replace(self, file_id: str, data: bytes) -> None:
+        """Write one file durably in place of any old one (the DICOMDIR)."""
 
     def close(self) -> str:
         """Sync and release the medium; return a note for the report ("" if none)."""
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """Write back everything the file system of ``fd`` holds (syncfs(2), which reports
+    write-back errors since Linux 5.8; Python has no os.syncfs); os.sync() where the C
+    library lacks it."""
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    if syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class FolderMedium:
-    """A mounted file system (or any folder): written in place."""
+    """A mounted file system (or any folder): written in place, flushed with one syncfs."""
 
     def __init__(self, root: Path, label: str | None = None) -> None:
         try:
@@ -66,6 +109,9 @@ class FolderMedium:
         self.root = root
         self.label = label or str(root)
         self._dev = st.st_dev
+        self._root = str(root)
+        #: Folders below root that this medium made or found (str paths: this runs per file).
+        self._folders: set[str] = set()
 
     def space(self) -> Space:
         st = os.statvfs(self.root)
@@ -75,17 +121,71 @@ class FolderMedium:
         if os.stat(self.root).st_dev != self._dev:  # unmounted under us: never write to the mount point
             raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
 
-    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
-        pass  # written in place, each file fsynced
+    def write(self, file_id: str, data: bytes) -> None:
+        # Folders below root are made one level at a time; root itself never is, so a
+        # vanished stick gives ENOENT instead of files on the mount point.
+        folder, _, _ = file_id.rpartition("/")
+        if folder and folder not in self._folders:
+            parts = folder.split("/")
+            for i in range(1, len(parts) + 1):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(self._root, *parts[:i]))
+            self._folders.add(folder)
+        fd = os.open(os.path.join(self._root, file_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            with contextlib.suppress(OSError):  # start writing it back now, not at the flush
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
-    def read_back(self, file_id: str) -> bytes:
-        with open(self.root / file_id, "rb") as f:
-            with contextlib.suppress(OSError):  # read the medium, not the page cache
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            return f.read()
+    def flush(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if os.fstat(fd).st_dev != self._dev:  # never sync (and trust) the bare mount point
+                raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
+        for file_id in file_ids:  # drop the cached pages (clean once flushed), then read them from the stick
+            fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
+            try:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        return self._read(file_ids)
+
+    def _read(self, file_ids: list[str]) -> Iterator[bytes]:
+        for file_id in file_ids:
+            with open(os.path.join(self._root, file_id), "rb") as f:
+                yield f.read()
+
+    def replace(self, file_id: str, data: bytes) -> None:
+        """Via ``NAME.TMP``, fsync, rename, fsync the folder."""
+        final = self.root / file_id
+        tmp = final.with_name(final.name + ".TMP")
+        self.write(str(tmp.relative_to(self.root)), data)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> str:
-        os.sync()
+        with contextlib.suppress(OSError):  # flushed already; this only makes sure, and never syncs another disk
+            self.flush()
         return ""
 
 
@@ -130,8 +230,7 @@ class BlockDeviceMedium(FolderMedium):
         super().__init__(self.mountpoint, str(device))
 
     def close(self) -> str:
-        with contextlib.suppress(OSError):
-            os.sync()
+        super().close()
         done = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, text=True)
         if done.returncode != 0:  # a pulled stick: detach what is left
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
@@ -142,11 +241,25 @@ class BlockDeviceMedium(FolderMedium):
         return f"unmounted {self.device}"
 
 
+def _scratch() -> Path:
+    """A new private temporary folder, in memory (``/dev/shm``) where there is one: what is
+    staged there never needs to reach a disk."""
+    with contextlib.suppress(OSError):
+        return Path(tempfile.mkdtemp(prefix="appliance-fat-", dir="/dev/shm"))
+    return Path(tempfile.mkdtemp(prefix="appliance-fat-"))
+
+
 class FatImageMedium:
     """A FAT image file written in userspace with mtools (no kernel vfat needed).
 
-    The image's content is copied to a local staging folder (so pydicom can load an existing
-    DICOMDIR), files are written there, then copied into the image and read back from it."""
+    The image's DICOMDIR and the names of its folders and files are copied to a local folder
+    (``root``, so pydicom can load the DICOMDIR). Files are staged in local batches (in
+    memory where there is /dev/shm); every ``FAT_BATCH_BYTES`` a batch goes into the image
+    with one ``mcopy -s`` and the image is fsynced, and :meth:`flush` sends the last batch.
+    Files are read back into local folders with one ``mcopy`` per folder (at most
+    ``READ_BACK_FILES`` files). These commands run one at a time, in order, in a thread of
+    the medium's, while the exporter prepares the next files: an mtools process per batch
+    and per folder, not per file."""
 
     def __init__(self, image: Path) -> None:
         self.image = image
@@ -157,15 +270,53 @@ class FatImageMedium:
         if not sector or not cluster:
             raise MediaError(f"{image} is not a FAT image that mtools can read")
         self._cluster = int(sector.group(1)) * int(cluster.group(1))
-        self.root = Path(tempfile.mkdtemp(prefix="appliance-fat-"))
-        if self._mtools("mdir", "-b", "::", check=False).strip():
-            self._mtools("mcopy", "-s", "-n", "-m", "-Q", "::/*", str(self.root))
+        self._tmp = _scratch()
+        self._mtools_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtools")
+        self._pending: list[Future[object]] = []
+        self._batch: Path | None = None
+        self._batch_bytes = 0
+        self._batch_folders: set[str] = set()
+        self._staged = 0  # names of staging folders
+        self.root = self._tmp / "stick"
+        self.root.mkdir()
+        # The image's tree, its files empty (pydicom drops a listed instance whose file is
+        # missing), but for the DICOMDIR itself.
+        listing = self._mtools("mdir", "-/", "-b", "::", check=False).splitlines()
+        for line in listing:  # "::/DICOM/ST.../" for a folder, "::/DICOM/ST.../IM..." for a file
+            rel = line[3:].rstrip("/")
+            if not line.startswith("::/") or any(part in ("", ".", "..") for part in rel.split("/")):
+                continue
+            if line.endswith("/"):
+                (self.root / rel).mkdir(parents=True, exist_ok=True)
+            else:
+                (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (self.root / rel).touch()
+        if "::/DICOMDIR" in listing:
+            self._mtools("mcopy", "-o", "-n", "::/DICOMDIR", str(self.root))
 
-    def _mtools(self, tool: str, *args: str, check: bool = True, binary: bool = False) -> str:
+    def _mtools(self, tool: str, *args: str, check: bool = True) -> str:
         done = subprocess.run([tool, "-i", str(self.image), *args], capture_output=True)
         if check and done.returncode != 0:
             raise OSError(errno.EIO, f"{tool} failed on {self.image}: {done.stderr.decode('utf-8', 'replace').strip()}")
-        return done.stdout if binary else done.stdout.decode("utf-8", "replace")  # type: ignore[return-value]
+        return done.stdout.decode("utf-8", "replace")
+
+    def _later(self, fn: Callable[..., object], *args: Any) -> Future[object]:
+        """Run ``fn(*args)`` (mtools, an fsync) in the medium's thread, after what was queued before."""
+        future = self._mtools_thread.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def _wait(self) -> None:
+        """Wait for everything queued; raise the first failure."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _staging(self) -> Path:
+        self._staged += 1
+        path = self._tmp / f"staged{self._staged}"
+        path.mkdir()
+        return path
 
     def space(self) -> Space:
         m = re.search(r"([\d ]+) bytes free", self._mtools("mdir", "::"))
@@ -176,23 +327,90 @@ class FatImageMedium:
     def check(self) -> None:
         os.stat(self.image)
 
-    def commit(self, file_ids: list[str], new_dirs: list[str]) -> None:
-        for d in new_dirs:
-            if self._mtools("mdir", "-b", f"::/{d}", check=False).strip() == "":
-                self._mtools("mmd", "-D", "s", f"::/{d}")
-        by_dir: dict[str, list[str]] = {}
-        for fid in file_ids:
-            by_dir.setdefault(str(Path(fid).parent), []).append(str(self.root / fid))
-        for d, paths in by_dir.items():
-            self._mtools("mcopy", "-o", "-n", *paths, "::/" + ("" if d == "." else d + "/"))
+    def write(self, file_id: str, data: bytes) -> None:
+        if self._batch is None:
+            self._batch = self._staging()
+            self._batch_folders.clear()
+        folder = os.path.join(self._batch, file_id.rpartition("/")[0])
+        if folder not in self._batch_folders:
+            os.makedirs(folder, exist_ok=True)
+            self._batch_folders.add(folder)
+        # A local staging copy, never synced: durability is the image's, in flush().
+        fd = os.open(os.path.join(self._batch, file_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= FAT_BATCH_BYTES:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, None, 0
+        if batch is None:
+            return
+        self._later(self._copy_in, batch)
+
+    def _copy_in(self, batch: Path) -> None:
+        """Copy a staged batch into the image and write it to the image's disk (so that a
+        flush waits for the last batch only)."""
+        try:
+            # -s: whole trees, merged into the image's folders of the same names; -o:
+            # overwrite what a failed export left; -Q: stop at the first error.
+            self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
+        finally:
+            shutil.rmtree(batch, ignore_errors=True)
+        self._fsync()
+
+    def _fsync(self) -> None:
         with open(self.image, "rb+") as f:
             os.fsync(f.fileno())
 
-    def read_back(self, file_id: str) -> bytes:
-        return self._mtools("mcopy", "-n", f"::/{file_id}", "-", binary=True)  # type: ignore[return-value]
+    def flush(self) -> None:
+        self._send_batch()
+        self._later(self._fsync)
+        self._wait()
+
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
+        chunks: list[tuple[list[str], Path, Future[object]]] = []
+        for _, group in itertools.groupby(file_ids, lambda fid: fid.rpartition("/")[0]):
+            names = list(group)
+            for i in range(0, len(names), READ_BACK_FILES):
+                # Names are unique within a folder, so one folder's files can land in one local folder.
+                out = self._staging()
+                chunk = names[i:i + READ_BACK_FILES]
+                copied = self._later(self._mtools, "mcopy", "-n", *(f"::/{fid}" for fid in chunk), str(out))
+                chunks.append((chunk, out, copied))
+        return self._read(chunks)
+
+    def _read(self, chunks: list[tuple[list[str], Path, Future[object]]]) -> Iterator[bytes]:
+        try:
+            for names, out, copied in chunks:
+                copied.result()
+                for fid in names:
+                    yield (out / fid.rpartition("/")[2]).read_bytes()
+                shutil.rmtree(out, ignore_errors=True)
+        finally:  # not read to the end (a file differed): what is still queued lands, and goes
+            for _, out, copied in chunks:
+                with contextlib.suppress(Exception):
+                    copied.result()
+                shutil.rmtree(out, ignore_errors=True)
+
+    def replace(self, file_id: str, data: bytes) -> None:
+        """Copied in with ``mcopy -o`` (not atomic: FAT has no rename over a file) and fsynced."""
+        self._wait()
+        staged = self._staging() / file_id.rpartition("/")[2]
+        staged.write_bytes(data)
+        self._mtools("mcopy", "-o", "-n", str(staged), f"::/{file_id}")
+        self._fsync()
 
     def close(self) -> str:
-        shutil.rmtree(self.root, ignore_errors=True)
+        # A failed export may leave commands queued: they finish (a copy is never cut short).
+        self._mtools_thread.shutdown(wait=True)
+        self._pending = []
+        shutil.rmtree(self._tmp, ignore_errors=True)
         return ""
 
 
