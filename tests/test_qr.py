@@ -6,6 +6,7 @@ of its choosing), over a Storage Server that stored what it is asked about."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -811,3 +812,22 @@ def test_a_get_is_cancelled_while_an_object_is_being_stored(qr, tmp_path):
     assert final.Status == Status.CANCEL
     assert (final.NumberOfCompletedSuboperations, final.NumberOfRemainingSuboperations) == (2, 3)
     assert len(got) == 2
+
+
+# -- the benchmark still runs ----------------------------------------------------------------
+
+
+def test_bench_qr_runs_and_prints_the_ratios(tmp_path):
+    out = tmp_path / "qr.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench-qr"), "--studies", "40", "--compare", "20", "--slices", "4",
+         "--size", "16", "--repeat", "2", "--rounds", "1", "--cache-dir", str(tmp_path / "cache"),
+         "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ours/dcmqrscp: C-FIND time " in r.stdout and "C-MOVE throughput " in r.stdout
+    result = json.loads(out.read_text())
+    assert result["matches"]["ours, all"]["every study"] == 40
+    assert result["matches"]["ours"] == result["matches"]["dcmqrscp"]
+    assert result["move_ratio"] > 0
