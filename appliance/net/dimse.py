@@ -26,6 +26,7 @@ dict and a :class:`Request` costs nothing next to the data set behind it.
 
 from __future__ import annotations
 
+import collections
 import enum
 import socket
 import struct
@@ -288,6 +289,8 @@ class Link:
         self.fragment = (peer_max_pdu if 0 < peer_max_pdu < _MAX_FRAGMENT else _MAX_FRAGMENT) - PDV_HEADER_BYTES
         self._next_id = 0
         self._command = bytearray()
+        #: Commands read whole but not yet returned (two in one PDU).
+        self._read: collections.deque[Incoming] = collections.deque()
 
     def message_id(self) -> int:
         """A Message ID for a request of ours (1 to 65535, then again from 1)."""
@@ -312,6 +315,8 @@ class Link:
 
     def poll(self) -> Incoming | None:
         """The peer's next command if one has started to arrive (read whole), else None at once."""
+        if self._read:
+            return self._read.popleft()
         try:
             if not self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
                 raise ConnectionError("the peer closed the connection")
@@ -323,7 +328,7 @@ class Link:
         """Wait for the peer's next command and return it."""
         self.reader.last_byte = clock()  # silence counts from when we start to wait
         header = bytearray(PDU_HEADER_BYTES)
-        while True:
+        while not self._read:
             idle = clock() + self.reader.idle_timeout
             self.reader.pdu(memoryview(header), PDU_HEADER_BYTES, idle, first=True)
             pdu_type = header[0]
@@ -338,12 +343,12 @@ class Link:
                 raise ProtocolError(f"P-DATA-TF of {length} bytes (our maximum is {self.max_pdu})")
             body = bytearray(length)
             self.reader.pdu(memoryview(body), length, idle)
-            incoming = self._pdvs(body)
-            if incoming is not None:
-                return incoming
+            self._pdvs(body)
+        return self._read.popleft()
 
-    def _pdvs(self, body: bytearray) -> Incoming | None:
-        pos, length, done = 0, len(body), None
+    def _pdvs(self, body: bytearray) -> None:
+        """Take the PDV items of a P-DATA-TF: command fragments only."""
+        pos, length = 0, len(body)
         while pos < length:
             if pos + PDV_HEADER_BYTES > length:
                 raise ProtocolError("truncated PDV item")
@@ -355,7 +360,7 @@ class Link:
             pos += 4 + item_len
             if cx_id not in self.contexts:
                 raise ProtocolError(f"PDV on presentation context {cx_id}, which was not accepted")
-            if not control & PDV_COMMAND or done is not None:
+            if not control & PDV_COMMAND:
                 raise ProtocolError("a new request arrived while one was being answered "
                                     "(asynchronous operations were not negotiated)")
             if len(self._command) + len(data) > self.max_command_bytes:
@@ -365,11 +370,10 @@ class Link:
             if control & PDV_LAST:
                 elements = decode_command(bytes(self._command))
                 self._command.clear()
-                done = Incoming(cx_id, required_us(elements, Tag.COMMAND_FIELD), elements)
                 if required_us(elements, Tag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
                     raise ProtocolError("a new request arrived while one was being answered "
                                         "(asynchronous operations were not negotiated)")
-        return done
+                self._read.append(Incoming(cx_id, required_us(elements, Tag.COMMAND_FIELD), elements))
 
 
 #: The largest PDU we send to a peer that sets no limit.
