@@ -576,6 +576,13 @@ def test_movescu_moves_a_ct_series_to_storescp(make_qr, storescp, tmp_path):
     assert {ds.file_meta.TransferSyntaxUID for ds in dest.received().values()} == {TransferSyntax.EXPLICIT_BE}
     assert {ds.file_meta.TransferSyntaxUID for ds in implicit_only.received().values()} == \
         {TransferSyntax.IMPLICIT_LE}
+    # Each move is in the audit trail: who asked, where it went, the study and its count.
+    from appliance import audit
+
+    moves = [e for e in audit.read(qr.store.data_dir) if e.get("detail", "").startswith("C-MOVE")]
+    assert len(moves) == 2 and all(e["outcome"] == 0 for e in moves)
+    assert moves[0]["studies"] == [{"study_uid": series[0].StudyInstanceUID, "objects": 6}]
+    assert moves[0]["participants"][1]["ae"] == dest.ae_title
 
 
 def test_a_move_to_an_unknown_ae_gets_a801(make_qr, storescp, tmp_path):
@@ -589,6 +596,10 @@ def test_a_move_to_an_unknown_ae_gets_a801(make_qr, storescp, tmp_path):
     status = _move(qr, "STRANGER", _move_query("STUDY", StudyInstanceUID=series[0].StudyInstanceUID))[-1]
     assert status.Status == Status.MOVE_DESTINATION_UNKNOWN
     assert "STRANGER" in status.ErrorComment
+    from appliance import audit
+
+    refused = [e for e in audit.read(qr.store.data_dir) if e["event"] == "Security Alert"]
+    assert refused and "STRANGER" in refused[0]["outcome_text"]
 
 
 def _move_query(level: str, **keys: str) -> Dataset:
@@ -734,6 +745,10 @@ def test_getscu_gets_a_study_back_over_its_own_association(qr, tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log
     assert "Received C-GET Response (Success)" in log and "Number of Completed Suboperations : 7" in log, log
+    from appliance import audit
+
+    [got] = [e for e in audit.read(qr.store.data_dir) if e.get("detail", "").startswith("C-GET")]
+    assert got["studies"] == [{"study_uid": implicit[0].StudyInstanceUID, "objects": 7}]
     assert log.count("Received C-GET Response (Pending)") == 6
     received = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in out.iterdir()}
     assert set(received) == {ds.SOPInstanceUID for ds in implicit + explicit}

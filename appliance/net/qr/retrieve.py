@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 from pynetdicom import _config
 from pynetdicom.association import Association
 
+from appliance import audit
 from appliance.config import Destination
 from appliance.conformance import QR_MODELS, PresentationContextRow, SOPClass, Status, TransferSyntax
 from appliance.dicom import dicomio
@@ -159,6 +160,9 @@ class Retriever:
         if not named:
             why = f"move destination '{destination}' is not a configured destination"
             log.warning("C-MOVE from %s refused (0xA801): %s", msg.calling_ae, why)
+            audit.record(self.store.data_dir, audit.Event(
+                "security", "E", outcome=audit.MINOR, outcome_text=f"C-MOVE refused (0xA801): {why}",
+                participants=(audit.Participant("source", ae=msg.calling_ae, requestor=True),)))
             msg.respond(field_, Status.MOVE_DESTINATION_UNKNOWN, error_comment=why)
             return
         name, peer = named[0]
@@ -179,6 +183,7 @@ class Retriever:
             except ApplianceError as exc:
                 tally.failed, tally.failed_uids = len(rows), [r.sop_instance_uid for r in rows]
                 log.error("C-MOVE from %s to %s: no association: %s", msg.calling_ae, name, exc)
+                self._audit(msg, "C-MOVE", rows, tally, peer, str(exc))
                 self._final(msg, field_, tally, f"no association with {destination}: {exc}",
                             status=Status.OUT_OF_RESOURCES_SUBOPERATIONS)
                 return
@@ -194,6 +199,7 @@ class Retriever:
             log.warning("could not record which studies reached %s (retention keeps them): %s", name, exc)
         log.info("C-MOVE from %s to %s (%s@%s:%d): %s in %.1f s", msg.calling_ae, name, peer.ae_title, peer.host,
                  peer.port, tally.words(), time.monotonic() - t0)
+        self._audit(msg, "C-MOVE", rows, tally, peer, comment)
         self._final(msg, field_, tally, comment)
 
     def _mover(self, msg: Message, assoc: Association) -> Send:
@@ -243,6 +249,7 @@ class Retriever:
                 return
             comment = self._run(msg, field_, rows, tally, self._getter(msg))
         log.info("C-GET from %s: %s in %.1f s", msg.calling_ae, tally.words(), time.monotonic() - t0)
+        self._audit(msg, "C-GET", rows, tally, None, comment)
         self._final(msg, field_, tally, comment)
 
     def _getter(self, msg: Message) -> Send:
@@ -342,6 +349,22 @@ class Retriever:
             if tally.remaining:
                 msg.respond(field_, Status.PENDING, extra=tally.elements(remaining=True))
         return None
+
+    def _audit(self, msg: Message, what: str, rows: list[InstanceRow], tally: Tally, peer: Destination | None,
+               comment: str | None) -> None:
+        """A retrieval in the audit trail: who asked, where the objects went, which studies."""
+        failed = set(tally.failed_uids)
+        sent = [(r.study_uid, r.sop_instance_uid) for r in rows if r.sop_instance_uid not in failed][
+            :tally.completed + tally.warning]
+        participants = [audit.Participant("destination" if peer is None else "requestor", ae=msg.calling_ae,
+                                          requestor=True)]
+        if peer is not None:
+            participants.append(audit.Participant("destination", ae=peer.ae_title, address=f"{peer.host}:{peer.port}"))
+        bad = tally.failed or tally.cancelled or comment
+        audit.record(self.store.data_dir, audit.Event(
+            "transfer", "R", outcome=audit.SUCCESS if not bad else audit.MINOR if sent else audit.SERIOUS,
+            outcome_text="" if not bad else f"{tally.words()}" + (f": {comment}" if comment else ""),
+            participants=tuple(participants), studies=audit.studies_of(sent), detail=f"{what}: {tally.words()}"))
 
     def _final(self, msg: Message, field_: CommandField, tally: Tally, comment: str | None, *,
                status: Status | None = None) -> None:
