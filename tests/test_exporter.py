@@ -270,6 +270,11 @@ def test_a_second_export_adds_to_the_file_set_and_never_rewrites_it(store: Store
     report = export(stick, store, Config(), Selection.explicit(studies=(first, second)))
     assert report.ok and report.count(FileOutcome.WRITTEN) == 2 and report.count(FileOutcome.ON_STICK) == 3
     assert set(store.marks.get()) == {first, second}
+    from appliance import audit
+
+    exports = [e for e in audit.read(store.data_dir) if e["event"] == "Export"]
+    assert [sum(st["objects"] for st in e["studies"]) for e in exports] == [3, 2]
+    assert exports[0]["participants"][0]["address"].startswith("USB stick")
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) == v for p, v in before.items())
     check_file_set(stick, store, _instances(store))
 

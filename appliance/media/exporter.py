@@ -62,6 +62,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.fileset import FileSet
 
+from appliance import audit
 from appliance.config import Config, ExportPolicy
 from appliance.conformance import (
     TABLE_10,
@@ -420,6 +421,7 @@ def export(
             for uid in consumed:
                 state.remove(uid)
         _record_delivery(store, report, started_at)
+        _audit(store, report)
         state.record(ExportRecord(
             report.started_at, _now(), report.target, report.selection, report.status.value,
             report.count(FileOutcome.WRITTEN), report.bytes_done, moves_mark and report.ok))
@@ -443,6 +445,16 @@ def _record_delivery(store: Store, report: ExportReport, started_at: str) -> Non
         store.record_delivery(on_stick, f"USB stick {report.target}", started_at)
     except StoreError as exc:
         log.warning("could not record which studies reached the stick (retention keeps them): %s", exc)
+
+
+def _audit(store: Store, report: ExportReport) -> None:
+    """The export in the audit trail: to which stick, the studies and their objects written, the outcome."""
+    written = [(i.study_uid, i.sop_instance_uid) for i in report.items if i.outcome is FileOutcome.WRITTEN]
+    audit.record(store.data_dir, audit.Event(
+        "export", "R", outcome=audit.SUCCESS if report.ok else audit.SERIOUS,
+        outcome_text="" if report.ok else report.summary(),
+        participants=(audit.Participant("destination", address=f"USB stick {report.target}"),),
+        studies=audit.studies_of(written), detail=report.summary()))
 
 
 def _generated_row(part10: bytes, at: str) -> InstanceRow:
