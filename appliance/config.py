@@ -93,6 +93,46 @@ class ScpConfig:
     #: Connections that have not yet sent a whole A-ASSOCIATE-RQ; beyond this the oldest
     #: is closed, so a connect flood never locks a scanner out.
     max_pending_connections: int = 256
+    #: DICOM TLS port beside ``port`` (2762 by convention; 0: off). Without ``[tls]``
+    #: certificate and key, a self-signed pair is made at first start (see ``[tls]``).
+    tls_port: int = 0
+    #: Accept associations only from the ``[[peer]]`` list: a known calling AE title, from
+    #: one of its addresses, with its certificate if it names one.
+    require_known_peers: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (``[tls]``; BCP 195: TLS 1.2 or later, its cipher suites), for the Storage
+    SCP's ``scp.tls_port`` and the client AE's destinations with ``tls``."""
+
+    #: PEM files: our certificate (chain) and its private key. Empty: a self-signed pair
+    #: made at first start in DATA_DIR/tls/.
+    certificate: str = ""
+    private_key: str = ""
+    #: PEM bundle of the CAs whose certificates we trust: a peer's client certificate, a
+    #: destination's server certificate.
+    ca_certificates: str = ""
+    #: Refuse a TLS connection whose client presents no certificate the CAs signed.
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A known DICOM peer (``[[peer]]``): a calling AE title bound to addresses and, over
+    TLS, to a certificate."""
+
+    ae_title: str = ""
+    #: Addresses or networks (``192.168.1.20``, ``10.0.4.0/24``); empty: any address.
+    addresses: tuple[str, ...] = ()
+    #: The certificate's subject (``CN=CT_SIM,O=Hospital``) or its common name alone; empty: any.
+    certificate_subject: str = ""
+    #: The certificate's SHA-256 fingerprint (hex, colons allowed); empty: any.
+    certificate_sha256: str = ""
+
+    @property
+    def needs_certificate(self) -> bool:
+        return bool(self.certificate_subject or self.certificate_sha256)
 
 
 @dataclass(frozen=True)
@@ -124,6 +164,13 @@ class Destination:
     ae_title: str = ""
     host: str = ""
     port: int = DEFAULT_SCP_PORT
+    #: "plain", "tls" (verify the server against ``tls.ca_certificates``), or "mutual"
+    #: (that, and present our certificate).
+    tls: str = "plain"
+
+
+#: The values of ``Destination.tls``.
+DESTINATION_TLS = ("plain", "tls", "mutual")
 
 
 @dataclass(frozen=True)
@@ -262,6 +309,9 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     qr: QrConfig = field(default_factory=QrConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: Known peers (``[[peer]]``), in file order.
+    peer: tuple[Peer, ...] = ()
     #: Forwarding rules (``[[forward]]``), in file order.
     forward: tuple[ForwardRule, ...] = ()
     #: Named peers for ``appliance send --to NAME``, by name.
@@ -380,6 +430,16 @@ def _check(cfg: Config) -> list[str]:
         problems.append(f"scp.max_associations {s.max_associations} is out of range; use 1 to 64")
     for ae in s.allowed_calling_aes:
         problems += validate_ae_title(ae, "scp.allowed_calling_aes entry")
+    if not 0 <= s.tls_port <= 65535 or (s.tls_port and s.tls_port == s.port):
+        problems.append(f"scp.tls_port {s.tls_port} is out of range or the plain port; use 0 (off) or another "
+                        "port, 2762 by convention")
+    if s.require_known_peers and not cfg.peer:
+        problems.append("scp.require_known_peers is true but no [[peer]] is configured; every association "
+                        "would be refused")
+    problems += validate_peers(cfg.peer)
+    if bool(cfg.tls.certificate) != bool(cfg.tls.private_key):
+        problems.append("tls.certificate and tls.private_key go together; give both, or neither for a "
+                        "self-signed pair")
     for name, low, high in _SCP_LIMITS:
         value = getattr(s, name)
         if not low <= value <= high:
@@ -400,8 +460,32 @@ def _check(cfg: Config) -> list[str]:
             problems.append(f"{where}.host is missing; give the peer's host name or IP address")
         if not 1 <= d.port <= 65535:
             problems.append(f"{where}.port {d.port} is out of range; use 1 to 65535")
+        if d.tls not in DESTINATION_TLS:
+            problems.append(f"{where}.tls '{d.tls}' is not one of {', '.join(DESTINATION_TLS)}")
+        elif d.tls != "plain" and not cfg.tls.ca_certificates:
+            problems.append(f"{where}.tls '{d.tls}' needs tls.ca_certificates to verify the destination's "
+                            "certificate")
     problems += validate_network(cfg.network)
     problems += validate_forward(cfg.forward, cfg.destinations)
+    return problems
+
+
+def validate_peers(peers: tuple[Peer, ...]) -> list[str]:
+    """Return the problems of the ``[[peer]]`` list (empty if it is valid)."""
+    problems = []
+    for n, p in enumerate(peers, 1):
+        where = f"peer {n}"
+        problems += validate_ae_title(p.ae_title, f"{where}: ae_title")
+        for a in p.addresses:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                problems.append(f"{where}: address '{a}' is not an IP address or network; use e.g. 192.168.1.20 "
+                                "or 10.0.4.0/24")
+        digits = p.certificate_sha256.replace(":", "")
+        if digits and not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
+            problems.append(f"{where}: certificate_sha256 is not a SHA-256 fingerprint (64 hex digits, colons "
+                            "allowed; openssl x509 -fingerprint -sha256 prints it)")
     return problems
 
 
@@ -499,11 +583,12 @@ def from_dict(data: dict[str, Any]) -> Config:
         if name == "destinations":
             kwargs[name] = _destinations(table, problems)
             continue
-        if name == "forward":
+        if name in ("forward", "peer"):
             if not isinstance(table, list):
-                problems.append("[forward] must be written [[forward]]: one table per rule")
+                problems.append(f"[{name}] must be written [[{name}]]: one table per entry")
                 continue
-            kwargs[name] = tuple(_coerce(ForwardRule, t, f"forward rule {n}", problems)
+            cls = ForwardRule if name == "forward" else Peer
+            kwargs[name] = tuple(_coerce(cls, t, f"{name} {'rule ' if name == 'forward' else ''}{n}", problems)
                                  for n, t in enumerate(table, 1))
             continue
         kwargs[name] = _coerce(type(getattr(Config(), name)), table, name, problems)
@@ -558,10 +643,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {
         name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
         for name in (f.name for f in fields(Config))
-        if name not in ("destinations", "forward")
+        if name not in ("destinations", "forward", "peer")
     }
     if cfg.forward:
         out["forward"] = [{k: plain(v) for k, v in dataclasses.asdict(r).items()} for r in cfg.forward]
+    if cfg.peer:
+        out["peer"] = [{k: plain(v) for k, v in dataclasses.asdict(p).items()} for p in cfg.peer]
     out["destinations"] = {name: dataclasses.asdict(d) for name, d in cfg.destinations.items()}
     return out
 

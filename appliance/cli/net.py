@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
-from appliance.config import Config, Destination
+from appliance import tls
+from appliance.config import DESTINATION_TLS, Config, Destination
 from appliance.conformance import CLIENT_AE_TITLE, DEFAULT_CLIENT_PDU, MIN_PDU
 from appliance.errors import ConfigError
 from appliance.net.sender import (
@@ -48,6 +50,25 @@ def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
                    help=f"seconds to wait for connection, association and each response (default {timeout:g})")
 
 
+def tls_option(p: argparse.ArgumentParser) -> None:
+    """``--tls MODE`` of ``echo`` and ``send``."""
+    p.add_argument("--tls", choices=DESTINATION_TLS, metavar="MODE",
+                   help="plain, tls (verify the peer against [tls] ca_certificates) or mutual (and present our "
+                        "certificate); default plain, or the destination's")
+
+
+def secured(args: argparse.Namespace, cfg: Config, peer: Destination,
+            settings: ClientSettings) -> tuple[Destination, ClientSettings]:
+    """``peer`` with ``--tls`` if given, and ``settings`` with ``[tls]`` if the peer uses TLS."""
+    if getattr(args, "tls", None):
+        peer = dataclasses.replace(peer, tls=args.tls)
+    if peer.tls == "plain":
+        return peer, settings
+    from appliance.cli.common import data_dir
+
+    return peer, dataclasses.replace(settings, tls=tls.credentials(cfg.tls, data_dir(args)))
+
+
 def quiet_pynetdicom(args: argparse.Namespace) -> None:
     """Silence pynetdicom below -d: we report failures ourselves in one line, its ERROR lines would repeat them."""
     if args.verbosity < 2:
@@ -61,7 +82,7 @@ def peer_from(cfg: Config, name: str | None, aec: str | None, host: str | None, 
         if dest is None:
             known = ", ".join(sorted(cfg.destinations)) or "none are configured"
             raise ConfigError(f"no destination '{name}' in the config file ([destinations.NAME]; known: {known})")
-        return Destination(aec or dest.ae_title, dest.host, dest.port)
+        return Destination(aec or dest.ae_title, dest.host, dest.port, dest.tls)
     assert host is not None and port is not None  # the parser checked
     return Destination(aec or DEFAULT_CALLED_AE, host, port)
 
@@ -69,8 +90,13 @@ def peer_from(cfg: Config, name: str | None, aec: str | None, host: str | None, 
 def cmd_echo(args: argparse.Namespace) -> int:
     """Send a C-ECHO and print one line: success with the round-trip time, or what went wrong."""
     quiet_pynetdicom(args)
+    from appliance.cli.common import load_config
+
     peer = Destination(args.aec or DEFAULT_CALLED_AE, args.host, args.port)
-    print(echo(peer, ClientSettings(args.aet, args.pdu, args.timeout)))
+    settings = ClientSettings(args.aet, args.pdu, args.timeout)
+    if args.tls and args.tls != "plain":
+        peer, settings = secured(args, load_config(args), peer, settings)
+    print(echo(peer, settings))
     return 0
 
 
@@ -88,7 +114,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     peer = peer_from(cfg, args.to, args.aec, args.host, args.port)
-    settings = ClientSettings(args.aet, args.pdu, args.timeout)
+    peer, settings = secured(args, cfg, peer, ClientSettings(args.aet, args.pdu, args.timeout))
     settings.check()
     check_peer(peer)
     store = open_store(args, cfg)
@@ -106,16 +132,18 @@ def cmd_send(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e = subparsers.add_parser("echo", help="check a DICOM peer with C-ECHO (Verification, Implicit VR LE)")
     client_options(e, DEFAULT_ECHO_TIMEOUT)
+    tls_option(e)
     e.add_argument("host", metavar="HOST")
     e.add_argument("port", type=int, metavar="PORT")
     e.set_defaults(func=cmd_echo)
 
     s = subparsers.add_parser(
         "send", help="export studies or series (3D volumes with their RT objects) to a DICOM peer (C-STORE)",
-        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] (HOST PORT | --to DESTINATION) "
+        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] [--tls MODE] (HOST PORT | --to DESTINATION) "
               "(--study UID | --series UID)...",
     )
     client_options(s, DEFAULT_SEND_TIMEOUT)
+    tls_option(s)
     s.add_argument("--to", metavar="DESTINATION", help="a destination named in the config file")
     s.add_argument("--study", action="append", default=[], metavar="UID", help="export this study")
     s.add_argument("--series", action="append", default=[], metavar="UID", help="export this series")

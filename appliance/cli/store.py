@@ -47,17 +47,33 @@ def cmd_scp(args: argparse.Namespace) -> int:
     store = open_store(args, cfg)
     store.set_forwarding(cfg.forward)  # what the rules match is queued as it is stored
     store.open_for_service()
-    sock = None
-    if args.listen_fd is not None:  # a listening socket handed over by ``appliance run``
-        import socket
+    import socket
 
+    from appliance import tls
+    from appliance.net.sender import ClientSettings
+
+    sock = tls_sock = None
+    if args.listen_fd is not None:  # a listening socket handed over by ``appliance run``
         sock = socket.socket(fileno=args.listen_fd)
+    if args.tls_listen_fd is not None:  # and its DICOM TLS socket
+        tls_sock = socket.socket(fileno=args.tls_listen_fd)
+    context = None
+    client = ClientSettings()
+    try:
+        if cfg.scp.tls_port or tls_sock is not None:
+            context = tls.server_context(tls.credentials(cfg.tls, store.data_dir, cfg.scp.ae_title), cfg.peer)
+        if any(d.tls != "plain" for d in cfg.destinations.values()):  # C-MOVE to them
+            client = ClientSettings(tls=tls.credentials(cfg.tls, store.data_dir, cfg.scp.ae_title))
+    except ApplianceError:
+        store.close()
+        raise
     from appliance.store.retention import Retention, RetentionWorker
 
     retention = Retention(store, cfg.retention, cfg.store.min_free_mb * 2**20)
     # The Storage Server, with Query/Retrieve when [qr] is enabled (beyond the statement).
     server = QueryRetrieveServer(cfg.scp, Ingest(store, cfg.store, make_room=retention.make_room), sock=sock,
-                                 qr=cfg.qr, destinations=cfg.destinations)
+                                 qr=cfg.qr, destinations=cfg.destinations, client=client)
+    server.secure(context, tls_sock, cfg.peer)
     try:
         where = server.start()
     except PermissionError:
@@ -68,7 +84,8 @@ def cmd_scp(args: argparse.Namespace) -> int:
     except OSError as exc:
         store.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ApplianceError(f"port {cfg.scp.port} is already in use by another program") from None
+            raise ApplianceError(f"port {cfg.scp.port} or the TLS port {cfg.scp.tls_port} is already in use by "
+                                 "another program") from None
         raise ApplianceError(f"cannot listen on {cfg.scp.bind}:{cfg.scp.port}: {exc.strerror}") from None
 
     stop = threading.Event()
@@ -84,7 +101,8 @@ def cmd_scp(args: argparse.Namespace) -> int:
     notifier.ready(f"listening {where.ae_title}:{where.port}")
     host = "127.0.0.1" if where.host in ("0.0.0.0", "::") else where.host
     print(
-        f"Storage SCP {where.ae_title} listening on {where.host}:{where.port}, store in {store.data_dir}\n"
+        f"Storage SCP {where.ae_title} listening on {where.host}:{where.port}"
+        + (f" and DICOM TLS on {where.tls_port}" if where.tls_port else "") + f", store in {store.data_dir}\n"
         f"Try it: echoscu -aec {where.ae_title} {host} {where.port}",
         file=sys.stderr,
         flush=True,
@@ -182,6 +200,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     s.add_argument("port", nargs="?", type=int, metavar="PORT", help="TCP port (default 104; 0 picks a free one)")
     s.add_argument("--listen-fd", type=int, metavar="FD",
                    help="serve this inherited listening socket instead of binding (used by 'appliance run')")
+    s.add_argument("--tls-listen-fd", type=int, metavar="FD",
+                   help="serve DICOM TLS on this inherited listening socket (used by 'appliance run')")
     s.set_defaults(func=cmd_scp)
 
     s = sub.add_parser("ls", help="list stored studies, series or instances")

@@ -31,14 +31,14 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from appliance import audit
+from appliance import audit, tls
 from appliance.config import Config, Destination
 from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOPClass, TransferSyntax
 from appliance.dicom.transcode import TranscodeError, to_implicit_le
@@ -208,7 +208,10 @@ class Forwarder:
         ae = self._make_ae(items)
         t0 = time.monotonic()
         try:
-            assoc = associate(ae, peer, self.client)
+            client = self.client
+            if peer.tls != "plain":  # [tls] as the file says now; a self-signed pair of our own if none is given
+                client = replace(client, tls=tls.credentials(cfg.tls, self.store.data_dir))
+            assoc = associate(ae, peer, client)
         except ApplianceError as exc:
             self._destination_failed(name, str(exc), result)
             self._audit(name, peer, result)

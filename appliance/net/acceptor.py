@@ -31,6 +31,21 @@ started, ``idle_timeout`` without completing a DIMSE message, ``max_command_byte
 command set, and the PDU size we advertised. When the process runs out of descriptors
 (EMFILE), the accept loop sheds the oldest pending connections, backs off briefly and goes
 on; it never ends but at :meth:`Acceptor.stop`.
+
+**DICOM TLS** (:meth:`Acceptor.listen_tls`, :mod:`appliance.tls`). The TLS port's connections
+are accepted by the same loop, but their handshake runs in a thread of the connection's own
+(at most ``max_pending_connections`` at once; beyond that a new one is closed), with the
+``acse_timeout`` deadline from the connect covering the handshake and the whole
+A-ASSOCIATE-RQ; a failed handshake is one log line with the peer's address and the reason
+in words, and an audit event. From the A-ASSOCIATE-RQ on, a TLS association is served by
+the same code: :class:`~appliance.tls.DicomTlsSocket` reads under the same deadlines.
+
+**Known peers** (``scp.require_known_peers``, ``[[peer]]``): an association from an unknown
+calling AE title, from a known one at an address not its own, or over TLS without the
+certificate its entry names, is rejected (rejected-permanent, service user, calling AE
+title not recognised), logged and audited. Every association goes into the audit trail at
+its end (peer, AE titles, TLS or not, result, objects stored), rejected ones too; the
+supervisor's own C-ECHO from loopback does not.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import ipaddress
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,7 +68,8 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from appliance.config import ScpConfig
+from appliance import audit
+from appliance.config import Peer, ScpConfig
 from appliance.conformance import (
     APPLICATION_CONTEXT_NAME,
     SCP_CONTEXTS,
@@ -71,6 +88,7 @@ from appliance.net.dimse import (
     StoreResult,
     service_for,
 )
+from appliance.tls import PeerCertificate, describe
 from appliance.net.ul import (
     A_ASSOCIATE_RQ_PDU,
     ABORT_SERVICE_PROVIDER,
@@ -157,6 +175,11 @@ class Association:
     storage: tuple[StorageContext, ...] = ()
     #: Requests answered, by service name ("C-ECHO", "C-STORE").
     requests: Counter[str] = field(default_factory=Counter)
+    called_ae: str = ""
+    #: "TLSv1.3 TLS_AES_256_GCM_SHA384, certificate CN=..." over TLS, else "".
+    tls: str = ""
+    #: Objects stored (C-STOREs answered with success).
+    stored: int = 0
 
     @property
     def verification_only(self) -> bool:
@@ -287,6 +310,14 @@ class Acceptor:
         self._problem = ""
         self._last_store = ""
         self._last_store_at = 0.0
+        #: Known peers (``[[peer]]``), checked when ``settings.require_known_peers``.
+        self.peers: tuple[Peer, ...] = ()
+        #: Where association events go (:func:`appliance.audit.record` bound to a data dir).
+        self.audit: Callable[[audit.Event], None] | None = None
+        self._tls_listener: socket.socket | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        # TLS connections in their handshake or A-ASSOCIATE-RQ, each in its own thread.
+        self._handshaking: dict[int, socket.socket] = {}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -317,6 +348,34 @@ class Acceptor:
             logger.addFilter(self._quiet)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._accept_thread.start()
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    def listen_tls(self, host: str, port: int, context: ssl.SSLContext,
+                   sock: socket.socket | None = None) -> tuple[str, int]:
+        """Also accept DICOM TLS on ``host``:``port`` (or the already bound ``sock``);
+        call after :meth:`listen`. Return the bound address."""
+        assert self._selector is not None, "listen() first"
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+        try:
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._tls_context = context
+        self._tls_listener = sock
+        self._selector.register(sock, selectors.EVENT_READ)
+        if self._wake_w is not None:  # the accept thread selects on the new listener from now on
+            send_quietly(self._wake_w, b"x")
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
 
@@ -352,6 +411,12 @@ class Acceptor:
             self._accept_thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
+        with self._lock:
+            handshaking = list(self._handshaking.values())
+        for hs in handshaking:
+            shutdown(hs)
         for p in list(self._pending.values()):  # connected, never associated: just close
             close(p.sock)
         self._pending.clear()
@@ -408,6 +473,8 @@ class Acceptor:
                 return
             if key.fileobj is self._listener:
                 self._accept_burst()
+            elif key.fileobj is self._tls_listener:
+                self._accept_burst(tls=True)
             elif key.fileobj is self._wake_r:
                 assert self._wake_r is not None
                 self._wake_r.recv(64)
@@ -427,11 +494,12 @@ class Acceptor:
                         "to make room", self._shed_in_burst)
             self._shed_in_burst = 0
 
-    def _accept_burst(self) -> None:
-        assert self._listener is not None
+    def _accept_burst(self, tls: bool = False) -> None:
+        listener = self._tls_listener if tls else self._listener
+        assert listener is not None
         for _ in range(_ACCEPT_BURST):
             try:
-                conn, addr = self._listener.accept()
+                conn, addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -444,7 +512,10 @@ class Acceptor:
                 self._ratelimited(logging.INFO, "accept", "a connection could not be accepted: %s", exc.strerror)
                 continue
             self._failing_since = None
-            self._add_pending(conn, f"{addr[0]}:{addr[1]}")
+            if tls:
+                self._start_tls(conn, f"{addr[0]}:{addr[1]}")
+            else:
+                self._add_pending(conn, f"{addr[0]}:{addr[1]}")
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         """accept(2) failed for want of descriptors: close the oldest connections that have
@@ -462,6 +533,8 @@ class Acceptor:
         if self._out_of_fds_since is None:
             assert self._selector is not None and self._listener is not None
             self._selector.unregister(self._listener)
+            if self._tls_listener is not None:
+                self._selector.unregister(self._tls_listener)
         self._out_of_fds_since = now
         with self._lock:
             self._problem = f"out of descriptors accepting connections ({exc.strerror})"
@@ -474,10 +547,13 @@ class Acceptor:
         if self._out_of_fds_since is None:
             return
         assert self._selector is not None and self._listener is not None
-        try:
-            self._selector.register(self._listener, selectors.EVENT_READ)
-        except KeyError:
-            pass
+        for listener in (self._listener, self._tls_listener):
+            if listener is None:
+                continue
+            try:
+                self._selector.register(listener, selectors.EVENT_READ)
+            except KeyError:
+                pass
         self._out_of_fds_since = None
 
     def _shed_oldest(self) -> None:
@@ -500,6 +576,151 @@ class Acceptor:
                                   "%d connections have not asked to associate; closing the oldest",
                                   len(self._pending))
             self._shed_oldest()
+
+    # -- TLS connections: handshake and A-ASSOCIATE-RQ in a thread of their own -------------
+
+    def _start_tls(self, conn: socket.socket, peer: str) -> None:
+        """Give a new TLS connection a thread for its handshake (never run here, in the
+        accept loop); at most ``max_pending_connections`` at once."""
+        deadline = clock() + self.settings.acse_timeout
+        with self._lock:
+            full = len(self._handshaking) >= self.settings.max_pending_connections
+        if full:
+            self._ratelimited(logging.WARNING, "tls-pending",
+                              "%d TLS connections are still in their handshake; closed the new one from %s",
+                              self.settings.max_pending_connections, peer)
+            close(conn)
+            return
+        thread = threading.Thread(target=self._tls_connection, args=(conn, peer, deadline),
+                                  name=f"tls-{peer}", daemon=True)
+        with self._lock:
+            self._handshaking[id(thread)] = conn
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._handshaking.pop(id(thread), None)
+            close(conn)
+
+    def _tls_connection(self, conn: socket.socket, peer: str, deadline: float) -> None:
+        """The TLS handshake and the A-ASSOCIATE-RQ, both by ``deadline``; then as any
+        association (:meth:`_on_associate_rq`)."""
+        key = id(threading.current_thread())
+        tls: socket.socket = conn
+        try:
+            assert self._tls_context is not None
+            try:
+                conn.setblocking(True)
+                conn.settimeout(max(0.01, deadline - clock()))
+                tls = self._tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                with self._lock:
+                    self._handshaking[key] = tls
+                tls.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                reason = describe(exc)
+                if isinstance(exc, (TimeoutError, socket.timeout)):
+                    reason = f"no TLS handshake within {self.settings.acse_timeout:.0f} s"
+                if not self._stopping.is_set():
+                    self._ratelimited(logging.WARNING, f"tls {_host(peer)} {reason}",
+                                      "TLS handshake with %s failed: %s; closed", peer, reason)
+                    self._audit_refused(peer, "", "", f"TLS handshake failed: {reason}")
+                close(tls)
+                return
+            raw = self._read_associate_rq(tls, peer, deadline)
+            if raw is None:
+                close(tls)
+                return
+            tls.settimeout(max(1.0, deadline - clock()))  # for an A-ASSOCIATE-RJ, if it comes to that
+            self._on_associate_rq(tls, peer, raw)
+        except Exception:  # noqa: BLE001 - one connection's bug must never end the server
+            log.exception("unexpected error on the TLS connection from %s; closed", peer)
+            close(tls)
+        finally:
+            with self._lock:
+                self._handshaking.pop(key, None)
+
+    def _read_associate_rq(self, conn: socket.socket, peer: str, deadline: float) -> bytes | None:
+        """Read a whole A-ASSOCIATE-RQ from ``conn`` (blocking, in the connection's thread)
+        under the same rules as the accept loop's; None (logged) if it does not come."""
+        buf = bytearray()
+        need = PDU_HEADER_BYTES
+        while len(buf) < need:
+            left = deadline - clock()
+            if left <= 0:
+                self._ratelimited(logging.INFO, f"silent {_host(peer)}",
+                                  "TLS connection from %s sent %d bytes of an A-ASSOCIATE-RQ within %.0f s; closed",
+                                  peer, len(buf), self.settings.acse_timeout)
+                return None
+            conn.settimeout(left)
+            try:
+                data = conn.recv(min(65536, need - len(buf)))
+            except BlockingIOError:
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None
+            buf += data
+            if need == PDU_HEADER_BYTES and len(buf) >= PDU_HEADER_BYTES:
+                pdu_type = buf[0]
+                (length,) = struct.unpack_from(">L", buf, 2)
+                if pdu_type != A_ASSOCIATE_RQ_PDU or not MIN_ASSOCIATE_RQ <= length <= \
+                        self.settings.max_associate_rq_bytes:
+                    self._ratelimited(
+                        logging.INFO, f"bad {_host(peer)}",
+                        "TLS connection from %s did not start with a valid A-ASSOCIATE-RQ (PDU type 0x%02X, "
+                        "%d bytes; at most %d); closed", peer, pdu_type, length,
+                        self.settings.max_associate_rq_bytes)
+                    return None
+                need = PDU_HEADER_BYTES + length
+        return bytes(buf)
+
+    # -- known peers and the audit trail -------------------------------------------------
+
+    def _unknown_peer(self, conn: socket.socket, peer: str, calling: str) -> str | None:
+        """Why ``calling`` at ``peer`` is not a known peer (``require_known_peers``), or None."""
+        if not self.settings.require_known_peers:
+            return None
+        host = _host(peer)
+        named = [p for p in self.peers if p.ae_title == calling]
+        if not named:
+            return f"calling AE title '{calling}' is not a known peer ([[peer]])"
+        at = [p for p in named if not p.addresses or _address_in(host, p.addresses)]
+        if not at:
+            where = ", ".join(a for p in named for a in p.addresses)
+            return f"'{calling}' is a known peer, but at {where}, not at {host}"
+        cert = PeerCertificate.of(conn) if isinstance(conn, ssl.SSLSocket) else None
+        for p in at:
+            if not p.needs_certificate or (cert is not None and cert.matches(p)):
+                return None
+        if cert is None:
+            return f"'{calling}' is a known peer with a certificate, but came without TLS"
+        if not cert.sha256:
+            return f"'{calling}' is a known peer with a certificate, but presented none"
+        return f"'{calling}' presented a certificate that is not its own ({cert.subject}, SHA-256 {cert.sha256})"
+
+    def _record(self, event: audit.Event) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(event)
+        except Exception:  # noqa: BLE001 - the trail is never a reason to stop serving
+            log.exception("cannot record an association in the audit trail")
+
+    def _audit_refused(self, peer: str, calling: str, called: str, reason: str, tls: str = "") -> None:
+        self._record(audit.Event(
+            "association", "E", audit.SERIOUS, f"refused: {reason}",
+            participants=_participants(peer, calling, called, self.settings.ae_title),
+            detail=tls or _tls_words(None)))
+
+    def _audit_association(self, assoc: Association, result: str, outcome: int) -> None:
+        if assoc.calling_ae == SELF_CHECK_AE_TITLE and _is_loopback(_host(assoc.peer)):
+            return
+        words = assoc.summary(True).replace(" answered", "")
+        self._record(audit.Event(
+            "association", "E", outcome, "" if outcome == audit.SUCCESS else result,
+            participants=_participants(assoc.peer, assoc.calling_ae, assoc.called_ae, self.settings.ae_title),
+            detail=f"{result}; {assoc.stored} object(s) stored; {words}; {assoc.tls or _tls_words(None)}"))
 
     def _drop_pending(self, pending: _Pending) -> None:
         assert self._selector is not None
@@ -586,6 +807,9 @@ class Acceptor:
             reject = REJECT_CALLING_AE
         elif primitive.application_context_name != APPLICATION_CONTEXT_NAME:
             reject = REJECT_APPLICATION_CONTEXT
+        unknown = None if reject is not None else self._unknown_peer(conn, peer, calling)
+        if unknown is not None:
+            reject = REJECT_CALLING_AE
         if reject is None:
             thread = threading.Thread(target=self._serve, args=(conn, peer, primitive),
                                       name=f"scp-{peer}", daemon=True)
@@ -595,9 +819,10 @@ class Acceptor:
                 else:
                     self._associated[conn] = thread
         if reject is not None:
-            self._ratelimited(logging.WARNING, f"rejected {calling} {_host(peer)} {reject}",
-                              "association from %s (%s) to '%s' rejected: %s", calling, peer, called,
-                              REJECT_REASONS.get(reject, str(reject)))
+            reason = unknown or REJECT_REASONS.get(reject, str(reject))
+            self._ratelimited(logging.WARNING, f"rejected {calling} {_host(peer)} {reject} {reason}",
+                              "association from %s (%s) to '%s' rejected: %s", calling, peer, called, reason)
+            self._audit_refused(peer, calling, called, reason, _tls_words(conn))
             send_and_close(conn, reject_pdu(*reject))
             return
         try:
@@ -616,6 +841,7 @@ class Acceptor:
         socket and its temp file, and log once."""
         assoc: Association | None = None
         who = peer
+        result, outcome = "aborted", audit.MINOR
         try:
             s = self.settings
             reader = PduReader(conn, network_timeout=s.network_timeout, pdu_timeout=s.pdu_timeout,
@@ -629,16 +855,21 @@ class Acceptor:
                                     max_command_bytes=s.max_command_bytes)
             if released:
                 log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
+                result, outcome = "released", audit.SUCCESS
             else:
                 log.warning("association from %s aborted by the peer", assoc.calling_ae)
+                result = "aborted by the peer"
             self._peers.note(assoc, released)
         except ProtocolError as exc:
             log.warning("aborting association with %s: %s", who, exc)
+            result = f"aborted: {exc}"
             send_quietly(conn, abort_pdu(ABORT_SERVICE_PROVIDER))
         except DeadlineExpired as exc:
             log.warning("aborting association with %s: %s", who, exc)
+            result = f"aborted: {exc}"
             send_quietly(conn, abort_pdu(ABORT_SERVICE_USER))
         except (ConnectionError, OSError) as exc:
+            result = f"connection lost: {exc.strerror or exc}"
             if not self._stopping.is_set():
                 log.warning("connection from %s lost: %s", who, exc.strerror or exc)
         except Exception:  # noqa: BLE001 - one association's bug must never end the server
@@ -649,6 +880,8 @@ class Acceptor:
                 self._associated.pop(conn, None)
                 self._served += 1
             close(conn)
+            if assoc is not None:
+                self._audit_association(assoc, result, outcome)
             if assoc is not None and self.on_association_end is not None:
                 try:
                     self.on_association_end(assoc)
@@ -677,7 +910,8 @@ class Acceptor:
         conn.sendall(_associate_ac(primitive, results, self.settings.max_pdu, reply_roles))
         storage = tuple(StorageContext(i, str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                         for i, cx in accepted.items() if reply_roles and cx.as_scu)
-        assoc = Association(calling, peer, accepted, peer_max, storage=storage)
+        assoc = Association(calling, peer, accepted, peer_max, storage=storage,
+                            called_ae=(primitive.called_ae_title or "").strip(), tls=_tls_words(conn))
         log.log(assoc.log_level, "association from %s (%s) accepted, %d of %d context(s)", calling, peer,
                 len(accepted), len(rq_contexts))
         return assoc
@@ -697,6 +931,8 @@ class Acceptor:
 
     def _stored(self, assoc: Association, result: StoreResult) -> None:
         """A C-STORE has been answered by the store: note its series and the outcome."""
+        if result.ok:
+            assoc.stored += 1
         if result.ok and result.series_uid:
             assoc.touched_series.add(result.series_uid)
         with self._lock:
@@ -718,6 +954,38 @@ def _associate_ac(rq: A_ASSOCIATE, results: list[PresentationContext], max_pdu: 
     out = A_ASSOCIATE_AC()
     out.from_primitive(prim)
     return bytes(out.encode())
+
+
+def _participants(peer: str, calling: str, called: str, ours: str) -> tuple[audit.Participant, ...]:
+    return (audit.Participant("source", calling, _host(peer), requestor=True),
+            audit.Participant("destination", called or ours))
+
+
+def _tls_words(conn: socket.socket | None) -> str:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384, certificate CN=...`` for a TLS connection, else "no TLS"."""
+    if not isinstance(conn, ssl.SSLSocket):
+        return "no TLS"
+    cipher = conn.cipher()
+    cert = PeerCertificate.of(conn)
+    who = f"certificate {cert.subject or '(no subject)'} SHA-256 {cert.sha256}" if cert.sha256 else \
+        "no client certificate"
+    return f"{conn.version()} {cipher[0] if cipher else ''}, {who}"
+
+
+def _address_in(host: str, addresses: Sequence[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for a in addresses:
+        try:
+            if addr in ipaddress.ip_network(a, strict=False):
+                return True
+        except (ValueError, TypeError):
+            continue
+    return False
 
 
 def _host(peer: str) -> str:

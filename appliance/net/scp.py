@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from appliance.config import ScpConfig
+from appliance import audit
+from appliance.config import Peer, ScpConfig
 from appliance.net.acceptor import Acceptor, AcceptorState, Association
 from appliance.store.disk import self_store
 from appliance.store.ingest import Ingest
@@ -42,6 +45,8 @@ class Listening:
     ae_title: str
     host: str
     port: int
+    #: The DICOM TLS port (0: none).
+    tls_port: int = 0
 
 
 class StorageServer:
@@ -59,12 +64,32 @@ class StorageServer:
             self._on_association_end,
         )
         self._where: Listening | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._tls_sock: socket.socket | None = None
+        self._peers: tuple[Peer, ...] = ()
+
+    def secure(self, tls: ssl.SSLContext | None, tls_sock: socket.socket | None = None,
+               peers: tuple[Peer, ...] = ()) -> None:
+        """Before :meth:`start`: serve DICOM TLS with ``tls`` on ``cfg.tls_port`` (or the
+        already bound ``tls_sock``), and check ``peers`` (``cfg.require_known_peers``)."""
+        self._tls, self._tls_sock, self._peers = tls, tls_sock, peers
 
     def start(self) -> Listening:
-        """Start listening in background threads; return where."""
+        """Start listening in background threads; return where. Every association is
+        recorded in the audit trail of the store's data directory."""
+        self._acceptor.peers = self._peers
+        self._acceptor.audit = partial(audit.record, self.ingest.store.data_dir)
         host, port = self._acceptor.listen(self.cfg.bind, self.cfg.port, self._sock)
-        self._where = Listening(self.cfg.ae_title, host, port)
-        log.info("Storage SCP %s listening on %s:%d", self.cfg.ae_title, host, port)
+        tls_port = 0
+        if self._tls is not None:
+            try:
+                _, tls_port = self._acceptor.listen_tls(self.cfg.bind, self.cfg.tls_port, self._tls, self._tls_sock)
+            except OSError:
+                self._acceptor.stop(0)
+                raise
+        self._where = Listening(self.cfg.ae_title, host, port, tls_port)
+        log.info("Storage SCP %s listening on %s:%d%s", self.cfg.ae_title, host, port,
+                 f" and DICOM TLS on {tls_port}" if tls_port else "")
         return self._where
 
     @property
@@ -75,6 +100,11 @@ class StorageServer:
     def port(self) -> int:
         assert self._where is not None
         return self._where.port
+
+    @property
+    def tls_port(self) -> int:
+        assert self._where is not None
+        return self._where.tls_port
 
     def active(self) -> int:
         """Number of associations holding a slot now."""

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -39,8 +40,8 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from appliance import audit, config
-from appliance.config import Destination
+from appliance import audit, config, tls
+from appliance.config import Destination, TlsConfig
 from appliance.conformance import (
     CLIENT_AE_TITLE,
     DEFAULT_CLIENT_PDU,
@@ -80,7 +81,7 @@ class SendRefused(ApplianceError):
 
 
 def _peer(d: Destination) -> str:
-    return f"{d.ae_title}@{d.host}:{d.port}"
+    return f"{d.ae_title}@{d.host}:{d.port}" + (f" ({d.tls})" if d.tls != "plain" else "")
 
 
 # -- settings ------------------------------------------------------------------------
@@ -94,6 +95,9 @@ class ClientSettings:
     max_pdu: int = DEFAULT_CLIENT_PDU
     #: Seconds for the TCP connect, the association answer, and each DIMSE response.
     timeout: float = DEFAULT_SEND_TIMEOUT
+    #: For destinations with ``tls``: the CA bundle that verifies them, and for "mutual" our
+    #: certificate and key (``[tls]`` after :func:`appliance.tls.credentials`).
+    tls: TlsConfig = TlsConfig()
 
     def check(self) -> None:
         """Raise ConfigError listing every invalid setting."""
@@ -199,6 +203,22 @@ def _connect_failure(peer: Destination, timeout: float, spent: float) -> str:
     return f"the connection to {where} failed, then worked on a second try; try again"
 
 
+def _tls_failure(peer: Destination, context: ssl.SSLContext, timeout: float, spent: float) -> str:
+    """Say why a TLS connection to ``peer`` failed (pynetdicom logs it but does not return
+    it): the connection is tried once more, with the handshake, for what is left of ``timeout``."""
+    where = f"{peer.host}:{peer.port}"
+    left = timeout - spent
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=max(left, 0.1)) as raw:
+            with context.wrap_socket(raw):
+                pass
+    except ssl.SSLError as exc:
+        return f"TLS handshake with {where} failed: {tls.describe(exc)}"
+    except OSError:
+        return _connect_failure(peer, timeout, spent)
+    return f"the TLS connection to {where} failed, then worked on a second try; try again"
+
+
 def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -> AE:
     ae = AE(ae_title=settings.calling_ae)
     for row in rows:
@@ -232,6 +252,9 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     except (socket.gaierror, UnicodeError):
         raise NetworkError(f"cannot resolve host name '{peer.host}'; check the name or use an IP address") from None
     connected = threading.Event()
+    context = None
+    if peer.tls != "plain":
+        context = tls.client_context(settings.tls, mutual=peer.tls == "mutual")
     try:
         assoc = ae.associate(
             peer.host,
@@ -239,6 +262,7 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
             ae_title=peer.ae_title,
             max_pdu=settings.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: _connected(event, connected))],
+            tls_args=(context, peer.host) if context is not None else None,
         )
     except OSError as exc:
         raise NetworkError(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}") from exc
@@ -249,6 +273,8 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
     if assoc.is_rejected:
         raise NetworkError(_rejection(assoc.acceptor.primitive, peer, settings.calling_ae))
     if not connected.is_set():
+        if context is not None:
+            raise NetworkError(_tls_failure(peer, context, settings.timeout, time.monotonic() - started))
         raise NetworkError(_connect_failure(peer, settings.timeout, time.monotonic() - started))
     late = _late_rejection(assoc)
     if late is not None:

@@ -94,6 +94,8 @@ class ScpChild:
     cfg: config.Config
     sock: socket.socket
     snapshot: Path
+    #: The DICOM TLS listening socket (``scp.tls_port``), if any, handed over the same way.
+    tls_sock: socket.socket | None = None
     proc: subprocess.Popen[bytes] | None = None
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -112,9 +114,12 @@ class ScpChild:
         return self.proc.pid if self.proc else None
 
 
-def listen(scp: config.ScpConfig) -> socket.socket:
-    """A listening TCP socket on ``scp.bind``:``scp.port`` (SO_REUSEPORT, so a successor can
-    join the same port); raise ConfigError saying why it cannot be had."""
+def listen(scp: config.ScpConfig, port: int | None = None) -> socket.socket:
+    """A listening TCP socket on ``scp.bind``:``scp.port`` (or ``port``: the TLS port)
+    (SO_REUSEPORT, so a successor can join the same port); raise ConfigError saying why it
+    cannot be had."""
+    if port is not None:
+        scp = dataclasses.replace(scp, port=port)
     family = socket.AF_INET6 if ":" in scp.bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -296,7 +301,13 @@ class Supervisor:
         self._generation += 1
         snapshot = self.runtime / f"scp-{self._generation}.toml"
         config.save(cfg, snapshot)
-        child = ScpChild(self._generation, cfg, listen(cfg.scp), snapshot)
+        sock = listen(cfg.scp)
+        try:
+            tls_sock = listen(cfg.scp, cfg.scp.tls_port) if cfg.scp.tls_port else None
+        except ConfigError:
+            sock.close()
+            raise
+        child = ScpChild(self._generation, cfg, sock, snapshot, tls_sock)
         self._spawn(child)
         if self._scp is None:
             self._scp = child
@@ -309,12 +320,16 @@ class Supervisor:
         cmd = [sys.executable, "-m", "appliance", "--config", str(child.snapshot), "--data-dir", str(self.data_dir)]
         cmd += ["-v"] if self.verbosity == 1 else ["-d"] if self.verbosity >= 2 else []
         cmd += ["scp", "--listen-fd", str(fd)]
+        fds: tuple[int, ...] = (fd,)
+        if child.tls_sock is not None:
+            cmd += ["--tls-listen-fd", str(child.tls_sock.fileno())]
+            fds += (child.tls_sock.fileno(),)
         env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")}
         env["NOTIFY_SOCKET"] = str(self.listener.path)
         env[config.SUPERVISOR_PID] = str(os.getpid())
         child.started_at = time.monotonic()
         child.report, child.report_at = {}, 0.0
-        child.proc = subprocess.Popen(cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
+        child.proc = subprocess.Popen(cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
         self._by_pid = {pid: c for pid, c in self._by_pid.items() if c.proc and c.proc.poll() is None}
         self._by_pid[child.proc.pid] = child
         self._scp_backoff.started_now()
@@ -348,6 +363,8 @@ class Supervisor:
     def _reap(self, child: ScpChild) -> bool:
         """Wait for a terminated SCP; kill it after STOP_TIMEOUT. True if it exited 0."""
         child.sock.close()
+        if child.tls_sock is not None:
+            child.tls_sock.close()
         if child.proc is None:
             return True
         try:
@@ -383,6 +400,8 @@ class Supervisor:
             self._terminate(old)
             old.stopping.wait(2.0)  # its listener is closed: new associations reach the new SCP
             old.sock.close()
+            if old.tls_sock is not None:
+                old.tls_sock.close()
         problem = health.echo(health.loopback(new.scp.bind), child.port, new.scp.ae_title)
         if problem:
             log.warning("after the change: %s", problem)
@@ -446,8 +465,8 @@ class Supervisor:
 
     def _apply(self, new: config.Config, commit: Any) -> None:
         # The SCP process runs retention too: it reads [retention] when it starts.
-        if (new.scp, new.store, new.retention, new.forward) != (self.cfg.scp, self.cfg.store, self.cfg.retention,
-                                                                self.cfg.forward):
+        if (new.scp, new.store, new.retention, new.forward, new.tls, new.peer) != (
+                self.cfg.scp, self.cfg.store, self.cfg.retention, self.cfg.forward, self.cfg.tls, self.cfg.peer):
             self._switch_scp(new, commit)
         else:
             commit()
