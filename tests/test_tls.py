@@ -260,6 +260,9 @@ def test_known_peers_unknown_title_wrong_address_wrong_certificate_refused(make_
     assert sum("is not its own" in t for t in texts) == 2
     logged = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(logged) == 5 and all("127.0.0.1" in m for m in logged), logged
+    # The supervisor's own C-ECHO from loopback is always known, and not audited.
+    assert echoscu_tls(srv, port=srv.port, aet="APPLIANCE_CHECK").returncode == 0
+    assert len(srv.associations()) == 8
 
 
 def test_known_peers_config_is_validated():
@@ -383,3 +386,49 @@ def test_tls_port_alone_uses_a_self_signed_certificate_made_once(make_tls_server
     before = cert.read_bytes()
     assert tls.credentials(TlsConfig(), srv.data_dir).certificate == str(cert)
     assert cert.read_bytes() == before
+
+
+# -- appliance run: the TLS port handed over, rotated --------------------------------------------
+
+
+def test_appliance_run_serves_tls_checks_itself_and_rotates_the_certificate(pki, tmp_path):
+    import os
+    import signal
+    import sys
+
+    port, tls_port = free_port(), free_port()
+    conf = tmp_path / "appliance.toml"
+    base = (f'[scp]\nport = {port}\ntls_port = {tls_port}\nbind = "127.0.0.1"\nrequire_known_peers = true\n'
+            '[[peer]]\nae_title = "CT_SIM"\naddresses = ["127.0.0.1"]\n')
+    conf.write_text(base)
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "appliance", "--config", str(conf), "--data-dir", str(data)]
+    proc = subprocess.Popen([*cmd, "-v", "run", "--runtime-dir", str(tmp_path / "run"), "--no-media"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def echo_tls(*opts: str) -> bool:
+        return run([dcmtk("echoscu"), "-to", "5", "-aet", "CT_SIM", "-aec", "ELEKTA_STORAGE", *opts,
+                    "127.0.0.1", str(tls_port)]).returncode == 0
+
+    try:
+        wait_for(lambda: echo_tls("+tla", "-ic"), 60, "the TLS port of appliance run")
+        assert not echo_tls("+tla", "+cf", str(pki.ca)), "the self-signed certificate is not the CA's"
+        # The supervisor's own C-ECHO (APPLIANCE_CHECK, not a [[peer]]) is answered.
+        status = json.loads(run([*cmd, "status", "--json", "--runtime-dir", str(tmp_path / "run")]).stdout)
+        assert status["scp_answered"] is True, status
+        # Rotate: the CA's certificate, by the file and a reload; the SCP restarts on the same ports.
+        conf.write_text(base + f'[tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.server_key}"\n'
+                               f'ca_certificates = "{pki.ca}"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: echo_tls("+tla", "+cf", str(pki.ca)), 30, "the new certificate on the TLS port")
+        assert "is not a known peer" not in log.read_text(), "the self-check echo was never refused"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(log.read_text())

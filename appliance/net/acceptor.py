@@ -395,7 +395,7 @@ class Acceptor:
                 problem=self._problem if alive or self._stopping.is_set() else
                 (self._problem or "the accept loop has ended"),
                 associations=len(self._associated),
-                pending=len(self._pending),
+                pending=len(self._pending) + len(self._handshaking),
                 shed=self._shed,
                 associations_served=self._served,
                 last_store=self._last_store,
@@ -623,7 +623,7 @@ class Acceptor:
                 if not self._stopping.is_set():
                     self._ratelimited(logging.WARNING, f"tls {_host(peer)} {reason}",
                                       "TLS handshake with %s failed: %s; closed", peer, reason)
-                    self._audit_refused(peer, "", "", f"TLS handshake failed: {reason}")
+                    self._audit_refused(peer, "", "", f"TLS handshake failed: {reason}", "TLS port")
                 close(tls)
                 return
             raw = self._read_associate_rq(tls, peer, deadline)
@@ -679,9 +679,9 @@ class Acceptor:
 
     def _unknown_peer(self, conn: socket.socket, peer: str, calling: str) -> str | None:
         """Why ``calling`` at ``peer`` is not a known peer (``require_known_peers``), or None."""
-        if not self.settings.require_known_peers:
-            return None
         host = _host(peer)
+        if not self.settings.require_known_peers or (calling == SELF_CHECK_AE_TITLE and _is_loopback(host)):
+            return None  # the supervisor's own C-ECHO is always known
         named = [p for p in self.peers if p.ae_title == calling]
         if not named:
             return f"calling AE title '{calling}' is not a known peer ([[peer]])"

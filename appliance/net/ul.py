@@ -91,7 +91,13 @@ class PduReader:
     checked here, and the receive timeout is shortened to wake up in time for the nearest:
     ``network_timeout`` of silence, ``pdu_timeout`` for a PDU from its first byte, and the
     caller's ``idle`` deadline for completing a DIMSE message (``idle_timeout`` long).
-    Taking the connection makes it blocking, without Nagle, with TCP keepalive."""
+    Taking the connection makes it blocking, without Nagle, with TCP keepalive.
+
+    Over DICOM TLS the connection is an :class:`appliance.tls.DicomTlsSocket`, on which
+    neither SO_RCVTIMEO nor MSG_WAITALL reach the data (OpenSSL reads the records): it turns
+    the receive timeout set here into the socket's own timeout, whose expiry it raises as
+    BlockingIOError like the kernel's, and returns short reads, which the loop below takes
+    as it takes a slow peer's. The deadlines are therefore the same on both ports."""
 
     def __init__(self, conn: socket.socket, *, network_timeout: float, pdu_timeout: float,
                  idle_timeout: float) -> None:
