@@ -60,9 +60,12 @@ def free_bytes(path: Path) -> int:
 
 
 def disk_usage_percent(path: Path) -> float:
-    """How full the file system holding ``path`` is, in percent."""
+    """How full the file system holding ``path`` is, in percent, counting as used what the
+    appliance cannot write to (the blocks reserved for root too): the figure the free-space
+    watermark and retention's marks are measured against, so status, retention and the
+    refusals speak of one number."""
     u = shutil.disk_usage(path)
-    return 100.0 * u.used / u.total if u.total else 0.0
+    return 100.0 * (u.total - u.free) / u.total if u.total else 0.0
 
 
 def store_error_words(exc: OSError) -> str:
