@@ -96,6 +96,9 @@ class ScpConfig:
     #: DICOM TLS port beside ``port`` (2762 by convention; 0: off). Without ``[tls]``
     #: certificate and key, a self-signed pair is made at first start (see ``[tls]``).
     tls_port: int = 0
+    #: Serve the network DICOM TLS only: the plain ``port`` listens on loopback alone (for the
+    #: box's own checks and tools on the box). Needs ``tls_port`` and a wildcard ``bind``.
+    tls_only: bool = False
     #: Accept associations only from the ``[[peer]]`` list: a known calling AE title, from
     #: one of its addresses, with its certificate if it names one.
     require_known_peers: bool = False
@@ -167,6 +170,17 @@ class Destination:
     #: "plain", "tls" (verify the server against ``tls.ca_certificates``), or "mutual"
     #: (that, and present our certificate).
     tls: str = "plain"
+
+
+#: The ``scp.bind`` values that listen on every address.
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def plain_bind(scp: ScpConfig) -> str:
+    """Where the plain port listens: ``scp.bind``, or loopback alone with ``scp.tls_only``."""
+    if not scp.tls_only:
+        return scp.bind
+    return "::1" if ":" in scp.bind else "127.0.0.1"
 
 
 #: The values of ``Destination.tls``.
@@ -433,6 +447,11 @@ def _check(cfg: Config) -> list[str]:
     if not 0 <= s.tls_port <= 65535 or (s.tls_port and s.tls_port == s.port):
         problems.append(f"scp.tls_port {s.tls_port} is out of range or the plain port; use 0 (off) or another "
                         "port, 2762 by convention")
+    if s.tls_only and not s.tls_port:
+        problems.append("scp.tls_only is true but scp.tls_port is 0; give the TLS port, e.g. 2762")
+    if s.tls_only and s.bind not in WILDCARD_BINDS:
+        problems.append(f"scp.tls_only needs scp.bind 0.0.0.0 or :: (the plain port then listens on loopback "
+                        f"only), not {s.bind}")
     if s.require_known_peers and not cfg.peer:
         problems.append("scp.require_known_peers is true but no [[peer]] is configured; every association "
                         "would be refused")

@@ -42,6 +42,9 @@ class Pki:
     client_key: Path
     stranger_cert: Path
     stranger_key: Path
+    #: Signed by the CA, valid for one day in 2020.
+    expired_cert: Path
+    expired_key: Path
 
 
 def _ca(folder: Path, name: str) -> tuple[Path, Path]:
@@ -60,6 +63,21 @@ def _leaf(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     return cert, key
 
 
+def _expired(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A certificate of ``ca`` that expired long ago (``openssl ca`` with a start and end date)."""
+    cert, key, csr = folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.csr"
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-subj", f"/CN={name}", "-keyout", str(key),
+            "-out", str(csr))
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("1000\n")
+    conf = folder / "ca.cnf"
+    conf.write_text(f"[ca]\ndefault_ca = d\n[d]\ndatabase = {folder / 'index.txt'}\nnew_certs_dir = {folder}\n"
+                    f"serial = {folder / 'serial'}\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n")
+    openssl("ca", "-batch", "-config", str(conf), "-cert", str(ca[0]), "-keyfile", str(ca[1]), "-in", str(csr),
+            "-out", str(cert), "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-notext")
+    return cert, key
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
@@ -68,7 +86,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     server = _leaf(d, "ELEKTA_STORAGE", ca)
     client = _leaf(d, "CT_SIM", ca)
     stranger = _leaf(d, "CT_SIM_FAKE", other)
-    return Pki(ca[0], *server, *client, *stranger)
+    expired = _expired(d, "CT_SIM_2020", ca)
+    return Pki(ca[0], *server, *client, *stranger, *expired)
 
 
 class TlsServer:
@@ -158,12 +177,15 @@ def test_a_client_certificate_required_absent_or_of_another_ca_is_refused_in_one
     assert r.returncode != 0
     r = echoscu_tls(srv, "+tls", str(pki.stranger_key), str(pki.stranger_cert), "+cf", str(pki.ca))
     assert r.returncode != 0
-    events = wait_for(lambda: len(srv.associations()) >= 2 and srv.associations(), what="two refusals audited")
+    r = echoscu_tls(srv, "+tls", str(pki.expired_key), str(pki.expired_cert), "+cf", str(pki.ca))
+    assert r.returncode != 0
+    events = wait_for(lambda: len(srv.associations()) >= 3 and srv.associations(), what="three refusals audited")
     assert all(e["outcome"] == 8 and e["outcome_text"].startswith("refused: TLS handshake failed") for e in events)
     lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
-    assert len(lines) == 2, lines
-    assert "no certificate" in lines[0] or "certificate" in lines[0]
-    assert "certificate verify failed" in lines[1] and "127.0.0.1" in lines[1]
+    assert len(lines) == 3, lines
+    assert "the client presented no certificate, and one is required" in lines[0], lines[0]
+    assert "certificate verify failed: unable to get local issuer certificate" in lines[1] and "127.0.0.1" in lines[1]
+    assert "certificate verify failed: certificate has expired" in lines[2], lines[2]
     # The SCP keeps serving.
     r = echoscu_tls(srv, "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca))
     assert r.returncode == 0, r.stderr
@@ -277,6 +299,10 @@ def test_known_peers_config_is_validated():
     assert "address '10.0.0.300' is not an IP address or network" in text
     assert "certificate_sha256 is not a SHA-256 fingerprint" in text
     assert "destinations.P.tls 'maybe' is not one of plain, tls, mutual" in text
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"scp": {"tls_only": True, "bind": "192.168.1.5"}})
+    assert "scp.tls_only is true but scp.tls_port is 0" in str(e.value)
+    assert "scp.tls_only needs scp.bind 0.0.0.0 or ::" in str(e.value)
     cfg = config.from_dict({"scp": {"require_known_peers": True, "tls_port": 2762},
                             "tls": {"ca_certificates": "/etc/ca.pem"},
                             "peer": [{"ae_title": "CT_SIM", "addresses": ["10.0.4.0/24"]}],
@@ -291,17 +317,18 @@ def test_known_peers_config_is_validated():
 def storescp_tls(tmp_path: Path, pki: Pki) -> Iterator:  # type: ignore[type-arg]
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(require_client: bool) -> tuple[int, Path]:
+    def start(require_client: bool, cert: tuple[Path, Path] | None = None) -> tuple[int, Path]:
         port, out = free_port(), tmp_path / f"storescp{len(procs)}"
         out.mkdir()
-        opts = ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca)]
+        cert_file, key_file = cert or (pki.server_cert, pki.server_key)
+        opts = ["+tls", str(key_file), str(cert_file), "+cf", str(pki.ca)]
         if not require_client:
             opts.append("-ic")
         procs.append(subprocess.Popen([dcmtk("storescp"), "-aet", "PLANNING_AE", *opts, "-od", str(out), str(port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: run([dcmtk("echoscu"), "-aec", "PLANNING_AE", "+tls", str(pki.client_key),
-                              str(pki.client_cert), "+cf", str(pki.ca), "127.0.0.1", str(port)]).returncode == 0,
-                 what="storescp +tls to answer")
+                              str(pki.client_cert), "+cf", str(pki.ca), "-ic", "127.0.0.1",
+                              str(port)]).returncode == 0, what="storescp +tls to answer")
         return port, out
 
     yield start
@@ -325,6 +352,10 @@ def test_our_echo_to_storescp_tls_with_and_without_our_certificate(storescp_tls,
     with pytest.raises(NetworkError) as e:  # a server our CA did not sign
         echo(Destination("PLANNING_AE", "127.0.0.1", port, "mutual"), client_tls(pki, ca=pki.stranger_cert))
     assert "TLS handshake with 127.0.0.1:" in str(e.value) and "certificate verify failed" in str(e.value)
+    with pytest.raises(NetworkError) as e:  # the server's certificate has expired
+        port2, _ = storescp_tls(require_client=False, cert=(pki.expired_cert, pki.expired_key))
+        echo(Destination("PLANNING_AE", "127.0.0.1", port2, "tls"), client_tls(pki))
+    assert "certificate verify failed: certificate has expired" in str(e.value)
     with pytest.raises(NetworkError):  # plain DICOM to a TLS port
         echo(Destination("PLANNING_AE", "127.0.0.1", port), ClientSettings(timeout=5))
 
@@ -398,7 +429,7 @@ def test_appliance_run_serves_tls_checks_itself_and_rotates_the_certificate(pki,
 
     port, tls_port = free_port(), free_port()
     conf = tmp_path / "appliance.toml"
-    base = (f'[scp]\nport = {port}\ntls_port = {tls_port}\nbind = "127.0.0.1"\nrequire_known_peers = true\n'
+    base = (f'[scp]\nport = {port}\ntls_port = {tls_port}\ntls_only = true\nrequire_known_peers = true\n'
             '[[peer]]\nae_title = "CT_SIM"\naddresses = ["127.0.0.1"]\n')
     conf.write_text(base)
     data = tmp_path / "data"
@@ -415,9 +446,14 @@ def test_appliance_run_serves_tls_checks_itself_and_rotates_the_certificate(pki,
     try:
         wait_for(lambda: echo_tls("+tla", "-ic"), 60, "the TLS port of appliance run")
         assert not echo_tls("+tla", "+cf", str(pki.ca)), "the self-signed certificate is not the CA's"
-        # The supervisor's own C-ECHO (APPLIANCE_CHECK, not a [[peer]]) is answered.
+        # The supervisor's own C-ECHO (APPLIANCE_CHECK, not a [[peer]]) is answered, on the plain
+        # port, which with tls_only listens on loopback only; the TLS port on every address.
         status = json.loads(run([*cmd, "status", "--json", "--runtime-dir", str(tmp_path / "run")]).stdout)
         assert status["scp_answered"] is True, status
+        listening = run(["ss", "-Htln"]).stdout if shutil.which("ss") else ""
+        if listening:
+            assert f"127.0.0.1:{port} " in listening and f"0.0.0.0:{port} " not in listening, listening
+            assert f"0.0.0.0:{tls_port} " in listening, listening
         # Rotate: the CA's certificate, by the file and a reload; the SCP restarts on the same ports.
         conf.write_text(base + f'[tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.server_key}"\n'
                                f'ca_certificates = "{pki.ca}"\n')

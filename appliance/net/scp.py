@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from appliance import audit
-from appliance.config import Peer, ScpConfig
+from appliance.config import Peer, ScpConfig, plain_bind
 from appliance.net.acceptor import Acceptor, AcceptorState, Association
 from appliance.store.disk import self_store
 from appliance.store.ingest import Ingest
@@ -79,7 +79,7 @@ class StorageServer:
         recorded in the audit trail of the store's data directory."""
         self._acceptor.peers = self._peers
         self._acceptor.audit = partial(audit.record, self.ingest.store.data_dir)
-        host, port = self._acceptor.listen(self.cfg.bind, self.cfg.port, self._sock)
+        host, port = self._acceptor.listen(plain_bind(self.cfg), self.cfg.port, self._sock)
         tls_port = 0
         if self._tls is not None:
             try:

@@ -120,6 +120,8 @@ def listen(scp: config.ScpConfig, port: int | None = None) -> socket.socket:
     cannot be had."""
     if port is not None:
         scp = dataclasses.replace(scp, port=port)
+    else:  # the plain port: loopback only with scp.tls_only
+        scp = dataclasses.replace(scp, bind=config.plain_bind(scp))
     family = socket.AF_INET6 if ":" in scp.bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
