@@ -34,9 +34,11 @@ class JournalFormatter(logging.Formatter):
 
 
 #: Loggers of libraries talking to a programmer, not to the operator: pydicom (and its children,
-#: e.g. ``pydicom.pixels.decoders.base``) and Python's warnings (``py.warnings``). A peer's or a
-#: disc's bad values are reported by our own refusals, once each, in words.
-LIBRARY_LOGGERS = ("pydicom", "py.warnings")
+#: e.g. ``pydicom.pixels.decoders.base``), Python's warnings (``py.warnings``) and pynetdicom (its
+#: "TCP Initialisation Error" and "Association request failed" came with every failed try of
+#: the forwarder, beside our own line). A peer's or a disc's bad values, and a peer that does
+#: not answer, are reported by our own messages, once each, in words.
+LIBRARY_LOGGERS = ("pydicom", "py.warnings", "pynetdicom")
 
 
 class _LibraryToDebug(logging.Filter):

@@ -213,3 +213,14 @@ def test_what_is_done_at_the_console_reaches_the_system_log(tmp_path, monkeypatc
             h.setLevel(level)
         root.setLevel(saved[0])
         sock.close()
+
+
+def test_a_peer_that_refuses_is_one_line_in_words_without_pynetdicom_noise(tmp_path):
+    from helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "appliance", "--data-dir", str(tmp_path / "d"), "echo", "--timeout", "5",
+                        "127.0.0.1", str(free_port())], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1
+    assert "connection refused" in r.stderr.lower()
+    assert "pynetdicom" not in r.stderr and "TCP Initialisation Error" not in r.stderr, r.stderr
