@@ -19,7 +19,7 @@ from appliance import tls
 from appliance.config import Destination, Peer, ScpConfig, StoreConfig, TlsConfig
 from appliance.errors import NetworkError
 from appliance.net.scp import StorageServer
-from appliance.net.sender import ClientSettings, echo, plan_send, send
+from appliance.net.sender import ClientSettings, echo
 from appliance.store.ingest import Ingest
 from appliance.store.store import Store
 from helpers import ct_series, dcmtk, free_port, run, wait_for, write_series
@@ -135,7 +135,8 @@ def server_tls(pki: Pki, **kw: object) -> TlsConfig:
                      ca_certificates=str(pki.ca), **kw)  # type: ignore[arg-type]
 
 
-def storescu_tls(srv: TlsServer, files: list[Path], *tls_opts: str, aet: str = "CT_SIM") -> subprocess.CompletedProcess[str]:
+def storescu_tls(srv: TlsServer, files: list[Path], *tls_opts: str,
+                 aet: str = "CT_SIM") -> subprocess.CompletedProcess[str]:
     return run([dcmtk("storescu"), "-to", "10", "-aet", aet, "-aec", srv.ae_title, *tls_opts,
                 "127.0.0.1", str(srv.tls_port), *map(str, files)], timeout=120)
 
@@ -157,7 +158,8 @@ def test_storescu_with_a_client_certificate_stores_over_tls(make_tls_server, pki
     assert e["participants"][0] == {"role": "source", "ae": "CT_SIM", "address": "127.0.0.1", "requestor": True}
 
 
-def echoscu_tls(srv: TlsServer, *opts: str, aet: str = "CT_SIM", port: int | None = None) -> subprocess.CompletedProcess[str]:
+def echoscu_tls(srv: TlsServer, *opts: str, aet: str = "CT_SIM",
+                port: int | None = None) -> subprocess.CompletedProcess[str]:
     return run([dcmtk("echoscu"), "-to", "5", "-aet", aet, "-aec", srv.ae_title, *opts, "127.0.0.1",
                 str(port or srv.tls_port)])
 
@@ -468,3 +470,29 @@ def test_appliance_run_serves_tls_checks_itself_and_rotates_the_certificate(pki,
             proc.kill()
             proc.wait()
         print(log.read_text())
+
+
+def test_every_association_is_audited_with_its_outcome_plain_and_tls(make_tls_server, pki, tmp_path):
+    from helpers import associate_rq_pdu, read_pdu
+
+    srv = make_tls_server(server_tls(pki))
+    files = write_series(ct_series(2), tmp_path / "ct")
+    r = run([dcmtk("storescu"), "-aet", "CT_SIM", "-aec", srv.ae_title, "127.0.0.1", str(srv.port), *map(str, files)])
+    assert r.returncode == 0, r.stderr
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:  # associates, then aborts
+        s.sendall(associate_rq_pdu(called=srv.ae_title, calling="QUITTER"))
+        assert read_pdu(s)[0] == 0x02
+        s.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+    assert echoscu_tls(srv, "+tla", "+cf", str(pki.ca), aet="ECHOER").returncode == 0
+    events = wait_for(lambda: len(srv.associations()) >= 3 and srv.associations(), what="three associations")
+    by_ae = {e["participants"][0]["ae"]: e for e in events}
+    stored = by_ae["CT_SIM"]
+    assert stored["outcome"] == 0 and stored["participants"][1]["ae"] == "ELEKTA_STORAGE"
+    assert stored["detail"] == "released; 2 object(s) stored; 2 C-STORE requests; no TLS"
+    assert by_ae["QUITTER"]["outcome"] == 4 and "aborted by the peer" in by_ae["QUITTER"]["outcome_text"]
+    assert by_ae["ECHOER"]["outcome"] == 0
+    assert by_ae["ECHOER"]["detail"].startswith("released; 0 object(s) stored; C-ECHO; TLSv1.")
+    from appliance import audit
+
+    lines = [audit.line(e) for e in events]
+    assert any("source QUITTER at 127.0.0.1" in x and "FAILED(4)" in x for x in lines), lines

@@ -139,8 +139,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
     s = subparsers.add_parser(
         "send", help="export studies or series (3D volumes with their RT objects) to a DICOM peer (C-STORE)",
-        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] [--tls MODE] (HOST PORT | --to DESTINATION) "
-              "(--study UID | --series UID)...",
+        usage="appliance send [-aet AET] [-aec AET] [-pdu BYTES] [--timeout S] [--tls MODE] "
+              "(HOST PORT | --to DESTINATION) (--study UID | --series UID)...",
     )
     client_options(s, DEFAULT_SEND_TIMEOUT)
     tls_option(s)
