@@ -496,3 +496,17 @@ def test_every_association_is_audited_with_its_outcome_plain_and_tls(make_tls_se
 
     lines = [audit.line(e) for e in events]
     assert any("source QUITTER at 127.0.0.1" in x and "FAILED(4)" in x for x in lines), lines
+
+
+def test_stopping_closes_a_tls_association_still_open(make_tls_server, pki):
+    from helpers import associate_rq_pdu, read_pdu
+
+    srv = make_tls_server(server_tls(pki))
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.check_hostname = False
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)) as s:
+        s.sendall(associate_rq_pdu(called=srv.ae_title))
+        assert read_pdu(s)[0] == 0x02
+        srv.server.stop(grace=0.2)  # its thread is reading this connection: closed, not written to
+        assert read_pdu(s) == (0, b"")
+    assert srv.server.active() == 0

@@ -426,10 +426,13 @@ class Acceptor:
         with self._lock:
             remaining = list(self._associated.items())
         for s, _ in remaining:
-            try:
-                s.sendall(abort_pdu(ABORT_SERVICE_USER))
-            except OSError:
-                pass
+            # Not over TLS: the association's thread may be inside OpenSSL reading the same
+            # connection, which must not be written from a second thread; it is just closed.
+            if not isinstance(s, ssl.SSLSocket):
+                try:
+                    s.sendall(abort_pdu(ABORT_SERVICE_USER))
+                except OSError:
+                    pass
             shutdown(s)
         for _, t in remaining:
             t.join(timeout=5)
