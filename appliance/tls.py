@@ -184,6 +184,17 @@ class PeerCertificate:
         return True
 
 
+#: Alerts a peer sends when it refuses us, in words.
+_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate (a destination: tls = \"mutual\")",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer refused the handshake (no common protocol or cipher suite, or it "
+                                     "requires a client certificate)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate has expired",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer does not speak TLS 1.2 or later",
+}
+
 _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
           "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "emailAddress"}
 
@@ -199,6 +210,8 @@ def describe(exc: BaseException) -> str:
             return f"not a TLS client hello ({reason}): a plain DICOM peer on the TLS port?"
         if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "the client presented no certificate, and one is required"
+        if exc.reason in _ALERTS:
+            return _ALERTS[exc.reason]
         return reason or str(exc)
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timed out"

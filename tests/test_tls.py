@@ -351,14 +351,15 @@ def test_our_echo_to_storescp_tls_with_and_without_our_certificate(storescp_tls,
     assert "succeeded" in str(echo(Destination("PLANNING_AE", "127.0.0.1", port, "mutual"), client_tls(pki)))
     with pytest.raises(NetworkError) as e:  # it wants our certificate
         echo(Destination("PLANNING_AE", "127.0.0.1", port, "tls"), client_tls(pki))
+    assert "the peer requires a client certificate" in str(e.value), e.value
     with pytest.raises(NetworkError) as e:  # a server our CA did not sign
         echo(Destination("PLANNING_AE", "127.0.0.1", port, "mutual"), client_tls(pki, ca=pki.stranger_cert))
     assert "TLS handshake with 127.0.0.1:" in str(e.value) and "certificate verify failed" in str(e.value)
+    port2, _ = storescp_tls(require_client=False, cert=(pki.expired_cert, pki.expired_key))
     with pytest.raises(NetworkError) as e:  # the server's certificate has expired
-        port2, _ = storescp_tls(require_client=False, cert=(pki.expired_cert, pki.expired_key))
         echo(Destination("PLANNING_AE", "127.0.0.1", port2, "tls"), client_tls(pki))
     assert "certificate verify failed: certificate has expired" in str(e.value)
-    with pytest.raises(NetworkError):  # plain DICOM to a TLS port
+    with pytest.raises(NetworkError) as e:  # plain DICOM to a TLS port
         echo(Destination("PLANNING_AE", "127.0.0.1", port), ClientSettings(timeout=5))
 
 

@@ -203,20 +203,30 @@ def _connect_failure(peer: Destination, timeout: float, spent: float) -> str:
     return f"the connection to {where} failed, then worked on a second try; try again"
 
 
-def _tls_failure(peer: Destination, context: ssl.SSLContext, timeout: float, spent: float) -> str:
+#: Seconds the probe of a TLS peer waits for an alert after the handshake.
+_TLS_ALERT_WAIT = 2.0
+
+
+def _tls_failure(peer: Destination, context: ssl.SSLContext, timeout: float, spent: float) -> str | None:
     """Say why a TLS connection to ``peer`` failed (pynetdicom logs it but does not return
-    it): the connection is tried once more, with the handshake, for what is left of ``timeout``."""
+    it): the connection is tried once more, for what is left of ``timeout``, with the
+    handshake and a moment's wait for the alert a TLS 1.3 server sends after it when it
+    refuses our certificate. None if it finds nothing wrong, or cannot connect at all."""
     where = f"{peer.host}:{peer.port}"
     left = timeout - spent
     try:
         with socket.create_connection((peer.host, peer.port), timeout=max(left, 0.1)) as raw:
-            with context.wrap_socket(raw):
-                pass
+            with context.wrap_socket(raw, server_hostname=peer.host) as conn:
+                conn.settimeout(min(_TLS_ALERT_WAIT, max(left, 0.1)))
+                try:
+                    conn.recv(1)
+                except (TimeoutError, socket.timeout):
+                    pass
     except ssl.SSLError as exc:
         return f"TLS handshake with {where} failed: {tls.describe(exc)}"
     except OSError:
-        return _connect_failure(peer, timeout, spent)
-    return f"the TLS connection to {where} failed, then worked on a second try; try again"
+        return None
+    return None
 
 
 def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -> AE:
@@ -274,7 +284,8 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
         raise NetworkError(_rejection(assoc.acceptor.primitive, peer, settings.calling_ae))
     if not connected.is_set():
         if context is not None:
-            raise NetworkError(_tls_failure(peer, context, settings.timeout, time.monotonic() - started))
+            raise NetworkError(_tls_failure(peer, context, settings.timeout, time.monotonic() - started)
+                               or _connect_failure(peer, settings.timeout, time.monotonic() - started))
         raise NetworkError(_connect_failure(peer, settings.timeout, time.monotonic() - started))
     late = _late_rejection(assoc)
     if late is not None:
@@ -285,6 +296,10 @@ def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Associati
             f"{_peer(peer)} accepted the association but none of the proposed services "
             f"({refused}, Implicit VR Little Endian); configure the peer to accept them"
         )
+    if context is not None:  # TLS 1.3: the server refuses our certificate after the handshake
+        alert = _tls_failure(peer, context, settings.timeout, time.monotonic() - started)
+        if alert:
+            raise NetworkError(alert)
     if time.monotonic() - started >= settings.timeout * 0.9:
         raise NetworkError(
             f"{_peer(peer)} accepted the connection but did not answer the association request within "
