@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from appliance.cli.common import load_config, open_store
-from appliance.cli.net import client_options, peer_from, quiet_pynetdicom
+from appliance.cli.net import client_options, peer_from, quiet_pynetdicom, secured, tls_option
 from appliance.dicom import dosegrid
 from appliance.net import sender
 from appliance.reports import item_printer, progress_printer
@@ -27,6 +27,7 @@ def cmd_rt_export(args: argparse.Namespace) -> int:
     peer = peer_from(cfg, args.dest, args.aec, args.host, args.port) if args.dest or args.host is not None else None
     settings = sender.ClientSettings(args.aet, args.pdu, args.timeout)
     if peer is not None:
+        peer, settings = secured(args, cfg, peer, settings)  # [tls] for a TLS destination (or --tls)
         settings.check()
         sender.check_peer(peer)
         quiet_pynetdicom(args)
@@ -76,6 +77,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--to", metavar="DIR|DEVICE", help="write to a USB target (a folder, a USB block device, a FAT image)")
     p.add_argument("--dest", metavar="NAME", help="send to a destination named in the config file")
     client_options(p, sender.DEFAULT_SEND_TIMEOUT)
+    tls_option(p)
     p.add_argument("host", nargs="?", metavar="HOST")
     p.add_argument("port", nargs="?", type=int, metavar="PORT")
     p.set_defaults(func=cmd_rt_export, rt_parser=p)

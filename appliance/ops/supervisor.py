@@ -466,9 +466,11 @@ class Supervisor:
         self._refresh.set()
 
     def _apply(self, new: config.Config, commit: Any) -> None:
-        # The SCP process runs retention too: it reads [retention] when it starts.
-        if (new.scp, new.store, new.retention, new.forward, new.tls, new.peer) != (
-                self.cfg.scp, self.cfg.store, self.cfg.retention, self.cfg.forward, self.cfg.tls, self.cfg.peer):
+        # The SCP process reads these when it starts: it runs retention, queues by the forwarding
+        # rules, moves to the destinations (C-MOVE), serves Q/R if enabled, and TLS to known peers.
+        if (new.scp, new.store, new.retention, new.forward, new.tls, new.peer, new.qr, new.destinations) != (
+                self.cfg.scp, self.cfg.store, self.cfg.retention, self.cfg.forward, self.cfg.tls, self.cfg.peer,
+                self.cfg.qr, self.cfg.destinations):
             self._switch_scp(new, commit)
         else:
             commit()
