@@ -30,6 +30,7 @@ import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,48 @@ def _make_self_signed(folder: Path, cert: Path, key: Path, common_name: str) -> 
         os.replace(tcert, cert)
     log.info("made a self-signed TLS certificate for CN=%s in %s (SHA-256 %s)", cn, cert,
              fingerprint_of_pem(cert))
+
+
+#: Days before its end at which a certificate is reported in status.
+EXPIRY_WARNING_DAYS = 30
+
+
+def not_after(path: Path) -> datetime | None:
+    """When the first certificate in the PEM file ``path`` ends (UTC), or None if unreadable."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    try:
+        r = subprocess.run([openssl, "x509", "-noout", "-enddate", "-in", str(path)], capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.startswith("notAfter="):
+        return None
+    try:
+        return datetime.strptime(r.stdout.strip()[len("notAfter="):], "%b %d %H:%M:%S %Y %Z").replace(
+            tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def expiry_problems(cfg: TlsConfig, data_dir: Path, now: datetime | None = None) -> list[str]:
+    """The box's own certificate, in words, if it has ended or ends within EXPIRY_WARNING_DAYS
+    (nothing if TLS was never set up: no certificate configured and none made)."""
+    path = Path(cfg.certificate) if cfg.certificate else data_dir / FOLDER / "self-signed.pem"
+    if not path.exists():
+        return []
+    end = not_after(path)
+    if end is None:
+        return [f"the TLS certificate {path} cannot be read; peers cannot verify the box"]
+    left = end - (now or datetime.now(timezone.utc))
+    if left.total_seconds() <= 0:
+        return [f"the TLS certificate {path} ended on {end:%Y-%m-%d}: TLS peers refuse the box; "
+                "install a new certificate (see README, Security)"]
+    if left.days < EXPIRY_WARNING_DAYS:
+        return [f"the TLS certificate {path} ends on {end:%Y-%m-%d}, in {left.days} day(s): install a new "
+                "one before then (see README, Security)"]
+    return []
 
 
 def fingerprint_of_pem(path: Path) -> str:

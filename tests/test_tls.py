@@ -511,3 +511,21 @@ def test_stopping_closes_a_tls_association_still_open(make_tls_server, pki):
         srv.server.stop(grace=0.2)  # its thread is reading this connection: closed, not written to
         assert read_pdu(s) == (0, b"")
     assert srv.server.active() == 0
+
+
+def test_a_certificate_ending_within_30_days_is_reported_in_words(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from appliance import tls
+    from appliance.config import TlsConfig
+
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "10", "-subj", "/CN=box",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cfg = TlsConfig(certificate=str(cert), private_key=str(key))
+    [soon] = tls.expiry_problems(cfg, tmp_path)
+    assert "ends on" in soon and ("in 9 day(s)" in soon or "in 10 day(s)" in soon)
+    [ended] = tls.expiry_problems(cfg, tmp_path, now=datetime.now(timezone.utc) + timedelta(days=11))
+    assert "ended on" in ended and "TLS peers refuse the box" in ended
+    assert tls.expiry_problems(cfg, tmp_path, now=datetime.now(timezone.utc) - timedelta(days=30)) == []
+    assert tls.expiry_problems(TlsConfig(), tmp_path / "no-tls-yet") == [], "no TLS set up: nothing to say"

@@ -164,6 +164,8 @@ class Supervisor:
         self._watcher_backoff = _Backoff()
         self._service_backoff = _Backoff()
         self._notes: dict[str, str] = {}
+        self._cert_checked_at = 0.0
+        self._cert_notes: list[str] = []
         self._stopping = threading.Event()
         self._refresh = threading.Event()
         self._last: health.Health | None = None
@@ -477,6 +479,7 @@ class Supervisor:
             self.cfg = new
         if self.store is not None:
             self.store.set_forwarding(self.cfg.forward)
+        self._cert_checked_at = 0.0  # a new certificate may have come with the change
 
     # -- threads: config service, media watcher, self-check -------------------------------------
 
@@ -510,9 +513,21 @@ class Supervisor:
             host=health.loopback(self.cfg.scp.bind),
             port=port,
             activity=self.jobs.activity,
-            notes=tuple(self._notes.values()),
+            notes=tuple(self._notes.values()) + tuple(self._certificate_notes()),
         )
         return self._with_scp_report(h)
+
+    def _certificate_notes(self) -> list[str]:
+        """The box's TLS certificate ending within 30 days (or ended), in words; checked at most hourly."""
+        now = time.monotonic()
+        if now - self._cert_checked_at >= 3600 or self._cert_checked_at == 0.0:
+            from appliance import tls
+
+            self._cert_checked_at = now
+            self._cert_notes = tls.expiry_problems(self.cfg.tls, self.data_dir)
+            for note in self._cert_notes:
+                log.warning("%s", note)
+        return self._cert_notes
 
     def _with_scp_report(self, h: health.Health) -> health.Health:
         """``h`` with what the SCP last reported of itself: a C-ECHO answered does not prove
