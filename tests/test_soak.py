@@ -34,6 +34,7 @@ from bench.hostile import (
     echo_ok,
     fuzz,
     hostile_store,
+    insecure_tls,
     memory_bombs,
     proc_stats,
     slow_peers,
@@ -378,3 +379,26 @@ def test_fuzzed_pdus_never_break_the_scp(start_scp) -> None:
     _no_traceback(scp)
     size = scp.log_path.stat().st_size
     assert size < 512 * 1024, f"the SCP logged {size} bytes for {FUZZ_CASES} fuzz cases; answers {answers}"
+
+
+# -- (g) the same over TLS ----------------------------------------------------------------------------
+
+
+def test_fuzz_and_hostile_stores_over_tls_never_break_the_scp(start_scp) -> None:
+    """The TLS port (with the self-signed pair made at the first start) takes the fuzz and the
+    hostile C-STOREs as the plain port does: every hostile store answered, C-ECHO answered
+    after each batch, no traceback, descriptors and threads back where they began."""
+    tls_port = free_port()
+    scp = start_scp(max_associations=16, tls_port=tls_port)
+    target = Target("127.0.0.1", tls_port, tls=insecure_tls())
+    base = scp.stats()
+    results = hostile_store(target, seed=19, timeout=10)
+    unanswered = [r for r in results if r.answer != "P-DATA-TF" or r.status is None]
+    assert unanswered == [], f"{unanswered}\n{scp.log()[-3000:]}"
+    for first in range(0, 600, FUZZ_BATCH):
+        fuzz(target, FUZZ_SEED, FUZZ_BATCH, first=first)
+        assert scp.proc.poll() is None, f"the SCP died in TLS fuzz cases {first}..\n{scp.log()[-3000:]}"
+        echo = scp.echo()
+        assert echo.ok, f"C-ECHO after TLS fuzz cases {first}..: {echo.detail}"
+    scp.settle(base, 2 * LIMITS["acse_timeout"] + LIMITS["network_timeout"] + MARGIN)
+    _no_traceback(scp)

@@ -84,6 +84,7 @@ from bench.hostile.wire import (  # noqa: F401
     connect,
     echo_rq,
     ensure_fds,
+    insecure_tls,
     p_data,
     pdu,
     peer_gone,

@@ -9,6 +9,7 @@ import errno
 import resource
 import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -45,11 +46,12 @@ A_RELEASE_RQ = bytes([RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 @dataclass(frozen=True)
 class Target:
-    """The SCP under test."""
+    """The SCP under test; with ``tls``, its TLS port (every connection is wrapped in it)."""
 
     host: str
     port: int
     ae_title: str = DEFAULT_SCP_AE_TITLE
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
 
 
 # -- PDUs and commands, by hand -------------------------------------------------------------
@@ -212,7 +214,22 @@ def peer_gone(sock: socket.socket) -> str | None:
 def connect(target: Target, timeout: float) -> socket.socket:
     sock = socket.create_connection((target.host, target.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if target.tls is not None:
+        try:
+            return target.tls.wrap_socket(sock)  # the handshake, within ``timeout``
+        except BaseException:
+            sock.close()
+            raise
     return sock
+
+
+def insecure_tls() -> ssl.SSLContext:
+    """A client context that checks nothing: a hostile peer on the TLS port does not care whose
+    certificate it gets."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def close_quietly(sock: socket.socket) -> None:
