@@ -529,3 +529,45 @@ def test_a_certificate_ending_within_30_days_is_reported_in_words(tmp_path):
     assert "ended on" in ended and "TLS peers refuse the box" in ended
     assert tls.expiry_problems(cfg, tmp_path, now=datetime.now(timezone.utc) - timedelta(days=30)) == []
     assert tls.expiry_problems(TlsConfig(), tmp_path / "no-tls-yet") == [], "no TLS set up: nothing to say"
+
+
+def test_the_self_check_probes_the_tls_port_with_a_handshake(tmp_path):
+    import socket as socket_mod
+    import ssl
+    import threading
+
+    from appliance.ops import health
+
+    cert, key = tmp_path / "s.pem", tmp_path / "s.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=box",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    tls_listener = socket_mod.create_server(("127.0.0.1", 0))
+    plain_listener = socket_mod.create_server(("127.0.0.1", 0))
+
+    def serve_tls() -> None:
+        conn, _ = tls_listener.accept()
+        try:
+            with server.wrap_socket(conn, server_side=True):
+                pass
+        except (OSError, ssl.SSLError):
+            conn.close()
+
+    def serve_plain() -> None:  # accepts and says nothing TLS: a plain DICOM port
+        conn, _ = plain_listener.accept()
+        conn.recv(1024)
+        conn.close()
+
+    threads = [threading.Thread(target=serve_tls), threading.Thread(target=serve_plain)]
+    for t in threads:
+        t.start()
+    try:
+        assert health.tls_probe("127.0.0.1", tls_listener.getsockname()[1]) == ""
+        problem = health.tls_probe("127.0.0.1", plain_listener.getsockname()[1], timeout=3)
+        assert problem.startswith(f"the TLS port {plain_listener.getsockname()[1]} does not complete a TLS handshake")
+    finally:
+        for t in threads:
+            t.join(10)
+        tls_listener.close()
+        plain_listener.close()

@@ -10,6 +10,7 @@ sends started on the console that still run (their status files, :mod:`appliance
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,23 @@ def scp_report_view(report: dict[str, str], age: float | None, uptime: float) ->
         ago = report.get("X_LAST_STORE_AGE", "")
         detail += f"; last store {'OK' if last == 'ok' else 'refused ' + last}" + (f" {ago} s ago" if ago else "")
     return problem, detail
+
+
+def tls_probe(host: str, port: int, timeout: float = 5.0) -> str:
+    """Complete a TLS handshake with the Storage SCP's TLS port (its certificate is not checked:
+    this asks whether the port serves TLS at all); return "" or what went wrong, in words.
+    A C-ECHO on the plain port does not show that the TLS port works."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw):
+            return ""
+    except (OSError, ssl.SSLError) as exc:
+        return (f"the TLS port {port} does not complete a TLS handshake ({getattr(exc, 'strerror', None) or exc}); "
+                "TLS peers cannot store")
 
 
 def loopback(bind: str) -> str:

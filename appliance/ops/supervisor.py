@@ -513,9 +513,19 @@ class Supervisor:
             host=health.loopback(self.cfg.scp.bind),
             port=port,
             activity=self.jobs.activity,
-            notes=tuple(self._notes.values()) + tuple(self._certificate_notes()),
+            notes=tuple(self._notes.values()) + tuple(self._certificate_notes()) + tuple(self._tls_port_notes(child)),
         )
         return self._with_scp_report(h)
+
+    def _tls_port_notes(self, child: ScpChild | None) -> list[str]:
+        """What is wrong with the TLS port, if the SCP serves one (a handshake on loopback)."""
+        if child is None or child.tls_sock is None or not child.ready.is_set():
+            return []
+        port = int(child.tls_sock.getsockname()[1])
+        problem = health.tls_probe(health.loopback(self.cfg.scp.bind), port)
+        if problem:
+            log.warning("self-check: %s", problem)
+        return [problem] if problem else []
 
     def _certificate_notes(self) -> list[str]:
         """The box's TLS certificate ending within 30 days (or ended), in words; checked at most hourly."""
