@@ -2,7 +2,9 @@
 
 ``scripts/bench-scp`` is not a test, but it is how the Storage SCP's speed is measured
 against DCMTK's storescp, so a change that breaks it (our SCP's command line, the sink,
-the report) must show up here: a tiny series, one round, every receiver, the floor. Likewise
+the report) must show up here: a tiny series, one round, every receiver, the floor, on the
+root file system and (as root) on the loop-mounted ext4 image, which must be gone afterwards,
+also when the run is interrupted. Likewise
 ``scripts/bench-forward`` (forwarding by ``appliance run`` against storescu sending directly):
 a tiny series, one round, every case, the ratio line and a few latencies.
 """
@@ -10,9 +12,12 @@ a tiny series, one round, every case, the ratio line and a few latencies.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +33,7 @@ def test_bench_scp_runs_every_receiver_and_prints_the_floor(tmp_path: Path) -> N
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench-scp"), "--ct-slices", "6", "--mr-slices", "5",
-         "--rounds", "1", "--parallel", "2", "--echo-count", "2", "--floor",
+         "--rounds", "1", "--parallel", "2", "--echo-count", "2", "--floor", "--fs", "root",
          "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -42,6 +47,64 @@ def test_bench_scp_runs_every_receiver_and_prints_the_floor(tmp_path: Path) -> N
     assert len(result["durable_commit_ms"]["CT"]) == 50 and all(t > 0 for t in result["durable_commit_ms"]["CT"])
     assert "ours/DCMTK, median images/s" in r.stdout
     assert "for a durable receiver" in r.stdout
+    assert result["fs"]["kind"] == "root"
+
+
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mkfs.ext4") is None, reason="the ext4 image is loop-mounted: needs root"
+)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines() if str(path) in line]
+
+
+def _bench_scp_ext4(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "bench-scp"), "--ct-slices", "4", "--mr-slices", "3",
+            "--rounds", "1", "--parallel", "2", "--echo-count", "0", "--floor", "--fs", "ext4", "--fs-size", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), *extra]
+
+
+@as_root
+def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run(_bench_scp_ext4(tmp_path, "--json", str(out)), capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "written to: ext4 image, 1 GB sparse, loop-mounted" in r.stdout
+    assert "ours/floor" in r.stdout and "CPU/img ours" in r.stdout
+    table = r.stdout[r.stdout.index("ms per image (medians): floor = sink + one durable commit"):]
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in table.splitlines()
+            if line.startswith(("CT x", "MR x"))}
+    assert set(rows) == {"CT x1", "CT x2", "MR x1", "MR x2"}
+    assert all(len(cells) == 10 for cells in rows.values())
+    assert rows["CT x1"][5].endswith("x") and rows["CT x2"][4] == "-"  # a floor for one association only
+    result = json.loads(out.read_text())
+    assert result["failed"] == 0 and result["fs"]["kind"] == "ext4"
+    assert _mounts_under(tmp_path) == [] and list((tmp_path / "work").iterdir()) == []
+
+
+@as_root
+def test_bench_scp_interrupted_on_the_ext4_image_unmounts_it(tmp_path: Path) -> None:
+    proc = subprocess.Popen(_bench_scp_ext4(tmp_path, "--rounds", "50"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 120
+        # read what it says: the mount first, then a first run done (its receiver came and went)
+        for awaited in ("receivers write to: ext4 image", "[  1/"):
+            while awaited not in (line := proc.stderr.readline()):
+                assert line and time.monotonic() < deadline, f"never said {awaited!r}"
+        assert _mounts_under(tmp_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for line in _mounts_under(tmp_path):  # a failed test leaves no mount on the machine
+            subprocess.run(["umount", "--lazy", line.split()[1]], check=False)
+    assert _mounts_under(tmp_path) == [] and list((tmp_path / "work").iterdir()) == []
 
 
 def test_bench_forward_runs_every_case_and_prints_the_ratio(tmp_path: Path) -> None:

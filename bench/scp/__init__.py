@@ -20,6 +20,19 @@ The receivers alternate run by run (and which goes first alternates too), so tha
 on the machine hits both alike; the file system is synced between runs so that one
 run's write-back does not land in the next.
 
+Where the receivers write (``--fs``)
+------------------------------------
+The box stores on its data partition, a journaled ext4 (image/mkosi.repart/20-data.conf,
+mounted noatime). By default, when run as root, every receiver's output folder and the
+floor's commits are on such a file system: a sparse image file (``--fs-size``, 4 GB) made
+with mkfs.ext4 as systemd-repart runs it for the image (``bench/scp/fs.py`` says how, and the
+one difference), loop-mounted for the run, and unmounted and removed at the end however the
+run ends (a failed run, Ctrl-C, SIGTERM; not SIGKILL). The image file itself lies under
+``--work-dir`` (or $TMPDIR), so its writes reach that disk through the loop device. ``--fs
+root`` writes to a folder under ``--work-dir`` on whatever file system holds it instead (as
+bench-scp did before); without root, or if the mount fails, that is what the default falls
+back to, and it says so. The report's ``written to:`` line says which it was.
+
 Reading the results
 -------------------
 ``images/s`` and ``MB/s`` (10^6 bytes of Part 10 files sent) are medians over the
@@ -51,9 +64,12 @@ parts of that least time on the same machine and disk: a third receiver, the sin
 (``bench/sink.py``: our acceptor, every data set dropped), gives the time of the sender,
 loopback and our protocol code; bare durable commits of a file of the series' object size
 (write it to a temp file, rename it into a folder, fsync the file and the folder) give the
-cost of durability. Their sum is printed next to DCMTK's time per image and ours: when it is
-above DCMTK's, parity over one association is out of reach on that machine for any
-receiver that commits before it answers, however fast its code.
+cost of durability. Their sum, the floor, is printed next to DCMTK's time per image and
+ours: when it is above DCMTK's, parity over one association is out of reach on that machine
+for any receiver that commits before it answers, however fast its code. The floor's table
+has one row per case: ours, DCMTK, sink, commit and floor in ms per image, ours/floor
+(time per image: 1.00 is at the floor), ours/DCMTK (images/s, as above) and each receiver's
+CPU per image; the xN cases have no floor (commits of N associations can overlap).
 
 This is a benchmark, not a test: it asserts nothing about speed. It exits 1 if any run
 failed (a receiver did not start or answer, storescu reported an error, or the number of
@@ -68,6 +84,7 @@ run ``scripts/setup-venv`` once; the script switches to ``.venv/bin/python`` by 
     scripts/bench-scp --ct-slices 30 --mr-slices 20 --rounds 1   # smoke check (~5 s)
     scripts/bench-scp --json /tmp/bench.json                     # also write the results as JSON
     scripts/bench-scp --floor     # also a sink and bare durable commits: what any durable receiver needs
+    scripts/bench-scp --fs root   # on the work directory's file system, not an ext4 image
     # another command as "ours", with placeholders {port} {data_dir} {aet} {pdu}
     # {max_associations} {storescp}; what it stores is counted with --ours-count
     # (a glob under {data_dir}, '**/*.dcm' by default with --ours-cmd):
@@ -76,8 +93,9 @@ run ``scripts/setup-venv`` once; the script switches to ``.venv/bin/python`` by 
 The code
 --------
 ``processes`` (the DCMTK tools, a receiver's process, the storescu senders), ``runs`` (one
-run of a receiver and a case, the durable commits of ``--floor``), ``report`` (the figures
-and what is printed) and ``command`` (the options and ``main``).
+run of a receiver and a case, the durable commits of ``--floor``), ``fs`` (the ext4 image or
+the root folder the receivers write to), ``report`` (the figures and what is printed) and
+``command`` (the options and ``main``).
 """
 
 from bench.scp.command import main

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from appliance.conformance import DEFAULT_SCP_AE_TITLE
 from bench import series as seriesgen
 from bench.launch import REPO
+from bench.scp.fs import DEFAULT_SIZE_GB, FsUnavailable, WorkFs
 from bench.scp.processes import (
     DCMTK_ENV,
     FLOOR_COMMITS,
@@ -31,7 +31,13 @@ from bench.scp.processes import (
     Dcmtk,
     usage_error,
 )
-from bench.scp.report import print_floor, print_report, ratios, report_problems, summarise
+from bench.scp.report import (
+    print_floor,
+    print_report,
+    ratios,
+    report_problems,
+    summarise,
+)
 from bench.scp.runs import Case, Receiver, Run, commit_floor, run_once
 
 
@@ -76,9 +82,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cache-dir", metavar="DIR", type=Path, default=default_cache, help=f"generated data (default {default_cache})"
     )
     p.add_argument(
-        "--work-dir", metavar="DIR", type=Path, help="where receivers write (default: a new directory under $TMPDIR)"
+        "--work-dir", metavar="DIR", type=Path, help="where the ext4 image, or with --fs root the receivers' folder, goes (default: $TMPDIR)"
     )
-    p.add_argument("--keep", action="store_true", help="keep each run's output directory and logs")
+    p.add_argument(
+        "--fs",
+        choices=("ext4", "root"),
+        help="where receivers write: ext4, a journaled ext4 image made as the box's data partition is, "
+        "loop-mounted for the run (needs root); root, the file system of --work-dir "
+        "(default: ext4 when root and the mount works, else root)",
+    )
+    p.add_argument(
+        "--fs-size",
+        metavar="GB",
+        type=int,
+        default=DEFAULT_SIZE_GB,
+        help=f"size of the sparse ext4 image (default {DEFAULT_SIZE_GB})",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each run's output directory and logs (with --fs ext4: the unmounted image)",
+    )
     p.add_argument(
         "--ours-cmd",
         metavar="CMD",
@@ -104,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds and --parallel must be at least 1, --echo-count at least 0")
     if not 4096 <= args.pdu <= 131072:
         p.error("--pdu must be 4096..131072 (DCMTK's range)")
+    if args.fs_size < 1:
+        p.error("--fs-size must be at least 1")
     if args.parallel > max(args.ct_slices, args.mr_slices):
         p.error("--parallel is larger than the series")
     return args
@@ -171,6 +197,30 @@ def _show(argv: tuple[str, ...]) -> str:
     return " ".join(shlex.quote(a) if " " in a or ";" in a else a for a in argv)
 
 
+def make_work_fs(args: argparse.Namespace, series: list[seriesgen.Series]) -> WorkFs:
+    """The ext4 image (``--fs ext4``, or by default when it can be mounted) or a folder on
+    the root file system (``--fs root``, or by default when the image cannot be had)."""
+    work_parent = _outside_repo(args.work_dir, "work directory") if args.work_dir else None
+    if work_parent:
+        work_parent.mkdir(parents=True, exist_ok=True)
+    if args.fs != "root":
+        # one run at a time holds a series (each run's folder goes when it ends), the
+        # floor's commits hold nothing; twice the largest series leaves room for the
+        # journal and metadata. With --keep every run's folder stays.
+        largest = max(s.nbytes for s in series)
+        runs = args.rounds * 3 * 2 * len(series) if args.keep else 1
+        needed = -(-2 * largest * runs // 10**9)
+        if args.fs_size < needed:
+            usage_error(f"--fs-size {args.fs_size} GB is too small for these series; give at least {needed}")
+        try:
+            return WorkFs.ext4(work_parent, args.fs_size)
+        except FsUnavailable as exc:
+            if args.fs == "ext4":
+                usage_error(f"--fs ext4: {exc}")
+            print(f"no ext4 image ({exc}); measuring on the root file system", file=sys.stderr, flush=True)
+    return WorkFs.root(work_parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dcmtk = Dcmtk.find()
@@ -179,14 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = [Case(s, n) for s in series for n in dict.fromkeys((1, args.parallel))]
     receivers = make_receivers(args, dcmtk)
 
-    work_parent = _outside_repo(args.work_dir, "work directory") if args.work_dir else None
-    if work_parent:
-        work_parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-scp-", dir=work_parent))
     runs: list[Run] = []
     floors: dict[str, list[float]] = {}
     total = args.rounds * len(cases) * len(receivers)
-    try:
+    work_fs = make_work_fs(args, series)
+    try:  # from here on the image is unmounted and removed however the run ends
+        work = work_fs.path
+        print(f"receivers write to: {work_fs.description}", file=sys.stderr, flush=True)
         for round_no in range(1, args.rounds + 1):
             for i, case in enumerate(cases):
                 order = receivers if (round_no + i) % 2 else receivers[::-1]
@@ -214,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+    except KeyboardInterrupt:
+        print("bench-scp: interrupted", file=sys.stderr)
+        return 130
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        work_fs.close(keep=args.keep)
 
     rows = summarise(runs, cases, receivers)
     case_ratios = ratios(rows)
@@ -226,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "series: " + "; ".join(s.describe() for s in series),
         "ours:   " + _show(ours.single),
         "dcmtk:  " + _show(storescp.single) + f"  (with --fork for x{args.parallel})",
+        "written to: " + work_fs.description,
     ]
     print_report(rows, case_ratios, header)
     if args.floor:
@@ -238,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "cpus": os.cpu_count(),
+            "fs": {"kind": work_fs.kind, "description": work_fs.description},
             "dcmtk": asdict(dcmtk),
             "series": [
                 {

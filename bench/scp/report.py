@@ -107,34 +107,78 @@ def print_report(rows: list[dict[str, Any]], case_ratios: dict[str, float | None
             print(f"  {case:8}  {ratio:.2f}  (ours takes {1 / ratio:.2f}x DCMTK's time)")
 
 
-def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], series: list[seriesgen.Series]) -> None:
-    """The least time per image a receiver that commits each object durably before it
-    answers can take over one association, next to DCMTK's and ours.
+FLOOR_COLUMNS = (
+    "case",
+    "ours",
+    "DCMTK",
+    "sink",
+    "commit",
+    "floor",
+    "ours/floor",
+    "ours/DCMTK",
+    "CPU/img ours",
+    "DCMTK",
+    "sink",
+)
 
-    With one association storescu waits for each answer, so nothing overlaps the commit:
-    such a receiver needs at least what the sink needs (sender, loopback, our protocol
-    code) plus one durable commit of an object of that size."""
+
+def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], series: list[seriesgen.Series]) -> None:
+    """Per case, ms per image (medians) of ours, DCMTK and the sink, the durable commit of an
+    object of that size, the floor = sink + commit, ours/floor (time per image), ours/DCMTK
+    (throughput) and each receiver's CPU per image.
+
+    The floor is the least time per image a receiver that commits each object durably before
+    it answers can take over one association: storescu waits for each answer, so nothing
+    overlaps the commit, and such a receiver needs at least what the sink needs (sender,
+    loopback, our protocol code) plus one commit. Over N associations commits can overlap,
+    so the xN cases have no floor."""
     by_key = {(r["case"], r["receiver"]): r for r in rows}
 
     def ms(case: str, receiver: str) -> float | None:
         row = by_key.get((case, receiver), {})
         return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
 
-    print("\none association, ms per image (medians):")
-    for s in series:
-        case = f"{s.spec.modality} x1"
-        dcmtk, ours, sink = ms(case, "dcmtk"), ms(case, "ours"), ms(case, "sink")
-        commits = floors.get(s.spec.modality)
-        if dcmtk is None or ours is None or sink is None or not commits:
-            print(f"  {case:8}  -  (a run failed)")
-            continue
-        commit = statistics.median(commits) * 1e3
-        least = sink + commit
-        print(
-            f"  {case:8}  DCMTK {dcmtk:.2f}; sink {sink:.2f} + durable commit of {s.nbytes // len(s.files) // 1000} kB "
-            f"{commit:.2f} = at least {least:.2f} for a durable receiver (at best {dcmtk / least:.2f}x DCMTK); "
-            f"ours {ours:.2f} ({dcmtk / ours:.2f}x)"
+    def cpu(case: str, receiver: str) -> float | None:
+        return by_key.get((case, receiver), {}).get("cpu_ms_per_image")
+
+    def cell(v: float | None, suffix: str = "") -> str:
+        return "-" if v is None else f"{v:.2f}{suffix}"
+
+    table = [list(FLOOR_COLUMNS)]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        modality, associations = case.split(" x")
+        ours, dcmtk, sink = ms(case, "ours"), ms(case, "dcmtk"), ms(case, "sink")
+        commits = floors.get(modality)
+        commit = statistics.median(commits) * 1e3 if commits else None
+        floor = sink + commit if associations == "1" and sink is not None and commit is not None else None
+        table.append(
+            [
+                case,
+                cell(ours),
+                cell(dcmtk),
+                cell(sink),
+                cell(commit),
+                cell(floor),
+                cell(ours / floor if ours is not None and floor else None, "x"),
+                cell(dcmtk / ours if ours and dcmtk is not None else None),
+                cell(cpu(case, "ours")),
+                cell(cpu(case, "dcmtk")),
+                cell(cpu(case, "sink")),
+            ]
         )
+    sizes = ", ".join(f"{s.spec.modality} {s.nbytes // len(s.files) // 1000} kB" for s in series)
+    print(
+        "\nms per image (medians): floor = sink + one durable commit of an object "
+        f"({sizes}), the least for a durable receiver over one association;"
+    )
+    print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms")
+    widths = [max(len(line[i]) for line in table) for i in range(len(FLOOR_COLUMNS))]
+    for n, line in enumerate(table):
+        print(
+            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True)))
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def report_problems(runs: list[Run]) -> None:
