@@ -14,9 +14,10 @@ the new settings when they concern it) and only then written. Without a running 
 commands read and edit the file themselves. Either way the file is written atomically, and
 only the key that was set changes: a file holding only ``[scp] port`` stays that short.
 
-A list of tables (``[[forward]]``, :data:`LIST_KEYS`) has no key per value: it is set whole,
-its value a JSON (or TOML) array of tables, ``{"op": "set", "key": "forward", "value":
-"[{\"to\": [\"PACS\"]}]"}``; an empty array removes every table of it.
+A list of tables (``[[forward]]``, ``[[peer]]``: :data:`LIST_KEYS`) has no key per value: it
+is set whole, its value a JSON (or TOML) array of tables, ``{"op": "set", "key": "forward",
+"value": "[{\"to\": [\"PACS\"]}]"}``; an empty array removes every table of it. Keys that
+only go together (``tls.certificate`` and ``tls.private_key``) are set in one ``change``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ SOCKET_NAME = "config.sock"
 SOCKET_GROUP = "appliance"
 _MAX_LINE = 1 << 20
 _CLIENT_TIMEOUT = 90.0  # a set may restart the SCP, whose in-flight associations get 10 s
-#: Top-level keys whose value is a list of tables (``[[forward]]``): set whole, never one key of one table.
-LIST_KEYS = ("forward",)
+#: Top-level keys whose value is a list of tables (``[[forward]]``, ``[[peer]]``): set whole,
+#: never one key of one table.
+LIST_KEYS = ("forward", "peer")
+#: An example of each list's value, for the message that says what is expected.
+_LIST_EXAMPLES = {"forward": '[{to = ["PACS"]}]', "peer": '[{ae_title = "CT_SIM", addresses = ["192.168.1.31"]}]'}
 
 
 def runtime_dir(explicit: str | None = None) -> Path:
@@ -118,7 +122,7 @@ def parse_tables(key: str, text: str) -> list[dict[str, Any]]:
             value = None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise ConfigError(f"{key} takes the whole list of [[{key}]] tables, an array of tables such as "
-                          f"[{{to = [\"PACS\"]}}] ([] removes them all); '{text[:60]}' is not one")
+                          f"{_LIST_EXAMPLES.get(key, '[{...}]')} ([] removes them all); '{text[:60]}' is not one")
     return value
 
 

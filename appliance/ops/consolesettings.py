@@ -68,6 +68,23 @@ class ConsoleSettings:
             return f"written to {self.cfile.path}; the rules apply when the appliance starts (it is not running)"
         return "applied: the Storage SCP queues what arrives by them from now on"
 
+    def check_peers(self, peers: list[dict[str, Any]]) -> Config:
+        """The configuration with ``peers`` as its whole ``[[peer]]`` list; raise ConfigError
+        naming every problem (an AE title, an address or network, a fingerprint)."""
+        return self.check({"peer": json.dumps(peers)})
+
+    def set_peers(self, peers: list[dict[str, Any]]) -> str:
+        """Replace the ``[[peer]]`` list by ``peers`` (tables as :func:`peer_table` makes them);
+        return what happened in words. The running appliance restarts its Storage SCP on them."""
+        text = json.dumps(peers)
+        try:
+            self._ask("change", value={"peer": text})
+        except (FileNotFoundError, ConnectionRefusedError):
+            raw, _cfg = self.cfile.plan_changes({"peer": text})
+            self.cfile.write(raw)
+            return f"written to {self.cfile.path}; the known peers apply when the appliance starts (it is not running)"
+        return "applied: the Storage SCP checks associations against them from now on"
+
     def change(self, changes: dict[str, str | None]) -> str:
         """Apply ``changes`` (None removes a key); return what happened in words."""
         try:
@@ -205,6 +222,28 @@ FORWARD_FIELDS = (
     Field("max_pending_gb", "Max waiting GB", "Backlog cap per destination, GB; 0: none.", "number"),
     Field("drop_oldest", "Drop oldest", "Above a cap: yes drops the oldest, no only reports it.", "bool"),
 )
+
+
+#: The TLS and known-peer settings of the Security page.
+SECURITY_FIELDS = (
+    Field("scp.tls_port", "TLS port", "DICOM TLS beside the plain port: 2762 by convention; 0: off.",
+          "int", 0, 65535),
+    Field("scp.require_known_peers", "Require known peers",
+          "yes: only the known peers (p) may associate, from their addresses.", "bool"),
+)
+#: A ``[[peer]]``'s fields; ``key`` is the peer table's own key.
+PEER_FIELDS = (
+    Field("ae_title", "AE title", "the peer's calling AE title: 1 to 16 characters, no backslash."),
+    Field("addresses", "Addresses", "its addresses or networks, e.g. 192.168.1.31, 10.0.4.0/24.", "list"),
+    Field("certificate_subject", "Certificate subject", "over TLS, e.g. CN=ct-sim,O=Hospital, or the CN alone."),
+    Field("certificate_sha256", "Certificate SHA-256", "over TLS, its fingerprint: AA:BB:... (64 hex digits)."),
+)
+
+
+def peer_table(peer: config.Peer) -> dict[str, Any]:
+    """``peer`` as its ``[[peer]]`` table, without the keys that are empty."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(peer).items()
+            if k == "ae_title" or v}
 
 
 def rule_table(rule: config.ForwardRule) -> dict[str, Any]:

@@ -16,8 +16,9 @@ gateway or an address conflict costs the box its network, never this menu.
 The package: :mod:`~appliance.ops.console.screen` (the terminal, field editing),
 :mod:`~appliance.ops.console.menu` (:class:`Console`: the main menu and its loop) and one
 module per group of pages (destinations, export: send to a destination, forwarding: the
-rules and the queue, media: USB and CD, network, storage: delete, protect, retention, system:
-log, power, service shell). A new page is a method of a page class and an entry in
+rules and the queue, media: USB and CD, network, security: the TLS certificate, the TLS port,
+known peers, a certificate import, storage: delete, protect, retention, system: log, power,
+service shell). A new page is a method of a page class and an entry in
 ``Console.run``.
 """
 

@@ -13,6 +13,7 @@ from appliance.ops.console.forwarding import ForwardingPages
 from appliance.ops.console.media import MediaPages
 from appliance.ops.console.network import NetworkPage
 from appliance.ops.console.screen import Quit
+from appliance.ops.console.security import SecurityPages
 from appliance.ops.console.storage import StoragePages
 from appliance.ops.console.system import SystemPages
 from appliance.ops.consolesettings import SCP_FIELDS
@@ -20,7 +21,8 @@ from appliance.ops.consolesettings import SCP_FIELDS
 log = logging.getLogger(__name__)
 
 
-class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, NetworkPage, StoragePages, SystemPages):
+class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, NetworkPage, SecurityPages, StoragePages,
+              SystemPages):
     """The menu, reading lines from ``inp`` and writing to ``out``."""
 
     def run(self) -> int:
@@ -39,6 +41,7 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
             "e": ("Send studies or series to a destination", self.export),
             "a": ("Audit trail: who sent, took, deleted or changed what", self.audit_trail),
             "f": ("Forwarding: rules, queue per destination", self.forwarding),
+            "t": ("Security: TLS certificate, TLS port, known peers", self.security),
             "s": ("Service shell (root password)", self.service_shell),
         }
         audit.record(self.data_dir, audit.Event("login", "E", participants=(
@@ -61,7 +64,7 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t or q.")
                     continue
                 try:
                     screens[choice][1]()
