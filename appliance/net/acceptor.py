@@ -324,21 +324,7 @@ class Acceptor:
     def listen(self, host: str, port: int, sock: socket.socket | None = None) -> tuple[str, int]:
         """Bind (or use the already bound ``sock``) and start accepting in a background
         thread; return the bound address."""
-        if sock is None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                sock.close()
-                raise
-        try:
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = _listening(host, port, sock)
         self._listener = sock
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector = selectors.DefaultSelector()
@@ -356,21 +342,7 @@ class Acceptor:
         """Also accept DICOM TLS on ``host``:``port`` (or the already bound ``sock``);
         call after :meth:`listen`. Return the bound address."""
         assert self._selector is not None, "listen() first"
-        if sock is None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                sock.close()
-                raise
-        try:
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = _listening(host, port, sock)
         self._tls_context = context
         self._tls_listener = sock
         self._selector.register(sock, selectors.EVENT_READ)
@@ -1009,3 +981,23 @@ def _is_loopback(host: str) -> bool:
 def _brief(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _listening(host: str, port: int, sock: socket.socket | None) -> socket.socket:
+    """``sock`` (or a new socket bound to ``host``:``port``) listening and non-blocking; closed on failure."""
+    if sock is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+    try:
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
