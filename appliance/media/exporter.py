@@ -72,7 +72,7 @@ from appliance.conformance import (
 )
 from appliance.dicom import dicomio
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
-from appliance.errors import ApplianceError, MediaError, StoreError
+from appliance.errors import ApplianceError, MediaError
 from appliance.media import dicomdir
 from appliance.media.usbtarget import Medium, open_medium
 from appliance.reports import Item, Progress, Report
@@ -441,10 +441,7 @@ def _record_delivery(store: Store, report: ExportReport, started_at: str) -> Non
     (retention may delete them). A failed export wrote no DICOMDIR: what it wrote is not listed."""
     listed = {FileOutcome.ON_STICK} | ({FileOutcome.WRITTEN} if report.status is not ExportStatus.FAILED else set())
     on_stick = {i.sop_instance_uid for i in report.items if i.outcome in listed}
-    try:
-        store.record_delivery(on_stick, f"USB stick {report.target}", started_at)
-    except StoreError as exc:
-        log.warning("could not record which studies reached the stick (retention keeps them): %s", exc)
+    store.record_delivery(on_stick, f"USB stick {report.target}", started_at)
 
 
 def _audit(store: Store, report: ExportReport) -> None:

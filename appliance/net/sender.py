@@ -58,7 +58,7 @@ from appliance.conformance import (
     Status,
 )
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
-from appliance.errors import ApplianceError, ConfigError, NetworkError, StoreError
+from appliance.errors import ApplianceError, ConfigError, NetworkError
 from appliance.reports import Item, Progress, Report, sop_class_label
 from appliance.store.index import InstanceRow
 from appliance.store.marks import now as delivery_time
@@ -659,11 +659,7 @@ def _audit(store: Store, report: SendReport, peer: Destination, calling_ae: str)
 def _record_delivery(store: Store, results: list[ObjectResult], to: str, started_at: str) -> None:
     """Record the studies every object of which the peer took (retention may delete them)."""
     taken = {r.sop_instance_uid for r in results if r.outcome in (SendOutcome.SENT, SendOutcome.WARNING)}
-    try:
-        done = store.record_delivery(taken, to, started_at)
-    except StoreError as exc:
-        log.warning("could not record which studies reached %s (retention keeps them): %s", to, exc)
-        return
+    done = store.record_delivery(taken, to, started_at)
     if done:
         log.debug("delivered to %s: %s", to, ", ".join(done))
 

@@ -321,12 +321,17 @@ class Store:
 
     def record_delivery(self, sent_uids: set[str], to: str, at: str) -> list[str]:
         """Record as delivered to ``to`` (by an export or send started ``at``) every study all
-        of whose objects are in ``sent_uids``; return those studies."""
-        studies = {r.study_uid for uid in sent_uids if (r := self.index.instance(uid)) is not None}
-        done = [s for s in sorted(studies)
-                if all(r.sop_instance_uid in sent_uids for r in self.index.study_instances(s))]
-        if done:
-            self.marks.delivered(done, to, at)
+        of whose objects are in ``sent_uids``; return those studies. Never raises: a failure
+        is logged, and retention then keeps the studies (the safe side)."""
+        try:
+            studies = {r.study_uid for uid in sent_uids if (r := self.index.instance(uid)) is not None}
+            done = [s for s in sorted(studies)
+                    if all(r.sop_instance_uid in sent_uids for r in self.index.study_instances(s))]
+            if done:
+                self.marks.delivered(done, to, at)
+        except StoreError as exc:
+            log.warning("could not record which studies reached %s (retention keeps them): %s", to, exc)
+            return []
         return done
 
     def study_usage(self, study_uids: list[str] | None = None) -> list[StudyUsage]:

@@ -193,10 +193,7 @@ class Retriever:
                 if assoc.is_established:
                     assoc.release()
         taken = {r.sop_instance_uid for r in rows} - set(tally.failed_uids)
-        try:
-            self.store.record_delivery(taken, f"{name} (C-MOVE)", started_at)
-        except StoreError as exc:
-            log.warning("could not record which studies reached %s (retention keeps them): %s", name, exc)
+        self.store.record_delivery(taken, f"{name} (C-MOVE)", started_at)
         log.info("C-MOVE from %s to %s (%s@%s:%d): %s in %.1f s", msg.calling_ae, name, peer.ae_title, peer.host,
                  peer.port, tally.words(), time.monotonic() - t0)
         self._audit(msg, "C-MOVE", rows, tally, peer, comment)
