@@ -134,17 +134,8 @@ def delete_studies(store: Store, study_uids: Iterable[str], *, what: str = "",
         usage = store.index.study_usage(uids)
         if not usage:
             raise DeletionRefused(f"nothing to delete: {report.what} is not stored")
-        marks = StudyMarks(store.data_dir).get(u.study_uid for u in usage)
-        busy = busy_studies(store.data_dir)
-        chosen: list[StudyUsage] = []
-        for u in usage:
-            mark = marks.get(u.study_uid)
-            why = why_kept(u, protected=bool(mark and mark.protected), busy=u.study_uid in busy,
-                           quiet_seconds=quiet_seconds)
-            if why:
-                report.kept.append(Kept(u.study_uid, _patient(u), why))
-            else:
-                chosen.append(u)
+        may_go = _may_go(store, usage, quiet_seconds, report)
+        chosen = [u for u in usage if u.study_uid in may_go]
         if not chosen:
             raise DeletionRefused(f"nothing was deleted: {report.kept[0].why}" if len(report.kept) == 1 else
                                   "nothing was deleted:\n" + "\n".join(
@@ -157,6 +148,23 @@ def delete_studies(store: Store, study_uids: Iterable[str], *, what: str = "",
     log.info("%s (%s)", report.summary(), reason)
     _audit(store, rows, report, reason)
     return report
+
+
+def _may_go(store: Store, studies: list[StudyUsage], quiet_seconds: float, report: DeleteReport) -> set[str]:
+    """The studies of ``studies`` that may be deleted now; each one kept goes into
+    ``report.kept`` with why (once per entry of ``studies``, as a series names its study)."""
+    marks = StudyMarks(store.data_dir).get(u.study_uid for u in studies)
+    busy = busy_studies(store.data_dir)
+    may: set[str] = set()
+    for u in studies:
+        mark = marks.get(u.study_uid)
+        why = why_kept(u, protected=bool(mark and mark.protected), busy=u.study_uid in busy,
+                       quiet_seconds=quiet_seconds)
+        if why:
+            report.kept.append(Kept(u.study_uid, _patient(u), why))
+        else:
+            may.add(u.study_uid)
+    return may
 
 
 def _audit(store: Store, rows: list[InstanceRow], report: DeleteReport, reason: str) -> None:
@@ -186,18 +194,8 @@ def delete_series(store: Store, series_uids: Iterable[str], *, quiet_seconds: fl
         if not found:
             raise DeletionRefused(f"nothing to delete: {report.what} is not stored")
         usage = {u.study_uid: u for u in store.index.study_usage(sorted({s.study_uid for s in found.values()}))}
-        marks = StudyMarks(store.data_dir).get(usage)
-        busy = busy_studies(store.data_dir)
-        chosen = []
-        for series_uid, s in found.items():
-            u = usage[s.study_uid]
-            mark = marks.get(u.study_uid)
-            why = why_kept(u, protected=bool(mark and mark.protected), busy=u.study_uid in busy,
-                           quiet_seconds=quiet_seconds)
-            if why:
-                report.kept.append(Kept(u.study_uid, _patient(u), why))
-            else:
-                chosen.append(series_uid)
+        may_go = _may_go(store, [usage[s.study_uid] for s in found.values()], quiet_seconds, report)
+        chosen = [series_uid for series_uid, s in found.items() if s.study_uid in may_go]
         if not chosen:
             raise DeletionRefused("nothing was deleted: " + "; ".join(k.why for k in report.kept))
         rows = [r for uid in chosen for r in store.index.ordered_instances(uid)]
