@@ -66,12 +66,7 @@ class DestinationsPage(Screen):
                 self.error(exc)
                 return
         changes: dict[str, str | None] = {f"destinations.{name}.{k}": v for k, v in values.items()}
-        try:
-            self.settings.check(changes)
-        except ConfigError as exc:
-            self.error(exc)
-            return
-        if self.save(changes) and self.confirm(f"Echo {name} now?"):
+        if self.check_and_save(changes) and self.confirm(f"Echo {name} now?"):
             self._echo(name, self.settings.current().destinations[name])
 
     def _edit_destination(self, name: str, d: Destination) -> None:
@@ -89,12 +84,7 @@ class DestinationsPage(Screen):
         if not changes:
             self.say("Unchanged.")
             return
-        try:
-            self.settings.check(changes)
-        except ConfigError as exc:
-            self.error(exc)
-            return
-        self.save(changes)
+        self.check_and_save(changes)
 
     def _echo(self, name: str, d: Destination) -> None:
         from appliance.net import sender

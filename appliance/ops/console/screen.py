@@ -130,6 +130,16 @@ class Screen:
             return False
         return self.save({f.key: value})
 
+    def check_and_save(self, changes: dict[str, str | None]) -> bool:
+        """Validate ``changes`` against the whole configuration, then save them; a problem is
+        said in words and nothing is saved. True if saved."""
+        try:
+            self.settings.check(changes)
+        except ConfigError as exc:
+            self.error(exc)
+            return False
+        return self.save(changes)
+
     def save(self, changes: dict[str, str | None]) -> bool:
         try:
             result = self.settings.change(changes)

@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError
 from appliance.ops.console.screen import WIDTH, Screen
 from appliance.ops.consolesettings import RETENTION_FIELDS, value_of
 
@@ -286,12 +286,7 @@ class StoragePages(Screen):
         if not changes:
             self.say("Unchanged.")
             return
-        try:
-            self.settings.check(changes)
-        except ConfigError as exc:
-            self.error(exc)
-            return
-        self.save(changes)
+        self.check_and_save(changes)
 
     def _eligibility(self, store: Store, cfg: Config) -> None:
         from appliance.store.retention import Retention
