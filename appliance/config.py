@@ -148,6 +148,18 @@ class QrConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """Updating the box's system (``[update]``, issue 21)."""
+
+    #: Install a release from an inserted USB stick without asking on the console first.
+    auto_from_usb: bool = False
+    #: An http:// or https:// base URL holding a release (SHA256SUMS and its artefacts); empty: none.
+    url: str = ""
+    #: Boots a newly installed version gets to become healthy before the box goes back (1 to 10).
+    boot_tries: int = 3
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """The store and ingest rules (``[store]``)."""
 
@@ -324,6 +336,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     qr: QrConfig = field(default_factory=QrConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     #: Known peers (``[[peer]]``), in file order.
     peer: tuple[Peer, ...] = ()
     #: Forwarding rules (``[[forward]]``), in file order.
@@ -420,6 +433,20 @@ def validate_retention(r: RetentionConfig, where: str = "retention") -> list[str
     return problems
 
 
+def validate_update(u: UpdateConfig, where: str = "update") -> list[str]:
+    """Return the problems of ``u`` (empty if it is valid)."""
+    problems = []
+    if u.url and (not u.url.lower().startswith(("http://", "https://")) or len(u.url.split("://", 1)[1]) == 0
+                  or any(c.isspace() for c in u.url)):
+        problems.append(f"{where}.url '{u.url}' is not an http:// or https:// URL; give the address of the folder "
+                        "holding the release (SHA256SUMS), e.g. https://updates.hospital.example/appliance, or "
+                        "leave it empty")
+    if not 1 <= u.boot_tries <= 10:
+        problems.append(f"{where}.boot_tries {u.boot_tries} is out of range; use 1 to 10 (boots a new version "
+                        "gets to become healthy)")
+    return problems
+
+
 #: The ranges of the ``[scp]`` limits: (field, lowest, highest).
 _SCP_LIMITS: tuple[tuple[str, float, float], ...] = (
     ("acse_timeout", 1, 3600),
@@ -470,6 +497,7 @@ def _check(cfg: Config) -> list[str]:
     if not 0 < st.slice_tolerance_mm <= 10:
         problems.append(f"store.slice_tolerance_mm {st.slice_tolerance_mm} is out of range; use 0.001 to 10")
     problems += validate_retention(cfg.retention)
+    problems += validate_update(cfg.update)
     for name, d in cfg.destinations.items():
         where = f"destinations.{name}"
         if not _DESTINATION_NAME_RE.match(name):

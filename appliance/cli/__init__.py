@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "run": "appliance.cli.run",
     "console": "appliance.cli.console",
     "network": "appliance.cli.console",
+    "update": "appliance.cli.update",
 }
 
 

@@ -272,7 +272,21 @@ def boot_check(
     ``host``:``port`` answers C-ECHO and a store self-check in ``data_dir`` passes. Healthy and
     counted: bless the running UKI. Unhealthy and counted: log why and call ``reboot`` (the
     boot loader already counted the try). Not counted: only log the result."""
-    from appliance.ops.health import echo, store_problem
+    # The supervisor's own checks (its echo's AE title is always a known peer), from below ops/,
+    # which imports this module for the versions.
+    from appliance.config import Destination
+    from appliance.errors import ApplianceError
+    from appliance.net.acceptor import SELF_CHECK_AE_TITLE
+    from appliance.net.sender import ClientSettings
+    from appliance.net.sender import echo as c_echo
+    from appliance.store.disk import self_store
+
+    def echo() -> str:
+        try:
+            c_echo(Destination(ae_title, host, port), ClientSettings(SELF_CHECK_AE_TITLE, timeout=echo_timeout))
+        except ApplianceError as exc:
+            return str(exc)
+        return ""
 
     version = running_version(os_release)
     counted = counted_uki(esp, efivars) is not None
@@ -284,11 +298,11 @@ def boot_check(
             problem = "the appliance service failed"
             break
         if st == "active":
-            problem = echo(host, port, ae_title, timeout=echo_timeout) or ""
+            problem = echo()
             if problem:
                 problem = f"the Storage SCP does not answer C-ECHO ({problem})"
             else:
-                problem = store_problem(data_dir)
+                problem = self_store(data_dir, "health-check")
                 if problem:
                     problem = f"the store self-check fails ({problem})"
             if not problem:
