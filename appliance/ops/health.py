@@ -4,7 +4,9 @@
 in the store, and gathers counts, disk use and the last import, export and send results (kept
 in ``DATA_DIR/last-media.json`` by the media jobs and the send job, so they survive a restart:
 see :mod:`appliance.jobs.results`, whose names this module hands on to the console), and the
-sends started on the console that still run (their status files, :mod:`appliance.jobs.sendjob`).
+sends started on the console that still run (their status files, :mod:`appliance.jobs.sendjob`),
+and the system version: the running one, the other slot's and whether a rollback happened
+(:func:`version_lines`, from :mod:`appliance.update.boot`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 # the supervisor import this module, and at the box's start every second counts.
 
 __all__ = ["Health", "JobResult", "check", "last_results", "loopback", "offline", "record_result",
-           "scp_report_view", "store_problem"]
+           "scp_report_view", "store_problem", "version_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class Health:
     #: ("sending 12 of 40 to PACS ..."), and the last finished send's result.
     sending: tuple[str, ...] = ()
     last_send: JobResult | None = None
+    #: The system version in lines (running, the other slot, a rollback), and in one for ``STATUS=``.
+    version: tuple[str, ...] = ()
+    version_status: str = ""
+    #: The last USB stick that held an update: offered, asked for, or refused and why.
+    last_update_stick: JobResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -96,9 +103,11 @@ class Health:
         if self.activity:
             parts.append(self.activity)
         parts.extend(self.sending)
-        for r in (self.last_import, self.last_export, self.last_send):
+        for r in (self.last_import, self.last_export, self.last_send, self.last_update_stick):
             if r is not None:
                 parts.append(r.short)
+        if self.version_status:
+            parts.append(self.version_status)
         parts.extend(self.notes)
         return " · ".join(parts)
 
@@ -116,8 +125,8 @@ class Health:
             lines.append(f"scp:      {self.scp_detail}")
         lines += [
             f"store:    {self.store_problem or 'writable'}; disk {self.disk_used_percent:.0f}% used",
-            f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
-            f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances",
+            (f"stored:   {c.get('patients', 0):,} patients, {c.get('studies', 0):,} studies, "
+             f"{c.get('series', 0):,} series, {c.get('instances', 0):,} instances"),
         ]
         if self.retention:
             lines.append(f"retention: {self.retention}")
@@ -128,9 +137,13 @@ class Health:
         if self.activity:
             lines.append(f"now:      {self.activity}")
         lines.extend(f"now:      {line}" for line in self.sending)
-        for label, r in (("import", self.last_import), ("export", self.last_export), ("send", self.last_send)):
+        for label, r in (("import", self.last_import), ("export", self.last_export), ("send", self.last_send),
+                         ("update stick", self.last_update_stick)):
+            if r is None and label == "update stick":
+                continue
             text = "none yet" if r is None else f"{'OK' if r.ok else 'FAILED'} {r.finished_at} {r.device}: {r.summary}"
             lines.append(f"last {label}: {text}")
+        lines.extend(f"version:  {line}" for line in self.version)
         lines.extend(f"note:     {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -143,12 +156,13 @@ class Health:
     def from_dict(cls, d: dict[str, Any]) -> Health:
         d = dict(d)
         d.pop("ok", None)
-        for k in ("last_import", "last_export", "last_send"):
+        for k in ("last_import", "last_export", "last_send", "last_update_stick"):
             d[k] = JobResult(**d[k]) if d.get(k) else None
         d["notes"] = tuple(d.get("notes", ()))
         d["forwarding"] = tuple(d.get("forwarding", ()))
         d["forwarding_problems"] = tuple(d.get("forwarding_problems", ()))
         d["sending"] = tuple(d.get("sending", ()))
+        d["version"] = tuple(d.get("version", ()))
         return cls(**d)
 
 
@@ -218,6 +232,49 @@ def tls_probe(host: str, port: int, timeout: float = 5.0) -> str:
                 "TLS peers cannot store")
 
 
+#: Said instead of the slots on a machine that does not run the appliance image.
+NO_SLOTS = "no update slots (not running from the appliance image)"
+
+
+def version_lines(esp: Path | None = None, os_release: Path | None = None,
+                  run_dir: Path | None = None) -> tuple[tuple[str, ...], str]:
+    """The system version as lines for ``appliance status`` and as one line for ``STATUS=``:
+    the running version, the other slot's and its state, a rollback
+    (:func:`appliance.update.boot.version_info`), and an update being installed or the last
+    one's result (:func:`appliance.update.request.read_progress`, until the next boot). A
+    machine without the ESP or without ``IMAGE_VERSION`` in its os-release (a development
+    machine) gets the package's version and :data:`NO_SLOTS`; what cannot be read is said,
+    never raised."""
+    from appliance import __version__
+    from appliance.update import ESP, OS_RELEASE, RUN_DIR, UpdateError
+    from appliance.update.boot import version_info
+    from appliance.update.request import read_progress
+
+    esp = ESP if esp is None else esp
+    os_release = OS_RELEASE if os_release is None else os_release
+    try:
+        image = "IMAGE_VERSION=" in os_release.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        image = False
+    if not image or not esp.is_dir():
+        lines, status = [f"{__version__} (the package); {NO_SLOTS}"], f"version {__version__}"
+    else:
+        try:
+            info = version_info(esp=esp, os_release=os_release)
+            lines, status = info.lines(), info.status_line()
+        except (UpdateError, OSError) as exc:
+            lines, status = [f"cannot be read: {exc}"], "version unknown"
+    p = read_progress(RUN_DIR if run_dir is None else run_dir)
+    if p is not None and not p.finished:
+        lines.append(f"Updating: {p.message}")
+        status += f"; updating to {p.version}: {p.percent} %"
+    elif p is not None:
+        lines.append(f"Last update: {'done' if p.ok else 'FAILED'}: {p.message}")
+        if not p.ok:
+            status += f"; update to {p.version} FAILED"
+    return tuple(lines), status
+
+
 def loopback(bind: str) -> str:
     """The address to reach a server bound to ``bind`` from this machine."""
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind, bind)
@@ -262,7 +319,11 @@ def _gather(store: Store, listening: str, answered: bool, activity: str, notes: 
                 if retention.enabled else "off")
     from appliance.jobs import forwarder, sendjob
 
+    version, version_status = version_lines()
     return Health(
+        version=version,
+        version_status=version_status,
+        last_update_stick=results.get("update stick"),
         sending=tuple(job.line() for job in sendjob.running(store.data_dir)),
         last_send=results.get("send"),
         forwarding=tuple(forwarder.forward_lines(store)),
