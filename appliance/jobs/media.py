@@ -5,13 +5,25 @@ thread runs the jobs in order, so two media never interleave. An insertion is re
 once: a drive's duplicate ``change`` events for the same disc (tray open and close) are
 dropped until the medium is removed or a different one appears. Each outcome is kept
 (:func:`appliance.jobs.results.record_result`) for ``STATUS=`` and ``appliance status``.
+
+A USB stick holding an update (an ``appliance-update`` folder with a ``SHA256SUMS``, issue 21)
+is not exported to: its release is checked (the signature by a trusted key) and offered on
+the console (:func:`appliance.update.request.write_offer`), or, with ``[update]
+auto_from_usb``, asked for at once (:func:`~appliance.update.request.write_request`); the
+root-run installer does the rest. The stick is looked at mounted read-only, then unmounted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import stat
+import subprocess
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +36,14 @@ from appliance.reports import Progress
 from appliance.store.ingest import Ingest
 from appliance.store.retention import Retention
 from appliance.store.store import Store
+from appliance.update import KEYS_DIR, RUN_DIR, UpdateError
+from appliance.update.release import read_release, stick_release_dir
+from appliance.update.request import write_offer, write_request
 
 log = logging.getLogger(__name__)
 
+#: The kind of job result (:class:`~appliance.jobs.results.JobResult`) of a stick holding an update.
+UPDATE_STICK = "update stick"
 #: What the USB export is called with; ``appliance.media.exporter.export`` when it is present.
 Exporter = Callable[..., Any]
 
@@ -44,6 +61,39 @@ def usb_exporter() -> Exporter | None:
     return exporter.export
 
 
+@contextlib.contextmanager
+def peek(device: Path) -> Iterator[Path | None]:
+    """The stick ``device`` as a folder to read: a folder is itself, a block device is mounted
+    read-only (and unmounted after); None for anything else (a FAT image file) or a stick
+    that cannot be mounted (the export then says why)."""
+    try:
+        mode = device.stat().st_mode
+    except OSError:
+        yield None
+        return
+    if stat.S_ISDIR(mode):
+        yield device
+        return
+    if not stat.S_ISBLK(mode):
+        yield None
+        return
+    mountpoint = Path(tempfile.mkdtemp(prefix="appliance-peek-"))
+    done = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", str(device), str(mountpoint)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log.debug("cannot mount %s read-only to look for an update: %s", device, done.stderr.strip())
+        mountpoint.rmdir()
+        yield None
+        return
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+
+
 class MediaJobs:
     """Runs media jobs one at a time on ``store`` under the config ``settings()`` returns."""
 
@@ -54,8 +104,13 @@ class MediaJobs:
         *,
         on_change: Callable[[], None] = lambda: None,
         export: Exporter | None = None,
+        update_keys: Path = KEYS_DIR,
+        update_run_dir: Path = RUN_DIR,
     ) -> None:
         self.store = store
+        #: The trusted keys a stick's release must be signed by, and where offers and requests go.
+        self.update_keys = update_keys
+        self.update_run_dir = update_run_dir
         self.settings = settings
         self.on_change = on_change
         self.export = export if export is not None else usb_exporter()
@@ -132,12 +187,40 @@ class MediaJobs:
         try:
             if event.kind is MediumKind.CD:
                 ok, summary = self._import(event)
+            elif (update := self._update_stick(event)) is not None:
+                return update
             else:
                 ok, summary = self._export(event)
         except ApplianceError as exc:
             ok, summary = False, str(exc)
         log.log(logging.INFO if ok else logging.WARNING, "%s %s: %s", kind, "done" if ok else "failed", summary)
         return results.JobResult(kind, ok, summary, event.device)
+
+    def _update_stick(self, event: MediaEvent) -> results.JobResult | None:
+        """If the stick holds an update, check it and offer it (or ask for it, with
+        ``update.auto_from_usb``) and return the outcome; None for a stick to export to."""
+        with peek(Path(event.device)) as root:
+            folder = stick_release_dir(root) if root is not None else None
+            if folder is None:
+                return None
+            label = event.label or event.device
+            self._activity = f"checking the update on USB '{label}'"
+            self.on_change()
+            try:
+                release = read_release(folder, keys_dir=self.update_keys)
+            except UpdateError as exc:
+                log.warning("update refused: %s", exc)
+                return results.JobResult(UPDATE_STICK, False, f"update refused: {exc}", event.device)
+        where = f"USB stick '{label}'"
+        if self.settings().update.auto_from_usb:
+            write_request(event.device, by="usb auto", run_dir=self.update_run_dir)
+            said = (f"update requested: version {release.version} from {where} (install automatically from USB "
+                    "is on)")
+        else:
+            write_offer(event.device, release.version, run_dir=self.update_run_dir)
+            said = f"update offered: version {release.version} on {where}; install it on the console (menu u)"
+        log.info("%s", said)
+        return results.JobResult(UPDATE_STICK, True, said, event.device)
 
     def _progress(self, what: str, cancellable: bool) -> Callable[[Progress], None]:
         """Show ``what`` and how far it is; a cancellable job ends between two objects at shutdown."""
