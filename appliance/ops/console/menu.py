@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from appliance import __version__, audit
+from appliance import audit
 from appliance.errors import ApplianceError
 from appliance.ops.console.destinations import DestinationsPage
 from appliance.ops.console.export import ExportPages
@@ -16,13 +16,14 @@ from appliance.ops.console.screen import Quit
 from appliance.ops.console.security import SecurityPages
 from appliance.ops.console.storage import StoragePages
 from appliance.ops.console.system import SystemPages
+from appliance.ops.console.update import UpdatePages
 from appliance.ops.consolesettings import SCP_FIELDS
 
 log = logging.getLogger(__name__)
 
 
-class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, NetworkPage, SecurityPages, StoragePages,
-              SystemPages):
+class Console(UpdatePages, DestinationsPage, ExportPages, ForwardingPages, MediaPages, NetworkPage, SecurityPages,
+              StoragePages, SystemPages):
     """The menu, reading lines from ``inp`` and writing to ``out``."""
 
     def run(self) -> int:
@@ -42,6 +43,7 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
             "a": ("Audit trail: who sent, took, deleted or changed what", self.audit_trail),
             "f": ("Forwarding: rules, queue per destination", self.forwarding),
             "t": ("Security: TLS certificate, TLS port, known peers", self.security),
+            "u": ("Updates and factory reset", self.updates),
             "s": ("Service shell (root password)", self.service_shell),
         }
         audit.record(self.data_dir, audit.Event("login", "E", participants=(
@@ -54,8 +56,11 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
                     cfg_line = self._title()
                 except ApplianceError as exc:
                     cfg_line = f"configuration problem: {exc}"
-                self.heading(f"appliance {__version__} - serial console")
+                running, version_lines = self.version_header()
+                self.heading(f"appliance {running} - serial console")
                 self.say(cfg_line)
+                for line in version_lines:
+                    self.say(line)
                 for key, (name, _fn) in screens.items():
                     self.say(f"  {key}  {name}")
                 self.say("  q  Quit")
@@ -64,7 +69,8 @@ class Console(DestinationsPage, ExportPages, ForwardingPages, MediaPages, Networ
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t or q.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t or q. "
+                                 "u is Updates and factory reset.")
                     continue
                 try:
                     screens[choice][1]()
