@@ -356,7 +356,8 @@ def run_job(jobs: MediaJobs, event: MediaEvent, n: int) -> None:
 
 @pytest.fixture
 def jobs_on(box: Box, store: Store) -> Iterator[MediaJobs]:
-    jobs = MediaJobs(store, lambda: load(box.setup.config), update_keys=box.keys, update_run_dir=box.run_dir)
+    jobs = MediaJobs(store, lambda: load(box.setup.config), update_keys=box.keys, update_run_dir=box.run_dir,
+                     os_release=box.os_release)
     jobs.start()
     yield jobs
     jobs.stop()
@@ -384,6 +385,29 @@ def test_a_stick_with_an_update_is_offered_not_exported(box: Box, store: Store, 
     box.console("u", "i", "INSTALL", "0", "q")
     request = read_request(box.run_dir)
     assert request is not None and request["source"] == str(stick)
+
+
+def test_a_removed_stick_withdraws_its_offer(box: Box, jobs_on: MediaJobs) -> None:
+    stick = box.tmp / "stick"
+    make_release(stick / STICK_FOLDER, "0.1.1", box.signing_key)
+    run_job(jobs_on, stick_event(stick), 1)
+    assert read_offer(box.run_dir) == (str(stick), "0.1.1")
+    jobs_on.submit(MediaEvent(MediumKind.USB, Change.REMOVED, str(stick)))
+    assert read_offer(box.run_dir) is None
+    assert "u to install it" not in box.console("q")
+
+
+def test_a_stick_with_the_running_version_is_not_offered(box: Box, jobs_on: MediaJobs) -> None:
+    box.setup.config.write_text("[scp]\nport = 11112\n\n[update]\nauto_from_usb = true\n")
+    stick = box.tmp / "stick"
+    make_release(stick / STICK_FOLDER, RUNNING, box.signing_key)  # left in after the update, at the next boot
+    run_job(jobs_on, stick_event(stick), 1)
+    result = jobs_on.results[0]
+    assert (result.kind, result.ok) == (UPDATE_STICK, True)
+    assert result.summary == ("update not offered: version 0.1.0 on USB stick 'UPDATES' is not newer than the "
+                              "running 0.1.0")
+    assert read_offer(box.run_dir) is None and read_request(box.run_dir) is None
+    assert not (stick / "DICOMDIR").exists()
 
 
 def test_with_auto_from_usb_the_update_is_asked_for_at_once(box: Box, jobs_on: MediaJobs) -> None:

@@ -36,9 +36,10 @@ from appliance.reports import Progress
 from appliance.store.ingest import Ingest
 from appliance.store.retention import Retention
 from appliance.store.store import Store
-from appliance.update import KEYS_DIR, RUN_DIR, UpdateError
+from appliance.update import KEYS_DIR, OS_RELEASE, RUN_DIR, UpdateError, running_version
 from appliance.update.release import read_release, stick_release_dir
-from appliance.update.request import write_offer, write_request
+from appliance.update.request import clear_offer, read_offer, write_offer, write_request
+from appliance.update.versions import compare
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,14 @@ class MediaJobs:
         export: Exporter | None = None,
         update_keys: Path = KEYS_DIR,
         update_run_dir: Path = RUN_DIR,
+        os_release: Path = OS_RELEASE,
     ) -> None:
         self.store = store
         #: The trusted keys a stick's release must be signed by, and where offers and requests go.
         self.update_keys = update_keys
         self.update_run_dir = update_run_dir
+        #: The running system's os-release: a stick's version not newer than it is not offered.
+        self.os_release = os_release
         self.settings = settings
         self.on_change = on_change
         self.export = export if export is not None else usb_exporter()
@@ -130,6 +134,10 @@ class MediaJobs:
         with self._lock:
             if event.change is Change.REMOVED:
                 self._present.pop(event.key, None)
+                offer = read_offer(self.update_run_dir)
+                if offer is not None and offer[0] == event.device:
+                    clear_offer(self.update_run_dir)
+                    log.info("update offer withdrawn: the USB stick in %s was removed", event.device)
                 return False
             if self._present.get(event.key) == event.identity:
                 log.debug("%s in %s already seen; ignoring the repeated event", event.kind, event.device)
@@ -212,7 +220,13 @@ class MediaJobs:
                 log.warning("update refused: %s", exc)
                 return results.JobResult(UPDATE_STICK, False, f"update refused: {exc}", event.device)
         where = f"USB stick '{label}'"
-        if self.settings().update.auto_from_usb:
+        try:
+            running: str | None = running_version(self.os_release)
+        except UpdateError:
+            running = None  # not the appliance image: nothing to compare with; the installer decides
+        if running is not None and compare(release.version, running) <= 0:
+            said = f"update not offered: version {release.version} on {where} is not newer than the running {running}"
+        elif self.settings().update.auto_from_usb:
             write_request(event.device, by="usb auto", run_dir=self.update_run_dir)
             said = (f"update requested: version {release.version} from {where} (install automatically from USB "
                     "is on)")
