@@ -423,6 +423,50 @@ def test_an_interrupted_install_leaves_the_slot_empty_and_the_old_version_bootin
     assert box.labels()[2] == "appliance_0.1.0.1"
 
 
+def test_no_install_while_the_running_version_is_on_trial_or_another_install_runs(box: Box,
+                                                                                  tmp_path: Path) -> None:
+    import fcntl
+
+    rel = make_release(tmp_path / "rel", "0.1.0.1", box.key, payload=1000)
+    linux = box.esp / "EFI" / "Linux"
+    (linux / "appliance_0.1.0.efi").rename(linux / "appliance_0.1.0+2-1.efi")
+    disk = hashlib.sha256(box.disk.read_bytes()).hexdigest()
+    with pytest.raises(UpdateError, match="0.1.0 is still on trial"):
+        box.install(rel)
+    assert hashlib.sha256(box.disk.read_bytes()).hexdigest() == disk
+    (linux / "appliance_0.1.0+2-1.efi").rename(linux / "appliance_0.1.0.efi")
+    box.run_dir.mkdir(parents=True, exist_ok=True)
+    with (box.run_dir / "lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UpdateError, match="another update is being installed"):
+            box.install(rel)
+    box.install(rel)
+    assert box.labels()[2] == "appliance_0.1.0.1"
+
+
+def test_the_running_disk_and_partition_nodes_are_found_through_sysfs(tmp_path: Path) -> None:
+    """The kernel's views (mountinfo, /sys/dev/block, /sys/class/block) as folders."""
+    from appliance.update.slots import disk_of, partition_device, root_device
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 259:3 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p3 rw\n"
+                         "23 22 259:4 / /var/lib/appliance rw - ext4 /dev/nvme0n1p4 rw\n")
+    assert root_device(mountinfo) == "259:3"
+    sysfs = tmp_path / "sys"
+    part = sysfs / "devices" / "pci0000:00" / "nvme" / "nvme0n1" / "nvme0n1p3"
+    part.mkdir(parents=True)
+    (part / "partition").write_text("3\n")
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    (sysfs / "dev" / "block" / "259:3").symlink_to(part)
+    assert disk_of("259:3", sysfs / "dev" / "block") == (Path("/dev/nvme0n1"), 3)
+    with pytest.raises(UpdateError, match="not on a disk partition"):
+        disk_of("7:0", sysfs / "dev" / "block")
+    (sysfs / "class" / "block").mkdir(parents=True)
+    (sysfs / "class" / "block" / "nvme0n1").symlink_to(part.parent)
+    assert partition_device(Path("/dev/nvme0n1"), 3, sysfs / "class" / "block") == Path("/dev/nvme0n1p3")
+    assert partition_device(Path("/dev/sda"), 3, sysfs / "class" / "block") == Path("/dev/sda3")
+
+
 def test_a_root_image_larger_than_the_slot_is_refused(box: Box, tmp_path: Path) -> None:
     rel = make_release(tmp_path / "rel", "0.1.0.1", box.key, payload=1000, fs_size="8M")
     disk = hashlib.sha256(box.disk.read_bytes()).hexdigest()
@@ -610,21 +654,54 @@ def test_the_update_commands(box: Box, tmp_path: Path, capsys: pytest.CaptureFix
     assert "version 0.1.0.1 is available" in capsys.readouterr().out
     assert cli("update", "check", "--source", str(tmp_path), "--keys", str(box.keys), *common) == 1
     assert "holds no SHA256SUMS" in capsys.readouterr().err
+    (tmp_path / "appliance.toml").write_text("[update]\nboot_tries = 2\n")
+    assert cli("--config", str(tmp_path / "appliance.toml"), "update", "check", "--keys", str(box.keys), *common) == 1
+    assert "--source FOLDER or URL, or set update.url" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli("update", "apply", "--frobnicate")
     assert e.value.code == 2
-    assert cli("update", "apply", "--source", str(rel), "--yes", "--disk", str(box.disk), "--keys",
-               str(box.keys), *common) == 0
+    assert cli("--config", str(tmp_path / "appliance.toml"), "update", "apply", "--source", str(rel), "--yes",
+               "--disk", str(box.disk), "--keys", str(box.keys), *common) == 0
     assert box.labels()[2] == "appliance_0.1.0.1"
+    assert (box.esp / "EFI" / "Linux" / "appliance_0.1.0.1+2.efi").exists()  # [update] boot_tries = 2
     assert cli("update", "status", *common) == 0
     out = capsys.readouterr().out
-    assert "System version 0.1.0 (running)" in out and "Other slot: 0.1.0.1 (installed, boots next, 3 tries)" in out
+    assert "System version 0.1.0 (running)" in out and "Other slot: 0.1.0.1 (installed, boots next, 2 tries)" in out
+    assert "Installer: update done: version 0.1.0.1 is installed in slot B" in out
     older = make_release(tmp_path / "older", "0.0.9", box.key, payload=1000)
     assert cli("update", "apply", "--source", str(older), "--yes", "--disk", str(box.disk), "--keys",
                str(box.keys), *common) == 1
     assert "older than the running version" in capsys.readouterr().err
     assert cli("update", "boot-check", "--esp", str(box.esp), "--efivars", str(box.efivars), "--os-release",
                str(box.os_release), "--timeout", "0.5") == 1
+
+
+def test_apply_request_mounts_a_stick_read_only_and_unmounts_it(box: Box, tmp_path: Path) -> None:
+    """A real USB stick stand-in: an ext4 image holding appliance-update/, on a loop device."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup to attach a stick image")
+    stick = tmp_path / "stick"
+    make_release(stick / "appliance-update", "0.1.0.1", box.key, payload=1000)
+    image = tmp_path / "stick.img"
+    _run("mkfs.ext4", "-q", "-F", "-d", stick, image, "16M")
+    done = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"no loop device: {done.stderr.strip()}")
+    device = done.stdout.strip()
+    try:
+        write_request(device, "media job", run_dir=box.run_dir)
+        assert cli("update", "apply", "--request", "--disk", str(box.disk), "--esp", str(box.esp), "--keys",
+                   str(box.keys), "--os-release", str(box.os_release), "--run-dir", str(box.run_dir)) == 0
+        assert box.labels()[2] == "appliance_0.1.0.1" and read_request(box.run_dir) is None
+        assert device not in Path("/proc/self/mounts").read_text()  # unmounted again
+        # A stick without a release: refused in words, unmounted, the request gone.
+        write_request(device, "media job", run_dir=box.run_dir)
+        _run("mkfs.ext4", "-q", "-F", image, "16M")
+        assert cli("update", "apply", "--request", "--disk", str(box.disk), "--esp", str(box.esp), "--keys",
+                   str(box.keys), "--os-release", str(box.os_release), "--run-dir", str(box.run_dir)) == 1
+        assert device not in Path("/proc/self/mounts").read_text() and read_request(box.run_dir) is None
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_apply_request_installs_from_a_folder_and_removes_the_request(box: Box, tmp_path: Path) -> None:

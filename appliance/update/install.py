@@ -264,7 +264,13 @@ def install(
             raise UpdateError(f"version {v} is older than the running version {running}; nothing to do "
                               "(force it to go back to an older version)")
         folder = esp / UKI_DIR
-        bad = [u for u in ukis(esp) if u.version == v and u.state == "bad"]
+        found = ukis(esp)
+        mine = [u for u in found if u.version == running]
+        if mine and all(u.state == "trying" for u in mine) and not force:
+            raise UpdateError(f"the running version {running} is still on trial (not yet marked good); the other "
+                              "slot holds the version to fall back to and is not overwritten until this one is "
+                              "healthy (appliance update boot-check)")
+        bad = [u for u in found if u.version == v and u.state == "bad"]
         if bad and not force:
             raise UpdateError(f"version {v} was installed before and failed to become healthy ({bad[0].path.name} "
                               "on the ESP); it is not installed again unless forced")
