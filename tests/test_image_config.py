@@ -78,3 +78,47 @@ def test_the_unit_s_descriptor_and_task_limits_cover_the_scp_at_its_configured_m
     assert int(_unit_setting("LimitNOFILE")) >= most * per_association + ScpConfig().max_pending_connections + base
     assert int(_unit_setting("TasksMax")) >= most + base
     assert _unit_setting("MemoryMax").endswith(("M", "G"))
+
+
+def _repart(name: str) -> dict[str, str]:
+    text = (ROOT / "image" / "mkosi.repart" / name).read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_two_system_slots_of_one_size_and_each_uki_boots_its_own_slot():
+    a, b = _repart("10-root-a.conf"), _repart("11-root-b.conf")
+    assert a["Type"] == b["Type"] == "root"
+    assert (a["SizeMinBytes"], a["SizeMaxBytes"]) == (b["SizeMinBytes"], b["SizeMaxBytes"])
+    assert a["Label"] == "appliance_%A" and b["Label"] == "_empty" and "CopyFiles" not in b
+    conf = (ROOT / "image" / "mkosi.conf").read_text()
+    assert "root=PARTLABEL=appliance_%v" in conf and "UnifiedKernelImageFormat=appliance_%v" in conf
+    from appliance.update import slot_label  # the names the updater gives a slot must be the image's
+
+    assert slot_label("1.2") == "appliance_1.2"
+
+
+def test_gpt_slot_finds_slot_a_in_a_partition_table_systemd_repart_wrote(tmp_path):
+    import shutil
+
+    import pytest
+
+    repart = shutil.which("systemd-repart")
+    if repart is None:
+        pytest.skip("systemd-repart is not installed")
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    for conf in sorted((ROOT / "image" / "mkosi.repart").glob("*.conf")):
+        kept = [line for line in conf.read_text().splitlines()
+                if line.startswith(("[", "Type=", "Label=", "SizeMinBytes=", "SizeMaxBytes="))]
+        (defs / conf.name).write_text("\n".join(kept).replace("%A", "1.2") + "\n")
+    disk = tmp_path / "disk.raw"
+    done = subprocess.run([repart, "--empty=create", "--size=auto", f"--definitions={defs}", "--dry-run=no",
+                           "--seed=5c360ea3-770c-4a0b-b00c-211bfe936fc9", str(disk)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    tool = ROOT / "image" / "tools" / "gpt_slot.py"
+    out = subprocess.run([sys.executable, tool, disk, "appliance_1.2"], capture_output=True, text=True, check=True)
+    start, count = map(int, out.stdout.split())
+    assert count * 512 == 1536 * 2**20 and start > 0
+    missing = subprocess.run([sys.executable, tool, disk, "appliance_9"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no partition labelled appliance_9" in missing.stderr
