@@ -9,12 +9,15 @@ request is removed whatever the result, so the path unit does not start the serv
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from appliance.cli.common import data_dir, load_config
+from appliance.config import Config
+from appliance.errors import ConfigError
 from appliance.update import (
     EFIVARS,
     ESP,
@@ -25,6 +28,8 @@ from appliance.update import (
     UpdateError,
     running_version,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -143,7 +148,13 @@ def cmd_boot_check(args: argparse.Namespace) -> int:
     from appliance.ops.health import loopback
     from appliance.update.boot import boot_check
 
-    cfg = load_config(args)
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        # The appliance cannot start with it either: the service's state decides, and a counted
+        # boot is still restarted.
+        log.warning("update: %s; checking the default port", exc)
+        cfg = Config()
     result = boot_check(host=loopback(plain_bind(cfg.scp)), port=cfg.scp.port, ae_title=cfg.scp.ae_title,
                         data_dir=data_dir(args), esp=Path(args.esp), efivars=Path(args.efivars),
                         os_release=Path(args.os_release), timeout=args.timeout)

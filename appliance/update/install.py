@@ -148,8 +148,13 @@ def _write_slot(release: Release, disk: Path, slot: Slot, timeout: float, report
     except OSError as exc:
         src.close()
         raise UpdateError(f"cannot open slot {slot.letter} ({target}) for writing: {exc.strerror}") from None
-    proc = subprocess.Popen(["zstd", "-dc", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    try:
+        proc = subprocess.Popen(["zstd", "-dc", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        src.close()
+        os.close(out)
+        raise UpdateError(f"cannot run zstd to decompress {name}: {exc.strerror}") from None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     h = hashlib.sha256()
     fed = [0]

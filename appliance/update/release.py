@@ -33,6 +33,10 @@ _ARTEFACT_RE = re.compile(rf"^{PREFIX}(?P<v>{_VERSION})\.(?P<kind>root\.raw\.zst
 _LINE_RE = re.compile(r"^(?P<sum>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
 
 
+class MissingArtefact(UpdateError):
+    """A file of the release is not there (a folder without it, or HTTP 404)."""
+
+
 @dataclass(frozen=True)
 class Release:
     """One version's artefacts as the verified manifest names them."""
@@ -75,8 +79,9 @@ def open_artefact(source: str, name: str, timeout: float = 30.0) -> tuple[Binary
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)
         except urllib.error.HTTPError as exc:
-            what = "does not exist" if exc.code == 404 else f"was refused by the server (HTTP {exc.code} {exc.reason})"
-            raise UpdateError(f"{url} {what}; the release there is incomplete") from None
+            if exc.code in (404, 410):
+                raise MissingArtefact(f"{url} does not exist; the release there is incomplete") from None
+            raise UpdateError(f"{url} was refused by the server (HTTP {exc.code} {exc.reason})") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise UpdateError(f"cannot download {url}: {reason}; check update.url and the network") from None
@@ -86,7 +91,7 @@ def open_artefact(source: str, name: str, timeout: float = 30.0) -> tuple[Binary
     try:
         f = path.open("rb")
     except FileNotFoundError:
-        raise UpdateError(f"{path} is missing; the release in {source} is incomplete") from None
+        raise MissingArtefact(f"{path} is missing; the release in {source} is incomplete") from None
     except OSError as exc:
         raise UpdateError(f"cannot read {path}: {exc.strerror}") from None
     return f, path.stat().st_size
@@ -95,10 +100,8 @@ def open_artefact(source: str, name: str, timeout: float = 30.0) -> tuple[Binary
 def _read_small(source: str, name: str, timeout: float, missing: str) -> bytes:
     try:
         f, _ = open_artefact(source, name, timeout)
-    except UpdateError as exc:
-        if "missing" in str(exc) or "does not exist" in str(exc):
-            raise UpdateError(missing) from None
-        raise
+    except MissingArtefact:
+        raise UpdateError(missing) from None
     try:
         with f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
