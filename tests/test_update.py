@@ -316,11 +316,16 @@ def test_the_newest_version_of_a_manifest_is_picked_and_a_stick_is_recognised(bo
 # -- installing -----------------------------------------------------------------------------
 
 
-def test_an_install_writes_only_the_inactive_slot_and_commits_by_the_uki(box: Box, tmp_path: Path) -> None:
+def test_an_install_writes_only_the_inactive_slot_and_commits_by_the_uki(box: Box, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     rel = make_release(tmp_path / "rel", "0.1.0.1", box.key)
     before = {n: box.digest(n) for n in (1, 2, 4)}
     seen: list[Progress] = []
-    summary = box.install(rel, progress=seen.append)
+    with caplog.at_level("INFO", logger="appliance.update"):
+        summary = box.install(rel, progress=seen.append)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("update: writing version 0.1.0.1 to slot B: ") and m.endswith(" %") for m in said)
+    assert said[-1] == f"update done: {summary}"
     assert "version 0.1.0.1 is installed in slot B" in summary
     assert {n: box.digest(n) for n in (1, 2, 4)} == before  # ESP partition, slot A, data untouched
     assert box.labels() == ["esp", "appliance_0.1.0", "appliance_0.1.0.1", "appliance-data"]
@@ -510,6 +515,75 @@ def test_an_install_from_an_http_url(box: Box, tmp_path: Path, http_server: tupl
         box.install(url + "/releases", force=True)
     with pytest.raises(UpdateError, match="cannot download"):
         read_release(f"http://127.0.0.1:{free_port()}/x", box.keys, timeout=5)
+
+
+def test_a_killed_installer_leaves_the_slot_empty_and_the_old_version_booting(box: Box, tmp_path: Path) -> None:
+    """SIGKILL in the middle of writing the slot (the process-level power cut): the HTTP
+    server sends half the root image on the second read (pass 2) and then holds the line."""
+    import sys
+    import time
+
+    from helpers import ROOT, wait_for
+
+    www = tmp_path / "www"
+    rel = make_release(www / "rel", "0.1.0.1", box.key)
+    root = rel / "appliance_0.1.0.1.root.raw.zst"
+    reads: list[str] = []
+    release = threading.Event()
+
+    class Stalling(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            reads.append(self.path)
+            if self.path.endswith(root.name) and reads.count(self.path) == 2:
+                data = root.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                release.wait(60)
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Stalling, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    gpt.set_name(box.disk, 3, "appliance_0.0.9")
+    linux = box.esp / "EFI" / "Linux"
+    (linux / "appliance_0.0.9.efi").write_bytes(b"MZ older")
+    before = {n: box.digest(n) for n in (1, 2, 4)}
+    before_b = box.digest(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "update", "apply", "--yes", "--source",
+         f"http://127.0.0.1:{server.server_address[1]}/rel", "--disk", str(box.disk), "--esp", str(box.esp),
+         "--keys", str(box.keys), "--os-release", str(box.os_release), "--run-dir", str(box.run_dir)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def writing() -> bool:
+            p = read_progress(box.run_dir)
+            return p is not None and p.phase == "writing" and p.percent >= 30
+        wait_for(writing, timeout=60, what="the installer to write half the slot")
+        started = time.monotonic()
+        proc.kill()
+        assert proc.wait(timeout=30) == -9 and time.monotonic() - started < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert box.labels()[2] == "_empty" and box.digest(3) != before_b  # killed while writing it
+    assert {n: box.digest(n) for n in (1, 2, 4)} == before
+    assert sorted(p.name for p in linux.iterdir()) == ["appliance_0.1.0.efi"]
+    info = version_info(box.esp, box.os_release)
+    assert (info.running, info.other_state) == ("0.1.0", "none")
+    box.install(rel)  # the next try from the folder completes
+    assert box.labels()[2] == "appliance_0.1.0.1"
 
 
 # -- version information, blessing, boot check ----------------------------------------------
