@@ -25,7 +25,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
+import os
 import re
+import select
 import shutil
 import subprocess
 import threading
@@ -43,7 +46,10 @@ from appliance.adapters.devices import Change, MediaEvent, MediumKind
 from appliance.config import load
 from appliance.jobs.media import UPDATE_STICK, MediaJobs
 from appliance.ops import health
+from appliance.ops.configservice import ConfigFile
+from appliance.ops.console import Console
 from appliance.ops.console.update import UpdatePlaces
+from appliance.ops.consolesettings import ConsoleSettings
 from appliance.ops.factoryreset import FactoryReset
 from appliance.store.store import Store
 from appliance.update import STICK_FOLDER
@@ -186,7 +192,7 @@ def test_a_machine_without_the_image_shows_the_package_version(tmp_path: Path) -
 def test_an_offer_confirmed_with_install_writes_the_request(box: Box) -> None:
     write_offer("/dev/sdb1", "0.1.1", run_dir=box.run_dir)
     text = box.console("u", "i", "INSTALL", "0", "q")
-    assert "An update to version 0.1.1 is on the USB stick: install it? Type INSTALL to confirm: " in text
+    assert "Choice: An update to version 0.1.1 is on the USB stick: install it?\nType INSTALL to confirm: " in text
     assert has(text, "Update to version 0.1.1 asked for: the box writes it to its other slot now")
     request = read_request(box.run_dir)
     assert request is not None and (request["source"], request["by"], request["force"]) == (
@@ -258,7 +264,7 @@ def test_the_update_server_is_checked_and_its_newer_version_asked_for(box: Box,
     make_release(folder, "0.1.1", box.signing_key)
     text = box.console("u", "1", url, "c", "INSTALL", "0", "q")
     assert has(text, "The update server has version 0.1.1 (signed), newer than the running 0.1.0.")
-    assert "Install version 0.1.1 from the update server? Type INSTALL to confirm: " in text
+    assert "\nInstall version 0.1.1 from the update server?\nType INSTALL to confirm: " in text
     request = read_request(box.run_dir)
     assert request is not None and (request["source"], request["by"]) == (url, "console")
 
@@ -446,3 +452,36 @@ def test_a_plain_stick_is_exported_to_as_before(box: Box, jobs_on: MediaJobs) ->
     run_job(jobs_on, stick_event(stick, "PLAIN"), 1)
     assert jobs_on.results[0].kind == "export", jobs_on.results[0]
     assert read_offer(box.run_dir) is None
+
+
+def test_the_service_password_is_not_echoed_on_a_terminal(box: Box, data_partition: Path) -> None:
+    """On a real pty: what is typed is echoed by the terminal, but for the password."""
+    master, slave = os.openpty()
+    inp = os.fdopen(slave, "r", encoding="utf-8")
+    out = io.StringIO()
+    runner = Recorder()
+    console = Console(inp, out, ConsoleSettings(ConfigFile(box.setup.config), box.setup.runtime / "config.sock"),
+                      data_dir=box.setup.data, journal=None, live_network=False, update_places=box.places,
+                      factory_reset=reset_for(box, data_partition, runner))
+
+    def typist() -> None:
+        os.write(master, b"u\nr\nERASE\n")
+        try:  # the prompt is written once echo is off
+            wait_for(lambda: "Service (root) password: " in out.getvalue(), 10, "the password prompt")
+        finally:  # whatever happened, the console gets to its end
+            os.write(master, PASSWORD.encode() + b"\n0\nq\n")
+
+    thread = threading.Thread(target=typist)
+    thread.start()
+    try:
+        assert console.run() == 0
+    finally:
+        thread.join(30)
+    echoed = b""
+    while select.select([master], [], [], 0)[0]:
+        echoed += os.read(master, 4096)
+    inp.close()
+    os.close(master)
+    assert b"ERASE" in echoed and PASSWORD.encode() not in echoed
+    assert runner.names()[-1] == "systemctl reboot"
+    assert ls(data_partition) == {"lost+found", "config"}

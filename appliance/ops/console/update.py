@@ -156,8 +156,8 @@ class UpdatePages(Screen):
         if running is not None and compare(version, running) <= 0:
             self.say(f"Not installed: version {version} on the stick is not newer than the running {running}.")
             return
-        text = self.ask(f"An update to version {version} is on the USB stick: install it? "
-                        f"Type {INSTALL_WORD} to confirm: ")
+        self.say(f"An update to version {version} is on the USB stick: install it?")
+        text = self.ask(f"Type {INSTALL_WORD} to confirm: ")
         if text != INSTALL_WORD:
             self.say(f"Not installed: the answer was not {INSTALL_WORD}.")
             return
@@ -192,7 +192,8 @@ class UpdatePages(Screen):
             return
         newer = f", newer than the running {running}" if running is not None else ""
         self.say(f"The update server has version {release.version} (signed){newer}.")
-        text = self.ask(f"Install version {release.version} from the update server? Type {INSTALL_WORD} to confirm: ")
+        self.say(f"Install version {release.version} from the update server?")
+        text = self.ask(f"Type {INSTALL_WORD} to confirm: ")
         if text != INSTALL_WORD:
             self.say(f"Not installed: the answer was not {INSTALL_WORD}.")
             return
