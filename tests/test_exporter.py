@@ -367,6 +367,65 @@ def test_a_file_that_reads_back_wrong_fails_the_export_before_any_dicomdir(store
     check_file_set(stick, store, _instances(store))
 
 
+def test_a_file_changed_on_the_stick_after_it_was_written_is_caught_by_the_read_back(
+    store: Store, tmp_path: Path
+) -> None:
+    # A real corruption, through the real file: as the 30th file is reported written (before
+    # its window is flushed and read back), one byte of it on the stick is changed.
+    _put_generated(store, ct_series(36, rows=512, cols=512))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    corrupted: list[Path] = []
+
+    def corrupt(p: Progress) -> None:
+        if p.files_done == 30:
+            newest = max((f for f in stick.rglob("IM*") if f.is_file()), key=lambda f: f.stat().st_mtime_ns)
+            with open(newest, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last[0] ^ 0x40]))
+            corrupted.append(newest)
+
+    report = export(stick, store, Config(), progress=corrupt)
+    assert corrupted, "the 30th file was reported written"
+    assert report.status is ExportStatus.FAILED and not report.safe_to_remove, report.render()
+    assert "differs from what was written" in report.error and corrupted[0].name in report.error
+    assert not (stick / "DICOMDIR").exists(), "no DICOMDIR claims a set whose file reads back wrong"
+    assert store.marks.get() == {}
+    report = export(stick, store, Config())  # the next export writes it again, and completes the set
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 36, report.render()
+    check_file_set(stick, store, _instances(store))
+
+
+def test_a_write_error_mid_export_leaves_no_dicomdir_and_the_next_export_completes_the_set(
+    store: Store, tmp_path: Path
+) -> None:
+    _put_generated(store, ct_series(6))
+    # Where the export puts each file, in the order it writes them (names come from the UIDs,
+    # the same on every stick).
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    report = export(scratch, store, Config(), Selection(SelectionMode.ALL))
+    written_order = [i.file_id for i in report.items]
+    assert sorted(written_order) == sorted(str(f.relative_to(scratch)) for f in scratch.rglob("IM*"))
+    # On the stick, a folder sits where the fourth file goes: opening it for writing fails (EISDIR).
+    stick = tmp_path / "stick"
+    (stick / written_order[3]).mkdir(parents=True)
+    before, marks = _store_state(store), store.marks.get()
+    report = export(stick, store, Config(), Selection(SelectionMode.ALL))
+    assert report.status is ExportStatus.FAILED and not report.ok and not report.safe_to_remove, report.render()
+    assert "writing to the stick failed" in report.error
+    assert report.count(FileOutcome.WRITTEN) == 3 and report.count(FileOutcome.FAILED) == 3, report.render()
+    assert all("not listed in the DICOMDIR" in i.reason for i in report.items if i.outcome is FileOutcome.WRITTEN)
+    assert not (stick / "DICOMDIR").exists() and not list(stick.rglob("*.TMP"))
+    assert store.marks.get() == marks and _store_state(store) == before  # this stick delivered nothing
+    (stick / written_order[3]).rmdir()
+    report = export(stick, store, Config(), Selection(SelectionMode.ALL))
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 6, report.render()
+    check_file_set(stick, store, _instances(store))
+
+
 # -- FAT images (mtools) -------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -99,6 +99,20 @@ _RECORD_TAGS = tuple(_tag(kw) for kw in _RECORD_KEYWORDS)
 #: What :func:`header` keeps of an object: what Keys and Records read.
 _HEADER_TAGS = tuple(sorted({_tag(kw) for kw in (*_RECORD_KEYWORDS, *COMPLETED_KEYS, *_DATE_SOURCES, *_TIME_SOURCES,
                                                    "EncapsulatedDocument")}))
+#: Each tag :func:`header` keeps, its keyword, and whether :func:`_text` of its plain ASCII
+#: value is that value stripped: True always, False unless a character set that is not
+#: ASCII in its printable range is declared (LO, SH), None never (PN, and VRs pydicom gives as numbers).
+_HEADER_KEYS = tuple(
+    (tag, keyword_for_tag(tag), {"SH": False, "LO": False}.get(dictionary_VR(tag), True)
+     if dictionary_VR(tag) in ("AE", "CS", "DA", "DT", "IS", "LO", "SH", "TM", "UI") else None)
+    for tag in _HEADER_TAGS)
+#: One value of printable ASCII (no backslash, no control character): pydicom gives it back as
+#: a str of these characters, stripped of its spaces (a NUL it strips too, but not str.strip()).
+_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
+#: Specific Character Sets whose printable ASCII range is ASCII (ISO_IR 13 is not: 0x5C is a Yen sign).
+_ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110", b"ISO_IR 144",
+                   b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148", b"ISO_IR 166", b"ISO_IR 192"}
+_SPECIFIC_CHARACTER_SET = 0x00080005
 _DA = re.compile(r"(\d{4})(\.?)(\d{2})\2(\d{2})")
 _TM = re.compile(r"(\d{2})(?:(:?)(\d{2})(?:\2(\d{2})(?:\.(\d+))?)?)?")
 
@@ -117,18 +131,34 @@ def load(root: Path) -> FileSet:
                          "Move it away or use another stick") from None
 
 
-def header(body: bytes, elements: Mapping[int, Element], sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+class Header(Dataset):
+    """What :func:`header` gives: a Dataset of raw elements, and ``texts``, the value of each
+    key that :func:`_text` reads, worked out once from its bytes where that gives what pydicom
+    would (plain ASCII, one value): pydicom converts an element each time it is read."""
+
+    texts: dict[str, str]
+
+
+def header(body: bytes, elements: Mapping[int, Element], sop_class_uid: str, sop_instance_uid: str) -> Header:
     """What :class:`Keys` and :class:`Records` read of an object, from its Implicit VR LE
     data set ``body`` laid out as ``elements`` (``dicomio.walk``): its record keys and what
     completes them, left raw until read (as pydicom reads a file), with a file meta that
     says Implicit VR LE. Cheaper than pydicom reading every element of the file."""
     raw: dict[BaseTag, RawDataElement | DataElement] = {}
-    for tag in _HEADER_TAGS:
+    texts: dict[str, str] = {}
+    charset = elements.get(_SPECIFIC_CHARACTER_SET)
+    ascii_texts = charset is None or body[charset.value_offset:charset.end].strip(b" \0") in _ASCII_CHARSETS
+    for tag, keyword, plain in _HEADER_KEYS:
         elem = elements.get(tag)
-        if elem is not None and elem.length is not None:
-            raw[tag] = RawDataElement(tag, None, elem.length, body[elem.value_offset:elem.end], elem.value_offset,
-                                      True, True)
-    ds = Dataset(raw)
+        if elem is None or elem.length is None:
+            texts[keyword] = ""
+            continue
+        value = body[elem.value_offset:elem.end]
+        raw[tag] = RawDataElement(tag, None, elem.length, value, elem.value_offset, True, True)
+        if plain is not None and (plain or ascii_texts) and _PLAIN.fullmatch(value):
+            texts[keyword] = value.decode("ascii").strip()
+    ds = Header(raw)
+    ds.texts = texts
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
@@ -136,7 +166,7 @@ def header(body: bytes, elements: Mapping[int, Element], sop_class_uid: str, sop
     return ds
 
 
-def record_source(header: Dataset, values: dict[str, str]) -> Dataset:
+def record_source(header: Dataset, values: dict[str, str]) -> Header:
     """What the records of an object are made from: its header's record keys, with ``values``
     (from :meth:`Keys.complete`).
 
@@ -144,10 +174,13 @@ def record_source(header: Dataset, values: dict[str, str]) -> Dataset:
     extended or replacement character set is used in one of the keys"): pydicom copies it
     into all four records, so a study whose objects differ only in the character set of
     other attributes would get records that disagree with some of its files."""
-    ds = Dataset({tag: header[tag] for tag in _RECORD_TAGS if tag in header})  # only what the records use
+    elements = header._dict  # raw as they are: pydicom converts only what a record reads
+    ds = Header({tag: elements[tag] for tag in _RECORD_TAGS if tag in elements})  # only what the records use
+    ds.texts = dict(getattr(header, "texts", {}))
     ds.file_meta = header.file_meta
     for keyword, value in values.items():
         setattr(ds, keyword, value)
+        ds.texts[keyword] = value
     if "SpecificCharacterSet" in ds and not any(_extended(header, kw) for kw in _TEXT_KEYS):
         del ds.SpecificCharacterSet
     return ds
@@ -301,6 +334,10 @@ def generated_id(kind: str, study_uid: str) -> str:
 
 
 def _text(source: Dataset | FileInstance, keyword: str) -> str:
+    if type(source) is Header:
+        text = source.texts.get(keyword)
+        if text is not None:
+            return text
     try:
         value = source[keyword].value
     except KeyError:

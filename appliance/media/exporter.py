@@ -26,6 +26,11 @@ everything is synced and a block device unmounted before the report says "safe t
 A failed export reports which files it wrote, and whether they were flushed before the
 failure. The store is only read.
 
+Two threads share the work (:func:`_write`): the caller's prepares each file (re-encodes it,
+completes its keys, checks it, adds its records) while a writer thread (:class:`_Writer`)
+writes the ones before, flushes each window and reads it back; the DICOMDIR is encoded
+while the writer verifies the last window.
+
 Targets (:mod:`appliance.media.usbtarget`): a mounted folder; a USB partition's block device (the
 appliance checks in sysfs that it is a removable USB disk, mounts it and unmounts it); or a
 FAT image file, written in userspace with mtools (for machines whose kernel has no vfat,
@@ -50,9 +55,11 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import struct
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
@@ -95,6 +102,8 @@ _COMPLETED_BYTES = 512
 #: Files are flushed and read back a window of this many bytes at a time: the stick reads
 #: one window back while the next is prepared and written (see _write).
 VERIFY_WINDOW = 16 * 2**20
+#: The preparing thread waits while this many bytes of files are prepared and not yet written.
+QUEUED_BYTES = 8 * 2**20
 _SOP_INSTANCE_UID = 0x00080018
 
 
@@ -271,10 +280,11 @@ class _Names:
         return self._claim(series, "IM", row.sop_instance_uid)
 
 
-def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str]) -> bytes:
-    """``body`` (an Implicit VR LE data set, laid out as ``layout``) with the top-level text
-    elements ``values`` (keyword: value, ASCII) replaced or inserted in tag order. Every other
-    byte is kept, but the group length of a changed group, if the object has one, is recomputed."""
+def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str], prefix: bytes = b"") -> bytes:
+    """``prefix`` followed by ``body`` (an Implicit VR LE data set, laid out as ``layout``) with
+    the top-level text elements ``values`` (keyword: value, ASCII) replaced or inserted in tag
+    order. Every other byte is kept, but the group length of a changed group, if the object has
+    one, is recomputed. The runs of elements in between are copied once, as they are."""
     new: dict[int, bytes] = {}
     for keyword, text in values.items():
         tag = tag_for_keyword(keyword)
@@ -283,22 +293,31 @@ def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str]) ->
         value = text.encode("ascii")
         value += b" " * (len(value) & 1)
         new[tag] = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
-    pending = sorted(new)
-    parts: list[tuple[int, bytes]] = []
-    for tag, elem in layout.elements.items():
-        while pending and pending[0] < tag:
-            parts.append((pending[0], new[pending.pop(0)]))
-        if pending and pending[0] == tag:
-            parts.append((tag, new[pending.pop(0)]))
-        else:
-            parts.append((tag, body[elem.offset:elem.end]))
-    parts += [(tag, new[tag]) for tag in pending]
     groups = {tag >> 16 for tag in new}
-    for i, (tag, _) in enumerate(parts):
-        if tag & 0xFFFF == 0 and tag >> 16 in groups:
-            size = sum(len(p) for t, p in parts if t >> 16 == tag >> 16 and t != tag)
-            parts[i] = (tag, struct.pack("<HHLL", tag >> 16, 0, 4, size))
-    return b"".join(p for _, p in parts)
+    view = memoryview(body)
+    parts: list[bytes | memoryview] = [prefix]
+    start = 0  # of the run of unchanged elements not yet in parts
+    pending = sorted(new)
+    for tag, elem in layout.elements.items():
+        group_length = tag & 0xFFFF == 0 and tag >> 16 in groups
+        if not group_length and not (pending and pending[0] <= tag):
+            continue
+        parts.append(view[start:elem.offset])
+        while pending and pending[0] < tag:
+            parts.append(new[pending.pop(0)])
+        if pending and pending[0] == tag:
+            parts.append(new[pending.pop(0)])
+        elif group_length:
+            size = layout.group_size(tag >> 16) + sum(
+                len(data) - (layout.elements[t].end - layout.elements[t].offset if t in layout.elements else 0)
+                for t, data in new.items() if t >> 16 == tag >> 16)
+            parts.append(struct.pack("<HHLL", tag >> 16, 0, 4, size))
+        else:
+            parts.append(view[elem.offset:elem.end])
+        start = elem.end
+    parts.append(view[start:])
+    parts += [new[tag] for tag in pending]
+    return b"".join(parts)
 
 
 def _decoded_pixels(part10: bytes) -> str | None:
@@ -310,12 +329,12 @@ def _decoded_pixels(part10: bytes) -> str | None:
     return hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
 
 
-def _pixel_bytes(part10: bytes) -> bytes | None:
+def _pixel_value(part10: bytes) -> memoryview | None:
     """The value of the top-level Pixel Data of an uncompressed little endian Part 10 file, or None."""
     offset, ts = dicomio.split_part10(part10)
     body = memoryview(part10)[offset:]
     elem = dicomio.walk(body, TransferSyntax(ts).is_implicit_vr, True).elements.get(dicomio.PIXEL_DATA)
-    return None if elem is None else bytes(body[elem.value_offset:elem.end])
+    return None if elem is None else body[elem.value_offset:elem.end]
 
 
 @dataclass
@@ -379,7 +398,7 @@ def export(
     ``target`` is a mounted folder, a USB block device (checked to be a removable USB disk
     in sysfs, mounted and unmounted here), a FAT image file, or an open :class:`Medium`
     (which is then closed here too). One export runs at a time. ``progress`` is called
-    after each file. Raises :class:`MediaError`, with nothing written, when the target cannot
+    after each file is written, from the thread that writes the files. Raises :class:`MediaError`, with nothing written, when the target cannot
     be used, another export runs, the selection names unknown UIDs or the stick has too
     little space. A failure while writing (a pulled stick, EIO) returns a FAILED report that
     lists what was written; the store never changes, and the next export completes the set.
@@ -514,48 +533,28 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     """Write every file, flush and read back each window of them, write the DICOMDIR, then
     close ``medium``; medium failures end in a FAILED report that says what was written.
 
-    Durability is paid per window (``VERIFY_WINDOW`` bytes), not per file: the files of a
-    window are written without fsync, then flushed at once (Medium.flush), and the stick
-    starts reading them back (Medium.read_back) while the next window is prepared and
-    written; each is then compared, byte for byte, with what was written, which was checked
-    against the store before it was written (_check_copy). The DICOMDIR comes last."""
+    This thread prepares each file (_prepare: re-encode, complete its keys, check it against
+    the store, add its records) while a _Writer writes the ones before, makes each window
+    durable and reads it back; the DICOMDIR is encoded while the last window is read back,
+    and written only once the writer verified every file."""
     total = sum(j.estimate for j in todo)
-    written: list[_Job] = []
-    window: list[_Job] = []  # written since the last flush
-    window_bytes = 0
-    reading: tuple[list[_Job], Iterator[bytes]] = ([], iter(()))  # the last window flushed, being read back
-    flushed = 0  # written[:flushed] are durable on the stick
-    done_bytes = 0
     error = ""
     keys = dicomdir.Keys(fs)
     records = dicomdir.Records(fs)
+    writer = _Writer(medium, total, t0, len(todo), progress)
     try:
-        for i, job in enumerate(todo, 1):
-            if not _prepare(job, store, records, keys):
-                continue
+        for job in todo:
+            if writer.failed:
+                break
+            _prepare(job, store, records, keys)
+            writer.put(job)
+        writer.finish()
+        # Encoded while the writer flushes and verifies the last window; written only if it verified all.
+        prepared = any(job.outcome is FileOutcome.WRITTEN for job in todo)
+        encoded = dicomdir.encode(fs) if prepared and not writer.failed else b""
+        writer.join()
+        if encoded and writer.written and not writer.failed:
             medium.check()
-            medium.write(job.file_id, job.part10)
-            job.size = len(job.part10)
-            written.append(job)
-            window.append(job)
-            window_bytes += job.size
-            done_bytes += job.size
-            if progress is not None:
-                progress(Progress(i, len(todo), done_bytes, time.monotonic() - t0, bytes_total=total))
-            if window_bytes >= VERIFY_WINDOW:
-                _verify(*reading)
-                medium.flush()
-                flushed = len(written)
-                reading = (window, medium.read_back([j.file_id for j in window]))
-                window, window_bytes = [], 0
-        _verify(*reading)
-        if window:
-            medium.flush()
-            flushed = len(written)
-            _verify(window, medium.read_back([j.file_id for j in window]))
-        if written:
-            medium.check()
-            encoded = dicomdir.encode(fs)
             medium.replace("DICOMDIR", encoded)
             if next(iter(medium.read_back(["DICOMDIR"]))) != encoded:
                 raise _Failed("the DICOMDIR read back from the stick differs from what was written")
@@ -563,6 +562,10 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
         error = _medium_error(exc)
     except _Failed as exc:
         error = f"{exc}; the stick may be faulty. Nothing in the store changed"
+    finally:
+        writer.stop()
+    error = error or writer.error
+    written, flushed = writer.written, writer.flushed
     if error and flushed < len(written):
         with contextlib.suppress(OSError):  # what was written before the failure, if the stick still takes it
             medium.flush()
@@ -582,12 +585,116 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
             job.reason = ("written, but not listed in the DICOMDIR yet" if n < flushed else
                           "written, but the stick failed before it was flushed (it may be incomplete); "
                           "not listed in the DICOMDIR")
-    for job in written:
+    for job in todo:
         job.part10 = b""
     status = ExportStatus.FAILED if error else ExportStatus.DONE
     return ExportReport(target=medium.label, status=status, selection=what, started_at=started_at,
-                        items=tuple(j.result() for j in jobs), bytes_done=done_bytes, seconds=time.monotonic() - t0,
-                        error=error, safe_to_remove=not error)
+                        items=tuple(j.result() for j in jobs), bytes_done=writer.done_bytes,
+                        seconds=time.monotonic() - t0, error=error, safe_to_remove=not error)
+
+
+class _Writer:
+    """The medium's side of an export, in a thread of its own, in order: writes each file it
+    is handed (Medium.write), makes each window of ``VERIFY_WINDOW`` bytes durable with one
+    Medium.flush, has the stick read that window back (Medium.read_back) while it writes the
+    next, and compares each file read back, byte for byte, with what was written.
+
+    The first failure stops it: ``error`` says it in words, and nothing handed over after it
+    is written. ``written[:flushed]`` are durable on the stick. ``progress`` is called from
+    this thread after each file. :meth:`put` waits while ``QUEUED_BYTES`` are handed over
+    and not yet written, so the preparing thread never runs far ahead."""
+
+    def __init__(self, medium: Medium, total: int, t0: float, files: int,
+                 progress: Callable[[Progress], None] | None) -> None:
+        self._medium = medium
+        self._total, self._t0, self._files, self._progress = total, t0, files, progress
+        self._tasks: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._queued = 0  # bytes handed over and not yet written
+        self._stopping = False
+        self.written: list[_Job] = []
+        self.flushed = 0
+        self.done_bytes = 0
+        self.error = ""
+        self._crash: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="usb-export-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error) or self._crash is not None
+
+    def put(self, job: _Job) -> None:
+        """Hand over a job: a prepared file (its bytes in ``job.part10``) is written, a failed
+        one only counted in the progress."""
+        size = len(job.part10)
+        with self._room:
+            self._room.wait_for(lambda: not self._queued or self._queued + size <= QUEUED_BYTES or self._stopping)
+            self._queued += size
+        self._tasks.put(job)
+
+    def finish(self) -> None:
+        """No more jobs: flush and verify what is left, then end."""
+        self._tasks.put(None)
+
+    def join(self) -> None:
+        """Wait until the writer ended; raise what it could not handle (e.g. from ``progress``)."""
+        self._thread.join()
+        if self._crash is not None:
+            raise self._crash
+
+    def stop(self) -> None:
+        """End now (the preparing thread failed): nothing more is written; wait for the file being written."""
+        self._stopping = True
+        self._tasks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        window: list[_Job] = []
+        window_bytes = 0
+        reading: tuple[list[_Job], Iterator[bytes]] = ([], iter(()))  # flushed, being read back
+        medium = self._medium
+        seen = 0
+        try:
+            while (job := self._tasks.get()) is not None and not self._stopping:
+                seen += 1
+                if job.outcome is FileOutcome.WRITTEN:
+                    medium.check()
+                    medium.write(job.file_id, job.part10)
+                    job.size = len(job.part10)
+                    with self._room:
+                        self._queued -= job.size
+                        self._room.notify()
+                    self.written.append(job)
+                    window.append(job)
+                    window_bytes += job.size
+                    self.done_bytes += job.size
+                if self._progress is not None:
+                    self._progress(Progress(seen, self._files, self.done_bytes, time.monotonic() - self._t0,
+                                            bytes_total=self._total))
+                if window_bytes >= VERIFY_WINDOW:
+                    _verify(*reading)
+                    medium.flush()
+                    self.flushed = len(self.written)
+                    reading = (window, medium.read_back([j.file_id for j in window]))
+                    window, window_bytes = [], 0
+            if self._stopping:
+                return
+            _verify(*reading)
+            if window:
+                medium.flush()
+                self.flushed = len(self.written)
+                _verify(window, medium.read_back([j.file_id for j in window]))
+        except OSError as exc:
+            self.error = _medium_error(exc)
+        except _Failed as exc:
+            self.error = f"{exc}; the stick may be faulty. Nothing in the store changed"
+        except BaseException as exc:  # noqa: BLE001 - e.g. from progress: raised again in the preparing thread
+            self._crash = exc
+        finally:
+            with self._room:  # a preparing thread waiting for room goes on (and then stops)
+                self._stopping = True
+                self._room.notify_all()
 
 
 def _verify(jobs: list[_Job], read_back: Iterator[bytes]) -> None:
@@ -608,11 +715,13 @@ def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.
         layout = dicomio.walk(t.body, True, True)
         header = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)
         values = keys.complete(header, job.row.received_at)
+        meta = dicomio.file_meta(t.sop_class_uid, t.sop_instance_uid, TransferSyntax.IMPLICIT_LE)
         if values:
-            t = replace(t, body=_with_values(t.body, layout, values))
-            layout = dicomio.walk(t.body, True, True)
+            part10 = _with_values(t.body, layout, values, meta)
+            layout = dicomio.walk(memoryview(part10)[len(meta):], True, True)
             log.debug("%s: %s set in the copy for its DICOMDIR records", job.row.sop_instance_uid, ", ".join(values))
-        part10 = t.part10()
+        else:
+            part10 = meta + t.body
         _check_copy(part10, layout, stored, t.source_syntax, job)
         record = dicomdir.record_source(header, values)
         records.add(record, job.file_id)
@@ -641,9 +750,12 @@ def _check_copy(part10: bytes, layout: dicomio.Layout, stored: bytes, source: Tr
         raise _Mismatch("it is not the object, in Implicit VR Little Endian")
     if source is TransferSyntax.EXPLICIT_BE or source.is_compressed:
         same = _decoded_pixels(part10) == _decoded_pixels(stored)
-    else:
+    else:  # compared in place (bytes.startswith: a memcmp), not copied out first
         pixels = layout.elements.get(dicomio.PIXEL_DATA)
-        same = (None if pixels is None else part10[offset + pixels.value_offset:offset + pixels.end]) == (
-            _pixel_bytes(stored))
+        stored_pixels = _pixel_value(stored)
+        same = (pixels is None and stored_pixels is None) or (
+            pixels is not None and stored_pixels is not None
+            and pixels.end - pixels.value_offset == len(stored_pixels)
+            and part10.startswith(stored_pixels, offset + pixels.value_offset))
     if not same:
         raise _Mismatch("its pixel data differ")
