@@ -230,6 +230,23 @@ def test_an_update_being_installed_is_shown(box: Box) -> None:
     assert has(page(box.console("u", "0", "q")), "Last update: FAILED: update failed: the slot could not be written")
 
 
+def test_an_installed_update_is_started_by_a_reboot_from_the_page(box: Box) -> None:
+    (box.esp / "EFI" / "Linux" / "appliance_0.1.1+3.efi").write_bytes(b"MZ uki")  # as the installer leaves it
+    write_progress(Progress("0.1.1", "done", 100, True, True, "update done: version 0.1.1 is installed in slot B",
+                            time.time()), run_dir=box.run_dir)
+    runner = Recorder()
+    text = box.console("u", "n", "yes", "0", "q", runner=runner)
+    assert has(text, "System version 0.1.0; 0.1.1 installed, boots next.")
+    shown = page(text)
+    assert "Other slot: 0.1.1 (installed, boots next, 3 tries)" in shown
+    assert "Last update: done: update done: version 0.1.1 is installed in slot B" in shown
+    assert "  n  Reboot now to start version 0.1.1\n" in shown
+    assert "Type yes to reboot: " in text and has(text, "Reboot: the box is going down.")
+    assert runner.calls == [["systemctl", "reboot"]]
+    (box.tmp / "other").mkdir()
+    assert "  n  Reboot" not in page(Box(box.tmp / "other").console("u", "0", "q"))  # nothing installed
+
+
 # -- settings -----------------------------------------------------------------------------------
 
 

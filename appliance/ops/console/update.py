@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from appliance import audit
 from appliance.ops import health
-from appliance.ops.console.screen import Screen
+from appliance.ops.console.system import SystemPages
 from appliance.ops.consolesettings import ConsoleSettings, Field, value_of
 from appliance.ops.factoryreset import CONFIRM_WORD, FactoryReset, ResetError
 from appliance.update import (
@@ -30,6 +30,7 @@ from appliance.update import (
     UpdateError,
     running_version,
 )
+from appliance.update.boot import version_info
 from appliance.update.release import read_release
 from appliance.update.request import (
     clear_offer,
@@ -76,7 +77,7 @@ class UpdatePlaces:
     keys_dir: Path = KEYS_DIR
 
 
-class UpdatePages(Screen):
+class UpdatePages(SystemPages):
     """The Updates page: versions, the offer, progress, settings, the server check, factory reset."""
 
     def __init__(self, inp: TextIO, out: TextIO, settings: ConsoleSettings, *,
@@ -116,6 +117,9 @@ class UpdatePages(Screen):
             self._show_fields(cfg, UPDATE_FIELDS)
             if offer is not None:
                 self.say(f"  i  Install version {offer[1]} from the USB stick")
+            installed = self._installed()
+            if installed is not None:
+                self.say(f"  n  Reboot now to start version {installed}")
             self.say("  c  Check the update server now")
             self.say("  r  Factory reset: erase the store and the configuration")
             self.say("  0  Back")
@@ -127,13 +131,16 @@ class UpdatePages(Screen):
                 self.edit(f, value_of(cfg, f.key))
             elif choice == "i" and offer is not None:
                 self._install_offer(*offer)
+            elif choice == "n" and installed is not None:
+                self.reboot()
             elif choice == "c":
                 self._check_server(cfg.update.url)
             elif choice == "r":
                 self._factory_reset()
             else:
                 self.say(f"'{choice}' is not on the menu; type 1 to {len(UPDATE_FIELDS)}"
-                         + (", i" if offer is not None else "") + ", c, r or 0.")
+                         + (", i" if offer is not None else "") + (", n" if installed is not None else "")
+                         + ", c, r or 0.")
 
     def _busy(self) -> bool:
         """Say so and return True while an update is being installed."""
@@ -142,6 +149,15 @@ class UpdatePages(Screen):
             self.say(f"An update is being installed ({p.message}); wait for it to end.")
             return True
         return False
+
+    def _installed(self) -> str | None:
+        """The version installed in the other slot that boots next, or None."""
+        p = self.update_places
+        try:
+            info = version_info(esp=p.esp, os_release=p.os_release)
+        except (UpdateError, OSError):
+            return None
+        return info.other if info.other_state == "trying" else None
 
     def _running(self) -> str | None:
         try:
@@ -170,8 +186,9 @@ class UpdatePages(Screen):
         audit.record(self.data_dir, audit.Event(
             "config", "U", participants=(audit.Participant("person", user="serial console", requestor=True),),
             detail=f"an update to system version {version} from {where} ({source}) was asked for"))
-        self.say(f"Update to version {version} asked for: the box writes it to its other slot now (this page "
-                 "shows how far it is), then restarts into it by itself. The store and the configuration stay.")
+        self.say(f"Update to version {version} asked for: the box writes it to its other slot now; this page "
+                 "shows how far it is. When it is done, reboot (n on this page, or 8 on the menu) to start it. The store "
+                 "and the configuration stay.")
 
     def _check_server(self, url: str) -> None:
         if not url:
