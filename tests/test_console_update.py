@@ -502,3 +502,62 @@ def test_the_service_password_is_not_echoed_on_a_terminal(box: Box, data_partiti
     assert b"ERASE" in echoed and PASSWORD.encode() not in echoed
     assert runner.names()[-1] == "systemctl reboot"
     assert ls(data_partition) == {"lost+found", "config"}
+
+
+def test_a_rollback_is_said_on_the_page_and_in_the_status_line(box: Box) -> None:
+    # 0.1.1 was installed and never became healthy in its 3 tries: systemd-boot went back to 0.1.0.
+    (box.esp / "EFI" / "Linux" / "appliance_0.1.1+0-3.efi").write_bytes(b"MZ uki")
+    text = box.console("u", "0", "q")
+    assert has(text, "System version 0.1.0; update to 0.1.1 failed, rolled back.")
+    shown = page(text)
+    assert "Other slot: 0.1.1 (failed to become healthy, not booted again)" in shown
+    assert has(shown, "Last update: version 0.1.1 failed to become healthy in 3 boots; the box rolled back to 0.1.0")
+    lines, status = health.version_lines(box.esp, box.os_release, box.run_dir)
+    assert status == "version 0.1.0; update to 0.1.1 failed, rolled back" and len(lines) == 3
+
+
+class LoopStick:
+    """A stick on a real block device: an ext4 made from ``content`` on a read-only loop device."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.content = tmp / "stick-content"
+        self.content.mkdir()
+        self.image = tmp / "stick.img"
+        self.device: Path | None = None
+
+    def attach(self) -> Path:
+        subprocess.run(["truncate", "-s", "16M", str(self.image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-L", "UPDATES", "-d", str(self.content), str(self.image)], check=True)
+        done = subprocess.run(["losetup", "-f", "--show", "-r", str(self.image)], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot attach a loop device here: {done.stderr.strip()}")
+        self.device = Path(done.stdout.strip())
+        probe = self.image.with_name("probe")
+        probe.mkdir()
+        if subprocess.run(["mount", "-o", "ro", str(self.device), str(probe)], capture_output=True,
+                          check=False).returncode != 0:
+            pytest.skip("this kernel cannot mount an ext4 stick")
+        subprocess.run(["umount", str(probe)], check=True)
+        return self.device
+
+
+@pytest.fixture
+def loop_stick(tmp_path: Path) -> Iterator[LoopStick]:
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs losetup and mkfs.ext4")
+    stick = LoopStick(tmp_path)
+    yield stick
+    if stick.device is not None:
+        subprocess.run(["losetup", "-d", str(stick.device)], check=False)
+
+
+def test_an_update_stick_on_a_block_device_is_mounted_read_only_to_look(box: Box, jobs_on: MediaJobs,
+                                                                        loop_stick: LoopStick) -> None:
+    make_release(loop_stick.content / STICK_FOLDER, "0.1.1", box.signing_key)
+    device = loop_stick.attach()
+    run_job(jobs_on, stick_event(device), 1)
+    result = jobs_on.results[0]
+    assert result.summary == "update offered: version 0.1.1 on USB stick 'UPDATES'; install it on the console (menu u)"
+    assert read_offer(box.run_dir) == (str(device), "0.1.1")
+    assert "appliance-peek" not in Path("/proc/mounts").read_text()  # looked at, and unmounted
