@@ -257,7 +257,7 @@ def version_lines(esp: Path | None = None, os_release: Path | None = None,
     except OSError:
         image = False
     if not image or not esp.is_dir():
-        lines, status = [f"{__version__} (the package); {NO_SLOTS}"], f"version {__version__}"
+        lines, status = [f"System version {__version__} (the package); {NO_SLOTS}"], f"version {__version__}"
     else:
         try:
             info = version_info(esp=esp, os_release=os_release)
