@@ -341,7 +341,7 @@ class _FaultyStick(usbtarget.FolderMedium):
                 if file_id != "DICOMDIR":
                     self.files_read += 1
                     if self.files_read == self.bad:
-                        data = data[:-1] + bytes([data[-1] ^ 1])
+                        data = bytes(data[:-1]) + bytes([data[-1] ^ 1])
                 yield data
         return faulty(super().read_back(file_ids))
 
@@ -459,6 +459,33 @@ def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path
     check_file_set(out, store, _instances(store))
     listing = _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout
     assert "DICOMDIR" in listing and ".TMP" not in listing
+
+
+@pytest.mark.parametrize(("kib", "fat"), [(1440, 12), (16 * 1024, 16), (48 * 1024, 32)])
+def test_the_fat_reader_reads_back_what_mcopy_reads_on_fat12_16_and_32(
+    store: Store, tmp_path: Path, kib: int, fat: int
+) -> None:
+    # The FAT image medium reads its files back through usbtarget.FatReader (boot sector,
+    # FAT, short directory entries, cluster chains) instead of mtools: on each FAT type it
+    # must read what mtools reads, and what was written.
+    _put_generated(store, ct_series(3, rows=128, cols=128))
+    image = tmp_path / "stick.img"
+    subprocess.run(["truncate", "-s", f"{kib}K", str(image)], check=True)
+    subprocess.run(["mformat", *(["-F"] if fat == 32 else []), "-i", str(image), "::"], check=True,
+                   capture_output=True)
+    assert f"FAT{fat}" in _tool("minfo", "-i", str(image), "::").stdout
+    report = export(image, store, Config(), Selection(SelectionMode.ALL))
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 3, report.render()
+    out = _mcopy_out(image, tmp_path / "out")
+    files = [str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()]
+    assert "DICOMDIR" in files and len(files) == 4
+    with open(image, "rb") as f:
+        reader = usbtarget.FatReader(f.fileno())
+        for name in files:
+            assert bytes(reader.read(name)) == (out / name).read_bytes(), name
+        with pytest.raises(FileNotFoundError):
+            reader.read("DICOM/NOSUCH")
+    check_file_set(out, store, _instances(store))
 
 
 def test_a_large_export_onto_a_fat_image_is_copied_in_batches_and_verified(store: Store, tmp_path: Path) -> None:

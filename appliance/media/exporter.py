@@ -556,7 +556,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
         if encoded and writer.written and not writer.failed:
             medium.check()
             medium.replace("DICOMDIR", encoded)
-            if next(iter(medium.read_back(["DICOMDIR"]))) != encoded:
+            if not _same(next(iter(medium.read_back(["DICOMDIR"]))), encoded):
                 raise _Failed("the DICOMDIR read back from the stick differs from what was written")
     except OSError as exc:
         error = _medium_error(exc)
@@ -652,7 +652,7 @@ class _Writer:
     def _run(self) -> None:
         window: list[_Job] = []
         window_bytes = 0
-        reading: tuple[list[_Job], Iterator[bytes]] = ([], iter(()))  # flushed, being read back
+        reading: tuple[list[_Job], Iterator[bytes | memoryview]] = ([], iter(()))  # flushed, being read back
         medium = self._medium
         seen = 0
         try:
@@ -697,10 +697,16 @@ class _Writer:
                 self._room.notify_all()
 
 
-def _verify(jobs: list[_Job], read_back: Iterator[bytes]) -> None:
+def _same(data: bytes | memoryview, written: bytes) -> bool:
+    """True if ``data`` (read back) is ``written``, byte for byte (bytes.startswith: a memcmp,
+    also for a memoryview, which == would compare item by item)."""
+    return len(data) == len(written) and written.startswith(data)
+
+
+def _verify(jobs: list[_Job], read_back: Iterator[bytes | memoryview]) -> None:
     """Compare each file read back from the stick with what was written, then let it go."""
     for job, data in zip(jobs, read_back, strict=True):
-        if data != job.part10:
+        if not _same(data, job.part10):
             raise _Failed(f"{job.file_id} ({job.row.sop_instance_uid}) read back from the stick differs "
                           "from what was written")
         job.part10 = b""

@@ -19,13 +19,14 @@ import contextlib
 import ctypes
 import errno
 import functools
-import itertools
 import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,6 @@ from appliance.errors import MediaError
 
 #: How many bytes of files a FAT image medium stages before it copies them into the image.
 FAT_BATCH_BYTES = 8 * 2**20
-#: How many files of one folder a FAT image medium reads back with one mcopy.
-READ_BACK_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,10 @@ class Medium(Protocol):
     def flush(self) -> None:
         """Make every file written so far durable on the medium; raise OSError if it cannot."""
 
-    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
         """Start reading flushed files back from the medium (not from a cache), at once;
-        the iterator yields the content of each, in order."""
+        the iterator yields the content of each, in order, each valid until the next is taken
+        (one buffer serves them all)."""
 
     def replace(self, file_id: str, data: bytes) -> None:
         """Write one file durably in place of any old one (the DICOMDIR)."""
@@ -150,7 +150,7 @@ class FolderMedium:
         finally:
             os.close(fd)
 
-    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
         for file_id in file_ids:  # drop the cached pages (clean once flushed), then read them from the stick
             fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
             try:
@@ -161,10 +161,18 @@ class FolderMedium:
                 os.close(fd)
         return self._read(file_ids)
 
-    def _read(self, file_ids: list[str]) -> Iterator[bytes]:
+    def _read(self, file_ids: list[str]) -> Iterator[memoryview]:
+        buffer = _Buffer()
         for file_id in file_ids:
-            with open(os.path.join(self._root, file_id), "rb") as f:
-                yield f.read()
+            fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
+            try:
+                view = buffer.take(os.fstat(fd).st_size)
+                done = 0
+                while done < len(view) and (n := os.readv(fd, [view[done:]])):
+                    done += n
+            finally:
+                os.close(fd)
+            yield view[:done]
 
     def replace(self, file_id: str, data: bytes) -> None:
         """Via ``NAME.TMP``, fsync, rename, fsync the folder."""
@@ -256,10 +264,10 @@ class FatImageMedium:
     (``root``, so pydicom can load the DICOMDIR). Files are staged in local batches (in
     memory where there is /dev/shm); every ``FAT_BATCH_BYTES`` a batch goes into the image
     with one ``mcopy -s`` and the image is fsynced, and :meth:`flush` sends the last batch.
-    Files are read back into local folders with one ``mcopy`` per folder (at most
-    ``READ_BACK_FILES`` files). These commands run one at a time, in order, in a thread of
-    the medium's, while the exporter prepares the next files: an mtools process per batch
-    and per folder, not per file."""
+    Files are read back from the image itself through its FAT (:class:`FatReader`), its cached
+    pages dropped first: no mtools process, no staged copy. Copies in and reads back run one
+    at a time, in order, in a thread of the medium's, while the exporter prepares the next
+    files: an mtools process per batch, not per file."""
 
     def __init__(self, image: Path) -> None:
         self.image = image
@@ -273,6 +281,8 @@ class FatImageMedium:
         self._tmp = _scratch()
         self._mtools_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtools")
         self._pending: list[Future[object]] = []
+        #: Held while mcopy writes the image, and while a file is read back from it.
+        self._image_lock = threading.Lock()
         self._batch: Path | None = None
         self._batch_bytes = 0
         self._batch_folders: set[str] = set()
@@ -359,7 +369,8 @@ class FatImageMedium:
         try:
             # -s: whole trees, merged into the image's folders of the same names; -o:
             # overwrite what a failed export left; -Q: stop at the first error.
-            self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
+            with self._image_lock:
+                self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
         finally:
             shutil.rmtree(batch, ignore_errors=True)
         self._fsync()
@@ -373,37 +384,36 @@ class FatImageMedium:
         self._later(self._fsync)
         self._wait()
 
-    def read_back(self, file_ids: list[str]) -> Iterator[bytes]:
-        chunks: list[tuple[list[str], Path, Future[object]]] = []
-        for _, group in itertools.groupby(file_ids, lambda fid: fid.rpartition("/")[0]):
-            names = list(group)
-            for i in range(0, len(names), READ_BACK_FILES):
-                # Names are unique within a folder, so one folder's files can land in one local folder.
-                out = self._staging()
-                chunk = names[i:i + READ_BACK_FILES]
-                copied = self._later(self._mtools, "mcopy", "-n", *(f"::/{fid}" for fid in chunk), str(out))
-                chunks.append((chunk, out, copied))
-        return self._read(chunks)
-
-    def _read(self, chunks: list[tuple[list[str], Path, Future[object]]]) -> Iterator[bytes]:
+    def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
+        """The image was fsynced (flush): its cached pages are clean, and dropped here, so
+        that the files are read from its disk, through its FAT (:class:`FatReader`), as the
+        iterator goes; never while an mcopy writes the image (``_image_lock``)."""
+        self._wait()
+        fd = os.open(self.image, os.O_RDONLY)
         try:
-            for names, out, copied in chunks:
-                copied.result()
-                for fid in names:
-                    yield (out / fid.rpartition("/")[2]).read_bytes()
-                shutil.rmtree(out, ignore_errors=True)
-        finally:  # not read to the end (a file differed): what is still queued lands, and goes
-            for _, out, copied in chunks:
-                with contextlib.suppress(Exception):
-                    copied.result()
-                shutil.rmtree(out, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return self._read(file_ids)
+
+    def _read(self, file_ids: list[str]) -> Iterator[memoryview]:
+        buffer = _Buffer()
+        with open(self.image, "rb", buffering=0) as f:
+            with self._image_lock:
+                reader = FatReader(f.fileno())
+            for file_id in file_ids:
+                with self._image_lock:
+                    data = reader.read(file_id, buffer)
+                yield data
 
     def replace(self, file_id: str, data: bytes) -> None:
         """Copied in with ``mcopy -o`` (not atomic: FAT has no rename over a file) and fsynced."""
         self._wait()
         staged = self._staging() / file_id.rpartition("/")[2]
         staged.write_bytes(data)
-        self._mtools("mcopy", "-o", "-n", str(staged), f"::/{file_id}")
+        with self._image_lock:
+            self._mtools("mcopy", "-o", "-n", str(staged), f"::/{file_id}")
         self._fsync()
 
     def close(self) -> str:
@@ -412,6 +422,133 @@ class FatImageMedium:
         self._pending = []
         shutil.rmtree(self._tmp, ignore_errors=True)
         return ""
+
+
+class _Buffer:
+    """One buffer that files read back are read into in turn (no new memory for each)."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def take(self, size: int) -> memoryview:
+        """A view of ``size`` bytes of the buffer (which grows as needed); the last one taken is gone."""
+        if len(self._data) < size:
+            self._data = bytearray(max(size, 2 * len(self._data)))
+        return memoryview(self._data)[:size]
+
+
+class FatReader:
+    """Reads files of a FAT12, FAT16 or FAT32 file system from its image (``fd``) by their
+    path, as any system reading the stick finds them: boot sector, FAT, directory entries
+    (short names: the file-set's names are 8.3 upper case), cluster chains. The FAT is read
+    once, with the reader."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        boot = os.pread(fd, 512, 0)
+        (sector, self._per_cluster, reserved, fats, root_entries, total16, fat16) = struct.unpack_from(
+            "<HBHBHHxH", boot, 11)
+        total = total16 or struct.unpack_from("<L", boot, 32)[0]
+        fat_sectors = fat16 or struct.unpack_from("<L", boot, 36)[0]
+        if sector not in (512, 1024, 2048, 4096) or not self._per_cluster or not fats or not fat_sectors:
+            raise OSError(errno.EIO, "the image has no FAT boot sector")
+        root_sectors = -(-root_entries * 32 // sector)
+        self._sector = sector
+        self._cluster = sector * self._per_cluster
+        self._data = (reserved + fats * fat_sectors + root_sectors) * sector
+        clusters = (total - reserved - fats * fat_sectors - root_sectors) // self._per_cluster
+        self._bits = 12 if clusters < 4085 else 16 if clusters < 65525 else 32
+        self._fat = os.pread(fd, fat_sectors * sector, reserved * sector)
+        self._clusters = clusters
+        if self._bits == 32:
+            self._root: tuple[int, int] = (struct.unpack_from("<L", boot, 44)[0], 0)
+        else:  # a fixed root directory region
+            self._root = (0, root_entries * 32)
+        self._root_offset = (reserved + fats * fat_sectors) * sector
+        self._folders: dict[str, dict[bytes, tuple[int, int, int]]] = {}
+
+    def _next(self, cluster: int) -> int:
+        fat = self._fat
+        if self._bits == 32:
+            return int(struct.unpack_from("<L", fat, cluster * 4)[0]) & 0x0FFFFFFF
+        if self._bits == 16:
+            return int(struct.unpack_from("<H", fat, cluster * 2)[0])
+        pair = int(struct.unpack_from("<H", fat, cluster + cluster // 2)[0])
+        return pair >> 4 if cluster & 1 else pair & 0xFFF
+
+    def _chain(self, first: int, limit: int) -> list[tuple[int, int]]:
+        """The byte ranges (offset, length) of the cluster chain from ``first``, runs merged;
+        at most ``limit`` clusters."""
+        end = {12: 0xFF8, 16: 0xFFF8, 32: 0x0FFFFFF8}[self._bits]
+        runs: list[tuple[int, int]] = []
+        cluster, n = first, 0
+        while 2 <= cluster < end and n < limit:
+            if cluster >= self._clusters + 2:
+                raise OSError(errno.EIO, "a FAT cluster chain leaves the file system")
+            offset = self._data + (cluster - 2) * self._cluster
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + self._cluster)
+            else:
+                runs.append((offset, self._cluster))
+            cluster, n = self._next(cluster), n + 1
+        return runs
+
+    def _read_runs(self, runs: list[tuple[int, int]]) -> bytes:
+        return b"".join(os.pread(self._fd, length, offset) for offset, length in runs)
+
+    def _folder(self, path: str) -> dict[bytes, tuple[int, int, int]]:
+        """The entries of folder ``path`` ("" for the root): short name -> (attributes, first cluster, size)."""
+        entries = self._folders.get(path)
+        if entries is not None:
+            return entries
+        if not path:
+            first, size = self._root
+            data = os.pread(self._fd, size, self._root_offset) if size else self._read_runs(self._chain(first, 1 << 20))
+        else:
+            parent, _, name = path.rpartition("/")
+            attributes, first, _ = self._entry(parent, name)
+            if not attributes & 0x10:
+                raise OSError(errno.ENOTDIR, f"{path} on the stick is not a folder")
+            data = self._read_runs(self._chain(first, 1 << 20))
+        entries = {}
+        for pos in range(0, len(data) - 31, 32):
+            raw = data[pos:pos + 32]
+            if raw[0] == 0:
+                break
+            if raw[0] == 0xE5 or raw[11] == 0x0F or raw[11] & 0x08:  # deleted, long name, volume label
+                continue
+            short = (b"\xe5" if raw[0] == 5 else raw[:1]) + raw[1:11]
+            high, low, size = struct.unpack_from("<H4xHL", raw, 20)
+            entries.setdefault(short, (raw[11], high << 16 | low if self._bits == 32 else low, size))
+        self._folders[path] = entries
+        return entries
+
+    def _entry(self, folder: str, name: str) -> tuple[int, int, int]:
+        base, _, ext = name.upper().partition(".")
+        short = base.encode("ascii").ljust(8) + ext.encode("ascii").ljust(3)
+        try:
+            return self._folder(folder)[short]
+        except KeyError:
+            raise OSError(errno.ENOENT, f"{folder}/{name} is not on the stick") from None
+
+    def read(self, file_id: str, buffer: _Buffer | None = None) -> memoryview:
+        """The content of the file ``file_id`` (``DICOM/ST.../IM...``), in ``buffer`` if given."""
+        folder, _, name = file_id.rpartition("/")
+        attributes, first, size = self._entry(folder, name)
+        if attributes & 0x10:
+            raise OSError(errno.EISDIR, f"{file_id} on the stick is a folder")
+        view = (buffer or _Buffer()).take(size)
+        done = 0
+        for offset, length in self._chain(first, -(-size // self._cluster)):
+            length = min(length, size - done)
+            while length:
+                n = os.preadv(self._fd, [view[done:done + length]], offset)
+                if not n:
+                    raise OSError(errno.EIO, f"{file_id} runs past the end of the image")
+                done, offset, length = done + n, offset + n, length - n
+        if done < size:
+            raise OSError(errno.EIO, f"{file_id} on the stick has fewer clusters than its size needs")
+        return view
 
 
 def open_medium(target: Path) -> Medium:
