@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from io import BytesIO
@@ -255,12 +256,29 @@ class Records:
             parent = node
             if depth < len(_LEVELS):
                 self._nodes[path[: depth + 1]] = node
-        instance = FileInstance(node)
+        instance = _Instance(node, uid)
         node.instance = instance
         self._fs._stage["+"][instance.SOPInstanceUID] = instance  # noqa: SLF001
         self._fs._instances.append(instance)  # noqa: SLF001
         instance._apply_stage("+")  # noqa: SLF001
         self._instances.add(uid)
+
+
+class _Instance(FileInstance):
+    """pydicom's FileInstance, but for the name pydicom would stage a copy of its file under
+    (never: the exporter writes the files itself), which is derived from the SOP Instance UID
+    instead of drawn at random (uuid4 asks the kernel, per instance)."""
+
+    def __init__(self, node: RecordNode, sop_instance_uid: str) -> None:
+        class Flags:
+            add: bool
+            remove: bool
+
+        self._uuid = uuid.uuid5(uuid.NAMESPACE_OID, sop_instance_uid)
+        self._flags = Flags()  # type: ignore[assignment]
+        self._apply_stage("x")
+        self._stage_path: Path | None = None
+        self.node = node
 
 
 def _record(record_type: str, ds: Dataset) -> Dataset:

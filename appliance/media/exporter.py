@@ -659,7 +659,6 @@ class _Writer:
             while (job := self._tasks.get()) is not None and not self._stopping:
                 seen += 1
                 if job.outcome is FileOutcome.WRITTEN:
-                    medium.check()
                     medium.write(job.file_id, job.part10)
                     job.size = len(job.part10)
                     with self._room:
@@ -674,6 +673,7 @@ class _Writer:
                                             bytes_total=self._total))
                 if window_bytes >= VERIFY_WINDOW:
                     _verify(*reading)
+                    medium.check()
                     medium.flush()
                     self.flushed = len(self.written)
                     reading = (window, medium.read_back([j.file_id for j in window]))
@@ -682,6 +682,7 @@ class _Writer:
                 return
             _verify(*reading)
             if window:
+                medium.check()
                 medium.flush()
                 self.flushed = len(self.written)
                 _verify(window, medium.read_back([j.file_id for j in window]))
@@ -712,11 +713,27 @@ def _verify(jobs: list[_Job], read_back: Iterator[bytes | memoryview]) -> None:
         job.part10 = b""
 
 
+def _read(path: Path, size: int) -> bytes:
+    """The content of the file at ``path``, of ``size`` bytes as the index says (it may not):
+    in as few system calls as can be, each of which lets the writer thread run."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # all of it: asked for one byte more, got what the index says
+            return data
+        parts = [data]  # shorter or longer than the index says: to the end
+        while chunk := os.read(fd, 2**20):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.Keys) -> bool:
     """Re-encode one stored object, complete its record keys in the copy (dicomdir.Keys),
     check the copy against the store and add its records; False if it cannot be exported."""
     try:
-        stored = job.generated if job.generated is not None else (store.data_dir / job.row.path).read_bytes()
+        stored = job.generated if job.generated is not None else _read(store.data_dir / job.row.path, job.row.size)
         t = to_implicit_le(stored)
         layout = dicomio.walk(t.body, True, True)
         header = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator, Protocol
 from appliance.errors import MediaError
 
 
+#: How many files a folder medium reads ahead (and keeps open) when it starts reading back.
+READ_AHEAD_FILES = 256
 #: How many bytes of files a FAT image medium stages before it copies them into the image.
 FAT_BATCH_BYTES = 8 * 2**20
 
@@ -58,8 +60,9 @@ class Medium(Protocol):
         """Raise OSError if the medium is gone (a pulled stick)."""
 
     def write(self, file_id: str, data: bytes) -> None:
-        """Write one file (``DICOM/ST.../IM...``; its folders are made as needed). It is not
-        durable before :meth:`flush`, and a half-written one may be left if the medium fails."""
+        """Write one file (``DICOM/ST.../IM...``; its folders are made as needed, never where
+        a stick that is gone was). It is not durable before :meth:`flush`, and a half-written
+        one may be left if the medium fails."""
 
     def flush(self) -> None:
         """Make every file written so far durable on the medium; raise OSError if it cannot."""
@@ -112,6 +115,9 @@ class FolderMedium:
         self._root = str(root)
         #: Folders below root that this medium made or found (str paths: this runs per file).
         self._folders: set[str] = set()
+        #: The size of each file written, and the files being read ahead (open).
+        self._sizes: dict[str, int] = {}
+        self._ahead: dict[str, int] = {}
 
     def space(self) -> Space:
         st = os.statvfs(self.root)
@@ -122,10 +128,13 @@ class FolderMedium:
             raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
 
     def write(self, file_id: str, data: bytes) -> None:
-        # Folders below root are made one level at a time; root itself never is, so a
-        # vanished stick gives ENOENT instead of files on the mount point.
+        # Folders below root are made one level at a time, after a check that the stick is
+        # still mounted there; root itself never is, so once it is gone (or unmounted: the
+        # bare mount point has none of our folders) a write gives ENOENT, never a file on
+        # the mount point. A write back starts at the flush (one syncfs), not file by file.
         folder, _, _ = file_id.rpartition("/")
         if folder and folder not in self._folders:
+            self.check()
             parts = folder.split("/")
             for i in range(1, len(parts) + 1):
                 with contextlib.suppress(FileExistsError):
@@ -136,10 +145,9 @@ class FolderMedium:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            with contextlib.suppress(OSError):  # start writing it back now, not at the flush
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+        self._sizes[file_id] = len(data)
 
     def flush(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -151,22 +159,31 @@ class FolderMedium:
             os.close(fd)
 
     def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
-        for file_id in file_ids:  # drop the cached pages (clean once flushed), then read them from the stick
-            fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
-            try:
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+        # The cached pages of the first READ_AHEAD_FILES (clean once flushed) are dropped and
+        # the stick asked to read them now; they stay open until read.
+        for file_id in file_ids[:READ_AHEAD_FILES]:
+            if file_id not in self._ahead:
+                self._ahead[file_id] = self._open_uncached(file_id, ahead=True)
         return self._read(file_ids)
+
+    def _open_uncached(self, file_id: str, ahead: bool) -> int:
+        fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if ahead:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return fd
 
     def _read(self, file_ids: list[str]) -> Iterator[memoryview]:
         buffer = _Buffer()
         for file_id in file_ids:
-            fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY)
+            fd = self._ahead.pop(file_id, None)
+            if fd is None:
+                fd = self._open_uncached(file_id, ahead=False)
             try:
-                view = buffer.take(os.fstat(fd).st_size)
+                size = self._sizes.get(file_id)
+                # One byte more than was written, so that a longer file shows.
+                view = buffer.take(os.fstat(fd).st_size if size is None else size + 1)
                 done = 0
                 while done < len(view) and (n := os.readv(fd, [view[done:]])):
                     done += n
@@ -192,6 +209,9 @@ class FolderMedium:
             os.close(fd)
 
     def close(self) -> str:
+        for fd in self._ahead.values():  # read ahead, never read (an export that failed)
+            os.close(fd)
+        self._ahead.clear()
         with contextlib.suppress(OSError):  # flushed already; this only makes sure, and never syncs another disk
             self.flush()
         return ""
