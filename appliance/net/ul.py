@@ -20,14 +20,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Container, Iterator
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -337,6 +338,33 @@ def associate_ac_pdu(rq: A_ASSOCIATE, results: list[PresentationContext], max_pd
     return bytes(ac.encode())
 
 
+def associate_rq_pdu(calling_ae: str, called_ae: str, contexts: list[tuple[int, str, list[str]]],
+                     max_pdu: int) -> bytes:
+    """An A-ASSOCIATE-RQ from ``calling_ae`` to ``called_ae`` proposing ``contexts`` (context
+    ID, abstract syntax, transfer syntaxes), with our maximum PDU length (0: no limit) and
+    our implementation class UID and version name."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = APPLICATION_CONTEXT_NAME
+    prim.calling_ae_title = calling_ae
+    prim.called_ae_title = called_ae
+    proposed = []
+    for cx_id, abstract, syntaxes in contexts:
+        cx = build_context(abstract, syntaxes)
+        cx.context_id = cx_id
+        proposed.append(cx)
+    prim.presentation_context_definition_list = proposed
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = max_pdu
+    ic = ImplementationClassUIDNotification()
+    ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    iv = ImplementationVersionNameNotification()
+    iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    prim.user_information = [ml, ic, iv]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(prim)
+    return bytes(rq.encode())
+
+
 def reject_pdu(result: int, source: int, reason: int) -> bytes:
     """A-ASSOCIATE-RJ (one of the ``REJECT_*`` triples)."""
     rj = A_ASSOCIATE_RJ()
@@ -355,6 +383,10 @@ def abort_pdu(source: int) -> bytes:
 
 #: A-RELEASE-RP: type, reserved, length 4, 4 reserved bytes (PS3.8 9.3.7).
 RELEASE_RP = bytes([A_RELEASE_RP_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+
+
+#: A-RELEASE-RQ: type, reserved, length 4, 4 reserved bytes (PS3.8 9.3.6).
+RELEASE_RQ = bytes([A_RELEASE_RQ_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 
 def p_data_tf_pdu(cx_id: int, control: int, data: bytes) -> bytes:
