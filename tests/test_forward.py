@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,10 +167,14 @@ def test_a_destination_killed_mid_batch_gets_the_rest_and_only_the_unacknowledge
     box = Box(tmp_path / "data", box_config(p.port))
     try:
         files = write_series(ct_series(300, rows=64, cols=64), tmp_path / "ct")
-        box.send(files)
+        # The CT goes in while the forwarder sends it on, which keeps pace with it: killed
+        # once part of it arrived, the destination misses the rest.
+        sending = threading.Thread(target=box.send, args=(files,))
+        sending.start()
         wait_for(lambda: p.requests() >= 60, timeout=60, what="part of the batch at the destination")
         p.kill(signal.SIGKILL)
         arrived = p.requests()
+        sending.join(300)
         assert arrived < 300
         p.start()
         wanted = {str(dcmread(f).SOPInstanceUID) for f in files}

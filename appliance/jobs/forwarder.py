@@ -29,22 +29,25 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
-
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
+from typing import Callable
 
 from appliance import audit, tls
 from appliance.config import Config, Destination
-from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOPClass, TransferSyntax
-from appliance.dicom.transcode import TranscodeError, to_implicit_le
+from appliance.conformance import SOPClass, TransferSyntax
+from appliance.dicom.transcode import TranscodeError, body_to_implicit_le
 from appliance.errors import ApplianceError, StoreError
+from appliance.net.requester import (
+    Association,
+    AssociationLost,
+    associate,
+    stored_data_set,
+)
 from appliance.net.sender import ClientSettings
-from appliance.net.sender import _associate as associate
 from appliance.reports import sop_class_label
 from appliance.store.index import ForwardItem
 from appliance.store.store import Store
@@ -121,8 +124,6 @@ class Forwarder:
         self.activity: dict[str, str] = {}
 
     def start(self) -> None:
-        # Stored files go out as they are stored, read in chunks: never decoded, never whole in memory.
-        _config.STORE_SEND_CHUNKED_DATASET = True
         self._loop_thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
         self._loop_thread.start()
 
@@ -205,13 +206,12 @@ class Forwarder:
         items = [i for i in batch if i.path is not None][:_max_items(batch)]
         if not items:
             return result
-        ae = self._make_ae(items)
         t0 = time.monotonic()
         try:
             client = self.client
             if peer.tls != "plain":  # [tls] as the file says now; a self-signed pair of our own if none is given
                 client = replace(client, tls=tls.credentials(cfg.tls, self.store.data_dir))
-            assoc = associate(ae, peer, client)
+            assoc = associate(peer, client, _contexts(items))
         except ApplianceError as exc:
             self._destination_failed(name, str(exc), result)
             self._audit(name, peer, result)
@@ -225,8 +225,7 @@ class Forwarder:
                 if not self._send_one(assoc, name, peer, item, result):
                     break
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
         seconds = time.monotonic() - t0
         if result.sent:
             log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", result.sent, result.bytes / 1e6,
@@ -250,64 +249,50 @@ class Forwarder:
             studies=audit.studies_of(result.taken),
             detail=f"forwarded {result.sent} object(s), {result.bytes / 1e6:.1f} MB, to {name}"))
 
-    def _make_ae(self, items: list[ForwardItem]) -> AE:
-        ae = AE(ae_title=self.client.calling_ae)
-        ae.maximum_pdu_size = self.client.max_pdu
-        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.client.timeout
-        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        pairs: list[tuple[str, str]] = []
-        for i in items:
-            for ts in dict.fromkeys([str(i.transfer_syntax), str(TransferSyntax.IMPLICIT_LE)]):
-                if (str(i.sop_class_uid), ts) not in pairs:
-                    pairs.append((str(i.sop_class_uid), ts))
-        for cls, ts in pairs:
-            ae.add_requested_context(cls, [ts])
-        # Verification too: a destination that refuses every storage context still associates,
-        # and each object is then set aside with the reason instead of the whole queue waiting.
-        ae.add_requested_context(str(SOPClass.VERIFICATION), [str(TransferSyntax.IMPLICIT_LE)])
-        return ae
-
     def _send_one(self, assoc: Association, name: str, peer: Destination, item: ForwardItem,
                   result: BatchResult) -> bool:
-        """Send one object; update the queue. Return False if the association is gone."""
+        """Send one object as stored (or converted to Implicit VR LE if the destination
+        accepts only that); update the queue. Return False if the association is gone."""
         index = self.store.index
-        cls, ts = str(item.sop_class_uid), str(item.transfer_syntax)
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        cls = str(item.sop_class_uid)
         path = self.store.data_dir / str(item.path)
-        payload: Any
-        if (cls, ts) in accepted:
-            payload = path
-        elif (cls, str(TransferSyntax.IMPLICIT_LE)) in accepted and ts in _UNCOMPRESSED:
-            try:
-                payload = to_implicit_le(path).dataset()
-            except (TranscodeError, OSError) as exc:
-                index.forward_set_aside(item.id, f"cannot convert to Implicit VR LE: {exc}")
-                result.set_aside += 1
-                return True
-        else:
+        try:
+            stored = stored_data_set(path)
+        except FileNotFoundError:
+            index.forward_drop([item.id], name)
+            result.dropped += 1
+            return True
+        except (ValueError, OSError) as exc:  # unreadable, or not Part 10
+            index.forward_set_aside(item.id, f"cannot read the stored object: {exc}")
+            result.set_aside += 1
+            return True
+        ts = stored.transfer_syntax
+        body: bytes | memoryview = stored.body
+        cx_id = assoc.context_for(cls, ts)
+        if cx_id is None and ts in _UNCOMPRESSED:
+            cx_id = assoc.context_for(cls, TransferSyntax.IMPLICIT_LE)
+            if cx_id is not None:
+                try:
+                    body = body_to_implicit_le(stored.body, ts)
+                except (TranscodeError, ValueError, struct.error) as exc:
+                    index.forward_set_aside(item.id, f"cannot convert to Implicit VR LE: {exc}")
+                    result.set_aside += 1
+                    return True
+        if cx_id is None:
             why = (f"{name} accepts no {sop_class_label(cls)} in this object's transfer syntax {ts}"
                    + ("" if ts in _UNCOMPRESSED else " (the box does not decompress)"))
             index.forward_set_aside(item.id, why)
             index.forward_note_error(name, why, _now_iso())
             result.set_aside += 1
             return True
-        if not path.exists():
-            index.forward_drop([item.id], name)
-            result.dropped += 1
-            return True
         try:
-            rsp: Any = assoc.send_c_store(payload)
-        except (ValueError, OSError) as exc:  # the file went away or is unreadable
-            index.forward_set_aside(item.id, f"cannot read the stored object: {exc}")
-            result.set_aside += 1
-            return True
-        if not rsp or "Status" not in rsp:
+            rsp = assoc.store(cx_id, item.sop_instance_uid, body)
+        except AssociationLost as exc:
+            log.debug("forwarding to %s: %s", name, exc)
             self._destination_failed(name, f"the association with {name} ({peer.ae_title}@{peer.host}:{peer.port}) "
                                            "ended without an answer (aborted, or a timeout); the rest waits", result)
             return False
-        status = int(rsp.Status)
-        comment = str(rsp.get("ErrorComment", "") or "")
+        status, comment = rsp.status, rsp.comment
         if status == 0 or (status & 0xF000) == 0xB000 or status == 0x0107 or status == 0x0116:
             index.forward_sent(item.id, name, _now_iso())
             result.taken.append((item.study_uid, item.sop_instance_uid))
@@ -378,6 +363,18 @@ class Forwarder:
             if self._over_cap.get(name) is None:
                 log.error("forwarding: %s", text)
         self._over_cap = over
+
+
+def _contexts(items: list[ForwardItem]) -> list[tuple[str, list[str]]]:
+    """What one association proposes: each SOP class in each stored syntax and in Implicit
+    VR LE, one context each, and Verification: a destination that refuses every storage
+    context still associates, and each object is then set aside with the reason instead of
+    the whole queue waiting."""
+    pairs: dict[tuple[str, str], None] = {}
+    for i in items:
+        for ts in (str(i.transfer_syntax), str(TransferSyntax.IMPLICIT_LE)):
+            pairs[(str(i.sop_class_uid), ts)] = None
+    return [(cls, [ts]) for cls, ts in pairs] + [(str(SOPClass.VERIFICATION), [str(TransferSyntax.IMPLICIT_LE)])]
 
 
 def _max_items(batch: list[ForwardItem]) -> int:

@@ -9,45 +9,38 @@
   that reference it; only 3D volumes go (the Storage Server's 3D verdict); XA and SC are
   not in Table 6 and are refused with that reason.
 * :func:`send` sends a plan over one association that proposes only the contexts of
-  Tables 6 and 7 the plan needs, each with Implicit VR LE only, re-encoding every object
-  with :mod:`appliance.dicom.transcode`. One send runs at a time per store, across processes
-  (an exclusive ``flock`` on ``export.lock`` in the data directory); others wait their turn.
+  Tables 6 and 7 the plan needs, each with Implicit VR LE only: an object stored in Implicit
+  VR LE goes out as stored (its data set read from the file, never decoded), any other is
+  re-encoded once with :mod:`appliance.dicom.transcode`. One send runs at a time per store,
+  across processes (an exclusive ``flock`` on ``export.lock`` in the data directory); others
+  wait their turn.
 
-pynetdicom objects stay inside this module; callers get frozen dataclasses.
+Associations are :mod:`appliance.net.requester`'s (our own upper layer and DIMSE code, as
+the Storage SCP's); callers get frozen dataclasses.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import fcntl
 import logging
 import os
-import socket
-import ssl
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from appliance import audit, config, tls
+from appliance import audit, config
 from appliance.config import Destination, TlsConfig
 from appliance.conformance import (
     CLIENT_AE_TITLE,
     DEFAULT_CLIENT_PDU,
     IMAGE_OBJECTS,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     MIN_PDU,
     RT_OBJECTS,
     SCU_STORAGE_CONTEXTS,
@@ -56,9 +49,17 @@ from appliance.conformance import (
     PresentationContextRow,
     SOPClass,
     Status,
+    TransferSyntax,
 )
 from appliance.dicom.transcode import Transcoded, TranscodeError, to_implicit_le
 from appliance.errors import ApplianceError, ConfigError, NetworkError
+from appliance.net.requester import (
+    Association,
+    AssociationLost,
+    associate,
+    peer_name,
+    stored_data_set,
+)
 from appliance.reports import Item, Progress, Report, sop_class_label
 from appliance.store.index import InstanceRow
 from appliance.store.marks import now as delivery_time
@@ -80,8 +81,7 @@ class SendRefused(ApplianceError):
     """Nothing of what was asked can be sent; the message says why for each request."""
 
 
-def _peer(d: Destination) -> str:
-    return f"{d.ae_title}@{d.host}:{d.port}" + (f" ({d.tls})" if d.tls != "plain" else "")
+_peer = peer_name
 
 
 # -- settings ------------------------------------------------------------------------
@@ -131,181 +131,9 @@ def check_peer(peer: Destination) -> None:
         raise ConfigError("; ".join(problems))
 
 
-# -- associating -------------------------------------------------------------------
-
-#: (result source, reason) of an A-ASSOCIATE-RJ (PS3.8 9.3.4), in words.
-_REJECT_REASONS: dict[tuple[int, int], str] = {
-    (1, 1): "no reason given by the peer",
-    (1, 2): "the peer does not support the DICOM application context",
-    (1, 3): "the peer does not accept our calling AE title '{calling}'; add it to the peer's list of "
-            "known AE titles, or use -aet",
-    (1, 7): "the peer does not answer to the called AE title '{called}'; check the peer's AE title (-aec)",
-    (2, 1): "no reason given by the peer's DICOM stack",
-    (2, 2): "the peer does not support the DICOM protocol version",
-    (3, 1): "the peer is temporarily congested; try again later",
-    (3, 2): "the peer has too many associations open (local limit exceeded); try again later",
-}
-
-
-def _late_rejection(assoc: Association) -> A_ASSOCIATE | None:
-    """Return an A-ASSOCIATE-RJ pynetdicom received but did not act on, or None.
-
-    pynetdicom 3.0.4 races with a fast peer: when the peer sends A-ASSOCIATE-RJ and closes
-    the connection before the requestor checks that it is connected (DCMTK ``storescp
-    --refuse`` does), it aborts as if the connection had failed and leaves the RJ queued."""
-    while True:
-        try:
-            primitive = assoc.dul.receive_pdu(wait=False)
-        except Exception:  # the queue of an association pynetdicom already tore down
-            return None
-        if primitive is None:
-            return None
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-            return primitive
-
-
-def _rejection(rsp: Any, peer: Destination, calling: str) -> str:
-    result = getattr(rsp, "result", None)
-    source = getattr(rsp, "result_source", None)
-    reason = getattr(rsp, "diagnostic", None)
-    kind = {1: "permanently", 2: "transiently"}.get(result or 0, "")
-    text = _REJECT_REASONS.get((source or 0, reason or 0))
-    if text is None:
-        text = f"result {result}, source {source}, reason {reason}"
-    return f"association rejected {kind} by {_peer(peer)}: " + text.format(calling=calling, called=peer.ae_title)
-
-
-def _connect_failure(peer: Destination, timeout: float, spent: float) -> str:
-    """Say why a TCP connection to ``peer`` could not be made, within what is left of ``timeout``.
-
-    pynetdicom logs the connect's OSError but does not return it. An attempt that took
-    (nearly) the whole timeout timed out; a quicker failure is probed once more, for at most
-    the time left, so the whole operation takes ``timeout`` once, not twice."""
-    where = f"{peer.host}:{peer.port}"
-    timed_out = (f"connection to {where} timed out after {timeout:g} s: the host does not answer "
-                 "(check the address, the network and firewalls)")
-    left = timeout - spent
-    if left <= timeout * 0.1:
-        return timed_out
-    try:
-        with socket.create_connection((peer.host, peer.port), timeout=left):
-            pass
-    except ConnectionRefusedError:
-        return (f"connection refused by {where}: nothing listens on port {peer.port} "
-                "(is the DICOM service running, is the port right?)")
-    except (TimeoutError, socket.timeout):
-        return timed_out
-    except OSError as exc:
-        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return (f"{where} is unreachable: {exc.strerror} (check the address, the network cable "
-                    "and the routes)")
-        return f"cannot connect to {where}: {exc.strerror or exc}"
-    return f"the connection to {where} failed, then worked on a second try; try again"
-
-
-#: Seconds the probe of a TLS peer waits for an alert after the handshake.
-_TLS_ALERT_WAIT = 2.0
-
-
-def _tls_failure(peer: Destination, context: ssl.SSLContext, timeout: float, spent: float) -> str | None:
-    """Say why a TLS connection to ``peer`` failed (pynetdicom logs it but does not return
-    it): the connection is tried once more, for what is left of ``timeout``, with the
-    handshake and a moment's wait for the alert a TLS 1.3 server sends after it when it
-    refuses our certificate. None if it finds nothing wrong, or cannot connect at all."""
-    where = f"{peer.host}:{peer.port}"
-    left = timeout - spent
-    try:
-        with socket.create_connection((peer.host, peer.port), timeout=max(left, 0.1)) as raw:
-            with context.wrap_socket(raw, server_hostname=peer.host) as conn:
-                conn.settimeout(min(_TLS_ALERT_WAIT, max(left, 0.1)))
-                try:
-                    conn.recv(1)
-                except (TimeoutError, socket.timeout):
-                    pass
-    except ssl.SSLError as exc:
-        return f"TLS handshake with {where} failed: {tls.describe(exc)}"
-    except OSError:
-        return None
-    return None
-
-
-def _make_ae(settings: ClientSettings, rows: Iterable[PresentationContextRow]) -> AE:
-    ae = AE(ae_title=settings.calling_ae)
-    for row in rows:
-        ae.add_requested_context(str(row.abstract_syntax), [str(ts) for ts in row.transfer_syntaxes])
-    ae.maximum_pdu_size = settings.max_pdu
-    ae.connection_timeout = settings.timeout
-    ae.acse_timeout = settings.timeout
-    ae.dimse_timeout = settings.timeout
-    ae.network_timeout = settings.timeout
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    return ae
-
-
-def _connected(event: Any, connected: threading.Event) -> None:
-    """The TCP connection is open: send each PDU at once (TCP_NODELAY). Without it a small
-    C-STORE-RQ waits for the peer's delayed ACK: about 40 ms per small object, 4-6 ms per
-    512x512 slice (scripts/bench-forward measured forwarding at 0.08x of storescu, 0.29x with it)."""
-    connected.set()
-    try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:  # not a TCP socket (a test double), or already closed
-        log.debug("cannot set TCP_NODELAY: %s", exc)
-
-
-def _associate(ae: AE, peer: Destination, settings: ClientSettings) -> Association:
-    """Open an association with ``peer``; raise NetworkError saying why it failed."""
-    started = time.monotonic()
-    try:
-        socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise NetworkError(f"cannot resolve host name '{peer.host}'; check the name or use an IP address") from None
-    connected = threading.Event()
-    context = None
-    if peer.tls != "plain":
-        context = tls.client_context(settings.tls, mutual=peer.tls == "mutual")
-    try:
-        assoc = ae.associate(
-            peer.host,
-            peer.port,
-            ae_title=peer.ae_title,
-            max_pdu=settings.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: _connected(event, connected))],
-            tls_args=(context, peer.host) if context is not None else None,
-        )
-    except OSError as exc:
-        raise NetworkError(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}") from exc
-    if assoc.is_established:
-        log.debug("association with %s established, %d context(s) accepted", _peer(peer),
-                 len(assoc.accepted_contexts))
-        return assoc
-    if assoc.is_rejected:
-        raise NetworkError(_rejection(assoc.acceptor.primitive, peer, settings.calling_ae))
-    if not connected.is_set():
-        if context is not None:
-            raise NetworkError(_tls_failure(peer, context, settings.timeout, time.monotonic() - started)
-                               or _connect_failure(peer, settings.timeout, time.monotonic() - started))
-        raise NetworkError(_connect_failure(peer, settings.timeout, time.monotonic() - started))
-    late = _late_rejection(assoc)
-    if late is not None:
-        raise NetworkError(_rejection(late, peer, settings.calling_ae))
-    if getattr(assoc.acceptor.primitive, "result", None) == 0 and assoc.rejected_contexts:
-        refused = ", ".join(sorted({sop_class_label(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts}))
-        raise NetworkError(
-            f"{_peer(peer)} accepted the association but none of the proposed services "
-            f"({refused}, Implicit VR Little Endian); configure the peer to accept them"
-        )
-    if context is not None:  # TLS 1.3: the server refuses our certificate after the handshake
-        alert = _tls_failure(peer, context, settings.timeout, time.monotonic() - started)
-        if alert:
-            raise NetworkError(alert)
-    if time.monotonic() - started >= settings.timeout * 0.9:
-        raise NetworkError(
-            f"{_peer(peer)} accepted the connection but did not answer the association request within "
-            f"{settings.timeout:g} s (is it a DICOM service?)"
-        )
-    raise NetworkError(f"{_peer(peer)} aborted the association request (A-ABORT or connection closed)")
+def proposed(rows: Sequence[PresentationContextRow]) -> list[tuple[str, Sequence[str]]]:
+    """The presentation contexts of ``rows`` (conformance table rows) as :func:`associate` takes them."""
+    return [(str(r.abstract_syntax), [str(ts) for ts in r.transfer_syntaxes]) for r in rows]
 
 
 # -- echo ----------------------------------------------------------------------------
@@ -332,23 +160,20 @@ def echo(peer: Destination, settings: ClientSettings | None = None) -> EchoResul
     settings = settings or ClientSettings(timeout=DEFAULT_ECHO_TIMEOUT)
     settings.check()
     check_peer(peer)
-    ae = _make_ae(settings, TABLE_8)
     t0 = time.perf_counter()
-    assoc = _associate(ae, peer, settings)
+    assoc = associate(peer, settings, proposed(TABLE_8))
     t1 = time.perf_counter()
     try:
-        status = assoc.send_c_echo()
+        rsp = assoc.echo()
         t2 = time.perf_counter()
-        if not status or "Status" not in status:
-            raise NetworkError(
-                f"{_peer(peer)} did not answer the C-ECHO within {settings.timeout:g} s, "
-                "or aborted the association"
-            )
-        if status.Status != Status.SUCCESS:
-            raise NetworkError(f"{_peer(peer)} answered the C-ECHO with failure status 0x{status.Status:04X}")
+    except AssociationLost:
+        raise NetworkError(
+            f"{_peer(peer)} did not answer the C-ECHO within {settings.timeout:g} s, or aborted the association"
+        ) from None
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
+    if rsp.status != Status.SUCCESS:
+        raise NetworkError(f"{_peer(peer)} answered the C-ECHO with failure status 0x{rsp.status:04X}")
     return EchoResult(peer, settings.calling_ae, (t2 - t1) * 1000, (t1 - t0) * 1000)
 
 
@@ -610,30 +435,26 @@ def send(
     started_at = delivery_time()
     # While it is being sent, no deletion takes a study (see appliance.store.marks.busy).
     with send_lock(store.data_dir), store.busy(sorted({o.study_uid for o in plan.objects})):
-        ae = _make_ae(settings, tuple(r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed))
-        assoc = _associate(ae, peer, settings)
+        assoc = associate(peer, settings, proposed([r for r in SCU_STORAGE_CONTEXTS if r.abstract_syntax in needed]))
         error: str | None = None
         try:
-            accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             for item in items:
                 if error is not None:
                     record(_result(item.sop_instance_uid, item.sop_class_uid, SendOutcome.NOT_SENT))
                     continue
-                if item.sop_class_uid not in accepted:
+                cx_id = assoc.context_for(item.sop_class_uid, TransferSyntax.IMPLICIT_LE)
+                if cx_id is None:
                     record(_result(item.sop_instance_uid, item.sop_class_uid, SendOutcome.FAILED, None,
                                    f"{_peer(peer)} refused {sop_class_label(item.sop_class_uid)} in Implicit VR LE"))
                     continue
-                result, answered = _send_one(assoc, store, item)
+                result, answered = _send_one(assoc, cx_id, store, item)
                 record(result)
-                if not answered or not assoc.is_established:
-                    if assoc.is_established:  # no answer within the timeout: give up on it
-                        assoc.abort()
+                if not answered:
                     error = (f"the association with {_peer(peer)} ended after {len(results)} of "
                              f"{len(items)} object(s) (aborted by the peer, the network, or a timeout "
                              f"of {settings.timeout:g} s)")
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
     report = SendReport(peer=peer, calling_ae=settings.calling_ae, items=tuple(results), refused=plan.refused,
                         network_error=error)
     _record_delivery(store, results, _peer(peer), started_at)
@@ -664,21 +485,22 @@ def _record_delivery(store: Store, results: list[ObjectResult], to: str, started
         log.debug("delivered to %s: %s", to, ", ".join(done))
 
 
-def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) -> tuple[ObjectResult, bool]:
-    """Send one object (stored, or generated); return its result and whether the peer answered."""
+def _send_one(assoc: Association, cx_id: int, store: Store, item: InstanceRow | Transcoded) -> tuple[ObjectResult, bool]:
+    """Send one object (stored, or generated) in Implicit VR LE; return its result and
+    whether the peer answered."""
     uid, cls = item.sop_instance_uid, item.sop_class_uid
     try:
-        t = item if isinstance(item, Transcoded) else to_implicit_le(store.data_dir / item.path)
-        ds: Dataset = t.dataset()
+        body = item.body if isinstance(item, Transcoded) else implicit_le_body(store.data_dir / item.path)
     except TranscodeError as exc:
         log.error("cannot export %s: %s", uid, exc)
         return _result(uid, cls, SendOutcome.FAILED, None, str(exc)), True
-    rsp: Any = assoc.send_c_store(ds)
-    if not rsp or "Status" not in rsp:
+    try:
+        rsp = assoc.store(cx_id, uid, body)
+    except AssociationLost as exc:
+        log.warning("%s: %s", uid, exc)
         return _result(uid, cls, SendOutcome.FAILED, None,
                        "no response: the association was aborted or timed out; it may not be stored"), False
-    code = int(rsp.Status)
-    comment = str(rsp.get("ErrorComment", "") or "")
+    code, comment = rsp.status, rsp.comment
     category = code_to_category(code)
     if category == "Success":
         return _result(uid, cls, SendOutcome.SENT, code, comment), True
@@ -687,6 +509,18 @@ def _send_one(assoc: Association, store: Store, item: InstanceRow | Transcoded) 
         return _result(uid, cls, SendOutcome.WARNING, code, comment), True
     log.error("%s refused by the peer with status 0x%04X %s", uid, code, comment)
     return _result(uid, cls, SendOutcome.FAILED, code, comment), True
+
+
+def implicit_le_body(path: Path) -> bytes | memoryview:
+    """The data set of the stored object at ``path`` in Implicit VR LE: as stored when it is
+    stored so (never decoded), else re-encoded by :func:`to_implicit_le`. Raises TranscodeError."""
+    try:
+        stored = stored_data_set(path)
+    except (OSError, ValueError):
+        stored = None  # to_implicit_le says what is wrong with it
+    if stored is not None and stored.transfer_syntax == TransferSyntax.IMPLICIT_LE:
+        return stored.body
+    return to_implicit_le(path).body
 
 
 def _result(uid: str, cls: str, outcome: SendOutcome, status: int | None = None, comment: str = "") -> ObjectResult:

@@ -3,10 +3,11 @@ Identifier names by their unique keys, sent as C-STORE sub-operations.
 
 * **C-MOVE** sends them to the Move Destination, which must be the AE title of a configured
   destination (``[destinations.NAME]``; any other gets 0xA801), over one association of the
-  client AE (:mod:`appliance.net.sender`'s, as ELEKTA_CLIENT): each object proposed in its
-  stored transfer syntax and in Implicit VR Little Endian, sent as stored (byte for byte, its
-  data set read in chunks) if the destination accepts that, else converted to Implicit VR LE as the client AE does. The sub-operation
-  C-STORE-RQs name the move's originator (AE title and Message ID).
+  client AE (:mod:`appliance.net.requester`, with :mod:`appliance.net.sender`'s settings, as
+  ELEKTA_CLIENT): each object proposed in its stored transfer syntax and in Implicit VR
+  Little Endian, sent as stored (byte for byte, never decoded) if the destination accepts
+  that, else converted to Implicit VR LE as the client AE does. The sub-operation C-STORE-RQs
+  name the move's originator (AE title and Message ID).
 * **C-GET** sends them back over the requester's own association, on the storage contexts
   for which the requester took the SCP role (SCP/SCU Role Selection): as stored (byte for
   byte, read through a memory map) when such a context has the stored transfer syntax, else
@@ -29,14 +30,17 @@ import mmap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
-
-from pynetdicom import _config
-from pynetdicom.association import Association
+from typing import Callable, Iterator, Mapping
 
 from appliance import audit
 from appliance.config import Destination
-from appliance.conformance import QR_MODELS, PresentationContextRow, SOPClass, Status, TransferSyntax
+from appliance.conformance import (
+    QR_MODELS,
+    PresentationContextRow,
+    SOPClass,
+    Status,
+    TransferSyntax,
+)
 from appliance.dicom import dicomio
 from appliance.dicom.transcode import TranscodeError, to_implicit_le
 from appliance.errors import ApplianceError, StoreError
@@ -54,7 +58,9 @@ from appliance.net.dimse import (
 )
 from appliance.net.qr.exchange import cancelled, gather
 from appliance.net.qr.model import QueryError, parse, uid_list
-from appliance.net.sender import ClientSettings, _associate, _make_ae
+from appliance.net.requester import Association, associate, stored_data_set
+from appliance.net.requester import AssociationLost as DestinationLost
+from appliance.net.sender import ClientSettings, proposed
 from appliance.net.ul import DataSetSink, ProtocolError
 from appliance.store.index import InstanceRow
 from appliance.store.marks import now as delivery_time
@@ -137,11 +143,6 @@ class Retriever:
         self.store = store
         self.destinations = destinations
         self.client = client
-        # A stored file given to pynetdicom's send_c_store goes out as it is stored, its data
-        # set read in chunks, never decoded (as the forwarder sends): 1.6 times the objects
-        # per second of decoding it with pydicom first. pynetdicom has this as a process-wide
-        # setting only; in the SCP process nothing else gives it a file.
-        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def move(self, msg: Message) -> DataSetSink:
         """C-MOVE: gather the Identifier, then send (see the module)."""
@@ -179,7 +180,7 @@ class Retriever:
             if not self._hold(stack, msg, field_, rows):
                 return
             try:
-                assoc = _associate(_make_ae(self.client, _contexts(rows)), peer, self.client)
+                assoc = associate(peer, self.client, proposed(_contexts(rows)))
             except ApplianceError as exc:
                 tally.failed, tally.failed_uids = len(rows), [r.sop_instance_uid for r in rows]
                 log.error("C-MOVE from %s to %s: no association: %s", msg.calling_ae, name, exc)
@@ -190,8 +191,7 @@ class Retriever:
             try:
                 comment = self._run(msg, field_, rows, tally, self._mover(msg, assoc))
             finally:
-                if assoc.is_established:
-                    assoc.release()
+                assoc.release()
         taken = {r.sop_instance_uid for r in rows} - set(tally.failed_uids)
         self.store.record_delivery(taken, f"{name} (C-MOVE)", started_at)
         log.info("C-MOVE from %s to %s (%s@%s:%d): %s in %.1f s", msg.calling_ae, name, peer.ae_title, peer.host,
@@ -200,32 +200,30 @@ class Retriever:
         self._final(msg, field_, tally, comment)
 
     def _mover(self, msg: Message, assoc: Association) -> Send:
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        message_ids = iter(range(1, 1 << 30))
-
         def send(row: InstanceRow) -> tuple[Outcome, bool]:
-            cls, ts = row.sop_class_uid, row.transfer_syntax
+            cls = row.sop_class_uid
             path = self.store.data_dir / row.path
             try:
-                if (cls, ts) in accepted:
-                    ds: Any = path  # sent as stored, read in chunks (see __init__)
-                    if not path.is_file():
-                        raise FileNotFoundError(f"{path} is gone")
-                elif (cls, str(TransferSyntax.IMPLICIT_LE)) in accepted:
-                    ds = to_implicit_le(path).dataset()
-                else:
-                    log.warning("C-MOVE: the destination accepts no context for %s %s", cls, row.sop_instance_uid)
-                    return Outcome.FAILED, False
+                stored = stored_data_set(path)  # sent as stored: never decoded
+                body: bytes | memoryview = stored.body
+                cx_id = assoc.context_for(cls, stored.transfer_syntax)
+                if cx_id is None:
+                    cx_id = assoc.context_for(cls, TransferSyntax.IMPLICIT_LE)
+                    if cx_id is None:
+                        log.warning("C-MOVE: the destination accepts no context for %s %s", cls, row.sop_instance_uid)
+                        return Outcome.FAILED, False
+                    body = to_implicit_le(path).body
             except (OSError, ValueError, TranscodeError) as exc:
                 log.error("C-MOVE: cannot read stored object %s: %s", row.sop_instance_uid, exc)
                 return Outcome.FAILED, False
-            if not assoc.is_established:
-                raise AssociationLost("the association with the move destination has ended")
-            rsp: Any = assoc.send_c_store(ds, msg_id=next(message_ids) % 0xFFFF + 1,
-                                          originator_aet=msg.calling_ae, originator_id=msg.request.message_id)
-            if not rsp or "Status" not in rsp:
-                raise AssociationLost("the move destination did not answer a C-STORE (aborted, or a timeout)")
-            return outcome_of(int(rsp.Status)), False
+            try:
+                rsp = assoc.store(cx_id, row.sop_instance_uid, body,
+                                  move_originator=(msg.calling_ae, msg.request.message_id))
+            except DestinationLost as exc:
+                log.warning("C-MOVE: %s", exc)
+                raise AssociationLost("the move destination did not answer a C-STORE (aborted, or a timeout)") \
+                    from None
+            return outcome_of(rsp.status), False
 
         return send
 
