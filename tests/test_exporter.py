@@ -426,6 +426,41 @@ def test_a_write_error_mid_export_leaves_no_dicomdir_and_the_next_export_complet
     check_file_set(stick, store, _instances(store))
 
 
+def _pydicom_dicomdir(fs: FileSet) -> bytes:
+    """What pydicom's own encoder (each record encoded twice) makes of ``fs``, with the
+    implementation the appliance names in its file meta."""
+    from io import BytesIO
+
+    from pydicom.filebase import DicomFileLike
+    from pydicom.uid import UID
+
+    from appliance.conformance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    if not fs._ds:
+        fs._ds = fs._create_dicomdir()
+    fs._ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    fs._ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buf = BytesIO()
+    fs._write_dicomdir(DicomFileLike(buf))
+    return buf.getvalue()
+
+
+def test_the_dicomdir_encoded_once_per_record_is_what_pydicom_encodes(store: Store, tmp_path: Path) -> None:
+    # dicomdir.encode encodes each record once and sets its offsets in its bytes; pydicom
+    # encodes each twice. A stick of every storable sample (several patients, RT records),
+    # written in two exports (a set loaded from the stick, then added to), loaded again.
+    _fill(store, _storable())
+    studies = _studies(store)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    assert export(stick, store, Config(), Selection.explicit(studies=tuple(studies[:2]))).ok
+    assert export(stick, store, Config(), Selection(SelectionMode.ALL)).ok
+    written = (stick / "DICOMDIR").read_bytes()
+    assert dicomdir.encode(FileSet(stick / "DICOMDIR")) == written == _pydicom_dicomdir(FileSet(stick / "DICOMDIR"))
+    empty = dicomdir.load(tmp_path)
+    assert dicomdir.encode(empty) == _pydicom_dicomdir(empty)
+
+
 # -- FAT images (mtools) -------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The DICOMDIR of a USB file-set (PS3.10 8.2, PS3.3 F.5), through pydicom's FileSet.
 
-The only module that touches pydicom's FileSet internals: private uses in :class:`Records`
-and :func:`encode`, pinned by ``tests/test_dicomdir.py`` (byte for byte, with pydicom pinned
+The only module that touches pydicom's FileSet internals: private uses in :class:`Records`,
+:class:`_Instance` and :func:`encode`, pinned by ``tests/test_dicomdir.py`` (byte for byte, with pydicom pinned
 at 3.0.2 in ``pyproject.toml``). ``FileSet.write()`` cannot serve: it copies every staged
 instance itself (no temp name, no fsync) and, when adding to an existing set, copies every
 existing file off the stick and back onto it; the exporter writes the files itself, makes
@@ -20,16 +20,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import struct
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import (  # private helpers: pinned by tests/test_dicomdir.py
     DIRECTORY_RECORDERS,
     FileInstance,
@@ -38,8 +39,9 @@ from pydicom.fileset import (  # private helpers: pinned by tests/test_dicomdir.
     _four_level_record_type,
     _single_level_record_type,
 )
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from appliance.conformance import (
     IMPLEMENTATION_CLASS_UID,
@@ -114,6 +116,16 @@ _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110", b"ISO_IR 144",
                    b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148", b"ISO_IR 166", b"ISO_IR 192"}
 _SPECIFIC_CHARACTER_SET = 0x00080005
+#: The DICOMDIR's offset elements (PS3.10 F.3) and the Directory Record Sequence.
+_FIRST_OFFSET = 0x00041200
+_LAST_OFFSET = 0x00041202
+_RECORD_SEQUENCE = 0x00041220
+_NEXT_OFFSET_TAG = 0x00041400
+_LOWER_OFFSET_TAG = 0x00041420
+_ITEM = struct.Struct("<HHL")
+_SEQUENCE_HEADER = struct.Struct("<HH2sHL")
+#: Explicit VRs with a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _DA = re.compile(r"(\d{4})(\.?)(\d{2})\2(\d{2})")
 _TM = re.compile(r"(\d{2})(?:(:?)(\d{2})(?:\2(\d{2})(?:\.(\d+))?)?)?")
 
@@ -298,20 +310,95 @@ def _record(record_type: str, ds: Dataset) -> Dataset:
 
 
 def encode(fs: FileSet) -> bytes:
-    """The DICOMDIR of ``fs``, encoded with pydicom's own encoder (a private method: the
-    public ``write()`` would also copy the files, see the module docstring).
+    """The DICOMDIR of ``fs``: what pydicom's own encoder writes (a private method: the public
+    ``write()`` would also copy the files, see the module docstring), byte for byte, but
+    each record encoded once, not twice.
 
     Its file meta names the appliance as the implementation that wrote it, as the meta of
     every file on the stick does (pydicom would name itself, ``PYDICOM 3.0.2``); a new set's
-    DICOMDIR data set is made here for that, as pydicom would make it while writing."""
+    DICOMDIR data set is made here for that, as pydicom would make it while writing.
+
+    pydicom's ``_write_dicomdir`` encodes every record to learn its length (for the offsets),
+    then the whole sequence again; here each record is encoded once, as the sequence encodes
+    it (``write_dataset``), and its two offsets, fixed-size UL values, are set in its bytes.
+    Unlike pydicom, the records' offset elements in ``fs`` are left as they were."""
     if not fs._ds:  # noqa: SLF001
         fs._ds = fs._create_dicomdir()  # noqa: SLF001
-    meta = fs._ds.file_meta  # noqa: SLF001
+    ds = fs._ds  # noqa: SLF001
+    meta = ds.file_meta
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buf = BytesIO()
-    fs._write_dicomdir(DicomFileLike(buf))  # noqa: SLF001
-    return buf.getvalue()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    first, last = ds[_FIRST_OFFSET], ds[_LAST_OFFSET]
+    first.value = last.value = 0
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    write_dataset(fp, ds[:_FIRST_OFFSET])
+    at_first = fp.tell()
+    write_dataset(fp, ds[_FIRST_OFFSET:_RECORD_SEQUENCE])
+    encodings = ds.get("SpecificCharacterSet", default_encoding)  # what write_sequence_item gets
+    # Each record (depth first, as pydicom orders them), its bytes and where its item starts.
+    nodes = list(fs._tree)  # noqa: SLF001
+    items: list[tuple[bytes, bool]] = []
+    offset = fp.tell() + 12  # after the sequence's tag, VR, reserved bytes and length
+    start: dict[int, int] = {}
+    for node in nodes:
+        record = node._record  # noqa: SLF001
+        rb = DicomBytesIO()
+        rb.is_implicit_VR, rb.is_little_endian = False, True
+        write_dataset(rb, record, parent_encoding=encodings)
+        undefined = bool(getattr(record, "is_undefined_length_sequence_item", False))
+        start[id(node)] = offset
+        items.append((rb.getvalue(), undefined))
+        offset += 8 + len(items[-1][0]) + (8 if undefined else 0)
+    body = bytearray()
+    for node, (data, undefined) in zip(nodes, items, strict=True):
+        siblings = node.parent.children
+        index = node.index
+        following = start[id(siblings[index + 1])] if index + 1 < len(siblings) else 0
+        lower = start[id(node.children[0])] if node.children else 0
+        encoded = bytearray(data)
+        _set_offset(encoded, _NEXT_OFFSET_TAG, following)
+        _set_offset(encoded, _LOWER_OFFSET_TAG, lower)
+        body += _ITEM.pack(0xFFFE, 0xE000, 0xFFFFFFFF if undefined else len(encoded))
+        body += encoded
+        if undefined:
+            body += _ITEM.pack(0xFFFE, 0xE00D, 0)
+    fp.write(_SEQUENCE_HEADER.pack(0x0004, 0x1220, b"SQ", 0, len(body)))
+    fp.write(bytes(body))
+    write_dataset(fp, ds[_RECORD_SEQUENCE + 1:])
+    roots = fs._tree.children  # noqa: SLF001
+    if roots:
+        first.value, last.value = start[id(roots[0])], start[id(roots[-1])]
+        end = fp.tell()
+        fp.seek(at_first)
+        write_data_element(fp, first)
+        write_data_element(fp, last)
+        fp.seek(end)
+    return bytes(fp.getvalue())
+
+
+def _set_offset(record: bytearray, tag: int, value: int) -> None:
+    """Set the UL value of ``tag`` (an offset, among a record's first elements) in its
+    encoding (Explicit VR LE)."""
+    pos = 0
+    while pos + 8 <= len(record):
+        group, element, vr = struct.unpack_from("<HH2s", record, pos)
+        this = group << 16 | element
+        if this == tag:
+            if vr != b"UL":
+                raise MediaError(f"a DICOMDIR record holds ({group:04X},{element:04X}) as {vr!r}, not UL")
+            struct.pack_into("<L", record, pos + 8, value)
+            return
+        if this > tag:
+            break
+        if vr in _LONG_VRS:
+            pos += 12 + struct.unpack_from("<L", record, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", record, pos + 6)[0]
+    raise MediaError(f"a DICOMDIR record lacks ({tag >> 16:04X},{tag & 0xFFFF:04X})")
 
 
 # -- the values of the record keys ------------------------------------------------------------
