@@ -133,7 +133,9 @@ class FolderMedium:
         # bare mount point has none of our folders) a write gives ENOENT, never a file on
         # the mount point. A write back starts at the flush (one syncfs), not file by file.
         folder, _, _ = file_id.rpartition("/")
-        if folder and folder not in self._folders:
+        if not folder:  # at the root (the DICOMDIR's temp file): the root may be a bare mount point
+            self.check()
+        elif folder not in self._folders:
             self.check()
             parts = folder.split("/")
             for i in range(1, len(parts) + 1):
