@@ -116,7 +116,7 @@ def test_storage_fields_are_validated_before_saving(setup: Setup) -> None:
 def test_end_of_input_and_unknown_choices(setup: Setup) -> None:
     text, rc = setup.console("x\n2\n9\n")  # then EOF inside a screen
     assert rc == 0
-    assert has(text, "'x' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t or q.")
+    assert has(text, "'x' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t, u or q.")
     assert has(text, "'9' is not a field; type 1 to 6, or 0 to go back.")
 
 

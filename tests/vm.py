@@ -137,8 +137,10 @@ class Machine:
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "raw", str(self.disk)])
         shutil.copy(OVMF_VARS, work / "vars.fd")
         self.proc: subprocess.Popen[bytes] | None = None
-        #: How far the tests have read the service console's output of this boot.
+        #: How far the tests have read the service console's output, and whether they must
+        #: wait for its menu first (a new boot).
         self.console_at = 0
+        self.console_fresh = True
         self.boots = 0
         self.ports: dict[int, int] = {}
         self.started = 0.0
@@ -170,6 +172,7 @@ class Machine:
         self.qmp = Qmp(self.work / "qmp.sock")
         self.serial = Serial(self.work / "ttyS0.sock")
         self.console_at = 0
+        self.console_fresh = True
 
     def journal(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -250,6 +253,12 @@ class Machine:
                 return False
 
         wait_for(released, timeout=60, what="QEMU to release the stick's block node")
+
+    def console_of_this_boot(self) -> None:
+        """Read the service console from the start of the boot running now (the guest may have
+        restarted by itself, in the same QEMU): the kernel's last banner on ttyS0 (console=ttyS0)."""
+        self.console_at = max(0, self.serial.text().rfind("Linux version "))
+        self.console_fresh = True
 
     def menu(self, after: int = 0, timeout: float = 300) -> int:
         """Wait for the console's main menu on ttyS0 (declining the first-boot password offer)."""

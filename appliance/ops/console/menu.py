@@ -69,8 +69,8 @@ class Console(UpdatePages, DestinationsPage, ExportPages, ForwardingPages, Media
                     return 0
                 if choice not in screens:
                     if choice:
-                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t or q. "
-                                 "u is Updates and factory reset.")
+                        self.say(f"'{choice}' is not on the menu; type a number from 1 to 9, a, d, e, f, s, t, u "
+                                 "or q.")
                     continue
                 try:
                     screens[choice][1]()
