@@ -353,14 +353,18 @@ def encode(fs: FileSet) -> bytes:
         start[id(node)] = offset
         items.append((rb.getvalue(), undefined))
         offset += 8 + len(items[-1][0]) + (8 if undefined else 0)
+    # Where each record's next sibling starts (pydicom's RecordNode.next looks its index up:
+    # a time that grows with the square of a series' size).
+    following: dict[int, int] = {}
+    for parent in (fs._tree, *nodes):  # noqa: SLF001
+        children = parent.children
+        for child, after in zip(children, children[1:]):
+            following[id(child)] = start[id(after)]
     body = bytearray()
     for node, (data, undefined) in zip(nodes, items, strict=True):
-        siblings = node.parent.children
-        index = node.index
-        following = start[id(siblings[index + 1])] if index + 1 < len(siblings) else 0
         lower = start[id(node.children[0])] if node.children else 0
         encoded = bytearray(data)
-        _set_offset(encoded, _NEXT_OFFSET_TAG, following)
+        _set_offset(encoded, _NEXT_OFFSET_TAG, following.get(id(node), 0))
         _set_offset(encoded, _LOWER_OFFSET_TAG, lower)
         body += _ITEM.pack(0xFFFE, 0xE000, 0xFFFFFFFF if undefined else len(encoded))
         body += encoded
