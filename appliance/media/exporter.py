@@ -104,6 +104,9 @@ _COMPLETED_BYTES = 512
 VERIFY_WINDOW = 16 * 2**20
 #: The preparing thread waits while this many bytes of files are prepared and not yet written.
 QUEUED_BYTES = 8 * 2**20
+#: Whether files are written, flushed and read back in a thread of their own while the next
+#: are prepared (else in between, in the caller's thread).
+WRITER_THREAD = True
 _SOP_INSTANCE_UID = 0x00080018
 
 
@@ -541,7 +544,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     error = ""
     keys = dicomdir.Keys(fs)
     records = dicomdir.Records(fs)
-    writer = _Writer(medium, total, t0, len(todo), progress)
+    writer = _Writer(medium, total, t0, len(todo), progress, threaded=WRITER_THREAD)
     try:
         for job in todo:
             if writer.failed:
@@ -594,31 +597,40 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
 
 
 class _Writer:
-    """The medium's side of an export, in a thread of its own, in order: writes each file it
-    is handed (Medium.write), makes each window of ``VERIFY_WINDOW`` bytes durable with one
+    """The medium's side of an export, in order: writes each file it is handed
+    (Medium.write), makes each window of ``VERIFY_WINDOW`` bytes durable with one
     Medium.flush, has the stick read that window back (Medium.read_back) while it writes the
     next, and compares each file read back, byte for byte, with what was written.
 
+    With ``threaded`` (``WRITER_THREAD``) this runs in a thread of its own while the caller
+    prepares the next files; else in the caller's thread, as each file is handed over.
+
     The first failure stops it: ``error`` says it in words, and nothing handed over after it
-    is written. ``written[:flushed]`` are durable on the stick. ``progress`` is called from
-    this thread after each file. :meth:`put` waits while ``QUEUED_BYTES`` are handed over
-    and not yet written, so the preparing thread never runs far ahead."""
+    is written. ``written[:flushed]`` are durable on the stick. ``progress`` is called after
+    each file (from the writer's thread). :meth:`put` waits while ``QUEUED_BYTES`` are handed
+    over and not yet written, so the preparing thread never runs far ahead."""
 
     def __init__(self, medium: Medium, total: int, t0: float, files: int,
-                 progress: Callable[[Progress], None] | None) -> None:
+                 progress: Callable[[Progress], None] | None, threaded: bool = True) -> None:
         self._medium = medium
         self._total, self._t0, self._files, self._progress = total, t0, files, progress
         self._tasks: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._queued = 0  # bytes handed over and not yet written
         self._stopping = False
+        self._seen = 0
+        self._window: list[_Job] = []
+        self._window_bytes = 0
+        self._reading: tuple[list[_Job], Iterator[bytes | memoryview]] = ([], iter(()))  # flushed, being read back
         self.written: list[_Job] = []
         self.flushed = 0
         self.done_bytes = 0
         self.error = ""
         self._crash: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="usb-export-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="usb-export-writer", daemon=True)
+            self._thread.start()
 
     @property
     def failed(self) -> bool:
@@ -627,6 +639,9 @@ class _Writer:
     def put(self, job: _Job) -> None:
         """Hand over a job: a prepared file (its bytes in ``job.part10``) is written, a failed
         one only counted in the progress."""
+        if self._thread is None:
+            self._guarded(self._handle, job)
+            return
         size = len(job.part10)
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._queued + size <= QUEUED_BYTES or self._stopping)
@@ -635,67 +650,87 @@ class _Writer:
 
     def finish(self) -> None:
         """No more jobs: flush and verify what is left, then end."""
-        self._tasks.put(None)
+        if self._thread is None:
+            self._guarded(self._finish)
+        else:
+            self._tasks.put(None)
 
     def join(self) -> None:
         """Wait until the writer ended; raise what it could not handle (e.g. from ``progress``)."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._crash is not None:
             raise self._crash
 
     def stop(self) -> None:
         """End now (the preparing thread failed): nothing more is written; wait for the file being written."""
         self._stopping = True
-        self._tasks.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._tasks.put(None)
+            self._thread.join()
 
     def _run(self) -> None:
-        window: list[_Job] = []
-        window_bytes = 0
-        reading: tuple[list[_Job], Iterator[bytes | memoryview]] = ([], iter(()))  # flushed, being read back
-        medium = self._medium
-        seen = 0
-        try:
+        def loop() -> None:
             while (job := self._tasks.get()) is not None and not self._stopping:
-                seen += 1
-                if job.outcome is FileOutcome.WRITTEN:
-                    medium.write(job.file_id, job.part10)
-                    job.size = len(job.part10)
-                    with self._room:
-                        self._queued -= job.size
-                        self._room.notify()
-                    self.written.append(job)
-                    window.append(job)
-                    window_bytes += job.size
-                    self.done_bytes += job.size
-                if self._progress is not None:
-                    self._progress(Progress(seen, self._files, self.done_bytes, time.monotonic() - self._t0,
-                                            bytes_total=self._total))
-                if window_bytes >= VERIFY_WINDOW:
-                    _verify(*reading)
-                    medium.check()
-                    medium.flush()
-                    self.flushed = len(self.written)
-                    reading = (window, medium.read_back([j.file_id for j in window]))
-                    window, window_bytes = [], 0
-            if self._stopping:
-                return
-            _verify(*reading)
-            if window:
-                medium.check()
-                medium.flush()
-                self.flushed = len(self.written)
-                _verify(window, medium.read_back([j.file_id for j in window]))
+                self._handle(job)
+            if not self._stopping:
+                self._finish()
+
+        try:
+            self._guarded(loop)
+        finally:
+            with self._room:  # a preparing thread waiting for room goes on (and then stops)
+                self._stopping = True
+                self._room.notify_all()
+
+    def _guarded(self, step: Callable[..., None], *args: _Job) -> None:
+        """Run a step unless the writer failed; a failure ends it (``error``, or ``_crash``)."""
+        if self.failed:
+            return
+        try:
+            step(*args)
         except OSError as exc:
             self.error = _medium_error(exc)
         except _Failed as exc:
             self.error = f"{exc}; the stick may be faulty. Nothing in the store changed"
         except BaseException as exc:  # noqa: BLE001 - e.g. from progress: raised again in the preparing thread
             self._crash = exc
-        finally:
-            with self._room:  # a preparing thread waiting for room goes on (and then stops)
-                self._stopping = True
-                self._room.notify_all()
+
+    def _handle(self, job: _Job) -> None:
+        medium = self._medium
+        self._seen += 1
+        if job.outcome is FileOutcome.WRITTEN:
+            medium.write(job.file_id, job.part10)
+            job.size = len(job.part10)
+            if self._thread is not None:
+                with self._room:
+                    self._queued -= job.size
+                    self._room.notify()
+            self.written.append(job)
+            self._window.append(job)
+            self._window_bytes += job.size
+            self.done_bytes += job.size
+        if self._progress is not None:
+            self._progress(Progress(self._seen, self._files, self.done_bytes, time.monotonic() - self._t0,
+                                    bytes_total=self._total))
+        if self._window_bytes >= VERIFY_WINDOW:
+            _verify(*self._reading)
+            medium.check()
+            medium.flush()
+            self.flushed = len(self.written)
+            self._reading = (self._window, medium.read_back([j.file_id for j in self._window]))
+            self._window, self._window_bytes = [], 0
+
+    def _finish(self) -> None:
+        medium = self._medium
+        _verify(*self._reading)
+        self._reading = ([], iter(()))
+        if self._window:
+            medium.check()
+            medium.flush()
+            self.flushed = len(self.written)
+            _verify(self._window, medium.read_back([j.file_id for j in self._window]))
+            self._window = []
 
 
 def _same(data: bytes | memoryview, written: bytes) -> bool:
