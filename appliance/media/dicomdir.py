@@ -270,24 +270,29 @@ class Records:
                 self._nodes[path[: depth + 1]] = node
         instance = _Instance(node, uid)
         node.instance = instance
-        self._fs._stage["+"][instance.SOPInstanceUID] = instance  # noqa: SLF001
+        # Keyed as pydicom keys it (instance.SOPInstanceUID, read through its records: slower).
+        self._fs._stage["+"][leaf.ReferencedSOPInstanceUIDInFile] = instance  # noqa: SLF001
         self._fs._instances.append(instance)  # noqa: SLF001
         instance._apply_stage("+")  # noqa: SLF001
         self._instances.add(uid)
 
 
+class _Flags:
+    """FileInstance's staging flags (pydicom makes this class anew for every instance)."""
+
+    add: bool
+    remove: bool
+
+
 class _Instance(FileInstance):
     """pydicom's FileInstance, but for the name pydicom would stage a copy of its file under
     (never: the exporter writes the files itself), which is derived from the SOP Instance UID
-    instead of drawn at random (uuid4 asks the kernel, per instance)."""
+    instead of drawn at random (uuid4 asks the kernel, per instance), and its flags' class,
+    made once."""
 
     def __init__(self, node: RecordNode, sop_instance_uid: str) -> None:
-        class Flags:
-            add: bool
-            remove: bool
-
         self._uuid = uuid.uuid5(uuid.NAMESPACE_OID, sop_instance_uid)
-        self._flags = Flags()  # type: ignore[assignment]
+        self._flags = _Flags()  # type: ignore[assignment]
         self._apply_stage("x")
         self._stage_path: Path | None = None
         self.node = node
