@@ -496,6 +496,31 @@ def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path
     assert "DICOMDIR" in listing and ".TMP" not in listing
 
 
+def test_a_fat_image_replaced_mid_export_fails_cleanly_and_claims_nothing(store: Store, tmp_path: Path) -> None:
+    # Once the first window (32 files of 0.5 MB: VERIFY_WINDOW) was copied in and flushed,
+    # the image is swapped for a fresh, empty one (a stick pulled and another pushed in under
+    # the same name): that window is not on it, its read back fails, and no DICOMDIR lands.
+    assert 31 * 512 * 512 * 2 < exporter.VERIFY_WINDOW <= 32 * 512 * 512 * 2
+    _put_generated(store, ct_series(36, rows=512, cols=512))
+    image = _fat_image(tmp_path / "stick.img", 32 * 1024)
+    spare = _fat_image(tmp_path / "spare.img", 32 * 1024)
+
+    def swap(p: Progress) -> None:
+        if p.files_done == 33:
+            os.replace(spare, image)
+
+    report = export(image, store, Config(), progress=swap)
+    assert report.status is ExportStatus.FAILED and not report.ok and not report.safe_to_remove, report.render()
+    assert "DICOM is not on the stick" in report.error and "export again" in report.error
+    assert report.count(FileOutcome.WRITTEN) >= 33
+    assert all("not listed in the DICOMDIR" in i.reason for i in report.items if i.outcome is FileOutcome.WRITTEN)
+    assert "DICOMDIR" not in _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout
+    assert store.marks.get() == {}
+    report = export(image, store, Config())  # the next export completes the set on the stick now in
+    assert report.ok and report.count(FileOutcome.WRITTEN) == 36, report.render()
+    check_file_set(_mcopy_out(image, tmp_path / "out"), store, _instances(store))
+
+
 @pytest.mark.parametrize(("kib", "fat"), [(1440, 12), (16 * 1024, 16), (48 * 1024, 32)])
 def test_the_fat_reader_reads_back_what_mcopy_reads_on_fat12_16_and_32(
     store: Store, tmp_path: Path, kib: int, fat: int

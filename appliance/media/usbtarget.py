@@ -551,7 +551,7 @@ class FatReader:
         try:
             return self._folder(folder)[short]
         except KeyError:
-            raise OSError(errno.ENOENT, f"{folder}/{name} is not on the stick") from None
+            raise OSError(errno.ENOENT, f"{folder + '/' if folder else ''}{name} is not on the stick") from None
 
     def read(self, file_id: str, buffer: _Buffer | None = None) -> memoryview:
         """The content of the file ``file_id`` (``DICOM/ST.../IM...``), in ``buffer`` if given."""
