@@ -1,11 +1,11 @@
 """The DICOMDIR of a USB file-set (PS3.10 8.2, PS3.3 F.5), through pydicom's FileSet.
 
 The only module that touches pydicom's FileSet internals: private uses in :class:`Records`,
-:class:`_Instance` and :func:`encode`, pinned by ``tests/test_dicomdir.py`` (byte for byte, with pydicom pinned
-at 3.0.2 in ``pyproject.toml``). ``FileSet.write()`` cannot serve: it copies every staged
-instance itself (no temp name, no fsync) and, when adding to an existing set, copies every
-existing file off the stick and back onto it; the exporter writes the files itself, makes
-them durable and verifies them, and asks this module only for the DICOMDIR's bytes.
+:class:`_Instance` and :func:`encode`, pinned by ``tests/test_dicomdir.py`` (byte for byte,
+with pydicom pinned at 3.0.2 in ``pyproject.toml``). ``FileSet.write()`` cannot serve: it
+copies every staged instance itself (no temp name, no fsync) and, when adding to an existing
+set, copies every existing file off the stick and back onto it; the exporter writes the files
+itself, makes them durable and verifies them, and asks this module only for the DICOMDIR's bytes.
 
 :class:`Keys` decides the values of the record keys (PS3.3 F.5) that an object cannot give
 as they are: a date or time in the ACR-NEMA form (``1995.05.01``, ``15:26:10``) is
@@ -196,6 +196,7 @@ def record_source(header: Dataset, values: dict[str, str]) -> Header:
         ds.texts[keyword] = value
     if "SpecificCharacterSet" in ds and not any(_extended(header, kw) for kw in _TEXT_KEYS):
         del ds.SpecificCharacterSet
+        ds.texts.pop("SpecificCharacterSet", None)
     return ds
 
 
@@ -449,7 +450,8 @@ def generated_id(kind: str, study_uid: str) -> str:
 
 def _text(source: Dataset | FileInstance, keyword: str) -> str:
     if type(source) is Header:
-        text = source.texts.get(keyword)
+        texts: dict[str, str] = getattr(source, "texts", {})  # none in a copy pydicom made
+        text = texts.get(keyword)
         if text is not None:
             return text
     try:
