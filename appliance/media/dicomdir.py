@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import re
 import struct
 import uuid
@@ -363,8 +364,7 @@ def encode(fs: FileSet) -> bytes:
     # a time that grows with the square of a series' size).
     following: dict[int, int] = {}
     for parent in (fs._tree, *nodes):  # noqa: SLF001
-        children = parent.children
-        for child, after in zip(children, children[1:]):
+        for child, after in itertools.pairwise(parent.children):
             following[id(child)] = start[id(after)]
     body = bytearray()
     for node, (data, undefined) in zip(nodes, items, strict=True):
