@@ -9,7 +9,9 @@ one flipped byte is refused before anything is written -> the power is cut while
 being written: N boots -> N+1 from a hot-plugged USB stick, confirmed on the console: N+1
 boots and is marked good -> N+2 (its appliance never starts) from an HTTP server: it fails
 its boot tries and the box rolls back to N+1 by itself -> on the powered-off disk: the store
-and the configuration intact, the slots and the UKIs as the updater and the boot loader left them.
+and the configuration intact, the slots and the UKIs as the updater and the boot loader left them
+-> a factory reset on the console (after the service password is set at the first-start
+question) restarts N+1 with an empty store and the default configuration.
 
 Environment (scripts/test-update sets it): ``APPLIANCE_IMAGE`` (version N's disk image),
 ``APPLIANCE_RELEASE_N1`` and ``APPLIANCE_RELEASE_N2`` (the release folders scripts/build-image
@@ -221,7 +223,7 @@ def test_tampered_update_is_refused_before_writing(vm: Machine, tmp_path: Path) 
     journal = vm.journal()[mark:]
     assert not re.search(r"update: (emptying|writing)", journal), "the updater wrote before it had checked"
     vm.remove_stick()
-    report("update", t, f"a stick with one flipped bit in {uki}: {m.group(0).strip()}; nothing written")
+    report("update", t, f"a stick with one flipped bit in {uki}: {m.group(0).strip()}")
 
 
 def test_power_cut_while_writing_keeps_the_old_version(vm: Machine, tmp_path: Path, state: dict[str, object]) -> None:
@@ -344,3 +346,40 @@ def test_disk_after_the_updates(vm: Machine, tmp_path: Path, state: dict[str, ob
     report("update", t, f"on the disk: slots {sorted(names)}, UKIs {ukis}; the {len(stored)} stored objects and "
            "the configuration intact, index = files")
 
+
+
+def test_factory_reset_from_the_console(vm: Machine, tmp_path: Path, state: dict[str, object]) -> None:
+    """Set the service password at the console's first-start question, then page u, r: the box
+    formats its data partition and restarts into the version it runs, with the defaults."""
+    t = time.monotonic()
+    v1 = version_of(release_dir("APPLIANCE_RELEASE_N1"))
+    password = "Service-2026"
+    vm.start()
+    s = vm.serial
+    at = s.expect(r"Set the service password now\? \[Y/n\]: ", 0, timeout=420)
+    s.send("y")
+    for prompt in (r"New password: ", r"Retype new password: "):
+        at = s.expect(prompt, at)
+        s.send(password)
+    at = s.expect(r"Service password set\.", at)
+    vm.console_at = s.expect(r"Choice: ", at)
+    vm.console_fresh = False
+    Console(vm).page()
+    s.send("r")
+    at = s.expect(r"Type ERASE to erase everything: ", vm.console_at)
+    s.send("ERASE")
+    at = s.expect(r"Service \(root\) password: ", at)
+    mark = len(vm.journal())
+    s.send(password)
+    s.expect(r"Factory reset done", at, timeout=300)
+    healthy = vm.wait_journal(r"update: version (\S+) is healthy", timeout=600, after=mark)
+    assert healthy.group(1) == v1, healthy.group(0)
+    seconds = vm.wait_echo()
+    vm.powerdown()
+    view = StoreView(vm.data_partition(tmp_path / "data"))
+    view.check_consistent()
+    assert not view.index, f"{len(view.index)} objects survived the factory reset"
+    config = view.root / "config" / "appliance.toml"
+    assert not config.exists() or str(state.get("url", "")) not in config.read_text(), "the configuration survived"
+    report("update", t, f"factory reset on the console (ERASE and the service password): the box restarted into "
+           f"{v1} (C-ECHO {seconds:.0f} s after QEMU's start) with an empty store and the default configuration")
