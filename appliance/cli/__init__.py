@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "status": "appliance.cli.configure",
     "run": "appliance.cli.run",
     "console": "appliance.cli.console",
+    "service-password": "appliance.cli.console",
     "network": "appliance.cli.console",
     "update": "appliance.cli.update",
 }

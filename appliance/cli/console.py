@@ -1,4 +1,5 @@
-"""``appliance console`` and ``network``: the serial console's menu, and the network settings."""
+"""``appliance console``, ``network`` and ``service-password``: the serial console's menu, the
+network settings, and the service password kept on the data partition."""
 
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def cmd_network(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service_password(args: argparse.Namespace) -> int:
+    """Bring root's password and the one kept on the data partition together (at start and stop)."""
+    from appliance.ops.servicepassword import sync
+
+    print(sync(data_dir(args), Path(args.shadow)))
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--runtime-dir", metavar="DIR",
@@ -112,3 +121,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     a = sub.add_parser("apply", help="write the systemd-networkd file from [network] and apply it now")
     a.add_argument("--no-live", dest="live", action="store_false", help="only write the file")
     s.set_defaults(func=cmd_network)
+
+    s = subparsers.add_parser("service-password",
+                              help="keep root's password on the data partition, or restore it from there "
+                                   "(appliance-service-password.service: an update keeps the service shell's password)")
+    sub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("sync", help="the newer of /etc/shadow's and the kept one wins; say what was done")
+    s.add_argument("--shadow", default=str(SHADOW), help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_service_password)

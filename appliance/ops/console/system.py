@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from appliance import audit
+from appliance.errors import ApplianceError
 from appliance.ops.console.screen import LOG_LINES, SHADOW, WIDTH, Screen
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,19 @@ class SystemPages(Screen):
             return
         self.say("Service password set." if r.returncode == 0 else
                  "The password was not set; this question comes back at the next start.")
+        if r.returncode == 0:
+            self._keep_service_password()
+
+    def _keep_service_password(self) -> None:
+        """Keep root's password on the data partition, so that an update keeps it too."""
+        if self.shadow is None:
+            return
+        from appliance.ops.servicepassword import sync
+
+        try:
+            sync(self.data_dir, self.shadow)
+        except ApplianceError as exc:
+            self.say(f"Note: {exc}; the next system update will ask for the service password again.")
 
     def audit_trail(self) -> None:
         """The last events of the audit trail, newest last, one per line (wrapped)."""
@@ -133,3 +147,4 @@ class SystemPages(Screen):
                                                       "(a wrong password, or the shell's last command failed)",
             participants=(audit.Participant("person", user="service shell (root)", requestor=True),),
             detail="the service shell was opened from the serial console"))
+        self._keep_service_password()  # passwd in the shell changes it
