@@ -26,11 +26,10 @@ import stat
 import struct
 import subprocess
 import tempfile
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, cast
 
 from appliance.errors import MediaError
 
@@ -286,10 +285,10 @@ class FatImageMedium:
     (``root``, so pydicom can load the DICOMDIR). Files are staged in local batches (in
     memory where there is /dev/shm); every ``FAT_BATCH_BYTES`` a batch goes into the image
     with one ``mcopy -s`` and the image is fsynced, and :meth:`flush` sends the last batch.
-    Files are read back from the image itself through its FAT (:class:`FatReader`), its cached
-    pages dropped first: no mtools process, no staged copy. Copies in and reads back run one
-    at a time, in order, in a thread of the medium's, while the exporter prepares the next
-    files: an mtools process per batch, not per file."""
+    Files are read back from the image itself through its FAT (:class:`FatReader`): no
+    mtools process, no staged copy. Copies in and reads back run one at a time, in order, in
+    a thread of the medium's, while the exporter prepares the next files: an mtools process
+    per batch, not per file."""
 
     def __init__(self, image: Path) -> None:
         self.image = image
@@ -303,8 +302,8 @@ class FatImageMedium:
         self._tmp = _scratch()
         self._mtools_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtools")
         self._pending: list[Future[object]] = []
-        #: Held while mcopy writes the image, and while a file is read back from it.
-        self._image_lock = threading.Lock()
+        #: What files are read back into (one window at a time).
+        self._read_buffer = _Buffer()
         self._batch: Path | None = None
         self._batch_bytes = 0
         self._batch_folders: set[str] = set()
@@ -391,8 +390,7 @@ class FatImageMedium:
         try:
             # -s: whole trees, merged into the image's folders of the same names; -o:
             # overwrite what a failed export left; -Q: stop at the first error.
-            with self._image_lock:
-                self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
+            self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
         finally:
             shutil.rmtree(batch, ignore_errors=True)
         self._fsync()
@@ -407,35 +405,34 @@ class FatImageMedium:
         self._wait()
 
     def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
-        """The image was fsynced (flush): its cached pages are clean, and dropped here, so
-        that the files are read from its disk, through its FAT (:class:`FatReader`), as the
-        iterator goes; never while an mcopy writes the image (``_image_lock``)."""
-        self._wait()
+        """Queued in the medium's thread after the flush (so no mcopy writes the image
+        meanwhile) and started at once: the files are read from the image through its FAT
+        (:class:`FatReader`, not mtools), all into one buffer of the medium's, which the next
+        read back reuses. An image file is not a stick: what is checked is what mtools put
+        into it, read as any system reading the stick would (its pages may come from the
+        page cache; a stick's, on a mounted stick, never do: FolderMedium)."""
+        return _views(self._later(self._read_window, file_ids))
+
+    def _read_window(self, file_ids: list[str]) -> list[memoryview]:
         fd = os.open(self.image, os.O_RDONLY)
         try:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            reader = FatReader(fd)
+            found = [reader.find(file_id) for file_id in file_ids]
+            buffer = self._read_buffer.take(sum(size for _, size in found))
+            views, pos = [], 0
+            for file_id, (first, size) in zip(file_ids, found, strict=True):
+                views.append(reader.read_into(file_id, first, buffer[pos:pos + size]))
+                pos += size
+            return views
         finally:
             os.close(fd)
-        return self._read(file_ids)
-
-    def _read(self, file_ids: list[str]) -> Iterator[memoryview]:
-        buffer = _Buffer()
-        with open(self.image, "rb", buffering=0) as f:
-            with self._image_lock:
-                reader = FatReader(f.fileno())
-            for file_id in file_ids:
-                with self._image_lock:
-                    data = reader.read(file_id, buffer)
-                yield data
 
     def replace(self, file_id: str, data: bytes) -> None:
         """Copied in with ``mcopy -o`` (not atomic: FAT has no rename over a file) and fsynced."""
         self._wait()
         staged = self._staging() / file_id.rpartition("/")[2]
         staged.write_bytes(data)
-        with self._image_lock:
-            self._mtools("mcopy", "-o", "-n", str(staged), f"::/{file_id}")
+        self._mtools("mcopy", "-o", "-n", str(staged), f"::/{file_id}")
         self._fsync()
 
     def close(self) -> str:
@@ -553,14 +550,22 @@ class FatReader:
         except KeyError:
             raise OSError(errno.ENOENT, f"{folder + '/' if folder else ''}{name} is not on the stick") from None
 
-    def read(self, file_id: str, buffer: _Buffer | None = None) -> memoryview:
-        """The content of the file ``file_id`` (``DICOM/ST.../IM...``), in ``buffer`` if given."""
+    def find(self, file_id: str) -> tuple[int, int]:
+        """The first cluster and the size of the file ``file_id`` (``DICOM/ST.../IM...``)."""
         folder, _, name = file_id.rpartition("/")
         attributes, first, size = self._entry(folder, name)
         if attributes & 0x10:
             raise OSError(errno.EISDIR, f"{file_id} on the stick is a folder")
-        view = (buffer or _Buffer()).take(size)
-        done = 0
+        return first, size
+
+    def read(self, file_id: str) -> memoryview:
+        """The content of the file ``file_id``."""
+        first, size = self.find(file_id)
+        return self.read_into(file_id, first, memoryview(bytearray(size)))
+
+    def read_into(self, file_id: str, first: int, view: memoryview) -> memoryview:
+        """Read the file ``file_id`` (its chain from cluster ``first``, ``len(view)`` bytes) into ``view``."""
+        size, done = len(view), 0
         for offset, length in self._chain(first, -(-size // self._cluster)):
             length = min(length, size - done)
             while length:
@@ -571,6 +576,11 @@ class FatReader:
         if done < size:
             raise OSError(errno.EIO, f"{file_id} on the stick has fewer clusters than its size needs")
         return view
+
+
+def _views(read: Future[object]) -> Iterator[memoryview]:
+    """The files a queued read back gives, once it ran."""
+    yield from cast("list[memoryview]", read.result())
 
 
 def open_medium(target: Path) -> Medium:
