@@ -112,3 +112,72 @@ def test_binary_numbers_in_part_values_are_refused(vr, length, ts):
     syntax = TransferSyntax(ts)
     with pytest.raises(dicomio.EncodingError, match=rf"\(0009,1001\) {vr.decode()} value of {length} bytes"):
         dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+
+
+@pytest.mark.parametrize("s", [s for s in samples() if s.transfer_syntax in set(TransferSyntax)], ids=lambda s: s.name)
+def test_walk_finds_each_element_where_pydicom_reads_it(s):
+    """walk's one-unpack path for plain elements places every top-level element, its value
+    and its length exactly where pydicom's own reader finds them."""
+    from io import BytesIO
+
+    from pydicom.filereader import data_element_generator
+
+    body, _, syntax = body_of(s)
+    layout = dicomio.walk(body, syntax.is_implicit_vr, syntax.is_little_endian)
+    raw = list(data_element_generator(BytesIO(body), syntax.is_implicit_vr, syntax.is_little_endian))
+    assert [int(r.tag) for r in raw] == list(layout.elements)
+    for r in raw:
+        if not hasattr(r, "value_tell"):  # a sequence, which pydicom reads on (walked elsewhere)
+            continue
+        e = layout.elements[int(r.tag)]
+        assert e.value_offset == r.value_tell
+        assert e.length == (None if r.length == dicomio.UNDEFINED_LENGTH else r.length)
+        if not syntax.is_implicit_vr:
+            assert e.vr == r.VR.encode()
+
+
+@pytest.mark.parametrize("ts", [TransferSyntax.IMPLICIT_LE, TransferSyntax.EXPLICIT_LE, TransferSyntax.EXPLICIT_BE])
+@pytest.mark.parametrize("vr", [b"LO", b"OB"])
+def test_a_value_running_past_the_end_is_refused_naming_its_element(ts, vr):
+    syntax = TransferSyntax(ts)
+    end = "<" if syntax.is_little_endian else ">"
+    value = b"ABCDEFGH"
+
+    def element(elem, claimed):
+        if syntax.is_implicit_vr:
+            return struct.pack(end + "HHL", 0x0009, elem, claimed) + value
+        if vr == b"OB":
+            return struct.pack(end + "HH2sHL", 0x0009, elem, vr, 0, claimed) + value
+        return struct.pack(end + "HH2sH", 0x0009, elem, vr, claimed) + value
+
+    whole = element(0x1000, 8) + element(0x1001, 8)
+    assert len(dicomio.walk(whole, syntax.is_implicit_vr, syntax.is_little_endian).elements) == 2
+    lying = element(0x1000, 8) + element(0x1001, 10)  # claims 2 bytes more than there are
+    with pytest.raises(dicomio.EncodingError, match=r"ends after .* inside the value of \(0009,1001\)"):
+        dicomio.walk(lying, syntax.is_implicit_vr, syntax.is_little_endian)
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192", "ISO_IR 144"])
+@pytest.mark.parametrize("name", ["DOE^JOHN", "Doe^John^^Dr.^", "O'BRIEN^ANN ", "YAMADA^TARO=", "A^B=C^D", "Müller^Jörg",
+                                  ""])
+def test_text_attributes_read_as_pydicom_reads_them(charset, name):
+    """Plain ASCII names and IDs are read without pydicom's codecs; the result is the same."""
+    from appliance.dicom import attributes
+
+    if name == "Müller^Jörg" and charset in (None, "ISO_IR 144"):
+        pytest.skip("not in that repertoire")
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.PatientID = name.replace("^", " ") + "  "
+    ds.Manufacturer = "ACME\\X"
+    body = encode(ds, TransferSyntax.EXPLICIT_LE)
+    layout = dicomio.walk(body, False, True)
+    got = attributes.read(body, layout, False, True)
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(body), force=True)
+    back.file_meta = pydicom.dataset.FileMetaDataset()
+    back.file_meta.TransferSyntaxUID = TransferSyntax.EXPLICIT_LE
+    assert got["patient_name"] == str(back.PatientName).rstrip(" \x00")
+    assert got["patient_id"] == str(back.PatientID).strip(" \x00")
+    assert got["manufacturer"] == "ACME\\X"

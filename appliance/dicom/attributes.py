@@ -9,6 +9,7 @@ module.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from io import BytesIO
@@ -158,6 +159,20 @@ _UID_MAX = 0xFFFE
 _INT_RANGE = range(-(2**63), 2**63)
 
 
+#: Python codecs (as pydicom names them) that decode ASCII bytes as ASCII: a value in one of
+#: them without ESC (and, for a person name, without '=') reads the same without pydicom.
+_ASCII_SUPERSETS = frozenset({"iso8859", "latin_1", "iso8859_2", "iso_ir_144", "UTF8"})
+
+
+@functools.lru_cache(maxsize=64)
+def _encodings(charsets: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """pydicom's encodings for the Specific Character Set terms ``charsets``, and whether
+    ASCII values in them may be read as plain ASCII (one encoding, an ASCII superset).
+    Cached: a store receives a handful of character sets, once per object."""
+    encodings = tuple(convert_encodings(list(charsets) or ["ISO_IR 6"]))
+    return encodings, len(encodings) == 1 and encodings[0] in _ASCII_SUPERSETS
+
+
 def _ascii(raw: bytes) -> str:
     return raw.decode("ascii", "replace").strip(" \x00")
 
@@ -187,7 +202,7 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
         if cs_raw is not None:
             terms = tuple(t.strip(" \x00") for t in cs_raw.decode("ascii", "replace").split("\\"))
             charsets = () if all(t == "" for t in terms) else terms
-        encodings = convert_encodings(list(charsets) or ["ISO_IR 6"])
+        encodings, plain = _encodings(charsets)
         for column, (tag, kind) in _TAGS.items():
             value = raw(tag)
             if value is None:
@@ -200,9 +215,16 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
             elif kind == "multi":
                 values[column] = _multi(value)
             elif kind == "person":
-                values[column] = str(PersonName(value.rstrip(b" \x00"), encodings).decode())
+                name = value.rstrip(b" \x00")
+                if plain and name.isascii() and b"\x1b" not in name and b"=" not in name:
+                    values[column] = name.decode("ascii")  # what PersonName gives, without its objects
+                else:
+                    values[column] = str(PersonName(name, list(encodings)).decode())
             elif kind == "string":
-                values[column] = decode_bytes(value, encodings, set()).strip(" \x00")
+                if plain and value.isascii() and b"\x1b" not in value:
+                    values[column] = value.decode("ascii").strip(" \x00")
+                else:
+                    values[column] = decode_bytes(value, list(encodings), set()).strip(" \x00")
             elif kind == "us":
                 if len(value) < 2:
                     values[column] = None

@@ -206,11 +206,44 @@ def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Lay
     w = _Walker(buf, implicit_vr, little_endian)
     top: dict[int, Element] = {}
     pos = 0
-    while pos < w.size:
-        tag, vr, length, vpos, end = w.element(pos, implicit_vr, 0)
+    size, mv = w.size, w.buf
+    # The common element (defined length, not a sequence, whole) is read here with one
+    # unpack; anything else (a sequence, an undefined length, an item tag, a bad VR, a value
+    # that does not fit) takes the walker's own path, which checks and names it as before.
+    implicit_hdr = struct.Struct(w.endian + "HHL").unpack_from
+    explicit_hdr = struct.Struct(w.endian + "HH2sH").unpack_from
+    long_length = w._u32.unpack_from
+    make = tuple.__new__  # Element(...) without its Python-level __new__, once per element
+    while pos < size:
+        tag = -1
+        if pos + 8 <= size:
+            if implicit_vr:
+                group, elem, length = implicit_hdr(mv, pos)
+                vr: bytes | None = None
+                vpos = pos + 8
+                if group != 0xFFFE and length != UNDEFINED_LENGTH and vpos + length <= size:
+                    tag = group << 16 | elem
+            else:
+                group, elem, vr, length = explicit_hdr(mv, pos)
+                vpos = pos + 8
+                if vr in _LONG_VRS:
+                    if pos + 12 <= size and vr != b"SQ":
+                        (length,) = long_length(mv, pos + 8)
+                        vpos = pos + 12
+                    else:
+                        length = UNDEFINED_LENGTH
+                if (group != 0xFFFE and length != UNDEFINED_LENGTH and vr in VRS and vpos + length <= size
+                        and not length % _VALUE_SIZES.get(vr, 1)):
+                    tag = group << 16 | elem
+        if tag >= 0:
+            end = vpos + length
+        else:
+            tag, vr, length, vpos, end = w.element(pos, implicit_vr, 0)
+            if length == UNDEFINED_LENGTH:
+                length = None
         if tag in top:
             raise EncodingError(f"element {tag_str(tag)} appears twice")
-        top[tag] = Element(tag, vr, pos, vpos, None if length == UNDEFINED_LENGTH else length, end)
+        top[tag] = make(Element, (tag, vr, pos, vpos, length, end))
         pos = end
     return Layout(top, w.size)
 
