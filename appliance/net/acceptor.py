@@ -825,11 +825,13 @@ class Acceptor:
             who = f"{assoc.calling_ae} ({peer})"
             link = Link(conn, reader, contexts=assoc.contexts, peer_max_pdu=assoc.peer_max_pdu, max_pdu=s.max_pdu,
                         max_command_bytes=s.max_command_bytes, storage=assoc.storage)
-            on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc), link)
+            # The contexts' UIDs as text, once per association rather than per request.
+            syntaxes = {i: (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for i, cx in assoc.contexts.items()}
+            on_command = partial(self._on_command, conn, assoc, partial(self._stored, assoc), link, syntaxes)
             released = serve_p_data(conn, reader, assoc.contexts, on_command, max_pdu=s.max_pdu,
                                     max_command_bytes=s.max_command_bytes)
             if released:
-                log.log(assoc.log_level, "association from %s released", assoc.calling_ae)
+                log.log(assoc.log_level, "association from %s released: %s", assoc.calling_ae, assoc.summary(True))
                 result, outcome = "released", audit.SUCCESS
             else:
                 log.warning("association from %s aborted by the peer", assoc.calling_ae)
@@ -892,16 +894,17 @@ class Acceptor:
         return assoc
 
     def _on_command(self, conn: socket.socket, assoc: Association, stored: Callable[[StoreResult], None],
-                    link: Link, cx_id: int, command: bytes) -> DataSetSink | None:
-        """Dispatch a whole command set to its row of the service table."""
+                    link: Link, syntaxes: Mapping[int, tuple[str, str]], cx_id: int,
+                    command: bytes) -> DataSetSink | None:
+        """Dispatch a whole command set to its row of the service table (``syntaxes``: each
+        accepted context's abstract and transfer syntax)."""
         request = Request.decode(command)
         service = service_for(request, self.services)
-        cx = assoc.contexts[cx_id]
-        abstract_syntax = str(cx.abstract_syntax)
+        abstract_syntax, transfer_syntax = syntaxes[cx_id]
         service.check_context(abstract_syntax)
         assoc.requests[service.name] += 1
         return service.handler(Message(
-            request, conn, cx_id, abstract_syntax, str(cx.transfer_syntax[0]), assoc.calling_ae,
+            request, conn, cx_id, abstract_syntax, transfer_syntax, assoc.calling_ae,
             self.open_stream, stored, link))
 
     def _stored(self, assoc: Association, result: StoreResult) -> None:

@@ -172,7 +172,9 @@ class Ingest:
                 comment = f"stored; the previous, different version was kept as {stored.superseded.name}"
             if flags:
                 comment += f" (flagged: {flags})"
-            log.info("stored SOP Instance %s from %s", uid, source)
+            # DEBUG: a line per object at INFO costs the SCP CPU on every C-STORE and floods the
+            # journal; the association's end says how many were stored (refusals stay WARNING).
+            log.debug("stored SOP Instance %s from %s", uid, source)
         return Outcome(Status.SUCCESS, comment, uid, attrs["series_uid"], stored.path, stored.already_stored)
 
     @staticmethod

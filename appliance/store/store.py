@@ -69,6 +69,13 @@ def path_component(uid: str) -> str:
     return "h" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _relative_path(attrs: attributes.Attributes) -> str:
+    """``objects/<study>/<series>/<sop instance>.dcm``: where the object described by
+    ``attrs`` is stored, relative to the data directory (the index's ``path``)."""
+    return (f"objects/{path_component(attrs['study_uid'] or '')}/{path_component(attrs['series_uid'] or '')}/"
+            f"{path_component(attrs['sop_instance_uid'] or '')}.dcm")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -176,10 +183,13 @@ class Store:
         calling_ae: str | None,
         origin: str,
         flags: str | None,
+        rel: str | None = None,
     ) -> dict[str, Any]:
+        """The index row of the object ``attrs`` stored at ``path`` (``rel``: that path
+        relative to the data directory, if the caller has it)."""
         row = dict(attrs.values)
         row.update(
-            path=str(path.relative_to(self.data_dir)),
+            path=rel if rel is not None else str(path.relative_to(self.data_dir)),
             transfer_syntax=ts,
             size=size,
             received_at=received_at,
@@ -208,12 +218,7 @@ class Store:
 
     def path_for(self, attrs: attributes.Attributes) -> Path:
         """Return where the object described by ``attrs`` is stored."""
-        return (
-            self.objects
-            / path_component(attrs["study_uid"] or "")
-            / path_component(attrs["series_uid"] or "")
-            / (path_component(attrs["sop_instance_uid"] or "") + ".dcm")
-        )
+        return self.data_dir / _relative_path(attrs)
 
     def check_space(self, needed: int, min_free: int) -> None:
         """Raise StoreFullError if storing ``needed`` bytes would go below ``min_free`` free bytes."""
@@ -282,11 +287,12 @@ class Store:
         """Move the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
         into place, make it durable, and index it (see :meth:`Placer.commit`). The caller
         closes ``fd`` and removes ``tmp`` if it is still there afterwards."""
-        final = self.path_for(attrs)
+        rel = _relative_path(attrs)
+        final = self.data_dir / rel  # path_for(attrs), joined once
         forward = self.forward_targets(attrs.values, calling_ae, origin)
         return self._placer.commit(
             tmp, fd, final, attrs["sop_instance_uid"], body, transfer_syntax,
-            lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags), policy,
+            lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags, rel), policy,
             forward)
 
     # -- deleting (see appliance.store.deletion) and study marks (appliance.store.marks) --
@@ -435,6 +441,6 @@ def _vec(value: str | None) -> tuple[float, ...] | None:
     if not value:
         return None
     try:
-        return tuple(float(x) for x in value.split("\\"))
+        return tuple(map(float, value.split("\\")))
     except ValueError:
         return None
