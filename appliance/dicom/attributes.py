@@ -150,6 +150,8 @@ def _allowed_vrs(tag: int) -> frozenset[bytes]:
 #: another VR would be read by pydicom in that VR, not as decoded here (and pydicom cannot
 #: take a Specific Character Set that is not text).
 _VRS = {tag: _allowed_vrs(tag) for tag, _ in [*_TAGS.values(), (_SPECIFIC_CHARACTER_SET, "")]}
+#: What read() decodes, in order: (column, tag, kind, the VRs allowed in Explicit VR).
+_READ = tuple((column, tag, kind, _VRS[tag]) for column, (tag, kind) in _TAGS.items())
 #: The longest UID a Part 10 file meta header holds (a 2-byte length, padded to even). A
 #: UID has at most 64 characters (PS3.5 9.1); longer ones are stored (their file names are
 #: hashed), up to this.
@@ -203,10 +205,13 @@ def read(buf: bytes | memoryview, layout: Layout, implicit_vr: bool, little_endi
             terms = tuple(t.strip(" \x00") for t in cs_raw.decode("ascii", "replace").split("\\"))
             charsets = () if all(t == "" for t in terms) else terms
         encodings, plain = _encodings(charsets)
-        for column, (tag, kind) in _TAGS.items():
-            value = raw(tag)
-            if value is None:
+        for column, tag, kind, allowed in _READ:
+            e = elements.get(tag)  # raw(tag), inlined: this runs for every column of every object
+            if e is None or e.length is None:
                 continue
+            if e.vr is not None and e.vr not in allowed:
+                raw(tag)  # raises, naming the VRs allowed
+            value = bytes(buf[e.value_offset : e.value_offset + e.length])
             if kind == "text":
                 values[column] = _ascii(value)
                 if len(values[column]) > _UID_MAX and b"UI" in _VRS[tag]:

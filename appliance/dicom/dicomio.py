@@ -11,6 +11,7 @@ so that the Pixel Data length and its group length can be checked without decodi
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -266,23 +267,33 @@ def file_meta(
 ) -> bytes:
     """Return the 128-byte preamble, ``DICM`` and a file meta group for a Part 10 file.
 
-    Encoded here rather than by pydicom because it is on the hot path of every C-STORE."""
+    Encoded here rather than by pydicom because it is on the hot path of every C-STORE:
+    only the SOP Instance UID is encoded per object, the rest once per SOP class, transfer
+    syntax and source (:func:`_meta_head`, :func:`_meta_tail`), in the same order."""
+    head = _meta_head(sop_class_uid)
+    uid = _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\x00")
+    body = head + uid + _meta_tail(transfer_syntax, source_ae)
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body)), b"") + body
 
-    def uid(v: str) -> bytes:
-        return v.encode("ascii", "replace")
 
-    body = b"".join(
+@functools.lru_cache(maxsize=256)
+def _meta_head(sop_class_uid: str) -> bytes:
+    """The file meta elements before the SOP Instance UID (0002,0003)."""
+    return (_meta_element(0x0001, b"OB", b"\x00\x01", b"\x00")
+            + _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\x00"))
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_tail(transfer_syntax: str, source_ae: str | None) -> bytes:
+    """The file meta elements after the SOP Instance UID (0002,0003)."""
+    return b"".join(
         [
-            _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
-            _meta_element(0x0002, b"UI", uid(sop_class_uid), b"\x00"),
-            _meta_element(0x0003, b"UI", uid(sop_instance_uid), b"\x00"),
-            _meta_element(0x0010, b"UI", uid(transfer_syntax), b"\x00"),
-            _meta_element(0x0012, b"UI", uid(IMPLEMENTATION_CLASS_UID), b"\x00"),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\x00"),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii", "replace"), b"\x00"),
             _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" "),
         ]
         + ([_meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace"), b" ")] if source_ae else [])
     )
-    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body)), b"") + body
 
 
 def source_ae(data: bytes | memoryview) -> str | None:

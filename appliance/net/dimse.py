@@ -182,7 +182,7 @@ def encode_response(field: CommandField, sop_class_uid: str, message_id: int, st
         elements.append((Tag.ERROR_COMMENT, comment(error_comment)))
     if sop_instance_uid is not None:
         elements.append((Tag.AFFECTED_SOP_INSTANCE_UID, sop_instance_uid))
-    return encode_command(sorted(elements, key=lambda e: int(e[0])))
+    return encode_command(sorted(elements))  # by tag: the tags are distinct, values never compared
 
 
 def required_us(elements: Mapping[int, bytes], tag: Tag) -> int:

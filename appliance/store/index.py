@@ -49,6 +49,13 @@ _INSTANCE_EXTRA = [
 ]
 _INSTANCE_COLUMNS = [c for c in _LEVEL_COLUMNS["instance"]] + _INSTANCE_EXTRA
 
+#: Index.add's statements, written once (SQLite's statement cache then finds them as they are).
+_ADD_SERIES = (f"INSERT INTO series (study_uid, {', '.join(_LEVEL_COLUMNS['series'])})"
+               f" VALUES (?, {', '.join('?' * len(_LEVEL_COLUMNS['series']))})"
+               " ON CONFLICT (series_uid) DO UPDATE SET volume_stale = 1")
+_ADD_INSTANCE = (f"INSERT OR REPLACE INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
+                 f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})")
+
 
 def _cols(names: list[str], skip: tuple[str, ...] = ()) -> str:
     return ",\n  ".join(f"{n}" for n in names if n not in skip)
@@ -575,17 +582,8 @@ class Index:
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (study_uid) DO UPDATE SET last_received = excluded.last_received",
                 (values["study_uid"], patient, values.get("study_date"), values.get("study_time"), now, now),
             )
-            scols = _LEVEL_COLUMNS["series"]
-            con.execute(
-                f"INSERT INTO series (study_uid, {', '.join(scols)}) VALUES (?, {', '.join('?' * len(scols))})"
-                " ON CONFLICT (series_uid) DO UPDATE SET volume_stale = 1",
-                [values["study_uid"]] + [values.get(c) for c in scols],
-            )
-            con.execute(
-                f"INSERT OR REPLACE INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
-                f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})",
-                [values.get(c) for c in _INSTANCE_COLUMNS],
-            )
+            con.execute(_ADD_SERIES, [values["study_uid"], *map(values.get, _LEVEL_COLUMNS["series"])])
+            con.execute(_ADD_INSTANCE, list(map(values.get, _INSTANCE_COLUMNS)))
 
     def remove(self, sop_instance_uid: str) -> None:
         """Delete an instance row, and its series/study/patient rows once empty."""

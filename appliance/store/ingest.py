@@ -344,7 +344,14 @@ class IncomingObject:
         """Append a fragment of the data set."""
         self.size += len(data)
         if self._fd >= 0:
-            self._write(data)
+            try:
+                written = os.write(self._fd, data)  # nearly always all of it, in one call
+            except OSError as exc:
+                self._error = store_error(exc, "cannot write to the store")
+                self._close()
+                return
+            if written < len(data):
+                self._write(data[written:])
 
     def finish(self) -> Outcome:
         """The data set is complete: make it durable, validate it and store it, or refuse it."""
