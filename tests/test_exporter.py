@@ -523,7 +523,8 @@ def test_two_exports_onto_one_fat_image_make_one_file_set(store: Store, tmp_path
 def test_a_fat_image_replaced_mid_export_fails_cleanly_and_claims_nothing(store: Store, tmp_path: Path) -> None:
     # Once the first window (32 files of 0.5 MB: VERIFY_WINDOW) was copied in and flushed,
     # the image is swapped for a fresh, empty one (a stick pulled and another pushed in under
-    # the same name): that window is not on it, its read back fails, and no DICOMDIR lands.
+    # the same name): the medium notices at its next step (the image it opened is not the file
+    # under that name any more), and no DICOMDIR lands.
     assert 31 * 512 * 512 * 2 < exporter.VERIFY_WINDOW <= 32 * 512 * 512 * 2
     _put_generated(store, ct_series(36, rows=512, cols=512))
     image = _fat_image(tmp_path / "stick.img", 32 * 1024)
@@ -535,7 +536,8 @@ def test_a_fat_image_replaced_mid_export_fails_cleanly_and_claims_nothing(store:
 
     report = export(image, store, Config(), progress=swap)
     assert report.status is ExportStatus.FAILED and not report.ok and not report.safe_to_remove, report.render()
-    assert "DICOM is not on the stick" in report.error and "export again" in report.error
+    # Every step of the medium checks it still writes the image it opened: the swap is named.
+    assert "replaced by another file during the export" in report.error and "export again" in report.error
     assert report.count(FileOutcome.WRITTEN) >= 33
     assert all("not listed in the DICOMDIR" in i.reason for i in report.items if i.outcome is FileOutcome.WRITTEN)
     assert "DICOMDIR" not in _tool("mdir", "-i", str(image), "-/", "-b", "::").stdout

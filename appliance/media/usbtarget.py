@@ -293,6 +293,10 @@ class FatImageMedium:
     def __init__(self, image: Path) -> None:
         self.image = image
         self.label = str(image)
+        st = os.stat(image)
+        #: The image this export writes: every step checks it is still the same file (a stick
+        #: pulled and another pushed in under the same name is not the stick written so far).
+        self._identity = (st.st_dev, st.st_ino)
         info = self._mtools("minfo", "::")
         sector = re.search(r"sector size: (\d+) bytes", info)
         cluster = re.search(r"cluster size: (\d+) sectors", info)
@@ -325,7 +329,15 @@ class FatImageMedium:
         if "::/DICOMDIR" in listing:
             self._mtools("mcopy", "-o", "-n", "::/DICOMDIR", str(self.root))
 
+    def _same_image(self) -> None:
+        """Raise OSError when ``image`` is no longer the file the export started writing."""
+        st = os.stat(self.image)
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise OSError(errno.ENODEV, f"{self.image} was replaced by another file during the export")
+
     def _mtools(self, tool: str, *args: str, check: bool = True) -> str:
+        if hasattr(self, "_identity"):
+            self._same_image()
         done = subprocess.run([tool, "-i", str(self.image), *args], capture_output=True)
         if check and done.returncode != 0:
             raise OSError(errno.EIO, f"{tool} failed on {self.image}: {done.stderr.decode('utf-8', 'replace').strip()}")
@@ -356,7 +368,7 @@ class FatImageMedium:
         return Space(int(m.group(1).replace(" ", "")), self._cluster)
 
     def check(self) -> None:
-        os.stat(self.image)
+        self._same_image()
 
     def write(self, file_id: str, data: bytes) -> None:
         if self._batch is None:
@@ -397,6 +409,9 @@ class FatImageMedium:
 
     def _fsync(self) -> None:
         with open(self.image, "rb+") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise OSError(errno.ENODEV, f"{self.image} was replaced by another file during the export")
             os.fsync(f.fileno())
 
     def flush(self) -> None:
@@ -416,6 +431,9 @@ class FatImageMedium:
     def _read_window(self, file_ids: list[str]) -> list[memoryview]:
         fd = os.open(self.image, os.O_RDONLY)
         try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise OSError(errno.ENODEV, f"{self.image} was replaced by another file during the export")
             reader = FatReader(fd)
             found = [reader.find(file_id) for file_id in file_ids]
             buffer = self._read_buffer.take(sum(size for _, size in found))
