@@ -10,8 +10,8 @@ being written: N boots -> N+1 from a hot-plugged USB stick, confirmed on the con
 boots and is marked good -> N+2 (its appliance never starts) from an HTTP server: it fails
 its boot tries and the box rolls back to N+1 by itself -> on the powered-off disk: the store
 and the configuration intact, the slots and the UKIs as the updater and the boot loader left them
--> a factory reset on the console (after the service password is set at the first-start
-question) restarts N+1 with an empty store and the default configuration.
+-> a factory reset on the console, confirmed with the service password set on N (it came along
+through the updates), restarts N+1 with an empty store and the default configuration.
 
 Environment (scripts/test-update sets it): ``APPLIANCE_IMAGE`` (version N's disk image),
 ``APPLIANCE_RELEASE_N1`` and ``APPLIANCE_RELEASE_N2`` (the release folders scripts/build-image
@@ -163,11 +163,29 @@ def running_version(vm: Machine, after: int = 0, timeout: float = 300) -> str:
     return m.group(1)
 
 
+#: The service password the test sets on N; it must survive the updates (appliance-service-password).
+PASSWORD = "Service-2026"
+
+
+def set_service_password(vm: Machine) -> None:
+    """Answer the console's first-start question: set the service (root) password."""
+    s = vm.serial
+    at = s.expect(r"Set the service password now\? \[Y/n\]: ", vm.console_at, timeout=420)
+    s.send("y")
+    for prompt in (r"New password: ", r"Retype new password: "):
+        at = s.expect(prompt, at)
+        s.send(PASSWORD)
+    at = s.expect(r"Service password set\.", at)
+    vm.console_at = s.expect(r"Choice: ", at)
+    vm.console_fresh = False
+
+
 def test_boot_n_and_store(vm: Machine, tmp_path: Path, state: dict[str, object]) -> None:
     t = time.monotonic()
     vm.start()
     seconds = vm.wait_echo()
     n = running_version(vm)
+    set_service_password(vm)
     series = ct_series(20, rows=64, cols=64)
     paths = write_series(series, tmp_path / "ct")
     done = subprocess.run(["storescu", "-aec", AET, "127.0.0.1", str(vm.ports[104]), *map(str, paths)],
@@ -175,8 +193,8 @@ def test_boot_n_and_store(vm: Machine, tmp_path: Path, state: dict[str, object])
     assert done.returncode == 0, done.stdout + done.stderr
     state["stored"] = {str(ds.SOPInstanceUID) for ds in series}
     state["n"] = n
-    report("update", t, f"version {n} booted (C-ECHO after {seconds:.1f} s, boot check healthy); "
-           f"stored {len(paths)} CT slices")
+    report("update", t, f"version {n} booted (C-ECHO after {seconds:.1f} s, boot check healthy); the service "
+           f"password set at the console's first-start question; stored {len(paths)} CT slices")
 
 
 def test_bad_signature_is_refused(vm: Machine, tmp_path: Path) -> None:
@@ -271,11 +289,15 @@ def test_update_from_usb_stick(vm: Machine, state: dict[str, object]) -> None:
                               after=mark)
     seconds = vm.wait_echo()
     vm.console_of_this_boot()
+    boot_start = vm.console_at
     assert healthy.group(1) == v1 and healthy.group(2) == "healthy and marked good", healthy.group(0)
     shown = Console(vm).look()
     assert v1 in shown and str(state["n"]) in shown, shown
+    assert "Set the service password now?" not in vm.serial.text()[boot_start:], \
+        "the service password did not come along to the new version"
     report("update", t, f"{v1} from a USB stick: installed in {installed:.0f} s, rebooted from the console "
-           f"(n on page u), booted and marked good (C-ECHO {seconds:.0f} s after QEMU's start)")
+           f"(n on page u), booted and marked good (C-ECHO {seconds:.0f} s after QEMU's start); the service "
+           "password came along")
 
 
 def test_broken_update_from_http_rolls_back(vm: Machine, tmp_path: Path, state: dict[str, object]) -> None:
@@ -349,28 +371,19 @@ def test_disk_after_the_updates(vm: Machine, tmp_path: Path, state: dict[str, ob
 
 
 def test_factory_reset_from_the_console(vm: Machine, tmp_path: Path, state: dict[str, object]) -> None:
-    """Set the service password at the console's first-start question, then page u, r: the box
+    """Page u, r, with the service password set on version N (it came along to N+1): the box
     formats its data partition and restarts into the version it runs, with the defaults."""
     t = time.monotonic()
     v1 = version_of(release_dir("APPLIANCE_RELEASE_N1"))
-    password = "Service-2026"
     vm.start()
     s = vm.serial
-    at = s.expect(r"Set the service password now\? \[Y/n\]: ", 0, timeout=420)
-    s.send("y")
-    for prompt in (r"New password: ", r"Retype new password: "):
-        at = s.expect(prompt, at)
-        s.send(password)
-    at = s.expect(r"Service password set\.", at)
-    vm.console_at = s.expect(r"Choice: ", at)
-    vm.console_fresh = False
     Console(vm).page()
     s.send("r")
     at = s.expect(r"Type ERASE to erase everything: ", vm.console_at)
     s.send("ERASE")
     at = s.expect(r"Service \(root\) password: ", at)
     mark = len(vm.journal())
-    s.send(password)
+    s.send(PASSWORD)
     s.expect(r"Factory reset done", at, timeout=300)
     healthy = vm.wait_journal(r"update: version (\S+) is healthy", timeout=600, after=mark)
     assert healthy.group(1) == v1, healthy.group(0)
@@ -381,5 +394,6 @@ def test_factory_reset_from_the_console(vm: Machine, tmp_path: Path, state: dict
     assert not view.index, f"{len(view.index)} objects survived the factory reset"
     config = view.root / "config" / "appliance.toml"
     assert not config.exists() or str(state.get("url", "")) not in config.read_text(), "the configuration survived"
-    report("update", t, f"factory reset on the console (ERASE and the service password): the box restarted into "
+    report("update", t, f"factory reset on the console (ERASE and the service password set on N): the box "
+           f"restarted into "
            f"{v1} (C-ECHO {seconds:.0f} s after QEMU's start) with an empty store and the default configuration")
