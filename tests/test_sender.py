@@ -371,6 +371,20 @@ def test_a_max_pdu_out_of_range_is_a_usage_error(command, pdu, data_dir, capsys)
             f"{MAX_PDU} bytes, or 0 for no limit") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["echo", "send"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "3601", "soon"])
+def test_a_timeout_out_of_range_is_a_usage_error(command, timeout, data_dir, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = [command, "--timeout", timeout, "127.0.0.1", "104"]
+    if command == "send":
+        args += ["--series", "1.2.3"]
+    with pytest.raises(SystemExit) as usage:
+        run_cli(data_dir, *args)
+    assert usage.value.code == 2  # like -pdu: a usage error, not a failed echo or send
+    err = capsys.readouterr().err
+    assert "argument --timeout:" in err
+    assert ("is not a number of seconds" if timeout == "soon" else "is out of range; use 1 to 3600 seconds") in err
+
+
 def test_client_settings_check_the_max_pdu() -> None:
     for bad in (1024, MIN_PDU - 1, -1, MAX_PDU + 1):
         with pytest.raises(ConfigError, match=f"max PDU {bad} bytes is out of range"):

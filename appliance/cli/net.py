@@ -37,6 +37,17 @@ def max_pdu(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """``--timeout``'s type: a usage error (exit 2, like ``-pdu``) unless 0 < S <= 3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"timeout {text} s is out of range; use 1 to 3600 seconds")
+    return value
+
+
 def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
     """Add the options every command that calls a remote AE shares (``echo``, ``send``,
     ``rt-export``): our AE title, the called AE title, our max PDU and the timeout."""
@@ -46,7 +57,7 @@ def client_options(p: argparse.ArgumentParser, timeout: float) -> None:
                    help=f"the peer's (called) AE title (default {DEFAULT_CALLED_AE}, or the destination's)")
     p.add_argument("-pdu", "--max-pdu", dest="pdu", type=max_pdu, default=DEFAULT_CLIENT_PDU, metavar="BYTES",
                    help=f"max PDU we receive, {MIN_PDU} or more, 0 for no limit (default {DEFAULT_CLIENT_PDU})")
-    p.add_argument("--timeout", type=float, default=timeout, metavar="S",
+    p.add_argument("--timeout", type=seconds, default=timeout, metavar="S",
                    help=f"seconds to wait for connection, association and each response (default {timeout:g})")
 
 
