@@ -103,6 +103,13 @@ def _mounted_release(device: str, stack: list[Path]) -> str:
     return str(folder)
 
 
+def _say(message: str) -> None:
+    """Print a result the updater also logs, unless the log already shows it (the units log at
+    INFO to the journal, where a second copy of the line would only repeat it)."""
+    if not logging.getLogger("appliance.update").isEnabledFor(logging.INFO):
+        print(message)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     """Install a release into the inactive slot; with --request, the one request.json asks for."""
     from appliance.update.request import clear_offer, read_request, remove_request
@@ -117,7 +124,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             if answer.strip().lower() != "yes":
                 print("nothing installed")
                 return 1
-        print(_install(args, source, args.force))
+        _say(_install(args, source, args.force))
         return 0
     request = read_request(run_dir)
     if request is None:
@@ -130,7 +137,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         source = str(request["source"])
         if source.startswith("/dev/"):
             source = _mounted_release(source, mounted)
-        print(_install(args, source, bool(request.get("force", False)) or args.force))
+        _say(_install(args, source, bool(request.get("force", False)) or args.force))
     finally:
         for where in mounted:
             subprocess.run(["umount", str(where)], capture_output=True, timeout=120, check=False)
@@ -158,7 +165,7 @@ def cmd_boot_check(args: argparse.Namespace) -> int:
     result = boot_check(host=loopback(plain_bind(cfg.scp)), port=cfg.scp.port, ae_title=cfg.scp.ae_title,
                         data_dir=data_dir(args), esp=Path(args.esp), efivars=Path(args.efivars),
                         os_release=Path(args.os_release), timeout=args.timeout)
-    print(result.message)
+    _say(result.message)
     return 0 if result.healthy else 1
 
 
