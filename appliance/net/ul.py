@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Container, Iterator
+from typing import Any, Callable, Container, Iterator
 
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -317,6 +317,18 @@ def pynetdicom_loggers() -> list[logging.Logger]:
 # -- the PDUs we send -----------------------------------------------------------------
 
 
+def _user_information(max_pdu: int) -> list[Any]:
+    """The user information we send in an A-ASSOCIATE-RQ or -AC: our maximum PDU length (0:
+    no limit) and our implementation class UID and version name."""
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = max_pdu
+    ic = ImplementationClassUIDNotification()
+    ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    iv = ImplementationVersionNameNotification()
+    iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [ml, ic, iv]
+
+
 def associate_ac_pdu(rq: A_ASSOCIATE, results: list[PresentationContext], max_pdu: int) -> bytes:
     """The A-ASSOCIATE-AC answering ``rq``: the negotiated ``results``, our maximum PDU
     length and our implementation class UID and version name."""
@@ -326,13 +338,7 @@ def associate_ac_pdu(rq: A_ASSOCIATE, results: list[PresentationContext], max_pd
     prim.called_ae_title = rq.called_ae_title
     prim.result = 0x00
     prim.presentation_context_definition_results_list = results
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = max_pdu
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    iv = ImplementationVersionNameNotification()
-    iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    prim.user_information = [ml, ic, iv]
+    prim.user_information = _user_information(max_pdu)
     ac = A_ASSOCIATE_AC()
     ac.from_primitive(prim)
     return bytes(ac.encode())
@@ -353,13 +359,7 @@ def associate_rq_pdu(calling_ae: str, called_ae: str, contexts: list[tuple[int, 
         cx.context_id = cx_id
         proposed.append(cx)
     prim.presentation_context_definition_list = proposed
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = max_pdu
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    iv = ImplementationVersionNameNotification()
-    iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    prim.user_information = [ml, ic, iv]
+    prim.user_information = _user_information(max_pdu)
     rq = A_ASSOCIATE_RQ()
     rq.from_primitive(prim)
     return bytes(rq.encode())
