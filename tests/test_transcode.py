@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 
-from appliance.dicom import transcode
+from appliance.dicom import dicomio, transcode
 from appliance.conformance import TransferSyntax
 from appliance.dicom.transcode import TranscodeError, Transcoded, to_implicit_le
 
@@ -143,3 +143,80 @@ def test_unreadable_and_unsupported_objects_are_refused_in_words(tmp_path) -> No
     rle = SAMPLES / "ts_rle__MR_small_RLE.dcm"
     with pytest.raises(TranscodeError, match="does not name"):
         to_implicit_le(rle)
+
+
+_REFUSED = (TranscodeError, struct.error, ValueError)
+
+
+def _explicit_le_bodies() -> list[tuple[str, bytes]]:
+    """Every Explicit VR LE data set at hand: the samples' (also those ingest refuses) and
+    generated ones with sequences, undefined lengths, private UN values and group lengths."""
+    out = []
+    for s in samples():
+        data = s.path.read_bytes()
+        try:
+            offset, ts = dicomio.split_part10(data)
+        except dicomio.EncodingError:
+            continue
+        if ts == TransferSyntax.EXPLICIT_LE:
+            out.append((s.name, data[offset:]))
+    ds = ct_series(1, rows=8, cols=8)[0]
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    item.add_new(0x00281201, "OW", bytes(range(16)))
+    inner = Dataset()
+    inner.add_new(0x00209165, "AT", [0x00200032, 0x00181050])
+    item.add_new(0x00209222, "SQ", [inner])
+    ds.add_new(0x00081140, "SQ", [item])
+    ds.add_new(0x00091010, "UN", b"\x01\x02\x03\x04")
+    plain = encode(ds, TransferSyntax.EXPLICIT_LE)
+    out.append(("generated", plain))
+    out.append(("generated with a group length", _with_group_length(plain, "<")))
+    at = plain.find(struct.pack("<HH", 0x0008, 0x0016))
+    out.append(("generated with a group 0008 length",
+                plain[:at] + struct.pack("<HH2sHL", 0x0008, 0, b"UL", 4, 1) + plain[at:]))
+    undefined = bytearray(plain)
+    seq = plain.find(struct.pack("<HH2s", 0x0008, 0x1140, b"SQ"))
+    undefined[seq + 8 : seq + 12] = struct.pack("<L", 0xFFFFFFFF)
+    end = seq + 12 + struct.unpack_from("<L", plain, seq + 8)[0]
+    out.append(("generated, a sequence of undefined length",
+                bytes(undefined[:end]) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + bytes(undefined[end:])))
+    out.append(("truncated", plain[:-3]))
+    out.append(("a lying length", plain[:-len(ds.PixelData) - 4] + struct.pack("<L", 1 << 20)
+                + plain[-len(ds.PixelData):]))
+    return out
+
+
+@pytest.mark.parametrize("name,body", _explicit_le_bodies(), ids=lambda x: x if isinstance(x, str) else "")
+def test_explicit_le_fast_path_writes_what_the_element_rewriter_writes(name: str, body: bytes) -> None:
+    """to_implicit_le's path for Explicit VR LE (one join, views of the values) gives the
+    bytes of the element-by-element rewriter, or refuses what it refuses."""
+    try:
+        expected = transcode._Rewriter(body, True).dataset()
+    except _REFUSED:
+        with pytest.raises(_REFUSED):
+            transcode._explicit_le(memoryview(body))
+        return
+    assert transcode._explicit_le(memoryview(body)) == expected
+    assert transcode._identity(expected) == transcode._identity_pydicom(expected)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("s", _convertible(), ids=lambda s: s.name)
+def test_identity_is_what_pydicom_reads(s: Sample) -> None:
+    try:
+        body = to_implicit_le(s.path).body
+    except TranscodeError:
+        return  # no SOP Instance UID: refused above
+    assert transcode._identity(body) == transcode._identity_pydicom(body)
+    for odd in (b"1.2.3\\4.5", b"1.2.3 \0", b"1.2\xe9", b""):  # two values, padding, not ASCII, empty
+        value = odd + b"\0" * (len(odd) & 1)
+        changed = _replace_top(body, 0x00080018, value)
+        assert transcode._identity(changed) == transcode._identity_pydicom(changed), odd
+
+
+def _replace_top(body: bytes, tag: int, value: bytes) -> bytes:
+    """``body`` (Implicit VR LE) with the value of top-level ``tag`` replaced."""
+    elements = dicomio.walk(body, True, True).elements
+    elem = elements[tag]
+    return body[:elem.offset] + struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value + body[elem.end:]

@@ -25,6 +25,7 @@ values are copied unchanged (PS3.5 says UN values are opaque bytes).
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from io import BytesIO
@@ -53,8 +54,14 @@ _SWAP_SIZES: dict[bytes, int] = {
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _BITS_ALLOCATED = 0x00280100
+_SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 _IMPLICIT_HEADER = struct.Struct("<HHL")
+_EXPLICIT_LE_HEADER = struct.Struct("<HH2sH")
+_U32 = struct.Struct("<L")
+#: A UI value pydicom reads as one UID: printable ASCII without a backslash, and at most one
+#: NUL of padding (anything else goes through pydicom).
+_PLAIN_UID = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\x00?")
 
 
 class TranscodeError(ApplianceError):
@@ -84,14 +91,16 @@ class Transcoded:
         return dcmread(BytesIO(self.part10()))
 
 
-def to_implicit_le(source: Path | bytes) -> Transcoded:
+def to_implicit_le(source: Path | bytes | memoryview) -> Transcoded:
     """Re-encode the Part 10 object in ``source`` (a file, or its bytes) in Implicit VR LE.
+
+    ``source`` may be a view of a buffer the caller reuses: nothing returned refers to it.
 
     Raises :class:`TranscodeError` when the file cannot be read, is not Part 10, uses a
     transfer syntax other than the statement's, or does not decode."""
     where = str(source) if isinstance(source, Path) else "the object"
     try:
-        data = source.read_bytes() if isinstance(source, Path) else bytes(source)
+        data = source.read_bytes() if isinstance(source, Path) else source
     except OSError as exc:
         raise TranscodeError(f"cannot read {where}: {exc.strerror}") from exc
     try:
@@ -109,10 +118,15 @@ def to_implicit_le(source: Path | bytes) -> Transcoded:
     body: bytes | memoryview
     try:
         if syntax.is_compressed:
-            body, little = _decompress(data), True
+            body, little = _decompress(bytes(data)), True
         else:
             body, little = memoryview(data)[offset:], syntax.is_little_endian
-        out = bytes(body) if syntax is TransferSyntax.IMPLICIT_LE else _Rewriter(body, little).dataset()
+        if syntax is TransferSyntax.IMPLICIT_LE:
+            out = bytes(body)
+        elif little:
+            out = _explicit_le(memoryview(body))
+        else:
+            out = _Rewriter(body, little).dataset()
         sop_class, sop_instance = _identity(out)
     except TranscodeError as exc:
         raise TranscodeError(f"{where}: {exc}") from None
@@ -125,9 +139,75 @@ def to_implicit_le(source: Path | bytes) -> Transcoded:
 
 
 def _identity(body: bytes) -> tuple[str, str]:
-    """Return (SOP Class UID, SOP Instance UID) of an Implicit VR LE data set."""
+    """Return (SOP Class UID, SOP Instance UID) of an Implicit VR LE data set as pydicom
+    reads them (:func:`_identity_pydicom`): from the bytes of the first top-level elements
+    where each holds one plain ASCII value, else through pydicom."""
+    found = {_SOP_CLASS_UID: "", _SOP_INSTANCE_UID: ""}
+    pos, size = 0, len(body)
+    while pos + 8 <= size:
+        group, elem, length = _IMPLICIT_HEADER.unpack_from(body, pos)
+        tag = group << 16 | elem
+        if tag > _SOP_INSTANCE_UID:
+            break
+        if length == dicomio.UNDEFINED_LENGTH or pos + 8 + length > size:
+            return _identity_pydicom(body)
+        if tag in found:
+            value = body[pos + 8 : pos + 8 + length]
+            if not _PLAIN_UID.fullmatch(value):
+                return _identity_pydicom(body)
+            found[tag] = value.decode("ascii").rstrip("\0 ")
+        pos += 8 + length
+    return found[_SOP_CLASS_UID], found[_SOP_INSTANCE_UID]
+
+
+def _identity_pydicom(body: bytes) -> tuple[str, str]:
+    """Return (SOP Class UID, SOP Instance UID) of an Implicit VR LE data set, read by pydicom."""
     head = read_dataset(BytesIO(body), True, True, stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID)
     return str(head.get("SOPClassUID", "")), str(head.get("SOPInstanceUID", ""))
+
+
+def _explicit_le(buf: memoryview) -> bytes:
+    """Rewrite an Explicit VR Little Endian data set as Implicit VR Little Endian: what
+    :class:`_Rewriter` makes of it, byte for byte, but each top-level value is copied once
+    (one join of the new headers and views of the values, Pixel Data included), without a
+    Python object per element but its header. Sequences and values of undefined length
+    go through :class:`_Rewriter`."""
+    parts: list[bytes | memoryview] = []
+    sizes: dict[int, int] = {}  # group -> encoded bytes of its elements but its group length
+    group_lengths: list[tuple[int, int]] = []  # (index in parts of its value, group)
+    rewriter: _Rewriter | None = None
+    unpack, pack, u32 = _EXPLICIT_LE_HEADER.unpack_from, _IMPLICIT_HEADER.pack, _U32.unpack_from
+    pos, size = 0, len(buf)
+    while pos < size:
+        group, elem, vr, length = unpack(buf, pos)
+        if vr in _LONG_VRS:
+            # A sequence (its items are rewritten) or a value of undefined length: _Rewriter.
+            (length,) = (dicomio.UNDEFINED_LENGTH,) if vr == b"SQ" else u32(buf, pos + 8)
+            vpos = pos + 12
+        else:
+            vpos = pos + 8
+        if length == dicomio.UNDEFINED_LENGTH:
+            rewriter = rewriter or _Rewriter(buf, True)
+            _, encoded, pos = rewriter.element(pos, True)
+            parts.append(encoded)
+            encoded_size = len(encoded)
+        else:
+            end = vpos + length
+            if end > size:
+                raise TranscodeError(f"element ({group:04X},{elem:04X}) runs past the end of the data set")
+            parts.append(pack(group, elem, length))
+            if elem == 0 and length == 4:  # a group length: recomputed below, as _fix_group_lengths does
+                group_lengths.append((len(parts), group))
+            parts.append(buf[vpos:end])
+            encoded_size = 8 + length
+            pos = end
+        if elem:
+            sizes[group] = sizes.get(group, 0) + encoded_size
+    if pos != size:
+        raise TranscodeError(f"an element runs past the end of its item or data set at byte {pos}")
+    for index, group in group_lengths:
+        parts[index] = _U32.pack(sizes.get(group, 0))
+    return b"".join(parts)
 
 
 def body_to_implicit_le(body: bytes | memoryview, transfer_syntax: str) -> bytes:
@@ -137,7 +217,9 @@ def body_to_implicit_le(body: bytes | memoryview, transfer_syntax: str) -> bytes
         raise TranscodeError("a compressed data set needs its file meta; use to_implicit_le()")
     if syntax is TransferSyntax.IMPLICIT_LE:
         return bytes(body)
-    return _Rewriter(body, syntax.is_little_endian).dataset()
+    if syntax.is_little_endian:
+        return _explicit_le(memoryview(body))
+    return _Rewriter(body, False).dataset()
 
 
 def _decompress(part10: bytes) -> bytes:
