@@ -40,7 +40,14 @@ from appliance.conformance import (
 from appliance.dicom import dicomio
 from appliance.errors import NetworkError
 from appliance.net.dimse import CommandField, Tag, decode_command
-from appliance.net.requester import Association, AssociationLost, associate, stored_data_set
+from appliance.net.requester import (
+    META_PREFIX,
+    Association,
+    AssociationLost,
+    FramedDataSet,
+    associate,
+    stored_data_set,
+)
 from appliance.net.sender import ClientSettings
 from appliance.net.ul import A_ABORT_PDU, A_RELEASE_RQ_PDU, P_DATA_TF_PDU, RELEASE_RP, abort_pdu, associate_ac_pdu
 
@@ -66,15 +73,18 @@ def implicit_files(folder: Path, n: int, **kw: int) -> list[Path]:
     return paths
 
 
-def send_files(assoc: Association, files: list[Path]) -> list[int]:
-    """C-STORE each file as stored; the statuses."""
+def send_files(assoc: Association, files: list[Path], framed: bool = False) -> list[int]:
+    """C-STORE each file as stored (``framed``: read by Association.read_stored into one
+    buffer reused for every file); the statuses."""
     statuses = []
+    buffer = bytearray()
     for f in files:
-        stored = stored_data_set(f)
+        stored = assoc.read_stored(f, buffer) if framed else stored_data_set(f)
         cx = assoc.context_for(CT, stored.transfer_syntax)
         assert cx is not None
         uid = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-        statuses.append(assoc.store(cx, uid, stored.body).status)
+        data = stored if isinstance(stored, FramedDataSet) else stored.body
+        statuses.append(assoc.store(cx, uid, data).status)
     return statuses
 
 
@@ -142,6 +152,37 @@ def test_storescp_receives_the_stored_data_sets_byte_for_byte(storescp, tmp_path
     assert received == {stored_data_set(f).body.tobytes() for f in files}
 
 
+def test_files_read_into_one_buffer_as_pdus_arrive_byte_for_byte(storescp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """read_stored lays each file's data set out as the peer's 4 KiB PDUs in one reused
+    buffer (a large file, then smaller ones, one with a file meta longer than the first
+    read); what storescp writes is the data set as stored. Not Part 10: ValueError."""
+    files = implicit_files(tmp_path / "ct", 3, rows=64, cols=64)
+    files[1].write_bytes(files[1].read_bytes()[:132] + _long_meta(files[1]))
+    files += implicit_files(tmp_path / "small", 1, rows=2, cols=2)
+    assert dicomio.split_part10(files[1].read_bytes())[0] > META_PREFIX
+    peer = storescp("-pdu", "4096", "+xi")
+    assoc = associate(Destination(PEER_AE, "127.0.0.1", peer.port), ClientSettings(timeout=10), CONTEXTS)
+    assert send_files(assoc, files, framed=True) == [Status.SUCCESS] * 4
+    (tmp_path / "not-dicom").write_bytes(b"\0" * 200)
+    with pytest.raises(ValueError, match="not a DICOM Part 10 file"):
+        assoc.read_stored(tmp_path / "not-dicom", bytearray())
+    with pytest.raises(FileNotFoundError):
+        assoc.read_stored(tmp_path / "gone.dcm", bytearray())
+    assoc.release()
+    log = peer.stop()
+    assert "Abort" not in log
+    received = {stored_data_set(p).body.tobytes() for p in peer.out.iterdir()}
+    assert received == {stored_data_set(f).body.tobytes() for f in files}
+
+
+def _long_meta(f: Path) -> bytes:
+    """The file meta and data set of ``f`` with a 6 KB Private Information (0002,0102) added."""
+    data = f.read_bytes()
+    offset, _ = dicomio.split_part10(data)
+    private = b"\x02\x00\x02\x01OB\x00\x00" + struct.pack("<L", 6000) + b"\x01" * 6000
+    return data[132:offset] + private + data[offset:]
+
+
 def test_a_rejection_says_why(storescp) -> None:  # type: ignore[no-untyped-def]
     peer = storescp("--refuse")
     with pytest.raises(NetworkError, match=rf"association rejected \w+ by {PEER_AE}@127.0.0.1:{peer.port}"):
@@ -187,7 +228,7 @@ def test_our_scp_plain_and_over_tls_stores_what_we_send(tmp_path, pki) -> None: 
         for port, mode, part in ((srv.port, "plain", files[:3]), (srv.tls_port, "mutual", files[3:])):
             assoc = associate(Destination(srv.ae_title, "127.0.0.1", port, mode), client, CONTEXTS)
             assert assoc.echo().status == Status.SUCCESS
-            assert send_files(assoc, part) == [Status.SUCCESS] * 3
+            assert send_files(assoc, part, framed=mode == "mutual") == [Status.SUCCESS] * 3
             assoc.release()
         for f in files:  # stored byte for byte as sent
             row = srv.store.index.instance(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))

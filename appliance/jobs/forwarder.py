@@ -44,6 +44,7 @@ from appliance.errors import ApplianceError, StoreError
 from appliance.net.requester import (
     Association,
     AssociationLost,
+    FramedDataSet,
     associate,
     stored_data_set,
 )
@@ -218,11 +219,12 @@ class Forwarder:
             return result
         studies = {i.study_uid for i in items}
         try:
+            reads = _Reads(self.store, assoc, items)
             for n, item in enumerate(items, 1):
                 if self._stop.is_set():
                     break
                 self.activity[name] = f"sending {n} of {len(items)} to {name}"
-                if not self._send_one(assoc, name, peer, item, result):
+                if not self._send_one(assoc, name, peer, item, reads.take(n - 1), reads.next_after(n - 1), result):
                     break
         finally:
             assoc.release()
@@ -250,30 +252,34 @@ class Forwarder:
             detail=f"forwarded {result.sent} object(s), {result.bytes / 1e6:.1f} MB, to {name}"))
 
     def _send_one(self, assoc: Association, name: str, peer: Destination, item: ForwardItem,
+                  stored: FramedDataSet | Exception, read_next: Callable[[], None] | None,
                   result: BatchResult) -> bool:
         """Send one object as stored (or converted to Implicit VR LE if the destination
-        accepts only that); update the queue. Return False if the association is gone."""
+        accepts only that), ``stored`` as read (or why it could not be), reading the next
+        object (``read_next``) while the destination works on it; update the queue. Return
+        False if the association is gone."""
         index = self.store.index
         cls = str(item.sop_class_uid)
-        path = self.store.data_dir / str(item.path)
-        try:
-            stored = stored_data_set(path)
-        except FileNotFoundError:
+        if isinstance(stored, FileNotFoundError):
             index.forward_drop([item.id], name)
             result.dropped += 1
             return True
-        except (ValueError, OSError) as exc:  # unreadable, or not Part 10
-            index.forward_set_aside(item.id, f"cannot read the stored object: {exc}")
+        if isinstance(stored, Exception):  # unreadable, or not Part 10
+            index.forward_set_aside(item.id, f"cannot read the stored object: {stored}")
             result.set_aside += 1
             return True
         ts = stored.transfer_syntax
-        body: bytes | memoryview = stored.body
+        body: bytes | memoryview | FramedDataSet = stored
         cx_id = assoc.context_for(cls, ts)
         if cx_id is None and ts in _UNCOMPRESSED:
             cx_id = assoc.context_for(cls, TransferSyntax.IMPLICIT_LE)
             if cx_id is not None:
                 try:
-                    body = body_to_implicit_le(stored.body, ts)
+                    body = body_to_implicit_le(stored_data_set(self.store.data_dir / str(item.path)).body, ts)
+                except OSError as exc:
+                    index.forward_set_aside(item.id, f"cannot read the stored object: {exc}")
+                    result.set_aside += 1
+                    return True
                 except (TranscodeError, ValueError, struct.error) as exc:
                     index.forward_set_aside(item.id, f"cannot convert to Implicit VR LE: {exc}")
                     result.set_aside += 1
@@ -286,7 +292,7 @@ class Forwarder:
             result.set_aside += 1
             return True
         try:
-            rsp = assoc.store(cx_id, item.sop_instance_uid, body)
+            rsp = assoc.store(cx_id, item.sop_instance_uid, body, meanwhile=read_next)
         except AssociationLost as exc:
             log.debug("forwarding to %s: %s", name, exc)
             self._destination_failed(name, f"the association with {name} ({peer.ae_title}@{peer.host}:{peer.port}) "
@@ -363,6 +369,35 @@ class Forwarder:
             if self._over_cap.get(name) is None:
                 log.error("forwarding: %s", text)
         self._over_cap = over
+
+
+class _Reads:
+    """The stored files of one association's objects, each read while the destination
+    works on the one before (into two buffers taken in turn): what it cannot read is kept
+    as the error, for :meth:`Forwarder._send_one` to deal with in its turn."""
+
+    def __init__(self, store: Store, assoc: Association, items: list[ForwardItem]) -> None:
+        self.store = store
+        self.assoc = assoc
+        self.items = items
+        self._buffers = (bytearray(), bytearray())
+        self._read: dict[int, FramedDataSet | Exception] = {}
+
+    def _read_one(self, n: int) -> None:
+        try:
+            self._read[n] = self.assoc.read_stored(self.store.data_dir / str(self.items[n].path), self._buffers[n % 2])
+        except (ValueError, OSError) as exc:
+            self._read[n] = exc
+
+    def take(self, n: int) -> FramedDataSet | Exception:
+        """Object ``n`` as read (read now if it was not read ahead)."""
+        if n not in self._read:
+            self._read_one(n)
+        return self._read.pop(n)
+
+    def next_after(self, n: int) -> Callable[[], None] | None:
+        """What reads object ``n + 1`` (into the buffer ``n`` does not use), if there is one."""
+        return (lambda: self._read_one(n + 1)) if n + 1 < len(self.items) else None
 
 
 def _contexts(items: list[ForwardItem]) -> list[tuple[str, list[str]]]:

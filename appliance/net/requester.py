@@ -24,12 +24,14 @@ association answer, each response, silence on the line, and the release.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,7 +64,11 @@ from appliance.net.ul import (
     A_ASSOCIATE_RJ_PDU,
     A_RELEASE_RP_PDU,
     ABORT_SERVICE_USER,
+    P_DATA_TF_PDU,
     PDU_HEADER_BYTES,
+    PDV_COMMAND,
+    PDV_HEADER_BYTES,
+    PDV_LAST,
     RELEASE_RQ,
     DeadlineExpired,
     PduReader,
@@ -71,6 +77,7 @@ from appliance.net.ul import (
     associate_rq_pdu,
     clock,
     close,
+    p_data_tf_pdu,
     send_quietly,
 )
 from appliance.reports import sop_class_label
@@ -345,11 +352,15 @@ class Association:
         ])
         return self._request(cx_id, command, None, CommandField.C_ECHO_RSP, message_id)
 
-    def store(self, cx_id: int, sop_instance_uid: str, data_set: bytes | memoryview, *,
-              move_originator: tuple[str, int] | None = None) -> Response:
+    def store(self, cx_id: int, sop_instance_uid: str, data_set: bytes | memoryview | FramedDataSet, *,
+              move_originator: tuple[str, int] | None = None,
+              meanwhile: Callable[[], None] | None = None) -> Response:
         """Send a C-STORE-RQ on context ``cx_id`` with ``data_set`` (encoded in the context's
-        transfer syntax, no file meta) and return the response. ``move_originator``: the AE
-        title and Message ID of the C-MOVE this is a sub-operation of."""
+        transfer syntax, no file meta; or a stored file as :meth:`read_stored` laid it out)
+        and return the response. ``move_originator``: the AE title and Message ID of the
+        C-MOVE this is a sub-operation of. ``meanwhile`` runs once the request has gone out,
+        before its response is read (the caller reads its next file while the peer works); an
+        error it raises is its own (the association stays as it is)."""
         abstract, _ = self.accepted[cx_id]
         message_id = self.link.message_id()
         elements = [
@@ -365,16 +376,29 @@ class Association:
             title = ae.encode("ascii", "replace")
             elements += [(Tag.MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE, title + b" " * (len(title) & 1)),
                          (Tag.MOVE_ORIGINATOR_MESSAGE_ID, us(originator_id))]
-        return self._request(cx_id, encode_command(elements), data_set, CommandField.C_STORE_RSP, message_id)
+        return self._request(cx_id, encode_command(elements), data_set, CommandField.C_STORE_RSP, message_id,
+                             meanwhile)
 
-    def _request(self, cx_id: int, command: bytes, data_set: bytes | memoryview | None, expected: CommandField,
-                 message_id: int) -> Response:
+    def _request(self, cx_id: int, command: bytes, data_set: bytes | memoryview | FramedDataSet | None,
+                 expected: CommandField, message_id: int, meanwhile: Callable[[], None] | None = None) -> Response:
         if not self.established:
             raise AssociationLost(f"the association with {peer_name(self.peer)} has ended")
-        try:
-            self.link.send(cx_id, command, data_set)
+        with self._lost_on_error():
+            if isinstance(data_set, FramedDataSet):
+                self._send_framed(cx_id, command, data_set)
+            else:
+                self.link.send(cx_id, command, data_set)
+        if meanwhile is not None:
+            meanwhile()
+        with self._lost_on_error():
             incoming = self.link.receive()
             return _response(incoming, expected, message_id)
+
+    @contextlib.contextmanager
+    def _lost_on_error(self) -> Iterator[None]:
+        """Turn what breaks the association into AssociationLost, the association aborted."""
+        try:
+            yield
         except DeadlineExpired as exc:
             self.abort()
             raise AssociationLost(f"{peer_name(self.peer)} did not answer within {self.timeout:g} s ({exc}); "
@@ -387,6 +411,64 @@ class Association:
             self.abort()
             raise AssociationLost(f"the association with {peer_name(self.peer)} ended: "
                                   f"{_os_words(exc)}") from None
+
+    def read_stored(self, path: Path, buffer: bytearray) -> FramedDataSet:
+        """Read the stored Part 10 file at ``path`` for :meth:`store`: its data set goes into
+        ``buffer`` (grown if need be, else reused) already cut into the P-DATA-TF PDUs this
+        association sends (the peer's maximum PDU length), with room for the command before
+        them, so that a C-STORE-RQ is one write and no byte of the file is copied again.
+        Raises OSError if it cannot be read, ValueError if it is not Part 10."""
+        fragment = self.link.fragment
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            offset, ts = _data_set_start(fd, size, path)
+            n = size - offset
+            count = max(1, -(-n // fragment))  # an empty data set is still one (last) PDV
+            end = COMMAND_ROOM + count * _PDU_PDV_HEADERS + n
+            if len(buffer) < end:
+                buffer.extend(bytes(end - len(buffer)))
+            views = []
+            with memoryview(buffer) as mv:
+                pos, left = COMMAND_ROOM, n
+                for i in range(count):
+                    k = min(fragment, left)
+                    struct.pack_into(">BBLLBB", buffer, pos, P_DATA_TF_PDU, 0, k + PDV_HEADER_BYTES, k + 2, 0,
+                                     PDV_LAST if i == count - 1 else 0)
+                    views.append(mv[pos + _PDU_PDV_HEADERS : pos + _PDU_PDV_HEADERS + k])
+                    pos += _PDU_PDV_HEADERS + k
+                    left -= k
+                got = 0
+                for first in range(0, count, _IOV_BATCH):
+                    part = views[first : first + _IOV_BATCH]
+                    r = os.preadv(fd, part, offset + got)
+                    got += r
+                    if r < sum(len(v) for v in part):
+                        break
+                for v in views:
+                    v.release()
+            if got != n:
+                raise ValueError(f"{path} became shorter while it was read ({offset + got} of {size} bytes)")
+        finally:
+            os.close(fd)
+        return FramedDataSet(ts, buffer, end, n, fragment)
+
+    def _send_framed(self, cx_id: int, command: bytes, framed: FramedDataSet) -> None:
+        """Send a command and ``framed``'s data set, their PDVs on context ``cx_id``, in one write."""
+        if framed.fragment != self.link.fragment:
+            raise ValueError("a data set read for another association")
+        buffer = framed.buffer
+        for pos in range(COMMAND_ROOM + 10, framed.end, framed.fragment + _PDU_PDV_HEADERS):
+            buffer[pos] = cx_id  # each PDV's presentation context ID
+        pdu = p_data_tf_pdu(cx_id, PDV_COMMAND | PDV_LAST, command)
+        start = COMMAND_ROOM - len(pdu)
+        with memoryview(buffer) as mv:
+            if start >= 0:
+                mv[start:COMMAND_ROOM] = pdu
+                self.conn.sendall(mv[start : framed.end])
+            else:  # a command longer than the room left for it: on its own
+                self.conn.sendall(pdu)
+                self.conn.sendall(mv[COMMAND_ROOM : framed.end])
 
     def release(self) -> None:
         """Release the association (A-RELEASE-RQ, then the peer's A-RELEASE-RP, within the
@@ -443,6 +525,50 @@ def _os_words(exc: OSError) -> str:
 
 
 # -- data sets ---------------------------------------------------------------------------
+
+
+#: Room left before a framed data set's first PDU for the C-STORE-RQ command's PDU (a
+#: command is a few hundred bytes; a longer one is sent on its own).
+COMMAND_ROOM = 1024
+#: A P-DATA-TF's header and its one PDV item's header, before each fragment of a data set.
+_PDU_PDV_HEADERS = PDU_HEADER_BYTES + PDV_HEADER_BYTES
+#: Fragments read by one preadv (the system allows 1024 buffers per call).
+_IOV_BATCH = 512
+#: Bytes read first from a stored file to find where its data set starts (more if its file
+#: meta group is longer).
+META_PREFIX = 4096
+
+
+@dataclass(frozen=True)
+class FramedDataSet:
+    """A stored file's data set as :meth:`Association.read_stored` laid it out in
+    ``buffer``: the P-DATA-TF PDUs of ``fragment`` bytes of data each, from
+    :data:`COMMAND_ROOM` to ``end``, their context IDs set when it is sent."""
+
+    transfer_syntax: str
+    buffer: bytearray
+    end: int
+    #: The data set's length.
+    length: int
+    fragment: int
+
+
+def _data_set_start(fd: int, size: int, path: Path) -> tuple[int, str]:
+    """(offset of the data set, transfer syntax) of the Part 10 file open as ``fd``."""
+    want = META_PREFIX
+    while True:
+        head = os.pread(fd, want, 0)
+        whole = len(head) >= size
+        try:
+            offset, ts = dicomio.split_part10(head)
+        except dicomio.EncodingError as exc:
+            if whole or len(head) < want:
+                raise ValueError(f"{path} is not a DICOM Part 10 file: {exc}") from None
+            want *= 4
+            continue
+        if whole or offset + 8 <= len(head):  # the element after the file meta group was seen
+            return offset, ts
+        want *= 4
 
 
 @dataclass(frozen=True)
