@@ -104,6 +104,10 @@ _COMPLETED_BYTES = 512
 VERIFY_WINDOW = 16 * 2**20
 #: The preparing thread waits while this many bytes of files are prepared and not yet written.
 QUEUED_BYTES = 8 * 2**20
+#: Buffers of files read from the store and of their copies kept for the next files
+#: (_Buffers): about what is queued, being written and being read back at one time.
+BUFFERED_BYTES = QUEUED_BYTES + 2 * VERIFY_WINDOW + 4 * 2**20
+_BUFFER_STEP = 64 * 1024
 #: Whether files are written, flushed and read back in a thread of their own while the next
 #: are prepared (else in between, in the caller's thread).
 WRITER_THREAD = True
@@ -283,8 +287,9 @@ class _Names:
         return self._claim(series, "IM", row.sop_instance_uid)
 
 
-def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str], prefix: bytes = b"") -> bytes:
-    """``prefix`` followed by ``body`` (an Implicit VR LE data set, laid out as ``layout``) with
+def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str],
+                 prefix: bytes = b"") -> list[bytes | memoryview]:
+    """The parts of ``prefix`` followed by ``body`` (an Implicit VR LE data set, laid out as ``layout``) with
     the top-level text elements ``values`` (keyword: value, ASCII) replaced or inserted in tag
     order. Every other byte is kept, but the group length of a changed group, if the object has
     one, is recomputed. The runs of elements in between are copied once, as they are."""
@@ -320,10 +325,10 @@ def _with_values(body: bytes, layout: dicomio.Layout, values: dict[str, str], pr
         start = elem.end
     parts.append(view[start:])
     parts += [new[tag] for tag in pending]
-    return b"".join(parts)
+    return parts
 
 
-def _decoded_pixels(part10: bytes) -> str | None:
+def _decoded_pixels(part10: bytes | memoryview) -> str | None:
     """Hash of the decoded pixel values of a Part 10 file (little endian), or None."""
     ds = dcmread(BytesIO(part10))
     if "PixelData" not in ds:
@@ -332,7 +337,7 @@ def _decoded_pixels(part10: bytes) -> str | None:
     return hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
 
 
-def _pixel_value(part10: bytes) -> memoryview | None:
+def _pixel_value(part10: bytes | memoryview) -> memoryview | None:
     """The value of the top-level Pixel Data of an uncompressed little endian Part 10 file, or None."""
     offset, ts = dicomio.split_part10(part10)
     body = memoryview(part10)[offset:]
@@ -348,7 +353,9 @@ class _Job:
     size: int = 0
     outcome: FileOutcome = FileOutcome.WRITTEN
     reason: str = ""
-    part10: bytes = b""
+    #: The copy for the stick, a view of ``buffer`` (from _Buffers) until it was verified.
+    part10: bytes | memoryview = b""
+    buffer: bytearray | None = None
     #: A generated object's Part 10 bytes (not in the store), or None.
     generated: bytes | None = None
 
@@ -544,12 +551,13 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     error = ""
     keys = dicomdir.Keys(fs)
     records = dicomdir.Records(fs)
-    writer = _Writer(medium, total, t0, len(todo), progress, threaded=WRITER_THREAD)
+    buffers = _Buffers(BUFFERED_BYTES)
+    writer = _Writer(medium, total, t0, len(todo), progress, threaded=WRITER_THREAD, buffers=buffers)
     try:
         for job in todo:
             if writer.failed:
                 break
-            _prepare(job, store, records, keys)
+            _prepare(job, store, records, keys, buffers)
             writer.put(job)
         writer.finish()
         # Encoded while the writer flushes and verifies the last window; written only if it verified all.
@@ -589,7 +597,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
                           "written, but the stick failed before it was flushed (it may be incomplete); "
                           "not listed in the DICOMDIR")
     for job in todo:
-        job.part10 = b""
+        job.part10, job.buffer = b"", None
     status = ExportStatus.FAILED if error else ExportStatus.DONE
     return ExportReport(target=medium.label, status=status, selection=what, started_at=started_at,
                         items=tuple(j.result() for j in jobs), bytes_done=writer.done_bytes,
@@ -611,8 +619,10 @@ class _Writer:
     over and not yet written, so the preparing thread never runs far ahead."""
 
     def __init__(self, medium: Medium, total: int, t0: float, files: int,
-                 progress: Callable[[Progress], None] | None, threaded: bool = True) -> None:
+                 progress: Callable[[Progress], None] | None, threaded: bool = True,
+                 buffers: _Buffers | None = None) -> None:
         self._medium = medium
+        self._buffers = buffers
         self._total, self._t0, self._files, self._progress = total, t0, files, progress
         self._tasks: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._room = threading.Condition()
@@ -714,7 +724,7 @@ class _Writer:
             self._progress(Progress(self._seen, self._files, self.done_bytes, time.monotonic() - self._t0,
                                     bytes_total=self._total))
         if self._window_bytes >= VERIFY_WINDOW:
-            _verify(*self._reading)
+            _verify(*self._reading, self._buffers)
             medium.check()
             medium.flush()
             self.flushed = len(self.written)
@@ -723,68 +733,126 @@ class _Writer:
 
     def _finish(self) -> None:
         medium = self._medium
-        _verify(*self._reading)
+        _verify(*self._reading, self._buffers)
         self._reading = ([], iter(()))
         if self._window:
             medium.check()
             medium.flush()
             self.flushed = len(self.written)
-            _verify(self._window, medium.read_back([j.file_id for j in self._window]))
+            _verify(self._window, medium.read_back([j.file_id for j in self._window]), self._buffers)
             self._window = []
 
 
-def _same(data: bytes | memoryview, written: bytes) -> bool:
-    """True if ``data`` (read back) is ``written``, byte for byte (bytes.startswith: a memcmp,
-    also for a memoryview, which == would compare item by item)."""
-    return len(data) == len(written) and written.startswith(data)
+def _same(data: bytes | memoryview, written: bytes | bytearray, size: int | None = None) -> bool:
+    """True if ``data`` (read back) is ``written`` (or its first ``size`` bytes), byte for byte
+    (startswith: a memcmp, also for a memoryview, which == would compare item by item)."""
+    return len(data) == (len(written) if size is None else size) and written.startswith(data)
 
 
-def _verify(jobs: list[_Job], read_back: Iterator[bytes | memoryview]) -> None:
-    """Compare each file read back from the stick with what was written, then let it go."""
+def _verify(jobs: list[_Job], read_back: Iterator[bytes | memoryview], buffers: _Buffers | None = None) -> None:
+    """Compare each file read back from the stick with what was written, then let it go
+    (its buffer back to ``buffers``)."""
     for job, data in zip(jobs, read_back, strict=True):
-        if not _same(data, job.part10):
+        written = job.buffer if job.buffer is not None else bytes(job.part10)
+        if not _same(data, written, len(job.part10)):
             raise _Failed(f"{job.file_id} ({job.row.sop_instance_uid}) read back from the stick differs "
                           "from what was written")
         job.part10 = b""
+        if job.buffer is not None and buffers is not None:
+            buffers.give(job.buffer)
+        job.buffer = None
 
 
-def _read(path: Path, size: int) -> bytes:
+class _Buffers:
+    """Buffers handed out and back, so that a file does not take new memory: pages new to
+    the process cost more than copying into them (the kernel zeroes each on its first
+    touch). The preparing thread reads a stored object into one and gives it back at once,
+    and assembles the copy for the stick in another, which the writer gives back once that
+    copy was read back from the stick and verified. At most ``limit`` bytes are kept free."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (a free one if one is large enough; a new one
+        is rounded up to ``_BUFFER_STEP``, so that the next file, a few bytes longer, fits)."""
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if len(buffer) >= size:
+                    return self._free.pop(i)
+        return bytearray(-(-size // _BUFFER_STEP) * _BUFFER_STEP)
+
+    def give(self, buffer: bytearray) -> None:
+        """``buffer`` is no longer used (and no view of it)."""
+        with self._lock:
+            if sum(map(len, self._free)) + len(buffer) <= self._limit:
+                self._free.append(buffer)
+
+    def assemble(self, parts: Sequence[bytes | memoryview]) -> tuple[bytearray, memoryview]:
+        """``parts`` copied one after another into a buffer, and a view of exactly them."""
+        size = sum(map(len, parts))
+        buffer = self.take(size)
+        view = memoryview(buffer)
+        pos = 0
+        for part in parts:
+            end = pos + len(part)
+            view[pos:end] = part
+            pos = end
+        return buffer, view[:size]
+
+
+def _read(path: Path, size: int, buffer: bytearray) -> memoryview:
     """The content of the file at ``path``, of ``size`` bytes as the index says (it may not):
-    in as few system calls as can be, each of which lets the writer thread run."""
+    read into ``buffer`` (at least ``size`` + 1 bytes) in as few system calls as can be, each
+    of which lets the writer thread run; a view of ``buffer``, unless the file is longer."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.read(fd, size + 1)
-        if len(data) == size:  # all of it: asked for one byte more, got what the index says
-            return data
-        parts = [data]  # shorter or longer than the index says: to the end
+        view = memoryview(buffer)[:size + 1]  # one byte more: a longer file shows
+        done = 0
+        while done < len(view) and (n := os.readv(fd, [view[done:]])):
+            done += n
+        if done <= size:  # all of it (or shorter than the index says)
+            return view[:done]
+        parts = [bytes(view)]  # longer than the index says: to the end
         while chunk := os.read(fd, 2**20):
             parts.append(chunk)
-        return b"".join(parts)
+        return memoryview(b"".join(parts))
     finally:
         os.close(fd)
 
 
-def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.Keys) -> bool:
+def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.Keys,
+             buffers: _Buffers | None = None) -> bool:
     """Re-encode one stored object, complete its record keys in the copy (dicomdir.Keys),
-    check the copy against the store and add its records; False if it cannot be exported."""
+    check the copy against the store and add its records; False if it cannot be exported.
+    The copy is assembled in a buffer of ``buffers`` (``job.buffer``)."""
+    buffers = buffers or _Buffers(0)
+    read_into: bytearray | None = None
     try:
-        stored = job.generated if job.generated is not None else _read(store.data_dir / job.row.path, job.row.size)
+        stored: bytes | memoryview
+        if job.generated is not None:
+            stored = job.generated
+        else:
+            read_into = buffers.take(job.row.size + 1)
+            stored = _read(store.data_dir / job.row.path, job.row.size, read_into)
         t = to_implicit_le(stored)
         layout = dicomio.walk(t.body, True, True)
         header = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)
         values = keys.complete(header, job.row.received_at)
         meta = dicomio.file_meta(t.sop_class_uid, t.sop_instance_uid, TransferSyntax.IMPLICIT_LE)
         if values:
-            part10 = _with_values(t.body, layout, values, meta)
-            layout = dicomio.walk(memoryview(part10)[len(meta):], True, True)
+            buffer, part10 = buffers.assemble(_with_values(t.body, layout, values, meta))
+            layout = dicomio.walk(part10[len(meta):], True, True)
             log.debug("%s: %s set in the copy for its DICOMDIR records", job.row.sop_instance_uid, ", ".join(values))
         else:
-            part10 = meta + t.body
-        _check_copy(part10, layout, stored, t.source_syntax, job)
+            buffer, part10 = buffers.assemble((meta, t.body))
+        _check_copy(buffer, part10, layout, stored, t.source_syntax, job)
         record = dicomdir.record_source(header, values)
         records.add(record, job.file_id)
         keys.listed(record)
-        job.part10 = part10
+        job.part10, job.buffer = part10, buffer
         return True
     except (OSError, TranscodeError) as exc:
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot read it from the store: {exc}"
@@ -792,17 +860,22 @@ def _prepare(job: _Job, store: Store, records: dicomdir.Records, keys: dicomdir.
         job.outcome, job.reason = FileOutcome.FAILED, f"its copy does not match the store: {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged stored object fails alone
         job.outcome, job.reason = FileOutcome.FAILED, f"cannot be written as a DICOM file-set member: {exc}"
+    finally:
+        if read_into is not None:
+            buffers.give(read_into)
     return False
 
 
-def _check_copy(part10: bytes, layout: dicomio.Layout, stored: bytes, source: TransferSyntax, job: _Job) -> None:
-    """Raise _Mismatch unless ``part10`` (its data set laid out as ``layout``) is an Implicit
+def _check_copy(whole: bytes | bytearray, part10: bytes | memoryview, layout: dicomio.Layout,
+                stored: bytes | memoryview, source: TransferSyntax, job: _Job) -> None:
+    """Raise _Mismatch unless ``part10`` (its data set laid out as ``layout``; the start of
+    ``whole``, which may go on) is an Implicit
     VR LE file of the object whose pixel data are the store's: the same bytes, or for an
     object stored big endian or compressed the same decoded values. (What is read back from
     the stick is then compared with these bytes.)"""
     offset, ts = dicomio.split_part10(part10)
     uid = layout.elements.get(_SOP_INSTANCE_UID)
-    if ts != TransferSyntax.IMPLICIT_LE or uid is None or (part10[offset + uid.value_offset:offset + uid.end]
+    if ts != TransferSyntax.IMPLICIT_LE or uid is None or (whole[offset + uid.value_offset:offset + uid.end]
                                                            .rstrip(b"\0 ").decode("ascii", "replace")
                                                            != job.row.sop_instance_uid):
         raise _Mismatch("it is not the object, in Implicit VR Little Endian")
@@ -814,6 +887,6 @@ def _check_copy(part10: bytes, layout: dicomio.Layout, stored: bytes, source: Tr
         same = (pixels is None and stored_pixels is None) or (
             pixels is not None and stored_pixels is not None
             and pixels.end - pixels.value_offset == len(stored_pixels)
-            and part10.startswith(stored_pixels, offset + pixels.value_offset))
+            and whole.startswith(stored_pixels, offset + pixels.value_offset))
     if not same:
         raise _Mismatch("its pixel data differ")

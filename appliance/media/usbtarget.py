@@ -58,7 +58,7 @@ class Medium(Protocol):
     def check(self) -> None:
         """Raise OSError if the medium is gone (a pulled stick)."""
 
-    def write(self, file_id: str, data: bytes) -> None:
+    def write(self, file_id: str, data: bytes | memoryview) -> None:
         """Write one file (``DICOM/ST.../IM...``; its folders are made as needed, never where
         a stick that is gone was). It is not durable before :meth:`flush`, and a half-written
         one may be left if the medium fails."""
@@ -126,7 +126,7 @@ class FolderMedium:
         if os.stat(self.root).st_dev != self._dev:  # unmounted under us: never write to the mount point
             raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
 
-    def write(self, file_id: str, data: bytes) -> None:
+    def write(self, file_id: str, data: bytes | memoryview) -> None:
         # Folders below root are made one level at a time, after a check that the stick is
         # still mounted there; root itself never is, so once it is gone (or unmounted: the
         # bare mount point has none of our folders) a write gives ENOENT, never a file on
@@ -370,7 +370,7 @@ class FatImageMedium:
     def check(self) -> None:
         self._same_image()
 
-    def write(self, file_id: str, data: bytes) -> None:
+    def write(self, file_id: str, data: bytes | memoryview) -> None:
         if self._batch is None:
             self._batch = self._staging()
             self._batch_folders.clear()
