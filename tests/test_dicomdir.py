@@ -22,12 +22,13 @@ from appliance.conformance import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     SOPClass,
+    TransferSyntax,
 )
 from appliance.dicom import dicomio
 from appliance.dicom.transcode import TranscodeError, to_implicit_le
 from appliance.media import dicomdir
 
-from helpers import samples
+from helpers import ct_series, encode, samples
 
 #: sha256 of the DICOMDIR below as pydicom 3.0.2 encodes it, with the appliance's identity in its meta.
 PINNED = "bac068d591bfd2080b26bbae4045536a28fd61534a92452cd30985a41f04fb45"
@@ -225,3 +226,96 @@ def test_the_header_from_the_walk_gives_what_pydicom_reading_the_file_gives():
         assert sources[0].file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
         checked += 1
     assert checked >= 20
+
+
+_RECEIVED_AT = "2026-11-30T15:24:29.965+00:00"
+
+
+def _implicit_bodies() -> list[tuple[bytes, str, str]]:
+    """(Implicit VR LE data set, SOP Class UID, SOP Instance UID) of every sample that
+    transcodes and pydicom's FileSet takes, each UID once, and of generated objects: a CT
+    series and an MR series of one study, Instance Numbers as pydicom keeps them ("007",
+    "+5") and a missing one, and the record kinds of _kinds()."""
+    out: dict[str, tuple[bytes, str, str]] = {}
+    for sample in samples():
+        try:
+            t = to_implicit_le(sample.path)
+        except TranscodeError:
+            continue
+        out.setdefault(t.sop_instance_uid, (t.body, t.sop_class_uid, t.sop_instance_uid))
+    study = "1.2.826.0.1.3680043.10.9.77.500"
+    generated = ct_series(4, study_uid=study) + ct_series(2, study_uid=study)
+    for ds in generated[4:]:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SOPClass.MR_IMAGE
+        ds.Modality = "MR"
+    generated[1].InstanceNumber = "007"
+    generated[2].InstanceNumber = "+5"
+    del generated[3].InstanceNumber
+    del generated[0].StudyDate  # completed from the series (none), then from the time received
+    for ds in generated + _kinds():
+        body = encode(ds, TransferSyntax.IMPLICIT_LE)
+        out.setdefault(str(ds.SOPInstanceUID), (body, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    taken = []
+    for body, sop_class, uid in out.values():  # what pydicom's FileSet refuses, both refuse alike
+        try:
+            dicomdir.load(Path("/nonexistent")).add(_sources([(body, sop_class, uid)])[0])
+        except ValueError:
+            continue
+        taken.append((body, sop_class, uid))
+    return taken
+
+
+def _sources(bodies: list[tuple[bytes, str, str]]) -> list[dicomdir.Header]:
+    """The record sources the exporter makes of ``bodies``, keys completed in turn."""
+    keys = dicomdir.Keys(dicomdir.load(Path("/nonexistent")))
+    out = []
+    for body, sop_class, uid in bodies:
+        header = dicomdir.header(body, dicomio.walk(body, True, True).elements, sop_class, uid)
+        source = dicomdir.record_source(header, keys.complete(header, _RECEIVED_AT))
+        keys.listed(source)
+        out.append(source)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_records_made_in_bytes_are_what_pydicom_makes_of_every_sample(tmp_path):
+    """The IMAGE records Records encodes itself (from the record sources, no pydicom Dataset)
+    and the DICOMDIR around them are byte for byte what pydicom's FileSet.add and its
+    encoder give, for the samples and generated series, in a new set and in one loaded from
+    a stick and added to."""
+    bodies = _implicit_bodies()
+    assert len(bodies) >= 30
+    half = len(bodies) // 2
+    file_ids = [f"DICOM/ST{n // 8:06d}/SE{n // 4:06d}/IM{n:06d}" for n in range(len(bodies))]
+
+    def by_pydicom(fs, sources, ids):  # type: ignore[no-untyped-def]
+        for source, file_id in zip(sources, ids, strict=True):
+            fs.add(source).node._record.ReferencedFileID = file_id.split("/")
+        return 0
+
+    def by_records(fs, sources, ids):  # type: ignore[no-untyped-def]
+        records = dicomdir.Records(fs)
+        for source, file_id in zip(sources, ids, strict=True):
+            records.add(source, file_id)
+        return sum(type(node) is dicomdir._EncodedNode for node in fs._tree)
+
+    encoded = []
+    for add in (by_pydicom, by_records):
+        sources = _sources(bodies)  # anew: pydicom converts the elements it reads in place
+        fs = dicomdir.load(tmp_path / "none")
+        fs.UID = "1.2.826.0.1.3680043.10.9.77.1000"
+        made = add(fs, sources[:half], file_ids[:half])
+        first = dicomdir.encode(fs)
+        stick = tmp_path / add.__name__
+        stick.mkdir()
+        (stick / "DICOMDIR").write_bytes(first)
+        for file_id in file_ids[:half]:  # pydicom drops a listed instance whose file is missing
+            (stick / file_id).parent.mkdir(parents=True, exist_ok=True)
+            (stick / file_id).touch()
+        fs = dicomdir.load(stick)
+        made += add(fs, sources[half:], file_ids[half:])
+        encoded.append((first, dicomdir.encode(fs), made))
+    assert encoded[0][:2] == encoded[1][:2]
+    assert encoded[1][2] >= 20  # most records were made in bytes
+    records = dcmread(BytesIO(encoded[1][1])).DirectoryRecordSequence
+    assert {"007", "+5"} <= {str(r.get("InstanceNumber", "")) for r in records}

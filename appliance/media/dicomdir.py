@@ -33,6 +33,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import (  # private helpers: pinned by tests/test_dicomdir.py
+    _FOUR_LEVEL_SOP_CLASSES,
+    _SINGLE_LEVEL_SOP_CLASSES,
     DIRECTORY_RECORDERS,
     FileInstance,
     FileSet,
@@ -117,6 +119,13 @@ _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110", b"ISO_IR 144",
                    b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148", b"ISO_IR 166", b"ISO_IR 192"}
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_SOP_CLASS_UID = BaseTag(0x00080016)
+_SOP_INSTANCE_UID = BaseTag(0x00080018)
+_INSTANCE_NUMBER = 0x00200013
+_ENCAPSULATED_DOCUMENT = BaseTag(0x00420011)
+_RT_PLAN_LABEL = BaseTag(0x300A0002)
+_IMPLICIT_LE = ImplicitVRLittleEndian.encode("ascii")
+_SHORT_HEADER = struct.Struct("<HH2sH")
 #: The DICOMDIR's offset elements (PS3.10 F.3) and the Directory Record Sequence.
 _FIRST_OFFSET = 0x00041200
 _LAST_OFFSET = 0x00041202
@@ -127,6 +136,16 @@ _ITEM = struct.Struct("<HHL")
 _SEQUENCE_HEADER = struct.Struct("<HH2sHL")
 #: Explicit VRs with a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+#: An IMAGE record's elements before its key, as pydicom writes them (Explicit VR LE): the
+#: offsets (0, set by encode), Record In-use Flag FFFFH, Directory Record Type.
+_IMAGE_RECORD_HEAD = (struct.pack("<HH2sHL", 0x0004, 0x1400, b"UL", 4, 0) + struct.pack("<HH2sHH", 0x0004, 0x1410, b"US", 2, 0xFFFF)
+                      + struct.pack("<HH2sHL", 0x0004, 0x1420, b"UL", 4, 0)
+                      + struct.pack("<HH2sH", 0x0004, 0x1430, b"CS", 6) + b"IMAGE ")
+#: A UID written as one value (digits and dots, at most one NUL of padding), and an Integer
+#: String pydicom writes as it reads it (its original string).
+_UID_VALUE = re.compile(rb"[0-9.]+\x00?")
+_UID_TEXT = re.compile(r"[0-9.]+")
+_IS_TEXT = re.compile(r"[+-]?[0-9]{1,12}")
 _DA = re.compile(r"(\d{4})(\.?)(\d{2})\2(\d{2})")
 _TM = re.compile(r"(\d{2})(?:(:?)(\d{2})(?:\2(\d{2})(?:\.(\d+))?)?)?")
 
@@ -258,6 +277,16 @@ class Records:
         while listed < len(_LEVELS) and path[: listed + 1] in self._nodes:
             listed += 1
         parent: RecordNode = self._nodes[path[:listed]] if listed else self._fs._tree  # noqa: SLF001
+        encoded = _image_record(record_source, file_id)
+        if encoded is not None:  # the instance's record in bytes; pydicom makes those above it
+            for depth in range(listed, len(_LEVELS)):
+                node = RecordNode(_record(_LEVELS[depth], record_source))
+                node.parent = parent
+                parent = node
+                self._nodes[path[: depth + 1]] = node
+            _EncodedNode(encoded).parent = parent
+            self._instances.add(uid)
+            return
         records = [_record(t, record_source) for t in (*_LEVELS, _four_level_record_type(record_source))[listed:]]
         leaf = records[-1]
         leaf.ReferencedFileID = file_id.split("/")
@@ -277,6 +306,54 @@ class Records:
         self._fs._instances.append(instance)  # noqa: SLF001
         instance._apply_stage("+")  # noqa: SLF001
         self._instances.add(uid)
+
+
+class _EncodedNode(RecordNode):
+    """An IMAGE record made by :func:`_image_record`: its bytes, which :func:`encode` writes
+    as they are (but for its offsets). It has no Dataset and no FileInstance: what the
+    export adds is only ever encoded, never looked up in the set again."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+
+def _image_record(source: Dataset, file_id: str) -> bytes | None:
+    """The IMAGE record of an instance (``source``: its :func:`record_source`) with the
+    File ID ``file_id``, in Explicit VR LE with both offsets 0: what pydicom's record creator
+    (``_define_image``, then :func:`_record` and the references of :meth:`Records.add`) makes
+    and ``write_dataset`` writes, byte for byte. None unless it knows it gives those bytes:
+    an IMAGE record (by SOP class and Modality), no Specific Character Set, one plain UID
+    each and an Instance Number pydicom writes as it reads it; pydicom makes that record."""
+    if type(source) is not Header or "SpecificCharacterSet" in source:
+        return None
+    texts: dict[str, str] = getattr(source, "texts", {})
+    elements = source._dict  # raw as they are, or DataElements of completed keys  # noqa: SLF001
+    uids = []
+    for tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
+        elem = elements.get(tag)
+        value = getattr(elem, "value", None)
+        if type(elem) is RawDataElement and isinstance(value, bytes) and _UID_VALUE.fullmatch(value):
+            uids.append(value.rstrip(b"\0"))
+        elif type(elem) is DataElement and isinstance(value, str) and _UID_TEXT.fullmatch(value):
+            uids.append(value.encode("ascii"))  # read by pydicom already: written as it is
+        else:
+            return None
+    number, modality = texts.get("InstanceNumber"), texts.get("Modality")
+    if number is None or modality is None or not _IS_TEXT.fullmatch(number):
+        return None
+    if (uids[0].decode() in _SINGLE_LEVEL_SOP_CLASSES or uids[0].decode() in _FOUR_LEVEL_SOP_CLASSES
+            or modality in ("RTINTENT", "RTSEGANN", "RTRAD", "PLAN")
+            or _ENCAPSULATED_DOCUMENT in elements or _RT_PLAN_LABEL in elements):
+        return None
+    file_id_value = file_id.replace("/", "\\").encode("ascii")
+    parts = [_IMAGE_RECORD_HEAD]
+    for key, vr, value, pad in ((0x00041500, b"CS", file_id_value, b" "), (0x00041510, b"UI", uids[0], b"\0"),
+                                (0x00041511, b"UI", uids[1], b"\0"), (0x00041512, b"UI", _IMPLICIT_LE, b"\0"),
+                                (_INSTANCE_NUMBER, b"IS", number.encode("ascii"), b" ")):
+        value += pad * (len(value) & 1)
+        parts.append(_SHORT_HEADER.pack(key >> 16, key & 0xFFFF, vr, len(value)) + value)
+    return b"".join(parts)
 
 
 class _Flags:
@@ -352,12 +429,16 @@ def encode(fs: FileSet) -> bytes:
     offset = fp.tell() + 12  # after the sequence's tag, VR, reserved bytes and length
     start: dict[int, int] = {}
     for node in nodes:
+        start[id(node)] = offset
+        if type(node) is _EncodedNode:
+            items.append((node.encoded, False))
+            offset += 8 + len(node.encoded)
+            continue
         record = node._record  # noqa: SLF001
         rb = DicomBytesIO()
         rb.is_implicit_VR, rb.is_little_endian = False, True
         write_dataset(rb, record, parent_encoding=encodings)
         undefined = bool(getattr(record, "is_undefined_length_sequence_item", False))
-        start[id(node)] = offset
         items.append((rb.getvalue(), undefined))
         offset += 8 + len(items[-1][0]) + (8 if undefined else 0)
     # Where each record's next sibling starts (pydicom's RecordNode.next looks its index up:
