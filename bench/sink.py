@@ -43,6 +43,9 @@ class Dropped:
             self.sink.received += 1
         return Outcome(Status.SUCCESS, "received and dropped", self.sop_instance_uid)
 
+    def settle(self) -> None:
+        pass
+
     def discard(self) -> None:
         pass
 

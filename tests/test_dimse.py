@@ -149,6 +149,9 @@ class _Received:
         self.sink.finished.append(self)
         return Outcome(Status.SUCCESS, "received", self.args[2])
 
+    def settle(self) -> None:
+        pass
+
     def discard(self) -> None:
         pass
 

@@ -361,3 +361,106 @@ def test_the_export_queue_keeps_its_entries_and_the_history(tmp_path):
         assert again.mark("done") == "2026-01-01T00:00"
     finally:
         again.close()
+
+
+def _received(ingest, ds):
+    """A network C-STORE of ``ds`` through the SCP's path, answered but not yet settled."""
+    body = encode(ds)
+    incoming = ingest.open_stream(TransferSyntax.EXPLICIT_LE, ds.SOPClassUID, ds.SOPInstanceUID, "SCANNER")
+    incoming.write(memoryview(body))
+    return incoming, incoming.finish()
+
+
+def test_an_answered_object_is_indexed_after_the_answer_and_holds_its_uid_until_then(tmp_path, rules):
+    """The SCP writes an object's index row after its answer: the object is durable when
+    finish() returns, its row appears at settle(), and meanwhile its UID stays locked, so
+    a different object with the same UID is refused once the row exists, never stored."""
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    ingest = Ingest(store, rules)
+    ds, = ct_series(1)
+    incoming, outcome = _received(ingest, ds)
+    assert outcome.ok and outcome.path.is_file()
+    assert store.locate(ds.SOPInstanceUID) is None  # answered, row not written yet
+
+    changed = ct_series(1)[0]
+    changed.SOPInstanceUID = ds.SOPInstanceUID
+    changed.StudyInstanceUID, changed.SeriesInstanceUID = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    changed.PatientName = "SOMEONE^ELSE"
+    done = threading.Event()
+    second = []
+
+    def put() -> None:
+        second.append(ingest.accept(encode(changed), TransferSyntax.EXPLICIT_LE, sop_class_uid=changed.SOPClassUID,
+                                    sop_instance_uid=None, source=NET))
+        done.set()
+
+    threading.Thread(target=put, daemon=True).start()
+    assert not done.wait(0.5), "looked the UID up before the first object's row existed"
+    incoming.settle()
+    assert done.wait(30)
+    assert second[0].status == Status.REFUSED_DUPLICATE, second
+    assert store.locate(ds.SOPInstanceUID) == outcome.path
+    incoming.settle()  # idempotent
+    store.close(clean=True)
+    assert (store.data_dir / ".clean-shutdown").exists()
+
+
+def test_an_object_answered_before_a_crash_wrote_its_row_is_indexed_at_the_next_start(tmp_path, rules):
+    """A stop while a row is still owed never marks a clean shutdown (whoever calls close
+    with clean=True): the next start reconciles and indexes the answered object. And a
+    file stored without its row is still found as a duplicate."""
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    ingest = Ingest(store, rules)
+    ds, other = ct_series(2)
+    _incoming, outcome = _received(ingest, ds)
+    assert outcome.ok
+    store.close(clean=True)  # the process ends here; its settle never ran
+    assert not (store.data_dir / ".clean-shutdown").exists()
+
+    again = Store(tmp_path / "d")
+    assert again.open_for_service() == {"indexed": 1, "dropped": 0}
+    assert again.locate(ds.SOPInstanceUID) == outcome.path
+
+    # A file at its final path without a row (answered, row owed): a different object
+    # with that UID is refused under the reject policy, the same one is "already stored".
+    again.index.remove(ds.SOPInstanceUID)
+    other.SOPInstanceUID = ds.SOPInstanceUID
+    other.StudyInstanceUID, other.SeriesInstanceUID = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    other.PatientName = "SOMEONE^ELSE"
+    ingest = Ingest(again, rules)
+    refused = ingest.accept(encode(other), TransferSyntax.EXPLICIT_LE, sop_class_uid=other.SOPClassUID,
+                            sop_instance_uid=None, source=NET)
+    assert refused.status == Status.REFUSED_DUPLICATE and "not yet indexed" in refused.comment
+    same = ingest.accept(encode(ds), TransferSyntax.EXPLICIT_LE, sop_class_uid=ds.SOPClassUID,
+                         sop_instance_uid=None, source=NET)
+    assert same.ok and same.already_stored
+    again.close(clean=False)
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_the_folder_fsync_is_left_out_only_on_journaled_ext4(tmp_path, journal):
+    """A file's fsync commits its rename on ext4 with a journal (the box's data partition,
+    where the power-cut test in QEMU checks it); ext4 without a journal, and any other file
+    system, keeps the folder's fsync."""
+    from appliance.store.disk import file_fsync_commits_rename
+
+    assert not file_fsync_commits_rename(tmp_path) or Path("/proc/fs/jbd2").is_dir()
+    if os.geteuid() != 0:
+        pytest.skip("loop-mounting an ext4 image needs root")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * 2**20)
+    features = [] if journal else ["-O", "^has_journal"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+    if subprocess.run(["mount", "-o", "loop", str(image), str(mnt)]).returncode != 0:
+        pytest.skip("cannot loop-mount here")
+    try:
+        assert file_fsync_commits_rename(mnt) is journal
+        store = Store(mnt / "d")
+        assert store._placer.folder_fsync is not journal
+        store.close(clean=False)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -390,6 +390,8 @@ class StoreStream(Protocol):
 
     def finish(self) -> StoreResult: ...
 
+    def settle(self) -> None: ...
+
     def discard(self) -> None: ...
 
 
@@ -491,11 +493,14 @@ def store(msg: Message) -> DataSetSink:
                                request.affected_sop_instance_uid, msg.calling_ae)
 
     def complete() -> None:
-        result = incoming.finish()
-        msg.stored(result)
-        msg.respond(CommandField.C_STORE_RSP, int(result.status),
-                    error_comment=None if result.ok else result.comment,
-                    sop_instance_uid=request.affected_sop_instance_uid_raw)
+        result = incoming.finish()  # durable (or refused) when it returns
+        try:
+            msg.stored(result)
+            msg.respond(CommandField.C_STORE_RSP, int(result.status),
+                        error_comment=None if result.ok else result.comment,
+                        sop_instance_uid=request.affected_sop_instance_uid_raw)
+        finally:
+            incoming.settle()  # the index row, off the sender's path (see IncomingObject.settle)
 
     return DataSetSink(incoming.write, complete, incoming.discard)
 

@@ -320,6 +320,8 @@ class IncomingObject:
         self._fd = -1
         self._tmp: Path | None = None
         self._error: StoreError | None = None
+        #: Writes the index row of the object stored (see :meth:`settle`).
+        self._settle: Callable[[], None] | None = None
         self._refusal = ingest.space_status()
         if self._refusal is None:
             try:
@@ -354,7 +356,9 @@ class IncomingObject:
                 self._write(data[written:])
 
     def finish(self) -> Outcome:
-        """The data set is complete: make it durable, validate it and store it, or refuse it."""
+        """The data set is complete: validate it and make it durable, or refuse it. A stored
+        object is durable when this returns; its index row is written by :meth:`settle`,
+        which the caller must call (once it has answered the sender)."""
         try:
             if self._refusal is not None:
                 return self.ingest._refused(Refused(self._refusal.status, self._refusal.comment),
@@ -362,8 +366,19 @@ class IncomingObject:
             if self._error is not None:
                 return self._write_failure(self._error)
             return self._validate_and_commit()
+        except BaseException:
+            self.settle()
+            raise
         finally:
             self.discard()
+
+    def settle(self) -> None:
+        """After the answer: write the stored object's index row and let its UID go.
+        Idempotent; never raises for the disk (a row that cannot be written is left for the
+        next start, which indexes it)."""
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
 
     def _write_failure(self, err: StoreError) -> Outcome:
         if isinstance(err, StoreFullError):
@@ -387,9 +402,12 @@ class IncomingObject:
             try:
 
                 def write(attrs: attributes.Attributes, flags: str | None) -> StoredObject:
-                    return self.ingest.store.commit(
+                    stored = self.ingest.store.commit(
                         tmp, self._fd, body, attrs, self.ts, total, calling_ae=self.source.calling_ae,
-                        origin=self.source.origin, flags=flags, policy=self.ingest.rules.duplicate_policy)
+                        origin=self.source.origin, flags=flags, policy=self.ingest.rules.duplicate_policy,
+                        defer_index=True)
+                    self._settle = stored.settle
+                    return stored
 
                 return self.ingest._accept(body, self.ts, self.sop_class_uid, self.sop_instance_uid,
                                            self.source, write)

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -43,6 +44,14 @@ class Writer:
         self.unclean = False
         #: Why index and files may disagree (a cleanup failed), or None.
         self.mismatch: str | None = None
+        #: Objects stored whose index row is not written yet (see Placer.commit's defer_index).
+        self._unindexed = 0
+        self._unindexed_lock = threading.Lock()
+
+    def unindexed(self, change: int) -> None:
+        """Count an object stored before its index row (+1), or its row written (-1)."""
+        with self._unindexed_lock:
+            self._unindexed += change
 
     @property
     def registered(self) -> bool:
@@ -82,6 +91,12 @@ class Writer:
         if self._lockfile is None:
             return
         try:
+            with self._unindexed_lock:
+                unindexed = self._unindexed
+            if clean and unindexed:
+                log.warning("not marking a clean shutdown: %d stored object(s) are not indexed yet; the next "
+                            "start indexes them", unindexed)
+                clean = False
             if clean and (self.mismatch is not None or (self.data_dir / RECONCILE_NOTE).exists()):
                 log.warning("not marking a clean shutdown: the store's index and files may disagree (%s); "
                             "the next start checks and reconciles them",

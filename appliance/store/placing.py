@@ -8,6 +8,7 @@ that fails is undone (:meth:`Placer._undo`), and if undoing fails too the store'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -23,7 +24,7 @@ from appliance.config import DuplicatePolicy
 from appliance.dicom import attributes, dicomio
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
 from appliance.store.disk import FULL, fsync_dir, remedy, store_error
-from appliance.store.index import Index, InstanceRow
+from appliance.store.index import Index
 from appliance.store.lifecycle import Writer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class StoredObject:
     already_stored: bool
     #: The path the previous, different object was moved to (REPLACE policy).
     superseded: Path | None = None
+    #: With ``defer_index``: writes the index row and lets the UID go (call it exactly once).
+    settle: Callable[[], None] | None = None
 
 
 #: Buckets of the cross-process SOP Instance UID lock: two UIDs share one in 256, and only
@@ -89,7 +92,8 @@ class UidLocks:
             try:
                 yield
             finally:
-                _ofd_lock(fd, bucket, fcntl.F_UNLCK)
+                if self._fd == fd:  # else close() came first, and released every lock
+                    _ofd_lock(fd, bucket, fcntl.F_UNLCK)
 
     @contextlib.contextmanager
     def hold_many(self, uids: list[str]) -> Iterator[None]:
@@ -125,53 +129,109 @@ class Placer:
     """Moves complete temp files into the store under ``data_dir`` and indexes them in
     ``index``; ``writer`` hears of index and files that may disagree. Owns the UID locks."""
 
-    def __init__(self, data_dir: Path, superseded: Path, index: Index, writer: Writer) -> None:
+    def __init__(self, data_dir: Path, superseded: Path, index: Index, writer: Writer, *,
+                 folder_fsync: bool = True) -> None:
         self.data_dir = data_dir
         self.superseded = superseded
         self.index = index
         self.writer = writer
         self.uid_locks = UidLocks(data_dir)
+        #: False where a file's fsync also commits its rename (journaled ext4).
+        self.folder_fsync = folder_fsync
+        #: Rows of answered objects the index could not take yet (see :meth:`write_row`).
+        self.late_rows: list[_LateRow] = []
+        self._late_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the UID locks' descriptor."""
+        """Write the rows still owed (see :meth:`index_late`), close the UID locks' descriptor."""
+        if self.late_rows:
+            self.index_late()
         self.uid_locks.close()
+
+    def write_row(self, late: _LateRow) -> bool:
+        """Write the index row of an object already answered (its UID lock held); on a full
+        or failing disk keep it owed (:attr:`late_rows`) and say so. True if written."""
+        try:
+            self.index.add(late.row(), late.forward)
+        except StoreError as exc:
+            # Answered and durable: it cannot be taken back. Owed until written (the next
+            # stored object retries, and so does close); a crash leaves it to the next start.
+            with self._late_lock:
+                self.late_rows.append(late)
+            log.error("SOP Instance %s is stored and was acknowledged, but the index could not record it yet "
+                      "(%s); it is listed once the index can be written (retried with each object stored, and "
+                      "at the next start)", late.uid, exc)
+            return False
+        self.writer.unindexed(-1)
+        return True
+
+    def index_late(self) -> None:
+        """Write the rows owed since the index could not be written (see :meth:`write_row`).
+        A row is dropped if its UID has been indexed meanwhile (a newer object replaced it)."""
+        with self._late_lock:
+            late, self.late_rows = self.late_rows, []
+        for row in late:
+            with self.uid_locks.hold(row.uid):
+                try:
+                    indexed = self.index.instance(row.uid) is not None
+                except StoreError:
+                    indexed = False
+                if indexed:
+                    self.writer.unindexed(-1)
+                elif self.write_row(row):
+                    log.info("SOP Instance %s is now in the index", row.uid)
 
     def commit(self, tmp: Path, fd: int, final: Path, uid: str, body: bytes | memoryview, transfer_syntax: str,
                row: Callable[[], dict[str, Any]], policy: DuplicatePolicy,
-               forward: Sequence[tuple[str, float]] = ()) -> StoredObject:
+               forward: Sequence[tuple[str, float]] = (), *, defer_index: bool = False) -> StoredObject:
         """Place the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
         at ``final`` and index it with ``row()``, unless the same object is already stored;
         raise DuplicateConflict for a different one under the REJECT policy, else supersede it.
 
         The file is renamed *before* it is fsynced: on ext4 the one journal commit that
-        fsync forces then carries the data, the inode and the new name, and the directory
-        fsync that follows (kept for file systems that need it) finds nothing left to do.
-        That halves the journal commits per object. A power cut between the rename and the
-        fsync can leave an incomplete file under its final name, but never an acknowledged
-        one: success is answered only after both fsyncs, and recovery moves files that do
-        not decode and have no index row to ``quarantine/``."""
+        fsync forces then carries the data, the inode and the new name. Where the file
+        system needs it (see :func:`~appliance.store.disk.file_fsync_commits_rename`) the
+        folder is fsynced too. A power cut between the rename and the fsync can leave an
+        incomplete file under its final name, but never an acknowledged one: success is
+        answered only after the fsync, and recovery moves files that do not decode and have
+        no index row to ``quarantine/``.
+
+        With ``defer_index`` the object is durable when this returns, but its index row is
+        written by the returned object's :meth:`StoredObject.settle` (the SCP calls it once
+        it has answered): until then the UID's lock stays held, so no other object with this
+        UID is looked up before the row exists, and the writer withholds the clean-shutdown
+        mark, so a crash in between leaves the file for the next start to index."""
+        held = contextlib.ExitStack()
         try:
-            with self.uid_locks.hold(uid):
-                old = self.index.instance(uid)
-                old_path = None if old is None else self.data_dir / old.path
-                if old is not None and old_path is not None and old_path.exists():
-                    if self._same_as_stored(old, body, transfer_syntax):
-                        return StoredObject(uid, old_path, already_stored=True)
-                    if policy is DuplicatePolicy.REJECT:
-                        raise DuplicateConflict(
-                            f"a different object with SOP Instance UID {uid} is already stored "
-                            f"(received {old.received_at} from {old.calling_ae or 'media'}); "
-                            "the stored one was kept"
-                        )
-                else:
-                    old_path = None
-                return self._place(tmp, fd, final, old_path, uid, row, forward)
+            held.enter_context(self.uid_locks.hold(uid))
+            old = self.index.instance(uid)
+            old_path = None if old is None else self.data_dir / old.path
+            if old_path is None and final.exists():
+                old_path = final  # stored, but its row is not written yet (the next start indexes it)
+            if old_path is not None and old_path.exists():
+                if self._same_as_stored(old_path, uid, body, transfer_syntax):
+                    return StoredObject(uid, old_path, already_stored=True)
+                if policy is DuplicatePolicy.REJECT:
+                    when = f"received {old.received_at} from {old.calling_ae or 'media'}" if old else "not yet indexed"
+                    raise DuplicateConflict(
+                        f"a different object with SOP Instance UID {uid} is already stored ({when}); "
+                        "the stored one was kept"
+                    )
+            else:
+                old_path = None
+            placed = self._place(tmp, fd, final, old_path, uid)
+            if not defer_index:
+                self._index(placed, uid, row, forward, old_path)
+                return placed
+            self.writer.unindexed(+1)
+            return dataclasses.replace(placed, settle=_Settle(self, held.pop_all(), uid, row, forward))
         except OSError as exc:  # the UID lock
             raise store_error(exc, f"cannot store {uid}") from exc
+        finally:
+            held.close()
 
-    def _place(self, tmp: Path, fd: int, final: Path, old_path: Path | None, uid: str,
-               row: Callable[[], dict[str, Any]], forward: Sequence[tuple[str, float]]) -> StoredObject:
-        """Supersede ``old_path`` (if any), rename ``tmp`` to ``final``, fsync, index.
+    def _place(self, tmp: Path, fd: int, final: Path, old_path: Path | None, uid: str) -> StoredObject:
+        """Supersede ``old_path`` (if any), rename ``tmp`` to ``final``, fsync.
 
         Any failure undoes the steps done (see :meth:`_undo`) and raises a StoreError."""
         moved: Path | None = None
@@ -197,16 +257,10 @@ class Placer:
                             raise
                 placed = True
                 os.fsync(fd)  # ENOSPC of delayed allocation (or a thin disk) shows up here
-                fsync_dir(final.parent)
+                if self.folder_fsync:
+                    fsync_dir(final.parent)
             except OSError as exc:
                 raise store_error(exc, f"cannot store {uid}") from exc
-            try:
-                self.index.add(row(), forward)
-            except StoreDiskError:
-                # An I/O error at COMMIT leaves unknown whether the row was written: the
-                # next start checks (a row whose file the undo removes is dropped then).
-                self.writer.withhold_clean_mark()
-                raise
         except StoreError as exc:
             undone = self._undo(uid, final if placed else None, moved, old_path)
             raise _not_stored(exc, undone) from exc
@@ -216,6 +270,24 @@ class Placer:
         if moved is not None:
             log.warning("replaced stored object %s; the previous version is kept as %s", final.name, moved)
         return StoredObject(uid, final, already_stored=False, superseded=moved)
+
+    def _index(self, placed: StoredObject, uid: str, row: Callable[[], dict[str, Any]],
+               forward: Sequence[tuple[str, float]], old_path: Path | None) -> None:
+        """Index the object just placed; a failure takes the placing back (see :meth:`_undo`)."""
+        try:
+            try:
+                self.index.add(row(), forward)
+            except StoreDiskError:
+                # An I/O error at COMMIT leaves unknown whether the row was written: the
+                # next start checks (a row whose file the undo removes is dropped then).
+                self.writer.withhold_clean_mark()
+                raise
+        except StoreError as exc:
+            undone = self._undo(uid, placed.path, placed.superseded, old_path)
+            raise _not_stored(exc, undone) from exc
+        except BaseException:
+            self._undo(uid, placed.path, placed.superseded, old_path)
+            raise
 
     def _undo(self, uid: str, final: Path | None, moved: Path | None, old_path: Path | None) -> bool:
         """Take back a failed store: remove the new file ``final``, move the superseded
@@ -241,23 +313,56 @@ class Placer:
             return False
         return True
 
-    def _same_as_stored(self, old: InstanceRow, body: bytes | memoryview, transfer_syntax: str) -> bool:
-        """True if ``body`` holds the same object as the stored one: the same bytes, or
-        the same values in another encoding."""
+    @staticmethod
+    def _same_as_stored(path: Path, uid: str, body: bytes | memoryview, transfer_syntax: str) -> bool:
+        """True if ``body`` holds the same object as the one stored at ``path``: the same
+        bytes, or the same values in another encoding."""
         try:
-            data = (self.data_dir / old.path).read_bytes()
+            data = path.read_bytes()
             offset, ts = dicomio.split_part10(data)
             stored = memoryview(data)[offset:]
             if ts == transfer_syntax and stored == memoryview(body):
                 return True
             return attributes.same_content(stored, ts, body, transfer_syntax)
         except (ValueError, OSError, dicomio.EncodingError) as exc:
-            log.warning("cannot compare with stored %s: %s", old.sop_instance_uid, exc)
+            log.warning("cannot compare with stored %s: %s", uid, exc)
             return False
 
     def _superseded_name(self, path: Path) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         return self.superseded / f"{stamp}-{path.name}"
+
+
+class _Settle:
+    """The second half of a deferred commit (see :meth:`Placer.commit`): index the object,
+    then release its UID lock. Runs once; later calls do nothing."""
+
+    def __init__(self, placer: Placer, held: contextlib.ExitStack, uid: str, row: Callable[[], dict[str, Any]],
+                 forward: Sequence[tuple[str, float]]) -> None:
+        self._placer = placer
+        self._held: contextlib.ExitStack | None = held
+        self._late = _LateRow(uid, row, forward)
+
+    def __call__(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        placer = self._placer
+        try:
+            written = placer.write_row(self._late)
+        finally:
+            held.close()
+        if written and placer.late_rows:
+            placer.index_late()
+
+
+@dataclass(frozen=True)
+class _LateRow:
+    """The index row of an object stored and answered, not written yet."""
+
+    uid: str
+    row: Callable[[], dict[str, Any]]
+    forward: Sequence[tuple[str, float]]
 
 
 def _not_stored(exc: StoreError, undone: bool) -> StoreError:

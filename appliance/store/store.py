@@ -10,10 +10,14 @@ Layout under the data directory::
     .in-use, .uid-locks                           writer and per-UID locks (see Store)
     .clean-shutdown, .reconcile-needed            whether the next start must reconcile
 
-An object is written to ``tmp/``, fsynced, renamed into ``objects/`` (the directory is
-fsynced too), and only then indexed; only then does the sender hear success. After a crash
-the files are the truth: :meth:`Store.recover` indexes files the index lacks and drops rows
-whose file is gone.
+An object is written to ``tmp/``, renamed into ``objects/`` and fsynced (the directory
+too, unless the file system commits the rename with the file: journaled ext4); only then
+does the sender hear success. A CD import indexes it before that; the SCP writes the row
+right after answering, holding the object's UID lock until the row exists, so duplicates
+are still found exactly. After a crash the files are the truth: :meth:`Store.recover`
+indexes files the index lacks (an acknowledged object whose row was not written yet is
+one: the writer withholds the clean-shutdown mark meanwhile) and drops rows whose file is
+gone.
 
 A full disk (or an I/O error, a read-only disk) at any step raises StoreFullError
 (StoreDiskError) and leaves the object either stored and indexed or absent. If undoing a
@@ -43,7 +47,8 @@ from appliance.conformance import TransferSyntax
 from appliance.dicom import attributes, dicomio, volume
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
 from appliance.store import deletion, lifecycle
-from appliance.store.disk import disk_usage_percent, free_bytes, remove_temp, store_error
+from appliance.store.disk import (disk_usage_percent, file_fsync_commits_rename, free_bytes, remove_temp,
+                                  store_error)
 from appliance.store.deletion import DeleteReport, DeletionRefused
 from appliance.store.index import (Index, InstanceRow, InstanceSummary, RecentStudy, SeriesSummary,
                                    StudySummary, StudyUsage)
@@ -97,7 +102,8 @@ class Store:
             raise StoreError(f"cannot create the store under {data_dir}: {exc.strerror}") from exc
         self.index = Index(data_dir / "index.sqlite")
         self._writer = lifecycle.Writer(data_dir)
-        self._placer = Placer(data_dir, self.superseded, self.index, self._writer)
+        self._placer = Placer(data_dir, self.superseded, self.index, self._writer,
+                              folder_fsync=not file_fsync_commits_rename(self.objects))
         self._marks: StudyMarks | None = None
         self._forward_rules: tuple[ForwardRule, ...] = ()
 
@@ -134,8 +140,8 @@ class Store:
     def close(self, clean: bool = True) -> None:
         """Close the index; if this was the last writer and it stopped cleanly, mark a clean
         shutdown so the next start skips reconciliation."""
-        self.index.close()
         self._placer.close()
+        self.index.close()
         self._writer.close(clean)
 
     def recover(self) -> dict[str, int]:
@@ -283,17 +289,19 @@ class Store:
         origin: str,
         flags: str | None = None,
         policy: DuplicatePolicy = DuplicatePolicy.REJECT,
+        defer_index: bool = False,
     ) -> StoredObject:
         """Move the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
-        into place, make it durable, and index it (see :meth:`Placer.commit`). The caller
-        closes ``fd`` and removes ``tmp`` if it is still there afterwards."""
+        into place, make it durable, and index it (see :meth:`Placer.commit`; with
+        ``defer_index`` the row is written by the result's ``settle``). The caller closes
+        ``fd`` and removes ``tmp`` if it is still there afterwards."""
         rel = _relative_path(attrs)
         final = self.data_dir / rel  # path_for(attrs), joined once
         forward = self.forward_targets(attrs.values, calling_ae, origin)
         return self._placer.commit(
             tmp, fd, final, attrs["sop_instance_uid"], body, transfer_syntax,
             lambda: self._row(attrs, final, transfer_syntax, size, _now(), calling_ae, origin, flags, rel), policy,
-            forward)
+            forward, defer_index=defer_index)
 
     # -- deleting (see appliance.store.deletion) and study marks (appliance.store.marks) --
 
