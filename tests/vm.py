@@ -134,6 +134,8 @@ class Machine:
         self.image = image
         self.work = work
         self.disk = work / "disk.qcow2"
+        #: The data partition's ext4 features, once :meth:`data_partition` has read it.
+        self.data_features: set[str] = set()
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "raw", str(self.disk)])
         shutil.copy(OVMF_VARS, work / "vars.fd")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -288,6 +290,9 @@ class Machine:
         shutil.rmtree(into, ignore_errors=True)
         into.mkdir(parents=True)
         run(["debugfs", "-R", f"rdump / {into}", str(part)])
+        features = re.search(r"^Filesystem features:\s*(.*)$", run(["dumpe2fs", "-h", str(part)]), re.M)
+        # The store relies on has_journal (appliance.store.disk.file_fsync_commits_rename).
+        self.data_features = set(features.group(1).split()) if features else set()
         part.unlink()
         return into
 
