@@ -426,9 +426,12 @@ def test_a_write_error_mid_export_leaves_no_dicomdir_and_the_next_export_complet
     check_file_set(stick, store, _instances(store))
 
 
+_RECORD_PATH_KEYS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
 def test_the_record_key_texts_worked_out_from_the_bytes_are_what_pydicom_gives() -> None:
-    # dicomdir.header works out the text of each key once from its bytes (plain ASCII, one
-    # value) instead of having pydicom convert it at each read: for every key of every
+    # dicomdir.header works out the text of each key once from its bytes (plain ASCII or a
+    # UID, one value) instead of having pydicom convert it at each read: for every key of every
     # sample that transcodes (character sets, legacy dates, RT objects), the same text.
     from io import BytesIO
 
@@ -443,9 +446,11 @@ def test_the_record_key_texts_worked_out_from_the_bytes_are_what_pydicom_gives()
         layout = dicomio.walk(t.body, True, True)
         cheap = dicomdir.header(t.body, layout.elements, t.sop_class_uid, t.sop_instance_uid)
         full = dcmread(BytesIO(t.part10()), stop_before_pixels=True)
-        for _, keyword, _ in dicomdir._HEADER_KEYS:
+        for _, keyword, _, _ in dicomdir._HEADER_KEYS:
             fast += keyword in cheap.texts
             assert dicomdir._text(cheap, keyword) == dicomdir._text(full, keyword), (sample.path, keyword)
+            if keyword in _RECORD_PATH_KEYS:  # Records finds listed records by these: str() of pydicom's value
+                assert dicomdir._exact(cheap, keyword) == str(full.get(keyword, "")), (sample.path, keyword)
         checked += 1
     assert checked >= 20 and fast > 20 * 20
 

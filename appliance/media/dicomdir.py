@@ -102,19 +102,24 @@ def _tag(keyword: str) -> BaseTag:
 
 
 _RECORD_TAGS = tuple(_tag(kw) for kw in _RECORD_KEYWORDS)
+#: A UID of one value: digits and dots, at most one NUL of padding.
+_UID_VALUE = re.compile(rb"[0-9.]*\x00?")
+#: One value of printable ASCII (no backslash, no control character): pydicom gives it back as
+#: a str of these characters, stripped of its spaces (a NUL it strips too, but not str.strip()).
+_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 #: What :func:`header` keeps of an object: what Keys and Records read.
 _HEADER_TAGS = tuple(sorted({_tag(kw) for kw in (*_RECORD_KEYWORDS, *COMPLETED_KEYS, *_DATE_SOURCES, *_TIME_SOURCES,
                                                    "EncapsulatedDocument")}))
 #: Each tag :func:`header` keeps, its keyword, and whether :func:`_text` of its plain ASCII
 #: value is that value stripped: True always, False unless a character set that is not
 #: ASCII in its printable range is declared (LO, SH), None never (PN, and VRs pydicom gives as numbers).
+#: The pattern of such a value: of printable ASCII (_PLAIN), or for a UID, of digits and dots
+#: padded with a NUL (_UID_VALUE).
 _HEADER_KEYS = tuple(
     (tag, keyword_for_tag(tag), {"SH": False, "LO": False}.get(dictionary_VR(tag), True)
-     if dictionary_VR(tag) in ("AE", "CS", "DA", "DT", "IS", "LO", "SH", "TM", "UI") else None)
+     if dictionary_VR(tag) in ("AE", "CS", "DA", "DT", "IS", "LO", "SH", "TM", "UI") else None,
+     _UID_VALUE if dictionary_VR(tag) == "UI" else _PLAIN)
     for tag in _HEADER_TAGS)
-#: One value of printable ASCII (no backslash, no control character): pydicom gives it back as
-#: a str of these characters, stripped of its spaces (a NUL it strips too, but not str.strip()).
-_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 #: Specific Character Sets whose printable ASCII range is ASCII (ISO_IR 13 is not: 0x5C is a Yen sign).
 _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110", b"ISO_IR 144",
                    b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148", b"ISO_IR 166", b"ISO_IR 192"}
@@ -141,9 +146,7 @@ _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _IMAGE_RECORD_HEAD = (struct.pack("<HH2sHL", 0x0004, 0x1400, b"UL", 4, 0) + struct.pack("<HH2sHH", 0x0004, 0x1410, b"US", 2, 0xFFFF)
                       + struct.pack("<HH2sHL", 0x0004, 0x1420, b"UL", 4, 0)
                       + struct.pack("<HH2sH", 0x0004, 0x1430, b"CS", 6) + b"IMAGE ")
-#: A UID written as one value (digits and dots, at most one NUL of padding), and an Integer
-#: String pydicom writes as it reads it (its original string).
-_UID_VALUE = re.compile(rb"[0-9.]+\x00?")
+#: A UID pydicom writes as it reads it (its text), and an Integer String (its original string).
 _UID_TEXT = re.compile(r"[0-9.]+")
 _IS_TEXT = re.compile(r"[+-]?[0-9]{1,12}")
 _DA = re.compile(r"(\d{4})(\.?)(\d{2})\2(\d{2})")
@@ -167,7 +170,8 @@ def load(root: Path) -> FileSet:
 class Header(Dataset):
     """What :func:`header` gives: a Dataset of raw elements, and ``texts``, the value of each
     key that :func:`_text` reads, worked out once from its bytes where that gives what pydicom
-    would (plain ASCII, one value): pydicom converts an element each time it is read."""
+    would (plain ASCII, one value, no leading space: ``str()`` of pydicom's value, and stripped
+    too): pydicom converts an element each time it is read."""
 
     texts: dict[str, str]
 
@@ -181,15 +185,16 @@ def header(body: bytes, elements: Mapping[int, Element], sop_class_uid: str, sop
     texts: dict[str, str] = {}
     charset = elements.get(_SPECIFIC_CHARACTER_SET)
     ascii_texts = charset is None or body[charset.value_offset:charset.end].strip(b" \0") in _ASCII_CHARSETS
-    for tag, keyword, plain in _HEADER_KEYS:
+    for tag, keyword, plain, pattern in _HEADER_KEYS:
         elem = elements.get(tag)
         if elem is None or elem.length is None:
             texts[keyword] = ""
             continue
         value = body[elem.value_offset:elem.end]
         raw[tag] = RawDataElement(tag, None, elem.length, value, elem.value_offset, True, True)
-        if plain is not None and (plain or ascii_texts) and _PLAIN.fullmatch(value):
-            texts[keyword] = value.decode("ascii").strip()
+        # Not with a leading space (pydicom keeps it): a text is then also str() of pydicom's value.
+        if plain is not None and (plain or ascii_texts) and pattern.fullmatch(value) and value[:1] != b" ":
+            texts[keyword] = value.rstrip(b"\0").decode("ascii").strip()
     ds = Header(raw)
     ds.texts = texts
     ds.file_meta = FileMetaDataset()
@@ -265,14 +270,16 @@ class Records:
         """Add the records of one instance (``record_source``: its header) to the set,
         referring to the file ``file_id`` (``DICOM/ST.../SE.../IM...``); an instance the set
         lists already is left as it is."""
-        uid = str(record_source.SOPInstanceUID)
+        uid = _exact(record_source, "SOPInstanceUID")
         if uid in self._instances:
             return
-        if _single_level_record_type(record_source) != "PATIENT":  # no SOP class of Tables 10, 11
+        sop_class = _exact(record_source, "SOPClassUID") if type(record_source) is Header else None
+        if (sop_class in _SINGLE_LEVEL_SOP_CLASSES if sop_class is not None
+                else _single_level_record_type(record_source) != "PATIENT"):  # no SOP class of Tables 10, 11
             self._fs.add(record_source).node._record.ReferencedFileID = file_id.split("/")  # noqa: SLF001
             self._instances.add(uid)
             return
-        path = tuple(str(record_source.get(kw, "")) for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"))
+        path = tuple(_exact(record_source, kw) for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"))
         listed = 0
         while listed < len(_LEVELS) and path[: listed + 1] in self._nodes:
             listed += 1
@@ -308,6 +315,17 @@ class Records:
         self._instances.add(uid)
 
 
+def _exact(source: Dataset, keyword: str) -> str:
+    """``str(source.get(keyword, ""))`` of a key of VR LO or UI (Patient ID, the UIDs): from a
+    Header's texts where it has one, which is the same (for an empty IS pydicom gives None)."""
+    if type(source) is Header:
+        texts: dict[str, str] = getattr(source, "texts", {})
+        text = texts.get(keyword)
+        if text is not None:
+            return text
+    return str(source.get(keyword, ""))
+
+
 class _EncodedNode(RecordNode):
     """An IMAGE record made by :func:`_image_record`: its bytes, which :func:`encode` writes
     as they are (but for its offsets). It has no Dataset and no FileInstance: what the
@@ -333,7 +351,7 @@ def _image_record(source: Dataset, file_id: str) -> bytes | None:
     for tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
         elem = elements.get(tag)
         value = getattr(elem, "value", None)
-        if type(elem) is RawDataElement and isinstance(value, bytes) and _UID_VALUE.fullmatch(value):
+        if type(elem) is RawDataElement and isinstance(value, bytes) and _UID_VALUE.fullmatch(value) and value[:1] != b"\0":
             uids.append(value.rstrip(b"\0"))
         elif type(elem) is DataElement and isinstance(value, str) and _UID_TEXT.fullmatch(value):
             uids.append(value.encode("ascii"))  # read by pydicom already: written as it is
