@@ -41,6 +41,7 @@ from appliance.config import Config, Destination
 from appliance.conformance import SOPClass, TransferSyntax
 from appliance.dicom.transcode import TranscodeError, body_to_implicit_le
 from appliance.errors import ApplianceError, StoreError
+from appliance.jobs import changes
 from appliance.net.requester import (
     Association,
     AssociationLost,
@@ -63,8 +64,14 @@ BACKOFF_BASE = 5.0
 BACKOFF_MAX = 3600.0
 #: Tries of an object refused with a status that may pass, before it is set aside.
 MAX_ATTEMPTS = 20
-#: Seconds between two looks at the queue (the SCP, another process, queues what it stores).
+#: Seconds between two looks at the whole queue (what is due after a wait: a destination's
+#: backoff, a series' stable_after, objects set aside that were queued again).
 POLL = 0.2
+#: Seconds at least between two looks at whether anything was queued (the id of the last
+#: entry). The Storage SCP and a CD import queue what they store in other processes: a write
+#: to the index wakes the forwarder (inotify, :mod:`appliance.jobs.changes`), or without
+#: inotify it looks this often.
+WATCH = 0.01
 #: Seconds between two checks of the backlog caps.
 CAP_INTERVAL = 30.0
 
@@ -108,40 +115,50 @@ class Forwarder:
 
     def __init__(self, store: Store, settings: Callable[[], Config],
                  client: ClientSettings | None = None, poll: float = POLL,
-                 backoff_first: float = BACKOFF_BASE, backoff_most: float = BACKOFF_MAX) -> None:
+                 backoff_first: float = BACKOFF_BASE, backoff_most: float = BACKOFF_MAX, watch: float = WATCH) -> None:
         self.store = store
         self.backoff_first = backoff_first
         self.backoff_most = backoff_most
         self.settings = settings
         self.client = client or ClientSettings()
         self.poll = poll
+        self.watch = watch
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
         self._loop_thread: threading.Thread | None = None
+        self._changes: changes.FolderWatch | None = None
         self._over_cap: dict[str, str] = {}
         #: What each destination is doing now, e.g. "sending 12 of 300".
         self.activity: dict[str, str] = {}
 
     def start(self) -> None:
+        self._changes = changes.watch(self.store.index.path.parent)
         self._loop_thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
         self._loop_thread.start()
 
     def wake(self) -> None:
-        """Look at the queue now (something was queued)."""
+        """Look at the whole queue now (something was queued, or a destination is free)."""
         self._wake.set()
+        watching = self._changes
+        if watching is not None:
+            watching.poke()
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop after the objects being sent now (each association is released)."""
         self._stop.set()
-        self._wake.set()
+        self.wake()
         if self._loop_thread is not None:
             self._loop_thread.join(grace)
         with self._lock:
             threads = list(self._running.values())
         for t in threads:
             t.join(grace)
+        watching = self._changes
+        if watching is not None and not (self._loop_thread and self._loop_thread.is_alive()):
+            self._changes = None
+            watching.close()  # a sending thread that still wakes the loop pokes nothing now
 
     def over_cap(self) -> dict[str, str]:
         """The destinations whose backlog is above a rule's cap, with what the box does about it."""
@@ -150,25 +167,57 @@ class Forwarder:
     # -- the loop ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_cap = 0.0
+        """Look whether anything was queued since the last look, and start the destinations
+        it is due for, whenever the index is written (at most every ``watch`` seconds); look
+        at the whole queue every ``poll`` seconds or when woken. The queue is the only state:
+        a look missed costs time, never an object."""
+        index = self.store.index
+        last_cap = last_full = last_look = 0.0
+        seen = 0
         while not self._stop.is_set():
+            rest = last_look + self.watch - time.monotonic()
+            if rest > 0 and self._stop.wait(rest):
+                break
             try:
-                if time.monotonic() - last_cap >= CAP_INTERVAL:
-                    last_cap = time.monotonic()
+                now = last_look = time.monotonic()
+                if now - last_cap >= CAP_INTERVAL:
+                    last_cap = now
                     self.enforce_caps()
-                for name in self.store.index.forward_due(time.time()):
-                    with self._lock:
-                        if name in self._running and self._running[name].is_alive():
-                            continue
-                        t = threading.Thread(target=self._drain, args=(name,), name=f"forward-{name}", daemon=True)
-                        self._running[name] = t
-                    t.start()
+                top = index.forward_last_id()
+                if self._wake.is_set() or now - last_full >= self.poll or top < seen:
+                    self._wake.clear()
+                    last_full = now
+                    names = index.forward_due(time.time())
+                elif top != seen:  # queued since the last look: only those entries are read
+                    names = index.forward_due(time.time(), since=seen)
+                else:
+                    names = []
+                seen = top
+                for name in names:
+                    self._start(name)
             except StoreError as exc:
                 log.error("forwarding: cannot read the queue: %s", exc)
             except Exception:  # noqa: BLE001 - a bug must not end forwarding; the next round retries
                 log.exception("forwarding: unexpected error")
-            self._wake.wait(self.poll)
-            self._wake.clear()
+            watching = self._changes
+            if watching is None:
+                self._wake.wait(self.watch)
+            else:
+                watching.wait(last_full + self.poll - time.monotonic())
+
+    def _start(self, name: str) -> None:
+        """Start sending to ``name`` unless it is being sent to."""
+        with self._lock:
+            if name in self._running:
+                return
+            t = threading.Thread(target=self._drain, args=(name,), name=f"forward-{name}", daemon=True)
+            self._running[name] = t
+        try:
+            t.start()
+        except BaseException:
+            with self._lock:
+                del self._running[name]
+            raise
 
     def _drain(self, name: str) -> None:
         """Send batches to ``name`` while it has due objects and answers."""
@@ -184,6 +233,10 @@ class Forwarder:
             log.exception("forwarding to %s failed unexpectedly", name)
         finally:
             self.activity.pop(name, None)
+            with self._lock:
+                if self._running.get(name) is threading.current_thread():
+                    del self._running[name]
+            self.wake()  # a look at what was queued after its last one, while it still ran
 
     # -- one association -----------------------------------------------------------------
 

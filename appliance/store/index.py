@@ -842,13 +842,26 @@ class Index:
 
     # -- forwarding ---------------------------------------------------------
 
-    def forward_due(self, now: float) -> list[str]:
-        """Return the destinations with objects due to be sent at ``now`` (epoch seconds)."""
+    def forward_due(self, now: float, since: int = 0) -> list[str]:
+        """Return the destinations with objects due to be sent at ``now`` (epoch seconds);
+        ``since``: among the entries queued after that one (:meth:`forward_last_id`) only,
+        which reads those entries and no others."""
         with self._connection(_READ) as con:
+            if since:
+                return [r[0] for r in con.execute(
+                    "SELECT DISTINCT q.destination FROM forward_queue q NOT INDEXED LEFT JOIN forward_destinations d"
+                    " USING (destination) WHERE q.id > ? AND q.state = 'pending' AND q.not_before <= ?"
+                    " AND q.next_try <= ? AND coalesce(d.next_try, 0) <= ?", (since, now, now, now))]
             return [r[0] for r in con.execute(
                 "SELECT DISTINCT q.destination FROM forward_queue q LEFT JOIN forward_destinations d"
                 " USING (destination) WHERE q.state = 'pending' AND q.not_before <= ? AND q.next_try <= ?"
                 " AND coalesce(d.next_try, 0) <= ?", (now, now, now))]
+
+    def forward_last_id(self) -> int:
+        """Return the id of the entry queued last (0 if the queue is empty): it changes when
+        any process queues an object, and one look costs a few microseconds."""
+        with self._connection(_READ) as con:
+            return int(con.execute("SELECT coalesce(max(id), 0) FROM forward_queue").fetchone()[0])
 
     def forward_batch(self, destination: str, now: float, limit: int, max_bytes: int) -> list[ForwardItem]:
         """Return the next objects due for ``destination``, in arrival order, at most
