@@ -69,7 +69,9 @@ ours: when it is above DCMTK's, parity over one association is out of reach on t
 for any receiver that commits before it answers, however fast its code. The floor's table
 has one row per case: ours, DCMTK, sink, commit and floor in ms per image, ours/floor
 (time per image: 1.00 is at the floor), ours/DCMTK (images/s, as above) and each receiver's
-CPU per image; the xN cases have no floor (commits of N associations can overlap).
+CPU per image. Over N associations commits overlap with receiving, so an xN case's
+floor is the longer of the sink's time per image and the time per commit with N threads
+committing at once (its commit column): what the disk allows a durable receiver there.
 
 This is a benchmark, not a test: it asserts nothing about speed. It exits 1 if any run
 failed (a receiver did not start or answer, storescu reported an error, or the number of

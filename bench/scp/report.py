@@ -122,7 +122,8 @@ FLOOR_COLUMNS = (
 )
 
 
-def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], series: list[seriesgen.Series]) -> None:
+def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], series: list[seriesgen.Series],
+                parallel_floors: dict[str, list[float]] | None = None) -> None:
     """Per case, ms per image (medians) of ours, DCMTK and the sink, the durable commit of an
     object of that size, the floor = sink + commit, ours/floor (time per image), ours/DCMTK
     (throughput) and each receiver's CPU per image.
@@ -130,8 +131,9 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     The floor is the least time per image a receiver that commits each object durably before
     it answers can take over one association: storescu waits for each answer, so nothing
     overlaps the commit, and such a receiver needs at least what the sink needs (sender,
-    loopback, our protocol code) plus one commit. Over N associations commits can overlap,
-    so the xN cases have no floor."""
+    loopback, our protocol code) plus one commit. Over N associations commits overlap with
+    receiving: there the floor is the longer of the sink's time per image and the disk's
+    time per commit with N threads committing at once (``parallel_floors``), CPU aside."""
     by_key = {(r["case"], r["receiver"]): r for r in rows}
 
     def ms(case: str, receiver: str) -> float | None:
@@ -148,9 +150,11 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     for case in dict.fromkeys(r["case"] for r in rows):
         modality, associations = case.split(" x")
         ours, dcmtk, sink = ms(case, "ours"), ms(case, "dcmtk"), ms(case, "sink")
-        commits = floors.get(modality)
+        commits = floors.get(modality) if associations == "1" else (parallel_floors or {}).get(modality)
         commit = statistics.median(commits) * 1e3 if commits else None
-        floor = sink + commit if associations == "1" and sink is not None and commit is not None else None
+        floor = None
+        if sink is not None and commit is not None:
+            floor = sink + commit if associations == "1" else max(sink, commit)
         table.append(
             [
                 case,
@@ -169,7 +173,8 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     sizes = ", ".join(f"{s.spec.modality} {s.nbytes // len(s.files) // 1000} kB" for s in series)
     print(
         "\nms per image (medians): floor = sink + one durable commit of an object "
-        f"({sizes}), the least for a durable receiver over one association;"
+        f"({sizes}), the least for a durable receiver over one association; over N, the longer of the "
+        "sink and the time per commit with N committing at once (the commit column there)"
     )
     print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms")
     widths = [max(len(line[i]) for line in table) for i in range(len(FLOOR_COLUMNS))]
