@@ -130,6 +130,10 @@ _INSTANCE_NUMBER = 0x00200013
 _ENCAPSULATED_DOCUMENT = BaseTag(0x00420011)
 _RT_PLAN_LABEL = BaseTag(0x300A0002)
 _IMPLICIT_LE = ImplicitVRLittleEndian.encode("ascii")
+_IMPLICIT_LE_VALUE = _IMPLICIT_LE + b"\0" * (len(_IMPLICIT_LE) & 1)
+_MEDIA_SOP_CLASS = BaseTag(0x00020002)
+_MEDIA_SOP_INSTANCE = BaseTag(0x00020003)
+_TRANSFER_SYNTAX = BaseTag(0x00020010)
 _SHORT_HEADER = struct.Struct("<HH2sH")
 #: The DICOMDIR's offset elements (PS3.10 F.3) and the Directory Record Sequence.
 _FIRST_OFFSET = 0x00041200
@@ -197,11 +201,18 @@ def header(body: bytes, elements: Mapping[int, Element], sop_class_uid: str, sop
             texts[keyword] = value.rstrip(b"\0").decode("ascii").strip()
     ds = Header(raw)
     ds.texts = texts
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    # Raw as the elements: pydicom converts them only if they are read (a few times per export).
+    ds.file_meta = FileMetaDataset({tag: RawDataElement(tag, "UI", len(value), value, 0, False, True)
+                                    for tag, value in ((_MEDIA_SOP_CLASS, _ui(sop_class_uid)),
+                                                       (_MEDIA_SOP_INSTANCE, _ui(sop_instance_uid)),
+                                                       (_TRANSFER_SYNTAX, _IMPLICIT_LE_VALUE))})
     return ds
+
+
+def _ui(uid: str) -> bytes:
+    """A UID's value: ASCII, padded with a NUL to an even length."""
+    value = uid.encode("ascii")
+    return value + b"\0" * (len(value) & 1)
 
 
 def record_source(header: Dataset, values: dict[str, str]) -> Header:
