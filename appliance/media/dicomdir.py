@@ -123,7 +123,9 @@ _HEADER_KEYS = tuple(
 #: Specific Character Sets whose printable ASCII range is ASCII (ISO_IR 13 is not: 0x5C is a Yen sign).
 _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110", b"ISO_IR 144",
                    b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148", b"ISO_IR 166", b"ISO_IR 192"}
-_SPECIFIC_CHARACTER_SET = 0x00080005
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+_TEXT_TAGS = tuple(_tag(kw) for kw in _TEXT_KEYS)
+_NOT_ASCII = re.compile(rb"[\x80-\xff\x1b]")
 _SOP_CLASS_UID = BaseTag(0x00080016)
 _SOP_INSTANCE_UID = BaseTag(0x00080018)
 _INSTANCE_NUMBER = 0x00200013
@@ -230,19 +232,19 @@ def record_source(header: Dataset, values: dict[str, str]) -> Header:
     for keyword, value in values.items():
         setattr(ds, keyword, value)
         ds.texts[keyword] = value
-    if "SpecificCharacterSet" in ds and not any(_extended(header, kw) for kw in _TEXT_KEYS):
-        del ds.SpecificCharacterSet
+    if _SPECIFIC_CHARACTER_SET in ds._dict and not any(_extended(elements.get(tag)) for tag in _TEXT_TAGS):  # noqa: SLF001
+        del ds[_SPECIFIC_CHARACTER_SET]
         ds.texts.pop("SpecificCharacterSet", None)
     return ds
 
 
-def _extended(header: Dataset, keyword: str) -> bool:
-    """True if the value of ``keyword`` in ``header`` is not plain ASCII (or holds an escape)."""
-    elem = header.get_item(keyword)  # raw (bytes) until pydicom converts it (str, PersonName)
+def _extended(elem: DataElement | RawDataElement | None) -> bool:
+    """True if the value of ``elem`` (raw bytes, or what pydicom converted them to: str,
+    PersonName) is not plain ASCII, or holds an escape."""
     if elem is None or elem.value is None:
         return False
     value = elem.value if isinstance(elem.value, bytes) else str(elem.value).encode("utf-8")
-    return any(b >= 0x80 or b == 0x1B for b in value)
+    return _NOT_ASCII.search(value) is not None
 
 
 class Records:
