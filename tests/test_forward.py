@@ -86,7 +86,7 @@ def box_config(peer_port: int, **rule: object) -> Config:
 class Box:
     """Our SCP and a Forwarder on one store, as ``appliance run`` has them."""
 
-    def __init__(self, data: Path, cfg: Config, poll: float = 0.1) -> None:
+    def __init__(self, data: Path, cfg: Config, poll: float = 0.1, linger: float = fwd.LINGER) -> None:
         self.cfg = cfg
         self.store = Store(data)
         self.store.set_forwarding(cfg.forward)
@@ -94,7 +94,8 @@ class Box:
         self.server = StorageServer(ScpConfig(bind="127.0.0.1", port=0), Ingest(self.store, StoreConfig(min_free_mb=0)))
         self.port = self.server.start().port
         # Retries after 0.2 s, at most 1 s apart (the box's are 5 s to an hour).
-        self.forwarder = Forwarder(self.store, lambda: self.cfg, poll=poll, backoff_first=0.2, backoff_most=1.0)
+        self.forwarder = Forwarder(self.store, lambda: self.cfg, poll=poll, backoff_first=0.2, backoff_most=1.0,
+                                   linger=linger)
         self.forwarder.start()
 
     def send(self, files: list[Path], aet: str = "CT_SIM") -> None:
@@ -146,16 +147,26 @@ def test_a_rule_by_calling_ae_and_modality_forwards_what_it_matches_byte_for_byt
 
 def test_what_is_queued_leaves_at_once_not_at_the_next_look_at_the_whole_queue(tmp_path, peer):
     """The index written (here by the SCP in this process; in the box by its SCP process)
-    wakes the forwarder: with the whole queue looked at only once an hour, each of two
-    objects sent one after the other still arrives."""
+    wakes the forwarder: with the whole queue looked at only once an hour, each of three
+    objects sent one after the other still arrives, over one association that waited for
+    the next (linger), and the association ends once none comes."""
     p = peer()
-    box = Box(tmp_path / "data", box_config(p.port), poll=3600)
+    box = Box(tmp_path / "data", box_config(p.port), poll=3600, linger=30)
     try:
-        for n, ds in enumerate(ct_series(2, rows=8, cols=8), 1):
+        for n, ds in enumerate(ct_series(3, rows=8, cols=8), 1):
             box.send(write_series([ds], tmp_path / f"ct{n}"))
             wait_for(lambda n=n: len(p.uids()) == n, timeout=20, what=f"object {n} at the destination")
+        assert p.log.read_text().count("Association Received") == 2, "one association (and the fixture's echo)"
     finally:
         box.stop()
+    releases = p.log.read_text().count("Association Release")
+    assert releases == 2, "the fixture's echo, and ours at stop"
+    box2 = Box(tmp_path / "data2", box_config(p.port), poll=3600, linger=0.05)
+    try:
+        box2.send(write_series(ct_series(1, rows=8, cols=8), tmp_path / "ct-linger"))
+        wait_for(lambda: p.log.read_text().count("Association Release") == 3, what="a release once nothing came")
+    finally:
+        box2.stop()
 
 
 def test_a_destination_down_keeps_its_backlog_and_gets_it_when_back(tmp_path, peer):

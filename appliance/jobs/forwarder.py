@@ -72,6 +72,10 @@ POLL = 0.2
 #: to the index wakes the forwarder (inotify, :mod:`appliance.jobs.changes`), or without
 #: inotify it looks this often.
 WATCH = 0.01
+#: Seconds an association stays open once its destination has nothing due, for what is
+#: queued next (a scanner sends a series an image at a time): one association, not one per
+#: image. It still ends after BATCH_OBJECTS objects or BATCH_BYTES.
+LINGER = 2.0
 #: Seconds between two checks of the backlog caps.
 CAP_INTERVAL = 30.0
 
@@ -108,6 +112,29 @@ class BatchResult:
     #: (study UID, SOP Instance UID) of each object the destination took.
     taken: list[tuple[str, str]] = field(default_factory=list)
 
+    def add(self, other: BatchResult) -> None:
+        """Count ``other``'s objects in this one too (an association's several batches)."""
+        self.sent += other.sent
+        self.bytes += other.bytes
+        self.retried += other.retried
+        self.set_aside += other.set_aside
+        self.dropped += other.dropped
+        self.error = other.error or self.error
+
+
+@dataclass
+class _Open:
+    """An association kept open for the next batch of its destination."""
+
+    assoc: Association
+    peer: Destination
+    #: The presentation contexts it proposed (a batch needing others opens a new one).
+    proposed: frozenset[tuple[str, tuple[str, ...]]]
+    #: Seconds spent sending its batches (not waiting between them).
+    busy: float = 0.0
+    #: What it has done so far, over its batches.
+    done: BatchResult = field(default_factory=BatchResult)
+
 
 class Forwarder:
     """Drains the forwarding queue of ``store`` with the destinations of ``settings()``
@@ -115,7 +142,8 @@ class Forwarder:
 
     def __init__(self, store: Store, settings: Callable[[], Config],
                  client: ClientSettings | None = None, poll: float = POLL,
-                 backoff_first: float = BACKOFF_BASE, backoff_most: float = BACKOFF_MAX, watch: float = WATCH) -> None:
+                 backoff_first: float = BACKOFF_BASE, backoff_most: float = BACKOFF_MAX, watch: float = WATCH,
+                 linger: float = LINGER) -> None:
         self.store = store
         self.backoff_first = backoff_first
         self.backoff_most = backoff_most
@@ -123,6 +151,9 @@ class Forwarder:
         self.client = client or ClientSettings()
         self.poll = poll
         self.watch = watch
+        self.linger = linger
+        #: Set when something is due for a destination whose thread is running (it may linger).
+        self._more: dict[str, threading.Event] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -149,6 +180,9 @@ class Forwarder:
         """Stop after the objects being sent now (each association is released)."""
         self._stop.set()
         self.wake()
+        with self._lock:
+            for more in self._more.values():
+                more.set()
         if self._loop_thread is not None:
             self._loop_thread.join(grace)
         with self._lock:
@@ -209,7 +243,9 @@ class Forwarder:
         """Start sending to ``name`` unless it is being sent to."""
         with self._lock:
             if name in self._running:
+                self._more[name].set()
                 return
+            self._more.setdefault(name, threading.Event())
             t = threading.Thread(target=self._drain, args=(name,), name=f"forward-{name}", daemon=True)
             self._running[name] = t
         try:
@@ -221,17 +257,25 @@ class Forwarder:
 
     def _drain(self, name: str) -> None:
         """Send batches to ``name`` while it has due objects and answers."""
+        more = self._more[name]
+        kept: _Open | None = None
         try:
             while not self._stop.is_set():
+                more.clear()
                 batch = self.store.index.forward_batch(name, time.time(), BATCH_OBJECTS, BATCH_BYTES)
                 if not batch:
+                    self.activity.pop(name, None)
+                    if kept is not None and more.wait(self.linger) and not self._stop.is_set():
+                        continue
                     return
-                result = self.send_batch(name, batch)
+                result, kept = self._send(name, batch, kept)
                 if result.error:
                     return
         except Exception:  # noqa: BLE001 - logged; the loop starts the destination again
             log.exception("forwarding to %s failed unexpectedly", name)
         finally:
+            if kept is not None:
+                self._end(name, kept)
             self.activity.pop(name, None)
             with self._lock:
                 if self._running.get(name) is threading.current_thread():
@@ -242,15 +286,29 @@ class Forwarder:
 
     def send_batch(self, name: str, batch: list[ForwardItem]) -> BatchResult:
         """Send ``batch`` to destination ``name`` over one association; update the queue."""
+        result, kept = self._send(name, batch, None)
+        if kept is not None:
+            self._end(name, kept)
+        return result
+
+    def _send(self, name: str, batch: list[ForwardItem], kept: _Open | None) -> tuple[BatchResult, _Open | None]:
+        """Send ``batch`` to destination ``name`` over ``kept`` if it still fits (the same
+        destination, the contexts the batch needs, within BATCH_OBJECTS and BATCH_BYTES),
+        else over a new association; update the queue. Return what the batch did and the
+        association, still open, unless it ended."""
         result = BatchResult()
         index = self.store.index
         cfg = self.settings()
         peer = cfg.destinations.get(name)
         started_at = _now_iso()
+        if kept is not None and (kept.peer != peer or kept.done.sent >= BATCH_OBJECTS
+                                 or kept.done.bytes >= BATCH_BYTES or not kept.assoc.still_open()):
+            self._end(name, kept)
+            kept = None
         if peer is None:
             self._destination_failed(name, f"destination {name} is no longer configured ([destinations.{name}]); "
                                            "its queue waits until it is configured again", result)
-            return result
+            return result, None
         gone = [i for i in batch if i.path is None]
         if gone:
             index.forward_drop([i.id for i in gone], name)
@@ -259,18 +317,25 @@ class Forwarder:
             result.dropped += len(gone)
         items = [i for i in batch if i.path is not None][:_max_items(batch)]
         if not items:
-            return result
-        t0 = time.monotonic()
-        try:
-            client = self.client
-            if peer.tls != "plain":  # [tls] as the file says now; a self-signed pair of our own if none is given
-                client = replace(client, tls=tls.credentials(cfg.tls, self.store.data_dir))
-            assoc = associate(peer, client, _contexts(items))
-        except ApplianceError as exc:
-            self._destination_failed(name, str(exc), result)
-            self._audit(name, peer, result)
-            return result
+            return result, kept
+        contexts = _contexts(items)
+        proposed = frozenset((a, tuple(ts)) for a, ts in contexts)
+        if kept is not None and not proposed <= kept.proposed:
+            self._end(name, kept)
+            kept = None
+        if kept is None:
+            try:
+                client = self.client
+                if peer.tls != "plain":  # [tls] as the file says now; a self-signed pair of our own if none is given
+                    client = replace(client, tls=tls.credentials(cfg.tls, self.store.data_dir))
+                kept = _Open(associate(peer, client, contexts), peer, proposed)
+            except ApplianceError as exc:
+                self._destination_failed(name, str(exc), result)
+                self._audit(name, peer, result)
+                return result, None
+        assoc = kept.assoc
         studies = {i.study_uid for i in items}
+        t0 = time.monotonic()
         try:
             reads = _Reads(self.store, assoc, items)
             for n, item in enumerate(items, 1):
@@ -280,17 +345,25 @@ class Forwarder:
                 if not self._send_one(assoc, name, peer, item, reads.take(n - 1), reads.next_after(n - 1), result):
                     break
         finally:
-            assoc.release()
-        seconds = time.monotonic() - t0
-        if result.sent:
-            log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", result.sent, result.bytes / 1e6,
-                     name, seconds, result.bytes / 1e6 / max(seconds, 1e-3),
-                     f"; {result.set_aside} set aside, {result.retried} to retry" if result.set_aside or result.retried
-                     else "")
+            kept.busy += time.monotonic() - t0
+            kept.done.add(result)
+            if not assoc.established or self._stop.is_set():
+                self._end(name, kept)
+                kept = None
         self._record_delivered(name, studies, started_at)
         if result.sent or result.set_aside or result.error:
             self._audit(name, peer, result)
-        return result
+        return result, kept
+
+    def _end(self, name: str, kept: _Open) -> None:
+        """Release the association (if it still stands) and log what it did."""
+        kept.assoc.release()
+        done, seconds = kept.done, kept.busy
+        if done.sent:
+            log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", done.sent, done.bytes / 1e6,
+                     name, seconds, done.bytes / 1e6 / max(seconds, 1e-3),
+                     f"; {done.set_aside} set aside, {done.retried} to retry" if done.set_aside or done.retried
+                     else "")
 
     def _audit(self, name: str, peer: Destination, result: BatchResult) -> None:
         outcome = audit.SUCCESS if not (result.set_aside or result.error or result.retried) else \

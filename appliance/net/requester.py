@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -469,6 +470,23 @@ class Association:
             else:  # a command longer than the room left for it: on its own
                 self.conn.sendall(pdu)
                 self.conn.sendall(mv[COMMAND_ROOM : framed.end])
+
+    def still_open(self) -> bool:
+        """Whether the association, idle since its last response, can take a request: the
+        peer has neither closed the connection nor sent anything meanwhile (an A-ABORT, an
+        A-RELEASE-RQ, or over TLS perhaps only a record of its own). If it has, the
+        association is aborted here and False returned."""
+        if not self.established:
+            return False
+        try:
+            readable, _, _ = select.select([self.conn], [], [], 0)
+        except (OSError, ValueError):
+            readable = [self.conn]
+        if readable:
+            log.debug("%s ended or spoke while the association was idle; it is aborted", peer_name(self.peer))
+            self.abort()
+            return False
+        return True
 
     def release(self) -> None:
         """Release the association (A-RELEASE-RQ, then the peer's A-RELEASE-RP, within the
