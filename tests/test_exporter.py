@@ -847,3 +847,18 @@ def test_usb_config_section() -> None:
     assert Config().usb.policy is ExportPolicy.SINCE_LAST_EXPORT
     with pytest.raises(ConfigError, match="usb.policy: 'weekly' is not one of since-last-export, all, queue-only"):
         config.from_dict({"usb": {"policy": "weekly"}})
+
+
+def test_a_stored_file_is_read_whole_whatever_size_the_index_gives(tmp_path: Path) -> None:
+    # exporter._read reads into a buffer that the next file reuses; the index's size may be
+    # wrong (a file changed under it): the whole file is read all the same.
+    data = os.urandom(300_001)
+    path = tmp_path / "stored.dcm"
+    path.write_bytes(data)
+    buffers = exporter._Buffers(1 << 20)
+    for size in (len(data), len(data) - 1, 10, len(data) + 1, len(data) + 70_000):
+        buffer = buffers.take(size + 1)
+        assert bytes(exporter._read(path, size, buffer)) == data, size
+        buffers.give(buffer)
+    path.write_bytes(b"")
+    assert bytes(exporter._read(path, 0, buffers.take(1))) == b""

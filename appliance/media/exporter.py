@@ -810,10 +810,12 @@ def _read(path: Path, size: int, buffer: bytearray) -> memoryview:
     fd = os.open(path, os.O_RDONLY)
     try:
         view = memoryview(buffer)[:size + 1]  # one byte more: a longer file shows
-        done = 0
-        while done < len(view) and (n := os.readv(fd, [view[done:]])):
+        done = os.readv(fd, [view])
+        if done == size:  # all of it: asked for one byte more, got what the index says
+            return view[:done]
+        while done < len(view) and (n := os.readv(fd, [view[done:]])):  # shorter or longer: to the end
             done += n
-        if done <= size:  # all of it (or shorter than the index says)
+        if done <= size:
             return view[:done]
         parts = [bytes(view)]  # longer than the index says: to the end
         while chunk := os.read(fd, 2**20):
