@@ -862,3 +862,19 @@ def test_a_stored_file_is_read_whole_whatever_size_the_index_gives(tmp_path: Pat
         buffers.give(buffer)
     path.write_bytes(b"")
     assert bytes(exporter._read(path, 0, buffers.take(1))) == b""
+
+
+def test_file_ids_are_named_by_uid_and_a_clash_takes_the_next_salted_name_for_every_object() -> None:
+    from appliance.store.index import InstanceRow
+
+    names = exporter._Names(dicomdir.load(Path("/nonexistent")))
+    study, series = "1.2.3.4", "1.2.3.4.5"
+    taken = f"{TOP}/{exporter._component('ST', study, 0)}"
+    names.owner[taken] = "9.9.9"  # the study's first name is another study's on the stick
+    rows = [InstanceRow(f"1.2.3.4.5.{n}", SOPClass.CT_IMAGE, series, study, "", TransferSyntax.IMPLICIT_LE,
+                        1, "", None, "test") for n in range(3)]
+    ids = [names.file_id(row) for row in rows]
+    assert {i.rsplit("/", 2)[0] for i in ids} == {f"{TOP}/{exporter._component('ST', study, 1)}"}
+    assert len({i.rsplit("/", 1)[0] for i in ids}) == 1 and len(set(ids)) == 3
+    assert ids == [names.file_id(row) for row in rows]  # the same names again
+    assert all(is_conformant_file_id(Path(*i.split("/"))) for i in ids)

@@ -266,6 +266,8 @@ class _Names:
 
     def __init__(self, fs: FileSet) -> None:
         self.owner: dict[str, str] = {}
+        #: (parent, UID) -> the name claimed: the first free or own one, which stays its own.
+        self._claimed: dict[tuple[str, str], str] = {}
         for inst in fs:
             fid = inst.node.file_id_path(fs.root_path) if fs.path else None
             parts = list(fid.parts) if fid is not None else []
@@ -275,9 +277,13 @@ class _Names:
                 self.owner.setdefault("/".join(parts), str(inst.SOPInstanceUID))
 
     def _claim(self, parent: str, prefix: str, uid: str) -> str:
+        claimed = self._claimed.get((parent, uid))  # a study's and a series' for each of their objects
+        if claimed is not None:
+            return claimed
         for salt in range(1000):
             path = f"{parent}/{_component(prefix, uid, salt)}"
             if self.owner.setdefault(path, uid) == uid:
+                self._claimed[(parent, uid)] = path
                 return path
         raise MediaError(f"no free File ID for {uid}")  # unreachable in practice
 
