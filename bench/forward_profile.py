@@ -87,6 +87,59 @@ def forward_once(dcmtk: Dcmtk, files: tuple[Path, ...], work: Path, pdu: int, pr
         dest.stop()
 
 
+class _Profiled(Forwarder):
+    """A Forwarder whose loop and sending threads each run under cProfile."""
+
+    profiles: list[cProfile.Profile]
+
+    def _loop(self) -> None:
+        prof = cProfile.Profile()
+        self.profiles.append(prof)
+        prof.runcall(super()._loop)
+
+    def _drain(self, name: str) -> None:
+        prof = cProfile.Profile()
+        self.profiles.append(prof)
+        prof.runcall(super()._drain, name)
+
+
+def live_once(dcmtk: Dcmtk, files: tuple[Path, ...], work: Path, pdu: int, profile: int) -> float:
+    """The forwarder running (wake-up, linger) while storescu sends the series to the box's
+    SCP in this process: seconds from launching storescu to the last arrival; the
+    forwarder's threads profiled (CPU per object by function) with ``profile``."""
+    dest = Destination(dcmtk, work / "dest", pdu)
+    store = Store(work / "data")
+    server = fwd = None
+    try:
+        cfg = config.from_dict({"destinations": {"D": {"ae_title": DEST_AE, "host": LOOPBACK, "port": dest.port}},
+                                "forward": [{"to": ["D"]}]})
+        store.set_forwarding(cfg.forward)
+        store.open_for_service()
+        server = StorageServer(ScpConfig(bind=LOOPBACK, port=0), Ingest(store, StoreConfig(min_free_mb=0)))
+        port = server.start().port
+        fwd = _Profiled(store, lambda: cfg)
+        fwd.profiles = []
+        fwd.start()
+        t0 = time.perf_counter()
+        _storescu(dcmtk, files, port, DEFAULT_SCP_AE_TITLE, "PROF", pdu)
+        times = dest.arrivals.wait(len(files), 120)
+        fwd.stop()
+        if profile:
+            stats = pstats.Stats(fwd.profiles[0], stream=(out := io.StringIO()))
+            for prof in fwd.profiles[1:]:
+                stats.add(prof)
+            stats.sort_stats("tottime").print_stats(profile)
+            print(out.getvalue())
+        return times[-1] - t0
+    finally:
+        if fwd is not None:
+            fwd.stop()
+        if server is not None:
+            server.stop(grace=2)
+        store.close()
+        dest.stop()
+
+
 def direct_once(dcmtk: Dcmtk, files: tuple[Path, ...], work: Path, pdu: int) -> float:
     dest = Destination(dcmtk, work / "direct", pdu)
     try:
@@ -105,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdu", type=int, default=65536)
     p.add_argument("--profile", metavar="N", type=int, default=0, help="show the N costliest functions")
     p.add_argument("--direct", action="store_true", help="also time storescu -> storescp, alternated")
+    p.add_argument("--live", action="store_true",
+                   help="the forwarder running while the series arrives (its threads profiled), instead")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "appliance-bench-forward")
     args = p.parse_args(argv)
     dcmtk = Dcmtk.find()
@@ -113,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     files = series.files
     fw: list[float] = []
     di: list[float] = []
+    if args.live:
+        for _ in range(args.rounds):
+            work = Path(tempfile.mkdtemp(prefix="forward-profile-"))
+            try:
+                seconds = live_once(dcmtk, files, work, args.pdu, args.profile)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            print(f"live: {len(files) / seconds:.0f} img/s end to end (load {os.getloadavg()[0]:.2f})", flush=True)
+        return 0
     for n in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="forward-profile-"))
         try:

@@ -134,6 +134,10 @@ class _Open:
     busy: float = 0.0
     #: What it has done so far, over its batches.
     done: BatchResult = field(default_factory=BatchResult)
+    #: The studies it sent objects of, each with when the last batch that did started.
+    studies: dict[str, str] = field(default_factory=dict)
+    #: The two buffers its objects are read into, in turn (see _Reads).
+    buffers: tuple[bytearray, bytearray] = field(default_factory=lambda: (bytearray(), bytearray()))
 
 
 class Forwarder:
@@ -337,7 +341,7 @@ class Forwarder:
         studies = {i.study_uid for i in items}
         t0 = time.monotonic()
         try:
-            reads = _Reads(self.store, assoc, items)
+            reads = _Reads(self.store, assoc, items, kept.buffers)
             for n, item in enumerate(items, 1):
                 if self._stop.is_set():
                     break
@@ -347,17 +351,19 @@ class Forwarder:
         finally:
             kept.busy += time.monotonic() - t0
             kept.done.add(result)
+            kept.studies.update(dict.fromkeys(studies, started_at))
             if not assoc.established or self._stop.is_set():
                 self._end(name, kept)
                 kept = None
-        self._record_delivered(name, studies, started_at)
         if result.sent or result.set_aside or result.error:
             self._audit(name, peer, result)
         return result, kept
 
     def _end(self, name: str, kept: _Open) -> None:
-        """Release the association (if it still stands) and log what it did."""
+        """Release the association (if it still stands), log what it did, and record the
+        studies it completed as delivered."""
         kept.assoc.release()
+        self._record_delivered(name, kept.studies)
         done, seconds = kept.done, kept.busy
         if done.sent:
             log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", done.sent, done.bytes / 1e6,
@@ -453,12 +459,16 @@ class Forwarder:
         log.log(logging.WARNING if failures == 1 else logging.INFO,
                 "forwarding to %s: %s; trying again in %.0f s (failure %d in a row)", name, why, wait, failures)
 
-    def _record_delivered(self, name: str, studies: set[str], started_at: str) -> None:
-        """Studies none of whose objects wait any more are delivered (retention may delete them)."""
-        done = [s for s in sorted(studies) if self.store.index.forward_left_in_study(s) == 0]
-        if done:
+    def _record_delivered(self, name: str, studies: dict[str, str]) -> None:
+        """Studies none of whose objects wait any more are delivered (retention may delete
+        them), as of when the last batch that sent objects of each started."""
+        done: dict[str, list[str]] = {}
+        for study, started_at in sorted(studies.items()):
+            if self.store.index.forward_left_in_study(study) == 0:
+                done.setdefault(started_at, []).append(study)
+        for started_at, uids in done.items():
             try:
-                self.store.marks.delivered(done, f"forwarded to {name}", started_at)
+                self.store.marks.delivered(uids, f"forwarded to {name}", started_at)
             except StoreError as exc:
                 log.warning("could not record which studies were forwarded (retention keeps them): %s", exc)
 
@@ -498,15 +508,16 @@ class Forwarder:
 
 
 class _Reads:
-    """The stored files of one association's objects, each read while the destination
-    works on the one before (into two buffers taken in turn): what it cannot read is kept
+    """The stored files of one batch's objects, each read while the destination works on
+    the one before (into the association's two buffers, in turn): what it cannot read is kept
     as the error, for :meth:`Forwarder._send_one` to deal with in its turn."""
 
-    def __init__(self, store: Store, assoc: Association, items: list[ForwardItem]) -> None:
+    def __init__(self, store: Store, assoc: Association, items: list[ForwardItem],
+                 buffers: tuple[bytearray, bytearray]) -> None:
         self.store = store
         self.assoc = assoc
         self.items = items
-        self._buffers = (bytearray(), bytearray())
+        self._buffers = buffers
         self._read: dict[int, FramedDataSet | Exception] = {}
 
     def _read_one(self, n: int) -> None:
