@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
-import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,6 +25,7 @@ from appliance.conformance import (
     MIN_PDU,
 )
 from appliance.errors import ConfigError
+from appliance.files import write_atomic
 
 #: Where the box keeps its configuration.
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
@@ -709,17 +708,7 @@ def save_table(data: Mapping[str, Any], path: Path) -> None:
     """Write the TOML tables ``data`` to ``path`` atomically (temp file, fsync, rename).
 
     ``appliance config set`` uses it to change one key and keep the rest of a file as written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".appliance-", suffix=".toml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            tomli_w.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, tomli_w.dumps(data).encode("utf-8"), 0o600)
 
 
 def with_overrides(cfg: Config, **scp: Any) -> Config:

@@ -20,10 +20,10 @@ leaves the running slot's ``/etc/shadow``: the service password survives it.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from appliance.errors import ApplianceError
+from appliance.files import write_atomic
 from appliance.ops.factoryreset import SHADOW, Runner, root_hash, run_command
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,8 @@ def _record(data_dir: Path) -> tuple[str, float]:
 def save(data_dir: Path, hashed: str) -> None:
     """Keep ``hashed`` in ``data_dir`` (0600, written whole and flushed, then renamed)."""
     path = data_dir / RECORD
-    tmp = path.with_name(f".{RECORD}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (hashed + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, (hashed + "\n").encode(), 0o600)
     except OSError as exc:
         raise ServicePasswordError(f"cannot keep the service password in {path}: {exc.strerror}") from None
 

@@ -28,6 +28,7 @@ from appliance.update import (
     UpdateError,
     running_version,
 )
+from appliance.files import fsync_dir
 from appliance.update.versions import compare
 
 log = logging.getLogger(__name__)
@@ -196,14 +197,6 @@ def counted_uki(esp: Path, efivars: Path) -> Path | None:
     return esp.joinpath(*parts)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def bless(esp: Path, efivars: Path) -> str | None:
     """Mark the running UKI good: rename the file the boot loader counts (named by the EFI
     variable) to ``appliance_<V>.efi``; return V, or None when the boot is not counted."""
@@ -220,7 +213,7 @@ def bless(esp: Path, efivars: Path) -> str | None:
         raise UpdateError(f"the boot loader counts {path}, which is not on the ESP; nothing renamed")
     try:
         os.replace(path, good)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise UpdateError(f"cannot rename {path} to {good.name} on the ESP: {exc.strerror}") from None
     return uki.version

@@ -31,6 +31,7 @@ from appliance.update.boot import UKI_DIR, ukis
 from appliance.update.release import Release, open_artefact, read_release
 from appliance.update.request import Progress, write_progress
 from appliance.update.slots import Slot, find_slots, is_block, partition_device
+from appliance.files import fsync_dir
 from appliance.update.versions import compare
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,6 @@ def _lock(run_dir: Path | None) -> int | None:
         os.close(fd)
         raise UpdateError("another update is being installed; wait for it to finish") from None
     return fd
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def zstd_content_size(head: bytes) -> int | None:
@@ -230,7 +223,7 @@ def _install_uki(release: Release, folder: Path, tries: int, timeout: float) -> 
             raise UpdateError(f"{name} changed while it was copied (its sha256 no longer matches the signed "
                               "SHA256SUMS); the new version is not made bootable")
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as exc:
         raise UpdateError(f"cannot write {final.name} to the ESP ({folder}): {exc.strerror}") from None
     finally:
@@ -301,7 +294,7 @@ def install(
                 u.path.unlink()
         for stale in folder.glob(".appliance_*.efi.tmp"):
             stale.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
         gpt.set_name(disk, slot.number, EMPTY_LABEL)
 
         written = _write_slot(release, disk, slot, HTTP_TIMEOUT,
