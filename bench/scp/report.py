@@ -31,6 +31,9 @@ def summarise(runs: list[Run], cases: list[Case], receivers: list[Receiver]) -> 
                     "seconds": _stats([r.seconds for r in good if r.seconds is not None]),
                     "peak_rss_mib": max((r.peak_rss_kib or 0) for r in good) / 1024,
                     "cpu_ms_per_image": statistics.median((r.cpu_s or 0.0) * 1e3 / r.images for r in good),
+                    "journal_commits_per_image": (
+                        statistics.median(c / r.images for r in good if (c := r.journal_commits) is not None)
+                        if all(r.journal_commits is not None for r in good) else None),
                     "echo_ms": statistics.median(echoes) if echoes else None,
                     "assoc_ms": statistics.median(assocs) if assocs else None,
                 }
@@ -119,6 +122,7 @@ FLOOR_COLUMNS = (
     "CPU/img ours",
     "DCMTK",
     "sink",
+    "flushes/img ours",
 )
 
 
@@ -168,6 +172,7 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
                 cell(cpu(case, "ours")),
                 cell(cpu(case, "dcmtk")),
                 cell(cpu(case, "sink")),
+                cell(by_key.get((case, "ours"), {}).get("journal_commits_per_image")),
             ]
         )
     sizes = ", ".join(f"{s.spec.modality} {s.nbytes // len(s.files) // 1000} kB" for s in series)
@@ -176,7 +181,8 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
         f"({sizes}), the least for a durable receiver over one association; over N, the longer of the "
         "sink and the time per commit with N committing at once (the commit column there)"
     )
-    print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms")
+    print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms;")
+    print("flushes/img: journal commits of the ext4 image per image stored by ours (below 1: commits shared)")
     widths = [max(len(line[i]) for line in table) for i in range(len(FLOOR_COLUMNS))]
     for n, line in enumerate(table):
         print(

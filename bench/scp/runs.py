@@ -72,6 +72,8 @@ class Run:
     echo_ms: list[float] = field(default_factory=list)
     peak_rss_kib: int | None = None
     cpu_s: float | None = None
+    #: Journal commits of the file system written to while the series was sent (ext4 only).
+    journal_commits: int | None = None
     exit_status: int | None = None
     error: str | None = None
     warning: str | None = None
@@ -123,7 +125,11 @@ def run_once(
                 assoc, echoes = measure_echo(LOOPBACK, port, args.aet, args.echo_count)
                 run.assoc_ms, run.echo_ms = assoc * 1e3, [e * 1e3 for e in echoes]
             cpu_before = process.usage()[1]
+            commits_before = journal_commits(data_dir)
             run.seconds = send(dcmtk.storescu, case.parts(), port, args, run_dir)
+            commits_after = journal_commits(data_dir)
+            if commits_before is not None and commits_after is not None:
+                run.journal_commits = commits_after - commits_before
         except (RunError, EchoError, OSError) as exc:
             run.error = str(exc)
         finally:
@@ -157,6 +163,21 @@ def _count(data_dir: Path, count_glob: str) -> int:
         except (OSError, ValueError):
             return 0
     return sum(1 for p in data_dir.glob(count_glob) if p.is_file())
+
+
+def journal_commits(path: Path) -> int | None:
+    """How many transactions the ext4 journal of the file system holding ``path`` has
+    committed so far (``/proc/fs/jbd2/<device>-8/info``), or None without one. Their count
+    over a run says how many device flushes the receiver's commits took: fewer than one per
+    image means concurrent commits shared them."""
+    try:
+        dev = os.stat(path).st_dev
+        uevent = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent").read_text()
+        name = next(line.split("=", 1)[1] for line in uevent.splitlines() if line.startswith("DEVNAME="))
+        first = Path(f"/proc/fs/jbd2/{name.replace('/', '!')}-8/info").read_text().split(None, 1)[0]
+        return int(first)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def parallel_commit_floor(work_dir: Path, size: int, count: int, threads: int) -> float:
