@@ -13,6 +13,7 @@ or an attribute value:
   of binary VRs (US, SS, UL, SL, FL, FD, SV, UV, AT, OW, OF, OL, OD, OV) are byte swapped,
   inside sequences too. Text values keep their exact bytes (no decoding and re-encoding
   of character sets). Group lengths, where present, are recomputed for the new encoding.
+  An Explicit LE data set's top-level values are copied once, in one join (:func:`_explicit_le`).
 * JPEG Lossless (Process 14, and SV1) is decompressed by pydicom (pylibjpeg), keeping
   the SOP Instance UID and the stored colour space, and the result is rewritten as above.
   pydicom may adjust Image Pixel attributes to match the decompressed pixels (e.g. Planar

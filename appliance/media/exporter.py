@@ -29,7 +29,8 @@ failure. The store is only read.
 Two threads share the work (:func:`_write`): the caller's prepares each file (re-encodes it,
 completes its keys, checks it, adds its records) while a writer thread (:class:`_Writer`)
 writes the ones before, flushes each window and reads it back; the DICOMDIR is encoded
-while the writer verifies the last window.
+while the writer verifies the last window. Files are read and assembled in buffers that
+are reused (:class:`_Buffers`): a copy's buffer goes back once it was verified.
 
 Targets (:mod:`appliance.media.usbtarget`): a mounted folder; a USB partition's block device (the
 appliance checks in sysfs that it is a removable USB disk, mounts it and unmounts it); or a
