@@ -169,6 +169,27 @@ def test_what_is_queued_leaves_at_once_not_at_the_next_look_at_the_whole_queue(t
         box2.stop()
 
 
+def test_an_association_the_destination_closed_while_it_waited_is_not_a_failure(tmp_path, peer):
+    """The destination restarted while the association waited for the next object: the
+    next object goes over a new association at once, no failure or backoff recorded."""
+    p = peer()
+    box = Box(tmp_path / "data", box_config(p.port), poll=3600, linger=60)
+    try:
+        first, second = ct_series(2, rows=8, cols=8)
+        box.send(write_series([first], tmp_path / "ct1"))
+        wait_for(lambda: len(p.uids()) == 1, timeout=20, what="the first object at the destination")
+        p.kill()
+        p.start()
+        box.send(write_series([second], tmp_path / "ct2"))
+        wait_for(lambda: box.store.index.forward_states()[0].sent == 2, timeout=20,
+                 what="the second object taken by the destination")
+        state = box.store.index.forward_states()[0]
+        assert (state.failures, state.last_error) == (0, None)
+        assert len(p.uids()) == 2
+    finally:
+        box.stop()
+
+
 def test_a_destination_down_keeps_its_backlog_and_gets_it_when_back(tmp_path, peer):
     p = peer(start=False)
     box = Box(tmp_path / "data", box_config(p.port))

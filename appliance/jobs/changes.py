@@ -38,12 +38,15 @@ class FolderWatch:
         self._poke_r, self._poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._closed = False
+        self._poller = select.poll()
+        for watched in (fd, self._poke_r):
+            self._poller.register(watched, select.POLLIN)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a write in the folder or a :meth:`poke`;
         return True if either came (every event so far is consumed)."""
-        ready, _, _ = select.select([self.fd, self._poke_r], [], [], max(timeout, 0.0))
-        for fd in ready:
+        ready = self._poller.poll(max(timeout, 0.0) * 1000)
+        for fd, _ in ready:
             _drain(fd)
         return bool(ready)
 

@@ -478,11 +478,9 @@ class Association:
         association is aborted here and False returned."""
         if not self.established:
             return False
-        try:
-            readable, _, _ = select.select([self.conn], [], [], 0)
-        except (OSError, ValueError):
-            readable = [self.conn]
-        if readable:
+        poller = select.poll()
+        poller.register(self.conn, select.POLLIN)
+        if poller.poll(0):  # data, the connection closed, or an error
             log.debug("%s ended or spoke while the association was idle; it is aborted", peer_name(self.peer))
             self.abort()
             return False
