@@ -6,9 +6,17 @@ that matches a rule is in the queue after any crash. :class:`Forwarder` (run by
 ``appliance run``) drains it: per destination, in arrival order, one association at a
 time, up to :data:`BATCH_OBJECTS` objects (or :data:`BATCH_BYTES`) per association. Each
 stored file is sent as it is stored, byte for byte (in its own transfer syntax; converted to
-Implicit VR Little Endian only if the destination accepts no other); an entry leaves the
-queue only when the destination acknowledged the object, so a destination killed
-mid-association or a box cut off mid-send re-sends exactly what was not acknowledged.
+Implicit VR Little Endian only if the destination accepts no other), read while the
+destination works on the object before; an entry leaves the queue only when the destination
+acknowledged the object, in its own transaction before the next object is sent, so a
+destination killed mid-association or a box cut off mid-send re-sends exactly what was not
+acknowledged (at most the one object in flight).
+
+The SCP and a CD import queue in other processes: a write to the index wakes the forwarder
+(:mod:`appliance.jobs.changes`), which then reads the entries queued since its last look;
+the whole queue is looked at every :data:`POLL` seconds as well. An association stays open
+:data:`LINGER` seconds for what is queued next, so a series arriving an image at a time is
+forwarded as it arrives over one association.
 
 - No association, or one that breaks: the destination waits, with exponential backoff
   and jitter (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_MAX`), its backlog kept.
