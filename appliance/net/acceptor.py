@@ -88,6 +88,7 @@ from appliance.net.dimse import (
     StoreResult,
     service_for,
 )
+from appliance.net.negotiation import Negotiated, NegotiationCache, for_request
 from appliance.tls import PeerCertificate, describe
 from appliance.net.ul import (
     A_ASSOCIATE_RQ_PDU,
@@ -299,6 +300,8 @@ class Acceptor:
         self._wake_r: socket.socket | None = None  # stop() wakes the accept thread through these
         self._wake_w: socket.socket | None = None
         self._quiet = QuietPynetdicom()
+        #: What each kind of A-ASSOCIATE-RQ was negotiated into (see appliance.net.negotiation).
+        self._negotiations = NegotiationCache()
         self._ratelimited = RateLimitedLog(log, _LOG_EVERY)
         self._peers = PeerLog()
         self._out_of_fds_since: float | None = None  # backing off since
@@ -761,10 +764,17 @@ class Acceptor:
     def _on_associate_rq(self, conn: socket.socket, peer: str, raw: bytes) -> None:
         """Decide on a whole A-ASSOCIATE-RQ: reject it here, or take a slot and hand the
         connection to a thread of its own, which negotiates and serves the association."""
-        rq = A_ASSOCIATE_RQ()
+        negotiated = self._negotiations.get(raw)
+        ac: bytes | None = None
         try:
-            rq.decode(raw)
-            primitive = rq.to_primitive()
+            if negotiated is not None:  # a request like one seen before: only its AE titles are read
+                primitive, ac = for_request(negotiated, raw)
+                (protocol_version,) = struct.unpack_from(">H", raw, 6)
+            else:
+                rq = A_ASSOCIATE_RQ()
+                rq.decode(raw)
+                primitive = rq.to_primitive()
+                protocol_version = rq.protocol_version
             calling = (primitive.calling_ae_title or "").strip()
             called = (primitive.called_ae_title or "").strip()
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed items
@@ -774,7 +784,7 @@ class Acceptor:
             return
         s = self.settings
         reject: tuple[int, int, int] | None = None
-        if not rq.protocol_version & 0x0001:
+        if not protocol_version & 0x0001:
             reject = REJECT_PROTOCOL_VERSION
         elif s.check_called_ae and called != s.ae_title:
             reject = REJECT_CALLED_AE
@@ -786,7 +796,7 @@ class Acceptor:
         if unknown is not None:
             reject = REJECT_CALLING_AE
         if reject is None:
-            thread = threading.Thread(target=self._serve, args=(conn, peer, primitive),
+            thread = threading.Thread(target=self._serve, args=(conn, peer, primitive, raw, negotiated, ac),
                                       name=f"scp-{peer}", daemon=True)
             with self._lock:
                 if len(self._associated) >= s.max_associations:
@@ -811,9 +821,11 @@ class Acceptor:
 
     # -- one association, in its own thread ----------------------------------------------
 
-    def _serve(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> None:
-        """Negotiate and serve one association; whatever happens, release its slot, its
-        socket and its temp file, and log once."""
+    def _serve(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE, raw: bytes,
+               negotiated: Negotiated | None, ac: bytes | None) -> None:
+        """Negotiate (or take ``negotiated``, with its ``ac`` for this request) and serve one
+        association; whatever happens, release its slot, its socket and its temp file, and
+        log once."""
         assoc: Association | None = None
         who = peer
         result, outcome = "aborted", audit.MINOR
@@ -821,7 +833,7 @@ class Acceptor:
             s = self.settings
             reader = PduReader(conn, network_timeout=s.network_timeout, pdu_timeout=s.pdu_timeout,
                                idle_timeout=s.idle_timeout)  # makes conn blocking, with TCP keepalive
-            assoc = self._accept_association(conn, peer, primitive)
+            assoc = self._accept_association(conn, peer, primitive, raw, negotiated, ac)
             who = f"{assoc.calling_ae} ({peer})"
             link = Link(conn, reader, contexts=assoc.contexts, peer_max_pdu=assoc.peer_max_pdu, max_pdu=s.max_pdu,
                         max_command_bytes=s.max_command_bytes, storage=assoc.storage)
@@ -865,26 +877,33 @@ class Acceptor:
                 except Exception:  # noqa: BLE001 - the end hook is advisory; never break the server
                     log.exception("association end hook failed")
 
-    def _accept_association(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE) -> Association:
-        """Negotiate the presentation contexts and send the A-ASSOCIATE-AC."""
+    def _accept_association(self, conn: socket.socket, peer: str, primitive: A_ASSOCIATE, raw: bytes,
+                            negotiated: Negotiated | None, ac: bytes | None) -> Association:
+        """Negotiate the presentation contexts (unless a request like ``raw`` was: then
+        ``negotiated`` and ``ac`` are its outcome) and send the A-ASSOCIATE-AC."""
         rq_contexts = primitive.presentation_context_definition_list
-        roles: dict[str, tuple[bool | None, bool | None]] | None = None
-        if self.storage_roles:
-            roles = {str(item.sop_class_uid): (item.scu_role, item.scp_role) for item in primitive.user_information
-                     if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
-        try:
-            with self._quiet.here():
-                results, reply_roles = negotiate_as_acceptor(
-                    rq_contexts, self._supported, roles)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed contexts
-            raise ProtocolError(f"malformed presentation context in the A-ASSOCIATE-RQ ({_brief(exc)})") from None
+        if negotiated is not None and ac is not None:
+            results, reply_roles = negotiated.results, negotiated.roles
+        else:
+            roles: dict[str, tuple[bool | None, bool | None]] | None = None
+            if self.storage_roles:
+                roles = {str(item.sop_class_uid): (item.scu_role, item.scp_role) for item in primitive.user_information
+                         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
+            try:
+                with self._quiet.here():
+                    results, reply_roles = negotiate_as_acceptor(
+                        rq_contexts, self._supported, roles)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - pynetdicom raises many kinds on malformed contexts
+                raise ProtocolError(f"malformed presentation context in the A-ASSOCIATE-RQ ({_brief(exc)})") from None
+            ac = _associate_ac(primitive, results, self.settings.max_pdu, reply_roles)
+            self._negotiations.put(raw, Negotiated(primitive, results, list(reply_roles), ac))
         accepted = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
         peer_max = 0
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
         calling = (primitive.calling_ae_title or "").strip()
-        conn.sendall(_associate_ac(primitive, results, self.settings.max_pdu, reply_roles))
+        conn.sendall(ac)
         storage = tuple(StorageContext(i, str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                         for i, cx in accepted.items() if reply_roles and cx.as_scu)
         assoc = Association(calling, peer, accepted, peer_max, storage=storage,
