@@ -4,13 +4,11 @@ removed when storing ends."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, cast
 
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
 from appliance.files import fsync_dir as fsync_dir  # re-exported for the store's modules
@@ -66,31 +64,6 @@ def file_fsync_commits_rename(path: Path) -> bool:
         return bool(names) and Path(f"/proc/fs/jbd2/{names[0].replace('/', '!')}-8").is_dir()
     except (OSError, ValueError):
         return False
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], call)
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``length`` bytes of ``fd`` from ``offset`` to the disk, without waiting
-    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the fsync that makes the file
-    durable then finds most of it written. Durability still comes from that fsync alone;
-    this only moves disk writes earlier, while the rest of the object arrives. Errors are
-    ignored (the fsync meets them)."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def remove_temp(tmp: Path) -> None:
