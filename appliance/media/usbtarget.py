@@ -470,9 +470,11 @@ class _Buffer:
         self._data = bytearray()
 
     def take(self, size: int) -> memoryview:
-        """A view of ``size`` bytes of the buffer (which grows as needed); the last one taken is gone."""
+        """A view of ``size`` bytes of the buffer (which grows as needed, by a quarter more than
+        asked: the next window or file is about as large, and new pages cost); the last one
+        taken is gone."""
         if len(self._data) < size:
-            self._data = bytearray(max(size, 2 * len(self._data)))
+            self._data = bytearray(max(size + size // 4, 2 * len(self._data)))
         return memoryview(self._data)[:size]
 
 
