@@ -149,7 +149,7 @@ def test_what_is_queued_leaves_at_once_not_at_the_next_look_at_the_whole_queue(t
     """The index written (here by the SCP in this process; in the box by its SCP process)
     wakes the forwarder: with the whole queue looked at only once an hour, each of three
     objects sent one after the other still arrives, over one association that waited for
-    the next (linger), and the association ends once none comes."""
+    the next (linger, one audit event), and the association ends once none comes."""
     p = peer()
     box = Box(tmp_path / "data", box_config(p.port), poll=3600, linger=30)
     try:
@@ -161,6 +161,10 @@ def test_what_is_queued_leaves_at_once_not_at_the_next_look_at_the_whole_queue(t
         box.stop()
     releases = p.log.read_text().count("Association Release")
     assert releases == 2, "the fixture's echo, and ours at stop"
+    from appliance import audit
+
+    sent = [e for e in audit.read(box.store.data_dir) if e["event"] == "DICOM Instances Transferred"]
+    assert [sum(st["objects"] for st in e["studies"]) for e in sent] == [3], "one event for the association"
     box2 = Box(tmp_path / "data2", box_config(p.port), poll=3600, linger=0.05)
     try:
         box2.send(write_series(ct_series(1, rows=8, cols=8), tmp_path / "ct-linger"))

@@ -16,7 +16,7 @@ The SCP and a CD import queue in other processes: a write to the index wakes the
 (:mod:`appliance.jobs.changes`), which then reads the entries queued since its last look;
 the whole queue is looked at every :data:`POLL` seconds as well. An association stays open
 :data:`LINGER` seconds for what is queued next, so a series arriving an image at a time is
-forwarded as it arrives over one association.
+forwarded as it arrives over one association (one audit event, one log line).
 
 - No association, or one that breaks: the destination waits, with exponential backoff
   and jitter (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_MAX`), its backlog kept.
@@ -128,6 +128,7 @@ class BatchResult:
         self.set_aside += other.set_aside
         self.dropped += other.dropped
         self.error = other.error or self.error
+        self.taken += other.taken
 
 
 @dataclass
@@ -363,16 +364,16 @@ class Forwarder:
             if not assoc.established or self._stop.is_set():
                 self._end(name, kept)
                 kept = None
-        if result.sent or result.set_aside or result.error:
-            self._audit(name, peer, result)
         return result, kept
 
     def _end(self, name: str, kept: _Open) -> None:
-        """Release the association (if it still stands), log what it did, and record the
-        studies it completed as delivered."""
+        """Release the association (if it still stands), log and audit what it did, and
+        record the studies it completed as delivered."""
         kept.assoc.release()
-        self._record_delivered(name, kept.studies)
         done, seconds = kept.done, kept.busy
+        if done.sent or done.set_aside or done.error:
+            self._audit(name, kept.peer, done)
+        self._record_delivered(name, kept.studies)
         if done.sent:
             log.info("forwarded %d object(s) (%.1f MB) to %s in %.1f s (%.1f MB/s)%s", done.sent, done.bytes / 1e6,
                      name, seconds, done.bytes / 1e6 / max(seconds, 1e-3),
