@@ -222,6 +222,25 @@ def make_work_fs(args: argparse.Namespace, series: list[seriesgen.Series]) -> Wo
     return WorkFs.root(work_parent)
 
 
+def _floors(s: seriesgen.Series, round_no: int, parallel: int, work: Path, floors: dict[str, list[float]],
+            parallel_floors: dict[str, list[float]]) -> None:
+    """One round of --floor for the objects of ``s``: FLOOR_COMMITS durable commits one at a
+    time (into ``floors``) and, for ``parallel`` > 1, that many threads committing at once
+    (into ``parallel_floors``); each figure is printed as it is measured."""
+    size = s.nbytes // len(s.files)
+    times = commit_floor(Path(tempfile.mkdtemp(prefix="floor-", dir=work)), size, FLOOR_COMMITS)
+    floors.setdefault(s.spec.modality, []).extend(times)
+    lines = [f"durable commit: {statistics.median(times) * 1e3:.2f} ms median of {len(times)}"]
+    if parallel > 1:
+        folder = Path(tempfile.mkdtemp(prefix="floor-", dir=work))
+        per = parallel_commit_floor(folder, size, FLOOR_COMMITS // 5, parallel)
+        shutil.rmtree(folder, ignore_errors=True)
+        parallel_floors.setdefault(s.spec.modality, []).append(per)
+        lines.append(f"durable commits by {parallel} threads at once: {per * 1e3:.2f} ms per commit")
+    for line in lines:
+        print(f"        round {round_no} {s.spec.modality} {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dcmtk = Dcmtk.find()
@@ -256,27 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if args.floor:
                 for s in series:
-                    floor_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=work))
-                    times = commit_floor(floor_dir, s.nbytes // len(s.files), FLOOR_COMMITS)
-                    floors.setdefault(s.spec.modality, []).extend(times)
-                    print(
-                        f"        round {round_no} {s.spec.modality} durable commit: "
-                        f"{statistics.median(times) * 1e3:.2f} ms median of {len(times)}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    if args.parallel > 1:
-                        floor_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=work))
-                        per = parallel_commit_floor(floor_dir, s.nbytes // len(s.files), FLOOR_COMMITS // 5,
-                                                    args.parallel)
-                        shutil.rmtree(floor_dir, ignore_errors=True)
-                        parallel_floors.setdefault(s.spec.modality, []).append(per)
-                        print(
-                            f"        round {round_no} {s.spec.modality} durable commits by {args.parallel} "
-                            f"threads at once: {per * 1e3:.2f} ms per commit",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    _floors(s, round_no, args.parallel, work, floors, parallel_floors)
     except KeyboardInterrupt:
         print("bench-scp: interrupted", file=sys.stderr)
         return 130
