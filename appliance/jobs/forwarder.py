@@ -84,6 +84,9 @@ WATCH = 0.01
 #: queued next (a scanner sends a series an image at a time): one association, not one per
 #: image. It still ends after BATCH_OBJECTS objects or BATCH_BYTES.
 LINGER = 2.0
+#: Bytes a read buffer keeps between objects (an association has two): one grown by a
+#: larger object is cut back once that object is sent.
+KEEP_BUFFER = 64 * 2**20
 #: Seconds between two checks of the backlog caps.
 CAP_INTERVAL = 30.0
 
@@ -528,6 +531,9 @@ class _Reads:
         self.items = items
         self._buffers = buffers
         self._read: dict[int, FramedDataSet | Exception] = {}
+        for done in buffers:  # the objects of the batch before are sent
+            if len(done) > KEEP_BUFFER:
+                del done[KEEP_BUFFER:]
 
     def _read_one(self, n: int) -> None:
         try:
@@ -536,9 +542,13 @@ class _Reads:
             self._read[n] = exc
 
     def take(self, n: int) -> FramedDataSet | Exception:
-        """Object ``n`` as read (read now if it was not read ahead)."""
+        """Object ``n`` as read (read now if it was not read ahead). The buffer of object
+        ``n - 1``, sent by now, is cut back to KEEP_BUFFER if a large object grew it."""
         if n not in self._read:
             self._read_one(n)
+        done = self._buffers[(n - 1) % 2]
+        if n and len(done) > KEEP_BUFFER:
+            del done[KEEP_BUFFER:]
         return self._read.pop(n)
 
     def next_after(self, n: int) -> Callable[[], None] | None:
