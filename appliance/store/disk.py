@@ -66,6 +66,17 @@ def file_fsync_commits_rename(path: Path) -> bool:
         return False
 
 
+def process_running(pid: int) -> bool:
+    """True if a process with ``pid`` is running (one of another user's counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_temp(tmp: Path) -> None:
     """Remove the temp file ``tmp`` if it is there; a failure is left to the next start,
     which empties ``tmp/``."""

@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable
 
 from appliance.dicom import attributes, dicomio
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
-from appliance.store.disk import fsync_dir, remedy, store_error
+from appliance.store.disk import fsync_dir, process_running, remedy, store_error
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
@@ -162,15 +162,7 @@ def clear_tmp(tmp: Path) -> None:
 def _writer_alive(temp_name: str) -> bool:
     """True if the temp file ``temp_name`` (``<pid>-...``) belongs to another running process."""
     pid = temp_name.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and int(pid) != os.getpid() and process_running(int(pid))
 
 
 def recover(index: Index, data_dir: Path, objects: Path, quarantine: Path, index_file: IndexFile) -> dict[str, int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from appliance.errors import StoreError
+from appliance.store.disk import process_running
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS marks (
@@ -196,14 +197,4 @@ def busy_studies(data_dir: Path) -> set[str]:
 
 def _owner_alive(name: str) -> bool:
     pid = name.split("-", 1)[0]
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and (int(pid) == os.getpid() or process_running(int(pid)))
