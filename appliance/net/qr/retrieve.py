@@ -167,13 +167,10 @@ class Retriever:
             msg.respond(field_, Status.MOVE_DESTINATION_UNKNOWN, error_comment=why)
             return
         name, peer = named[0]
-        rows = self._select(msg, data, field_)
-        if rows is None:
+        selected = self._matches(msg, data, field_)
+        if selected is None:
             return
-        tally = Tally(len(rows))
-        if not rows:
-            msg.respond(field_, Status.SUCCESS, extra=tally.elements(remaining=False))
-            return
+        rows, tally = selected
         t0 = time.monotonic()
         started_at = delivery_time()
         with contextlib.ExitStack() as stack:
@@ -231,13 +228,10 @@ class Retriever:
 
     def _get(self, msg: Message, data: bytes) -> None:
         field_ = CommandField.C_GET_RSP
-        rows = self._select(msg, data, field_)
-        if rows is None:
+        selected = self._matches(msg, data, field_)
+        if selected is None:
             return
-        tally = Tally(len(rows))
-        if not rows:
-            msg.respond(field_, Status.SUCCESS, extra=tally.elements(remaining=False))
-            return
+        rows, tally = selected
         t0 = time.monotonic()
         with contextlib.ExitStack() as stack:
             if not self._hold(stack, msg, field_, rows):
@@ -295,6 +289,18 @@ class Retriever:
         return send
 
     # -- shared -----------------------------------------------------------------------------
+
+    def _matches(self, msg: Message, data: bytes, field_: CommandField) -> tuple[list[InstanceRow], Tally] | None:
+        """The instances to send with their tally; None once the request is answered (it was
+        refused, or nothing matched: then the final response says so)."""
+        rows = self._select(msg, data, field_)
+        if rows is None:
+            return None
+        tally = Tally(len(rows))
+        if not rows:
+            msg.respond(field_, Status.SUCCESS, extra=tally.elements(remaining=False))
+            return None
+        return rows, tally
 
     def _select(self, msg: Message, data: bytes, field_: CommandField) -> list[InstanceRow] | None:
         """The stored instances the Identifier names by unique keys; None if it was refused (answered)."""
