@@ -4,9 +4,7 @@ space while an eligible study was there to delete."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -18,7 +16,7 @@ from appliance.store.ingest import Ingest, Source
 from appliance.store.retention import Retention, disk, last_report, marks
 from appliance.store.store import Store
 
-from helpers import ct_series, dcmtk, encode, run, write_series
+from helpers import ct_series, dcmtk, encode, run, tmpfs, write_series
 
 NET = Source("SCANNER")
 MB = 10**6
@@ -27,15 +25,8 @@ MB = 10**6
 @pytest.fixture
 def small_fs(tmp_path):
     """A 24 MB tmpfs: a real file system whose fullness the test controls."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "small", "size=24m") as mnt:
+        yield mnt
 
 
 def study(ingest, slices=8, size=256):

@@ -15,7 +15,7 @@ from appliance.conformance import Status, TransferSyntax
 from appliance.store.ingest import Ingest, Source
 from appliance.store.placing import UidLocks
 from appliance.store.store import Store, path_component
-from helpers import ct_series, encode, sample
+from helpers import ct_series, encode, sample, tmpfs
 
 NET = Source("SCANNER")
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,15 +82,8 @@ def test_reindex_rebuilds_from_files(tmp_path, rules):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A small tmpfs with few inodes: a real ENOSPC (needs root, as CI is)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tiny", "size=8m,nr_inodes=64") as mnt:
+        yield mnt
 
 
 def test_enospc_leaves_nothing_behind_and_storing_resumes(tiny_fs):
