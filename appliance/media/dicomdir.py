@@ -20,6 +20,7 @@ records and files agree (DCMTK's ``dcmmkdir`` checks both); the stored object ne
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import itertools
 import re
@@ -530,6 +531,7 @@ def _set_offset(record: bytearray, tag: int, value: int) -> None:
 # -- the values of the record keys ------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # the objects of a series share their dates and times
 def dicom_date(value: str) -> str:
     """``value`` as a DA (``YYYYMMDD``), converting the ACR-NEMA ``YYYY.MM.DD``; "" if it is no date."""
     m = _DA.fullmatch(value.strip())
@@ -543,6 +545,7 @@ def dicom_date(value: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1024)  # the objects of a series share their dates and times
 def dicom_time(value: str) -> str:
     """``value`` as a TM (``HH[MM[SS[.F{1,6}]]]``), converting the ACR-NEMA ``HH:MM:SS.F``
     and cutting a fraction to 6 digits; "" if it is no time."""
