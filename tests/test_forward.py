@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
 from appliance import config
 from appliance.config import Config, Destination, ForwardRule, ScpConfig, StoreConfig
@@ -55,7 +56,16 @@ class Peer:
             self.proc.wait(10)
 
     def uids(self) -> set[str]:
-        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.out.iterdir() if p.is_file()}
+        """The SOP Instance UIDs of the files it wrote; one it is still writing is left out
+        (storescp writes under the final name: the forwarder keeps pace with our polling)."""
+        found = set()
+        for p in self.out.iterdir():
+            if p.is_file():
+                try:
+                    found.add(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+                except (InvalidDicomError, AttributeError, EOFError):
+                    continue
+        return found
 
     def requests(self) -> int:
         """How many C-STORE requests it received (over all its runs)."""
