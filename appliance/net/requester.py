@@ -480,7 +480,8 @@ class Association:
             return False
         poller = select.poll()
         poller.register(self.conn, select.POLLIN)
-        if poller.poll(0):  # data, the connection closed, or an error
+        pending = isinstance(self.conn, ssl.SSLSocket) and self.conn.pending() > 0  # read, not yet taken
+        if pending or poller.poll(0):  # data, the connection closed, or an error
             log.debug("%s ended or spoke while the association was idle; it is aborted", peer_name(self.peer))
             self.abort()
             return False
