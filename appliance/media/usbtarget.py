@@ -26,6 +26,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,10 @@ class FatImageMedium:
         self._tmp = _scratch()
         self._mtools_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtools")
         self._pending: list[Future[object]] = []
+        #: Files may be written (staged) in one thread and flushed in another: the batch
+        #: being staged is theirs in turn (_batching), and so is the list of commands queued.
+        self._lock = threading.Lock()
+        self._batching = threading.Lock()
         #: What files are read back into (one window at a time).
         self._read_buffer = _Buffer()
         self._batch: Path | None = None
@@ -347,13 +352,15 @@ class FatImageMedium:
 
     def _later(self, fn: Callable[..., object], *args: Any) -> Future[object]:
         """Run ``fn(*args)`` (mtools, an fsync) in the medium's thread, after what was queued before."""
-        future = self._mtools_thread.submit(fn, *args)
-        self._pending.append(future)
+        with self._lock:
+            future = self._mtools_thread.submit(fn, *args)
+            self._pending.append(future)
         return future
 
     def _wait(self) -> None:
         """Wait for everything queued; raise the first failure."""
-        pending, self._pending = self._pending, []
+        with self._lock:
+            pending, self._pending = self._pending, []
         for future in pending:
             future.result()
 
@@ -373,6 +380,10 @@ class FatImageMedium:
         self._same_image()
 
     def write(self, file_id: str, data: bytes | memoryview) -> None:
+        with self._batching:
+            self._stage(file_id, data)
+
+    def _stage(self, file_id: str, data: bytes | memoryview) -> None:
         if self._batch is None:
             self._batch = self._staging()
             self._batch_folders.clear()
@@ -417,8 +428,9 @@ class FatImageMedium:
             os.fsync(f.fileno())
 
     def flush(self) -> None:
-        self._send_batch()
-        self._later(self._fsync)
+        with self._batching:
+            self._send_batch()
+            self._later(self._fsync)
         self._wait()
 
     def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
