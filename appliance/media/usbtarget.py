@@ -30,7 +30,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, cast
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy
 
@@ -289,9 +289,10 @@ class FatImageMedium:
     memory where there is /dev/shm); every ``FAT_BATCH_BYTES`` a batch goes into the image
     with one ``mcopy -s`` and the image is fsynced, and :meth:`flush` sends the last batch.
     Files are read back from the image itself through its FAT (:class:`FatReader`): no
-    mtools process, no staged copy. Copies in and reads back run one at a time, in order, in
-    a thread of the medium's, while the exporter prepares the next files: an mtools process
-    per batch, not per file."""
+    mtools process, no staged copy. Copies in run one at a time, in order, in a thread of
+    the medium's, while the exporter prepares the next files (an mtools process per batch,
+    not per file); a window flushed is read back in the thread that flushed it, while the
+    next batch is copied in."""
 
     def __init__(self, image: Path) -> None:
         self.image = image
@@ -434,13 +435,16 @@ class FatImageMedium:
         self._wait()
 
     def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
-        """Queued in the medium's thread after the flush (so no mcopy writes the image
-        meanwhile) and started at once: the files are read from the image through its FAT
-        (:class:`FatReader`, not mtools), all into one buffer of the medium's, which the next
-        read back reuses. An image file is not a stick: what is checked is what mtools put
-        into it, read as any system reading the stick would (its pages may come from the
-        page cache; a stick's, on a mounted stick, never do: FolderMedium)."""
-        return _views(self._later(self._read_window, file_ids))
+        """Read in the caller's thread, once the flush that copied the files in returned,
+        while the medium's thread copies the next batch in: the files are read from the
+        image through its FAT (:class:`FatReader`, not mtools), all into one buffer of the
+        medium's, which the next read back reuses. What an mcopy meanwhile writes into the
+        image are other files' clusters and directory entries and FAT entries still free:
+        the bytes of these files, their entries and their chains stay as they are. An image
+        file is not a stick: what is checked is what mtools put into it, read as any system
+        reading the stick would (its pages may come from the page cache; a stick's, on a
+        mounted stick, never do: FolderMedium)."""
+        return iter(self._read_window(file_ids))
 
     def _read_window(self, file_ids: list[str]) -> list[memoryview]:
         fd = os.open(self.image, os.O_RDONLY)
@@ -618,11 +622,6 @@ class FatReader:
         if done < size:
             raise OSError(errno.EIO, f"{file_id} on the stick has fewer clusters than its size needs")
         return view
-
-
-def _views(read: Future[object]) -> Iterator[memoryview]:
-    """The files a queued read back gives, once it ran."""
-    yield from cast("list[memoryview]", read.result())
 
 
 def open_medium(target: Path) -> Medium:
