@@ -59,3 +59,22 @@ def test_the_fat_reader_reads_split_and_whole_cluster_chains_as_mtools_does(tmp_
         assert _mtools("mtype", "-i", str(image), "::/DICOM/SPLIT") == files["DICOM/SPLIT"]
     finally:
         os.close(fd)
+
+
+def test_a_folder_medium_reserves_empty_files_that_writes_fill_and_never_truncates_or_raises(tmp_path: Path) -> None:
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    medium = usbtarget.FolderMedium(stick)
+    (stick / "DICOM" / "ST000001" / "SE000001").mkdir(parents=True)
+    (stick / "DICOM" / "ST000001" / "SE000001" / "IM000001").write_bytes(b"old")  # a half-done export's file
+    (stick / "DICOM" / "ST000001" / "SE000001" / "IM000003").mkdir()  # cannot be a file: left to write
+    names = [f"DICOM/ST000001/SE00000{s}/IM00000{i}" for s in (1, 2) for i in (1, 2, 3)]
+    medium.reserve(names)
+    assert (stick / names[0]).read_bytes() == b"old"
+    assert [(stick / n).stat().st_size for n in names if n != names[2]] == [3, 0, 0, 0, 0]
+    assert (stick / names[2]).is_dir()
+    medium.write(names[1], b"new")
+    assert (stick / names[1]).read_bytes() == b"new"
+    with pytest.raises(IsADirectoryError):
+        medium.write(names[2], b"new")
+    medium.close()

@@ -557,7 +557,7 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
     keys = dicomdir.Keys(fs)
     records = dicomdir.Records(fs)
     buffers = _Buffers(BUFFERED_BYTES)
-    writer = _Writer(medium, total, t0, len(todo), progress, threaded=WRITER_THREAD, buffers=buffers)
+    writer = _Writer(medium, total, t0, len(todo), progress, threaded=WRITER_THREAD, buffers=buffers, upcoming=todo)
     try:
         for job in todo:
             if writer.failed:
@@ -629,8 +629,15 @@ class _Writer:
 
     def __init__(self, medium: Medium, total: int, t0: float, files: int,
                  progress: Callable[[Progress], None] | None, threaded: bool = True,
-                 buffers: _Buffers | None = None) -> None:
+                 buffers: _Buffers | None = None, upcoming: Sequence[_Job] = ()) -> None:
         self._medium = medium
+        #: The files to be written, in order (their estimates), and how many of them were
+        #: reserved on the medium (Medium.reserve): up to two windows ahead, at the end of
+        #: each window, while nothing is being flushed.
+        self._upcoming = [(j.file_id, j.estimate) for j in upcoming if j.outcome is FileOutcome.WRITTEN]
+        self._reserved = 0
+        self._reserved_bytes = 0
+        self._handed_bytes = 0
         self._buffers = buffers
         self._total, self._t0, self._files, self._progress = total, t0, files, progress
         #: Windows written and handed to the thread: (files, how many were written by then).
@@ -648,6 +655,7 @@ class _Writer:
         self.error = ""
         self._crash: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._guarded(self._reserve)
         if threaded:
             self._thread = threading.Thread(target=self._run, name="usb-export-verifier", daemon=True)
             self._thread.start()
@@ -713,8 +721,18 @@ class _Writer:
         except BaseException as exc:  # noqa: BLE001 - e.g. from progress: raised again in the preparing thread
             self._crash = exc
 
+    def _reserve(self) -> None:
+        """Reserve the next files on the medium, up to two windows ahead of those handed over."""
+        first = self._reserved
+        while self._reserved < len(self._upcoming) and self._reserved_bytes < self._handed_bytes + 2 * VERIFY_WINDOW:
+            self._reserved_bytes += self._upcoming[self._reserved][1]
+            self._reserved += 1
+        if self._reserved > first:
+            self._medium.reserve([file_id for file_id, _ in self._upcoming[first:self._reserved]])
+
     def _handle(self, job: _Job) -> None:
         self._seen += 1
+        self._handed_bytes += job.estimate
         if job.outcome is FileOutcome.WRITTEN:
             self._medium.write(job.file_id, job.part10)
             job.size = len(job.part10)
@@ -729,6 +747,7 @@ class _Writer:
             if self._thread is None:
                 self._flush_window(self._window, len(self.written))
                 self._window, self._window_bytes = [], 0
+                self._reserve()
             else:
                 self._hand_over()
 
@@ -739,6 +758,7 @@ class _Writer:
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._stopping)
             self._queued += 1
+        self._reserve()  # while nothing is being flushed
         self._tasks.put((self._window, len(self.written)))
         self._window, self._window_bytes = [], 0
 

@@ -6,8 +6,9 @@ appliance mounts it and unmounts it. A FAT image file is written in userspace wi
 for machines whose kernel has no vfat (such as CI). Each medium reports its free space and
 cluster size, so the exporter can check before it writes (``appliance.media.exporter``).
 
-The exporter pays for durability per window of files, not per file: it hands files to
-:meth:`Medium.write` (not yet durable), makes a window of them durable with one
+The exporter pays for durability per window of files, not per file: it reserves the next
+files (:meth:`Medium.reserve`: empty files, made while nothing is being flushed), hands
+files to :meth:`Medium.write` (not yet durable), makes a window of them durable with one
 :meth:`Medium.flush` (one syncfs, or one fsync of the image), has the medium read them back
 (:meth:`Medium.read_back`) while it writes the next window, and only then writes the
 DICOMDIR with :meth:`Medium.replace` (durable, and atomic where the file system allows).
@@ -65,6 +66,11 @@ class Medium(Protocol):
         """Write one file (``DICOM/ST.../IM...``; its folders are made as needed, never where
         a stick that is gone was). It is not durable before :meth:`flush`, and a half-written
         one may be left if the medium fails."""
+
+    def reserve(self, file_ids: list[str]) -> None:
+        """Make these files, empty, where none is yet, so that writing them changes no
+        folder (where a folder is being flushed, making a file in it waits for the flush).
+        Nothing is raised: :meth:`write` reports what it could not do."""
 
     def flush(self) -> None:
         """Make every file written so far durable on the medium; raise OSError if it cannot."""
@@ -129,11 +135,11 @@ class FolderMedium:
         if os.stat(self.root).st_dev != self._dev:  # unmounted under us: never write to the mount point
             raise OSError(errno.ENODEV, "the stick's file system is no longer mounted")
 
-    def write(self, file_id: str, data: bytes | memoryview) -> None:
+    def _folder(self, file_id: str) -> None:
         # Folders below root are made one level at a time, after a check that the stick is
         # still mounted there; root itself never is, so once it is gone (or unmounted: the
         # bare mount point has none of our folders) a write gives ENOENT, never a file on
-        # the mount point. A write back starts at the flush (one syncfs), not file by file.
+        # the mount point.
         folder, _, _ = file_id.rpartition("/")
         if not folder:  # at the root (the DICOMDIR's temp file): the root may be a bare mount point
             self.check()
@@ -144,6 +150,19 @@ class FolderMedium:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(os.path.join(self._root, *parts[:i]))
             self._folders.add(folder)
+
+    def reserve(self, file_ids: list[str]) -> None:
+        # A file made while its folder's blocks are being written back waits for them (ext4,
+        # measured: 200 files made during syncfs calls in another process took 0.04-0.06 s
+        # instead of 0.005-0.01); a file only written to does not.
+        for file_id in file_ids:
+            with contextlib.suppress(OSError):
+                self._folder(file_id)
+                os.close(os.open(os.path.join(self._root, file_id), os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def write(self, file_id: str, data: bytes | memoryview) -> None:
+        # A write back starts at the flush (one syncfs), not file by file.
+        self._folder(file_id)
         fd = os.open(os.path.join(self._root, file_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)
@@ -379,6 +398,9 @@ class FatImageMedium:
 
     def check(self) -> None:
         self._same_image()
+
+    def reserve(self, file_ids: list[str]) -> None:
+        pass  # staged, and copied in by mtools a batch at a time
 
     def write(self, file_id: str, data: bytes | memoryview) -> None:
         with self._batching:
