@@ -78,3 +78,27 @@ def test_a_folder_medium_reserves_empty_files_that_writes_fill_and_never_truncat
     with pytest.raises(IsADirectoryError):
         medium.write(names[2], b"new")
     medium.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_folder_medium_reads_back_what_is_on_the_medium_whatever_its_size(tmp_path: Path, direct: bool) -> None:
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    medium = usbtarget.FolderMedium(stick, direct=direct)
+    sizes = [0, 1, 4095, 4096, 4097, 3 * 4096, 70001]
+    written = {f"DICOM/ST000001/SE000001/IM{n:06d}": os.urandom(size) for n, size in enumerate(sizes)}
+    for name, data in written.items():
+        medium.write(name, data)
+    medium.flush()
+    names = list(written)
+    with open(stick / names[4], "r+b") as f:  # changed on the medium after it was written
+        f.seek(4096)
+        f.write(b"\0" if written[names[4]][4096] else b"\1")
+    with open(stick / names[3], "ab") as f:  # longer than written
+        f.write(b"x")
+    back = [bytes(view) for view in medium.read_back(names)]
+    assert back[4] != written[names[4]] and len(back[4]) == 4097
+    assert back[3] == written[names[3]] + b"x"
+    assert [b for n, b in enumerate(back) if n not in (3, 4)] == [d for n, d in enumerate(written.values()) if n not in (3, 4)]
+    assert bytes(next(iter(medium.read_back(names[5:6])))) == written[names[5]]
+    medium.close()

