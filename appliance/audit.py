@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import json
 import logging
 import os
@@ -108,6 +109,22 @@ def studies_of(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, int], ...]:
     for study, _ in pairs:
         counts[study] = counts.get(study, 0) + 1
     return tuple(sorted(counts.items()))
+
+
+def shell_user() -> str:
+    """Who runs this process, as the trail names a person at a shell (a user name, or the uid)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def config_changed(data_dir: Path, what: str, by: Participant) -> None:
+    """Record a configuration change ``what`` ("scp.port = 11113"), made by ``by``; the
+    value of a key named like a secret (password, secret, private) is not written."""
+    if any(word in what.lower() for word in ("password", "secret", "private")):
+        what = what.split("=")[0] + "= (not recorded)"
+    record(data_dir, Event("config", "U", participants=(by,), detail=f"configuration changed: {what[:2000]}"))
 
 
 def record(data_dir: Path, event: Event, *, max_bytes: int = MAX_BYTES) -> None:

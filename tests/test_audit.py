@@ -95,3 +95,21 @@ def test_an_import_is_audited_with_its_source_and_new_objects(tmp_path):
     assert e["event"] == "Import" and e["action"] == "C" and e["outcome"] == 0
     assert e["studies"] == [{"study_uid": series[0].StudyInstanceUID, "objects": 4}]
     assert str(folder) in e["participants"][0]["address"]
+
+
+def test_a_setting_changed_in_the_file_while_not_running_is_audited(tmp_path):
+    """`appliance config set` without a running appliance writes the file itself: the trail
+    says so, naming the shell user; a secret's value is never written."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text("[scp]\nport = 11112\n")
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "appliance", "--config", str(cfg), "--data-dir", str(data), "config",
+            "--runtime-dir", str(tmp_path / "run")]
+    r = subprocess.run([*base, "set", "scp.port", "11113"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "applies at the next start" in r.stdout
+    [e] = audit.read(data)
+    assert e["event"] == "Application Activity" and e["action"] == "U" and e["participants"][0]["role"] == "person"
+    assert "(appliance config)" in e["participants"][0]["user"]
+    assert "scp.port = 11113" in e["detail"] and "while not running" in e["detail"]

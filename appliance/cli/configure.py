@@ -9,8 +9,8 @@ from typing import Any
 
 import tomli_w
 
-from appliance import config
-from appliance.cli.common import open_store
+from appliance import audit, config
+from appliance.cli.common import data_dir, open_store
 from appliance.errors import ConfigError
 from appliance.ops.configservice import (
     DEFAULT_RUNTIME_DIR,
@@ -47,7 +47,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         def offline() -> str:
             raw, _cfg = f.plan(args.key, args.value)
             f.write(raw)
-            return f"{args.key} = {get_key(_cfg, args.key)!r} written to {f.path}; it applies at the next start"
+            value = get_key(_cfg, args.key)
+            # The running service records its own changes; this one is made to the file.
+            audit.config_changed(data_dir(args), f"{args.key} = {value} (in {f.path}, while not running)",
+                                 audit.Participant("person", user=f"{audit.shell_user()} (appliance config)"))
+            return f"{args.key} = {value!r} written to {f.path}; it applies at the next start"
 
         print(_via_service(args, "set", offline, key=args.key, value=args.value))
     else:  # validate: the file, or whether KEY VALUE would be accepted

@@ -439,10 +439,7 @@ class Supervisor:
 
     def _audit_change(self, what: str) -> None:
         """A configuration change in the audit trail (values of keys named like secrets are not written)."""
-        if any(word in what.lower() for word in ("password", "secret", "private")):
-            what = what.split("=")[0] + "= (not recorded)"
-        audit.record(self.data_dir, audit.Event("config", "U", participants=(
-            audit.Participant("application", user="config service"),), detail=f"configuration changed: {what[:2000]}"))
+        audit.config_changed(self.data_dir, what, audit.Participant("application", user="config service"))
 
     def validate_file(self) -> config.Config:
         return self.cfile.load()

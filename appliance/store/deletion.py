@@ -17,7 +17,6 @@ reads it (:func:`appliance.store.marks.busy`), or while it is protected.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
 import os
@@ -171,16 +170,9 @@ def _audit(store: Store, rows: list[InstanceRow], report: DeleteReport, reason: 
     """The deletion in the audit trail: which studies, how many objects each, who asked."""
     audit.record(store.data_dir, audit.Event(
         "deleted", "D",
-        participants=(audit.Participant("person" if "asked" in reason else "application", user=_user()),),
+        participants=(audit.Participant("person" if "asked" in reason else "application", user=audit.shell_user()),),
         studies=audit.studies_of((r.study_uid, r.sop_instance_uid) for r in rows),
         detail=f"{reason}: {report.summary()}" + (f"; kept {len(report.kept)} study(ies)" if report.kept else "")))
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 
 def delete_series(store: Store, series_uids: Iterable[str], *, quiet_seconds: float = DEFAULT_QUIET_SECONDS,
