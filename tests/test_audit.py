@@ -113,3 +113,12 @@ def test_a_setting_changed_in_the_file_while_not_running_is_audited(tmp_path):
     assert e["event"] == "Application Activity" and e["action"] == "U" and e["participants"][0]["role"] == "person"
     assert "(appliance config)" in e["participants"][0]["user"]
     assert "scp.port = 11113" in e["detail"] and "while not running" in e["detail"]
+
+
+def test_a_secret_set_in_the_configuration_is_recorded_without_its_value(tmp_path):
+    who = audit.Participant("application", user="config service")
+    audit.config_changed(tmp_path, "tls.key_password = hunter2", who)
+    audit.config_changed(tmp_path, "scp.port = 11113", who)
+    first, second = audit.read(tmp_path)
+    assert "hunter2" not in first["detail"] and "tls.key_password = (not recorded)" in first["detail"]
+    assert second["detail"] == "configuration changed: scp.port = 11113"
