@@ -53,7 +53,7 @@ from appliance.net.dimse import (
 from appliance.net.qr import QueryRetrieveServer
 from appliance.net.qr.exchange import MAX_IDENTIFIER_BYTES
 from appliance.net.sender import ClientSettings
-from appliance.store.index import FIND_COLUMNS, Match, MatchKind
+from appliance.store.find import FIND_COLUMNS, Match, MatchKind
 from appliance.store.ingest import Ingest
 from appliance.store.store import Store
 

@@ -28,7 +28,8 @@ from appliance.net.qr.model import (
     read_file_values,
 )
 from appliance.net.ul import DataSetSink
-from appliance.store.index import Found, Index
+from appliance.store.find import Found
+from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 
 from appliance.conformance import DEFAULT_CHARACTER_SET, RT_CHARACTER_SETS, Status, TransferSyntax
-from appliance.store.index import FIND_LEVELS, Match, MatchKind
+from appliance.store.find import FIND_LEVELS, Match, MatchKind
 
 log = logging.getLogger(__name__)
 
