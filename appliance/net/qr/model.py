@@ -3,7 +3,7 @@ data, and the translations at their edges: a request's Identifier into a :class:
 (the index's matches, the keys to return), and a match into a response Identifier.
 
 Each key (:data:`KEYS`) names where its value comes from: a column of the index
-(:data:`appliance.store.index.FIND_COLUMNS`), or, for the few the index does not hold
+(:data:`appliance.store.find.FIND_COLUMNS`), or, for the few the index does not hold
 (Accession Number, Study ID, descriptions, birth date and sex), one stored file of the
 matched entity, read only when a query asks for them. Text is compared as Unicode: a query
 is decoded in its own Specific Character Set and the index holds names decoded in theirs,
