@@ -104,8 +104,8 @@ _COMPLETED_BYTES = 512
 #: one window back while the next is prepared and written (see _write).
 VERIFY_WINDOW = 16 * 2**20
 #: Buffers of files read from the store and of their copies kept for the next files
-#: (_Buffers): about what is being written, flushed and read back at one time (a window each).
-BUFFERED_BYTES = 3 * VERIFY_WINDOW + 4 * 2**20
+#: (_Buffers): about what is being written, and flushed and read back, at one time (a window each).
+BUFFERED_BYTES = 2 * VERIFY_WINDOW + 4 * 2**20
 _BUFFER_STEP = 64 * 1024
 #: Whether each window of files is flushed, read back and verified in a thread of its own
 #: while the next are prepared and written (else in between, in the caller's thread).
@@ -612,8 +612,8 @@ def _write(medium: Medium, store: Store, fs: FileSet, jobs: list[_Job], todo: li
 class _Writer:
     """The medium's side of an export, in order: writes each file it is handed
     (Medium.write), makes each window of ``VERIFY_WINDOW`` bytes durable with one
-    Medium.flush, has the stick read that window back (Medium.read_back) while the next is
-    written, and compares each file read back, byte for byte, with what was written.
+    Medium.flush, has the stick read that window back (Medium.read_back) and compares each
+    file read back, byte for byte, with what was written, while the next is written.
 
     Files are written in the caller's thread as they are handed over: a write is a few
     system calls, and a thread of its own would wait to take the GIL back after each
@@ -648,7 +648,6 @@ class _Writer:
         self._seen = 0
         self._window: list[_Job] = []
         self._window_bytes = 0
-        self._reading: tuple[list[_Job], Iterator[bytes | memoryview]] = ([], iter(()))  # flushed, being read back
         self.written: list[_Job] = []
         self.flushed = 0
         self.done_bytes = 0
@@ -763,22 +762,18 @@ class _Writer:
         self._window, self._window_bytes = [], 0
 
     def _flush_window(self, window: list[_Job], written: int) -> None:
-        """Verify the window read back before, make ``window`` (and the ``written`` files up to
-        it) durable, and start reading it back."""
+        """Make ``window`` (and the ``written`` files up to it) durable, read it back and
+        verify it: its buffers go back before the next window is written to its end."""
         medium = self._medium
-        _verify(*self._reading, self._buffers)
-        self._reading = ([], iter(()))
         medium.check()
         medium.flush()
         self.flushed = max(self.flushed, written)
-        self._reading = (window, medium.read_back([j.file_id for j in window]))
+        _verify(window, medium.read_back([j.file_id for j in window]), self._buffers)
 
     def _finish(self) -> None:
         if self._window:  # the caller's own (not threaded)
             self._flush_window(self._window, len(self.written))
             self._window = []
-        _verify(*self._reading, self._buffers)
-        self._reading = ([], iter(()))
 
 
 def _same(data: bytes | memoryview, written: bytes | bytearray, size: int | None = None) -> bool:
