@@ -7,7 +7,9 @@ A CT series (default 300 slices of 512x512 int16, Implicit VR LE Part 10 files) 
 once into a cache folder (``bench/series.py``; a second series of the same size with other
 UIDs serves the third case). Each round then runs, on loopback, every receiver fresh (a new
 ``storescp`` on a new output folder, a new ``appliance run`` on a new data folder, all in one
-work folder on the same disk, synced before each case):
+work folder on the same disk, synced before each case; run as root, that disk is a journaled
+ext4 image made and mounted as the box's data partition, as ``scripts/bench-scp`` does,
+``--fs root`` the file system of ``--work-dir``):
 
 * ``direct``: ``storescu`` sends the series to ``storescp``; the time from launching storescu
   to its exit (every object acknowledged, so written by storescp). ``direct span``: the same
@@ -71,6 +73,7 @@ from typing import Any
 from appliance.conformance import DEFAULT_SCP_AE_TITLE, SOPClass, TransferSyntax
 from bench import series as seriesgen
 from bench.launch import REPO
+from bench.scp.fs import FsUnavailable, WorkFs
 from bench.scp.processes import DCMTK_ENV, LOOPBACK, Dcmtk, ReceiverProcess, RunError, free_port, usage_error, with_log
 
 DEST_AE = "BENCH_DEST"
@@ -83,6 +86,11 @@ STABLE_AFTER = 1.0
 ARRIVAL_POLL = 0.002
 #: Seed of the throughput series (and of the latency objects); the series case uses the next.
 SEED = 1
+
+
+#: The sparse ext4 image's size: a round holds the series three times (storescp, the box,
+#: the box's destination), and the latency run a part of it.
+FS_SIZE_GB = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,7 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", metavar="DIR", type=Path, default=default_cache,
                    help=f"generated series (default {default_cache})")
     p.add_argument("--work-dir", metavar="DIR", type=Path,
-                   help="where receivers and boxes write (default: a new folder under $TMPDIR)")
+                   help="where the ext4 image, or with --fs root the receivers' and boxes' folders, go "
+                        "(default: $TMPDIR)")
+    p.add_argument("--fs", choices=("ext4", "root"),
+                   help="where receivers and boxes write: ext4, a journaled ext4 image made as the box's data "
+                        "partition is, loop-mounted for the run (needs root), as scripts/bench-scp does; root, "
+                        "the file system of --work-dir (default: ext4 when root and the mount works, else root)")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.slices < 2 or args.size < 8 or args.rounds < 1 or args.latency_objects < 0 or args.latency_gap < 0:
@@ -210,11 +223,17 @@ calling_ae = ["{SERIES_AE}"]
 to = ["SERIES"]
 stable_after = {STABLE_AFTER}
 """)
+        # Its sockets in a short path of their own (a Unix socket's path holds 107 bytes at most).
+        self.runtime = Path(tempfile.mkdtemp(prefix="bench-forward-run-"))
         argv = [sys.executable, "-m", "appliance", "--config", str(config), "--data-dir", str(folder / "data"),
-                "run", "--runtime-dir", str(folder / "runtime"), "--no-media"]
+                "run", "--runtime-dir", str(self.runtime), "--no-media"]
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self.process = ReceiverProcess(argv, folder / "appliance.log", REPO, {**os.environ, "PYTHONPATH": path})
-        self.process.wait_until_ready(dcmtk.echoscu, self.port, DEFAULT_SCP_AE_TITLE)
+        try:
+            self.process = ReceiverProcess(argv, folder / "appliance.log", REPO, {**os.environ, "PYTHONPATH": path})
+            self.process.wait_until_ready(dcmtk.echoscu, self.port, DEFAULT_SCP_AE_TITLE)
+        except BaseException:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+            raise
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the supervisor (the forwarder's process) and of its children (the SCP)."""
@@ -224,6 +243,7 @@ stable_after = {STABLE_AFTER}
 
     def stop(self) -> None:
         stopped = self.process.stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)
         if stopped.killed or stopped.exit_status != 0:
             raise RunError(with_log(f"appliance run ended with status {stopped.exit_status}"
                                     + (" after SIGKILL" if stopped.killed else ""), self.process.log))
@@ -370,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench-forward: {live.describe()}; {args.rounds} round(s); direct: storescu -> storescp; forward: "
           f"storescu -> appliance run -> storescp ([[forward]] per object); series: the box forwards a stored "
           f"series ([[forward]] stable_after = {STABLE_AFTER:g} s)", flush=True)
-    work_root = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-forward-"))
+    work_fs = _work_fs(args)
+    work_root = work_fs.path
+    print(f"receivers and boxes write to: {work_fs.description}", flush=True)
     rounds: list[Round] = []
     latencies: list[float] = []
     try:
@@ -393,10 +415,28 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"bench-forward: a run failed: {exc}", file=sys.stderr)
         print(f"bench-forward: its logs are in {work_root}", file=sys.stderr)
+        work_fs.close(keep=True)
         return 1
-    if args.work_dir is None:
-        _remove(work_root)
+    except BaseException:
+        work_fs.close()
+        raise
+    work_fs.close()
     return _report(args, live, mb, rounds, latencies)
+
+
+def _work_fs(args: argparse.Namespace) -> WorkFs:
+    """The journaled ext4 image (``--fs ext4``, or by default when it can be mounted), as
+    the box's data partition is, or a folder on the file system of ``--work-dir``."""
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.fs != "root":
+        try:
+            return WorkFs.ext4(args.work_dir, FS_SIZE_GB)
+        except FsUnavailable as exc:
+            if args.fs == "ext4":
+                usage_error(f"--fs ext4: {exc}")
+            print(f"no ext4 image ({exc}); measuring on the root file system", file=sys.stderr, flush=True)
+    return WorkFs.root(args.work_dir)
 
 
 def _report(args: argparse.Namespace, live: seriesgen.Series, mb: float, rounds: list[Round],
