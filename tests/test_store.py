@@ -457,3 +457,32 @@ def test_the_folder_fsync_is_left_out_only_on_journaled_ext4(tmp_path, journal):
         store.close(clean=False)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_the_forwarding_queue_says_which_destinations_have_an_object_due(tmp_path, rules):
+    """Index.forward_due, what the forwarder asks every 0.2 s: a destination backing off,
+    one whose objects all wait (stable_after, a retry later) or are set aside, and one
+    whose queue is empty are not due; one with any object due is, once."""
+    import time
+
+    from appliance.config import ForwardRule
+
+    store = Store(tmp_path / "d")
+    store.open_for_service()
+    store.set_forwarding((ForwardRule(to=("A", "B", "C")), ForwardRule(to=("LATER",), stable_after=3600)))
+    ingest = Ingest(store, rules)
+    put_series(ingest, 3)
+    index, now = store.index, time.time()
+    assert sorted(index.forward_due(now)) == ["A", "B", "C"]
+    index.forward_failed("A", "cannot connect", "2026-11-30T00:00:00", lambda failures: 600.0)
+    items = index.forward_batch("B", now, 10, 10**9)
+    for item in items:
+        index.forward_retry(item.id, now + 600, "0xA700 out of resources")
+    c_items = index.forward_batch("C", now, 10, 10**9)
+    index.forward_set_aside(c_items[0].id, "0x0122 SOP class not supported")
+    assert index.forward_due(now) == ["C"]  # two of C's three are still due
+    for item in c_items[1:]:
+        index.forward_sent(item.id, "C", "2026-11-30T00:00:01")
+    assert index.forward_due(now) == []
+    assert sorted(index.forward_due(now + 7200)) == ["A", "B", "LATER"]
+    store.close()

@@ -128,6 +128,21 @@ CREATE TABLE IF NOT EXISTS forward_destinations (
 """
 
 
+#: The destinations with an entry due (see Index.forward_due): the distinct destinations by
+#: stepping through the forward_due index, those not backing off, with one entry due each.
+_DUE_DESTINATIONS = """
+WITH RECURSIVE dests(name) AS (
+  SELECT (SELECT min(destination) FROM forward_queue)
+  UNION ALL
+  SELECT (SELECT min(destination) FROM forward_queue WHERE destination > dests.name) FROM dests WHERE name IS NOT NULL
+)
+SELECT dests.name FROM dests LEFT JOIN forward_destinations d ON d.destination = dests.name
+WHERE dests.name IS NOT NULL AND coalesce(d.next_try, 0) <= :now
+  AND EXISTS (SELECT 1 FROM forward_queue q WHERE q.destination = dests.name AND q.state = 'pending'
+              AND q.not_before <= :now AND q.next_try <= :now)
+"""
+
+
 #: Version 3: indexes for Query/Retrieve matching (C-FIND over 10,000 studies in a few
 #: milliseconds): a patient's studies, study dates, patient names as PN matching compares
 #: them (case-insensitively), and modalities.
@@ -681,10 +696,11 @@ class Index:
                     "SELECT DISTINCT q.destination FROM forward_queue q NOT INDEXED LEFT JOIN forward_destinations d"
                     " USING (destination) WHERE q.id > ? AND q.state = 'pending' AND q.not_before <= ?"
                     " AND q.next_try <= ? AND coalesce(d.next_try, 0) <= ?", (since, now, now, now))]
-            return [r[0] for r in con.execute(
-                "SELECT DISTINCT q.destination FROM forward_queue q LEFT JOIN forward_destinations d"
-                " USING (destination) WHERE q.state = 'pending' AND q.not_before <= ? AND q.next_try <= ?"
-                " AND coalesce(d.next_try, 0) <= ?", (now, now, now))]
+            # Destination by destination (a skip over the index, not a read of every entry),
+            # and within one only until an entry is due: a destination down for days with a
+            # backlog of 100,000 objects costs a few index lookups per look, not a scan
+            # (25 ms, every 0.2 s).
+            return [r[0] for r in con.execute(_DUE_DESTINATIONS, {"now": now})]
 
     def forward_last_id(self) -> int:
         """Return the id of the entry queued last (0 if the queue is empty): it changes when
