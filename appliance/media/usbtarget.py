@@ -109,6 +109,19 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _start_write_back(fd: int) -> None:
+    """Have the kernel start writing the dirty pages of ``fd`` to its disk, without waiting
+    for them (sync_file_range(2) with SYNC_FILE_RANGE_WRITE; Python has no os.sync_file_range):
+    an fsync later waits for less. Nothing where the C library lacks it."""
+    start = getattr(_libc(), "sync_file_range", None)
+    if start is None:
+        return
+    start.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if start(fd, 0, 0, 2) != 0:  # SYNC_FILE_RANGE_WRITE
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class FolderMedium:
     """A mounted file system (or any folder): written in place, flushed with one syncfs;
     read back with O_DIRECT where the file system allows it and ``direct`` (else its cached
@@ -355,7 +368,8 @@ class FatImageMedium:
     The image's DICOMDIR and the names of its folders and files are copied to a local folder
     (``root``, so pydicom can load the DICOMDIR). Files are staged in local batches (in
     memory where there is /dev/shm); every ``FAT_BATCH_BYTES`` a batch goes into the image
-    with one ``mcopy -s`` and the image is fsynced, and :meth:`flush` sends the last batch.
+    with one ``mcopy -s`` and the image's write back is started; :meth:`flush` sends the
+    last batch and fsyncs the image.
     Files are read back from the image itself through its FAT (:class:`FatReader`): no
     mtools process, no staged copy. Copies in run one at a time, in order, in a thread of
     the medium's, while the exporter prepares the next files (an mtools process per batch,
@@ -482,15 +496,20 @@ class FatImageMedium:
         self._later(self._copy_in, batch)
 
     def _copy_in(self, batch: Path) -> None:
-        """Copy a staged batch into the image and write it to the image's disk (so that a
-        flush waits for the last batch only)."""
+        """Copy a staged batch into the image and start writing it to the image's disk,
+        without waiting (the flush's fsync then waits for less; an fsync here held up the
+        next batch: FAT export per 200 CT slices, alternated runs, 0.377 -> 0.322 s median)."""
         try:
             # -s: whole trees, merged into the image's folders of the same names; -o:
             # overwrite what a failed export left; -Q: stop at the first error.
             self._mtools("mcopy", "-s", "-o", "-n", "-Q", *(str(p) for p in sorted(batch.iterdir())), "::/")
         finally:
             shutil.rmtree(batch, ignore_errors=True)
-        self._fsync()
+        fd = os.open(self.image, os.O_RDONLY)
+        try:
+            _start_write_back(fd)
+        finally:
+            os.close(fd)
 
     def _fsync(self) -> None:
         with open(self.image, "rb+") as f:
