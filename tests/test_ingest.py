@@ -282,3 +282,65 @@ def test_a_uid_with_a_trailing_newline_is_not_a_file_name(ingest):
     parts = out.path.relative_to(ingest.store.objects).parts
     assert len(parts) == 3 and not any("\n" in p for p in parts), parts
     assert ingest.store.locate(ds.SOPInstanceUID) == out.path
+
+
+def _both_ways(tmp_path, name, body, ts, sop_class_uid, uid, fragment):
+    """Offer ``body`` as a network C-STORE in fragments of ``fragment`` bytes (what comes
+    before the Pixel Data decoded while the rest arrives) and, to another store, whole (as
+    a CD import: decoded after the last byte): return both outcomes and index rows."""
+    from appliance.store.store import Store
+
+    results: list[object] = []
+    early = False
+    for way in ("network", "whole"):
+        store = Store(tmp_path / f"{name}-{fragment}-{way}")
+        store.open_for_service()
+        ingest = Ingest(store, StoreConfig(min_free_mb=0))
+        if way == "network":
+            incoming = ingest.open_stream(ts, sop_class_uid, uid, "SCANNER")
+            view = memoryview(body)
+            for i in range(0, len(view), fragment):
+                incoming.write(view[i:i + fragment])
+            early = incoming._early is not None  # decoded before the last byte
+            out = incoming.finish()
+            incoming.settle()
+        else:
+            out = ingest.accept(body, ts, sop_class_uid=sop_class_uid, sop_instance_uid=uid, source=NET)
+        row = store.instance(uid)
+        results.append((out.status, out.comment, None if row is None else
+                        {k: v for k, v in vars(row).items() if k not in ("received_at", "calling_ae", "origin")}))
+        store.close(clean=False)
+    return results, early
+
+
+@pytest.mark.parametrize("fragment", [7, 4096, 65530])
+def test_a_network_object_decoded_while_it_arrives_is_judged_as_a_whole_one(tmp_path, fragment):
+    """The SCP decodes what precedes the Pixel Data while the pixels still arrive: for every
+    sample, and for data sets with elements after the Pixel Data (an attribute the index
+    reads, a duplicate, padding, a truncation), the outcome and the index row are those
+    of decoding the whole data set after the last byte."""
+    cases = []
+    for s in samples():
+        data = s.path.read_bytes()
+        off, ts = dicomio.split_part10(data)
+        if fragment == 7 and len(data) > 200_000:
+            continue  # one byte at a time, in effect; the larger fragments take these
+        cases.append((s.name, data[off:], ts, s.sop_class_uid, s.sop_instance_uid))
+    ds = ct_series(1, rows=16, cols=16)[0]
+    body = encode(ds)
+    uid = str(ds.SOPInstanceUID)
+    lo = b"\x08\x00\x70\x00LO\x04\x00LATE"  # Manufacturer (0008,0070) after the Pixel Data
+    modality = b"\x08\x00\x60\x00CS\x02\x00MR"  # a second Modality
+    padding = b"\xfc\xff\xfc\xffOB\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00"
+    for name, extra in (("late-attribute", lo), ("twice", modality), ("padding", padding),
+                        ("cut", None), ("cut-header", b"")):
+        late = body[:-3] if extra is None else body[:200] if name == "cut-header" else body + extra
+        cases.append((name, late, TransferSyntax.EXPLICIT_LE, str(ds.SOPClassUID), uid))
+    early = []
+    for name, data, ts, sop_class_uid, sop_uid in cases:
+        (network, whole), was_early = _both_ways(tmp_path, name, data, ts, sop_class_uid, sop_uid, fragment)
+        assert network == whole, name
+        if was_early:
+            early.append(name)
+    assert len(cases) >= 10 and len(early) >= 10, early
+    assert {"late-attribute", "twice", "padding", "cut"} <= set(early)

@@ -152,6 +152,8 @@ def _allowed_vrs(tag: int) -> frozenset[bytes]:
 _VRS = {tag: _allowed_vrs(tag) for tag, _ in [*_TAGS.values(), (_SPECIFIC_CHARACTER_SET, "")]}
 #: What read() decodes, in order: (column, tag, kind, the VRs allowed in Explicit VR).
 _READ = tuple((column, tag, kind, _VRS[tag]) for column, (tag, kind) in _TAGS.items())
+#: Every tag :func:`read` looks at.
+READ_TAGS = frozenset([_SPECIFIC_CHARACTER_SET, *(tag for tag, _ in _TAGS.values())])
 #: The longest UID a Part 10 file meta header holds (a 2-byte length, padded to even). A
 #: UID has at most 64 characters (PS3.5 9.1); longer ones are stored (their file names are
 #: hashed), up to this.

@@ -89,7 +89,7 @@ def _bad_vr(tag: int, vr: bytes, pos: int) -> str:
 
 
 class _Walker:
-    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview, implicit: bool, little: bool) -> None:
         self.buf = memoryview(buf)
         self.size = len(self.buf)
         self.implicit = implicit
@@ -247,6 +247,30 @@ def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Lay
         top[tag] = make(Element, (tag, vr, pos, vpos, length, end))
         pos = end
     return Layout(top, w.size)
+
+
+def find_pixel_data(buf: bytes | bytearray | memoryview, implicit_vr: bool, little_endian: bool,
+                    start: int = 0) -> tuple[int, bool]:
+    """Look through the top-level elements of the beginning of a data set, ``buf``, from
+    the element at ``start`` for the Pixel Data element: return (its offset, True) once
+    found, else (where the first element not wholly in ``buf`` starts, False), to call
+    again from there when more bytes have arrived. An element that does not decode stops
+    the look the same way (:func:`walk` on the whole data set says what is wrong)."""
+    w = _Walker(buf, implicit_vr, little_endian)
+    try:
+        pos = start
+        while pos + 4 <= w.size:
+            group, elem = w._hdr.unpack_from(w.buf, pos)
+            if group << 16 | elem == PIXEL_DATA:
+                return pos, True
+            try:
+                *_, end = w.element(pos, implicit_vr, 0)
+            except EncodingError:
+                return pos, False
+            pos = end
+        return pos, False
+    finally:
+        w.buf.release()  # a bytearray being received into can grow again
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:

@@ -35,6 +35,10 @@ from appliance.store.store import DuplicateConflict, Store, StoredObject
 
 log = logging.getLogger(__name__)
 
+#: How far into a network data set its Pixel Data is looked for while it arrives (see
+#: IncomingObject._look_ahead): an image's other attributes take a few kB.
+HEAD_LIMIT = 1 << 20
+
 
 @dataclass(frozen=True)
 class Source:
@@ -142,10 +146,11 @@ class Ingest:
         sop_instance_uid: str | None,
         source: Source,
         write: Callable[[attributes.Attributes, str | None], StoredObject],
+        decode: Callable[[bytes | memoryview, str], tuple[dicomio.Layout, attributes.Attributes]] | None = None,
     ) -> Outcome:
         uid = sop_instance_uid
         try:
-            layout, attrs = self._decode(body, transfer_syntax)
+            layout, attrs = (decode or self._decode)(body, transfer_syntax)
             uid = attrs["sop_instance_uid"] or uid
             flags = self._validate(body, layout, attrs, transfer_syntax, sop_class_uid, sop_instance_uid)
             try:
@@ -322,6 +327,11 @@ class IncomingObject:
         self._error: StoreError | None = None
         #: Writes the index row of the object stored (see :meth:`settle`).
         self._settle: Callable[[], None] | None = None
+        #: The data set's first bytes, up to its Pixel Data, while they arrive (see :meth:`write`).
+        self._head: bytearray | None = bytearray() if ts in UNCOMPRESSED else None
+        self._scanned = 0
+        #: Where Pixel Data starts, and the layout and attributes of what comes before it.
+        self._early: tuple[int, dicomio.Layout, attributes.Attributes] | None = None
         self._refusal = ingest.space_status()
         if self._refusal is None:
             try:
@@ -354,6 +364,56 @@ class IncomingObject:
                 return
             if written < len(data):
                 self._write(data[written:])
+        if self._head is not None:
+            self._look_ahead(data)
+
+    def _look_ahead(self, data: memoryview) -> None:
+        """Decode what comes before the Pixel Data as soon as it has arrived, while the pixels
+        still arrive, so that after the last byte only the Pixel Data and what follows it are
+        left to check (see :meth:`_decode_rest`). Anything unexpected (no Pixel Data in the
+        first HEAD_LIMIT bytes, an element that does not decode) leaves the whole data set
+        to be decoded after the last byte, as before."""
+        head = self._head
+        assert head is not None
+        head += data
+        syntax = TransferSyntax(self.ts)
+        self._scanned, found = dicomio.find_pixel_data(head, syntax.is_implicit_vr, syntax.is_little_endian,
+                                                       self._scanned)
+        if not found:
+            if len(head) > HEAD_LIMIT:
+                self._head = None
+            return
+        self._head = None
+        prefix = bytes(head[:self._scanned])
+        try:
+            layout = dicomio.walk(prefix, syntax.is_implicit_vr, syntax.is_little_endian)
+            attrs = attributes.read(prefix, layout, syntax.is_implicit_vr, syntax.is_little_endian)
+        except (dicomio.EncodingError, ValueError):
+            return  # said after the last byte, by the whole data set's decode
+        self._early = (self._scanned, layout, attrs)
+
+    def _decode_rest(self, body: bytes | memoryview, ts: str) -> tuple[dicomio.Layout, attributes.Attributes]:
+        """The whole data set's layout and attributes, from what :meth:`_look_ahead` decoded
+        and a walk of the rest (the Pixel Data and what follows); exactly what decoding the
+        whole data set gives, which is what happens instead whenever the rest does not walk
+        (so that an error names its place as before) or holds an attribute read."""
+        assert self._early is not None
+        start, head, attrs = self._early
+        syntax = TransferSyntax(ts)
+        try:
+            rest = dicomio.walk(body[start:], syntax.is_implicit_vr, syntax.is_little_endian)
+        except dicomio.EncodingError:
+            return self.ingest._decode(body, ts)
+        elements = dict(head.elements)
+        for tag, e in rest.elements.items():
+            if tag in elements:
+                return self.ingest._decode(body, ts)  # "appears twice", said as before
+            elements[tag] = e._replace(offset=e.offset + start, value_offset=e.value_offset + start,
+                                       end=e.end + start)
+        layout = dicomio.Layout(elements, len(body))
+        if not attributes.READ_TAGS.isdisjoint(rest.elements):
+            return self.ingest._decode(body, ts)
+        return layout, attrs
 
     def finish(self) -> Outcome:
         """The data set is complete: validate it and make it durable, or refuse it. A stored
@@ -410,7 +470,7 @@ class IncomingObject:
                     return stored
 
                 return self.ingest._accept(body, self.ts, self.sop_class_uid, self.sop_instance_uid,
-                                           self.source, write)
+                                           self.source, write, self._decode_rest if self._early else None)
             finally:
                 body.release()
                 view.release()
