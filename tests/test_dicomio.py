@@ -181,3 +181,29 @@ def test_text_attributes_read_as_pydicom_reads_them(charset, name):
     assert got["patient_name"] == str(back.PatientName).rstrip(" \x00")
     assert got["patient_id"] == str(back.PatientID).strip(" \x00")
     assert got["manufacturer"] == "ACME\\X"
+
+
+def test_find_pixel_data_says_where_to_look_again_and_when_to_stop():
+    """While a data set arrives: the Pixel Data's offset once it is there; else where the
+    element not yet whole starts and how many bytes it needs; -1 for a sequence of
+    undefined length (its end shows only once it is whole) and for an element that does
+    not decode."""
+    from appliance.dicom.dicomio import find_pixel_data
+
+    def el(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    head = el(0x0008, 0x0060, b"CS", b"CT") + el(0x0028, 0x0010, b"US", b"\x02\x00")
+    pixels = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 8) + b"\x00" * 8
+    whole = head + pixels
+    assert find_pixel_data(whole, False, True) == (len(head), 0)
+    assert find_pixel_data(whole[:len(head) + 4], False, True) == (len(head), 0)  # its tag is enough
+    assert find_pixel_data(whole[:len(head) + 2], False, True) == (len(head), len(head) + 12)
+    assert find_pixel_data(whole[:5], False, True) == (0, 12)  # the first header is not whole yet
+    assert find_pixel_data(whole[:9], False, True) == (0, 10)  # its value is not
+    resumed = find_pixel_data(whole[:14], False, True, 0)  # the first element is, not the second
+    assert resumed == (10, 22)
+    assert find_pixel_data(whole, False, True, resumed[0]) == (len(head), 0)
+    sequence = struct.pack("<HH2sHL", 0x3006, 0x0039, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    assert find_pixel_data(head + sequence, False, True) == (len(head), -1)
+    assert find_pixel_data(head + el(0x0010, 0x0010, b"XX", b"A^B") + pixels, False, True) == (len(head), -1)

@@ -250,25 +250,36 @@ def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Lay
 
 
 def find_pixel_data(buf: bytes | bytearray | memoryview, implicit_vr: bool, little_endian: bool,
-                    start: int = 0) -> tuple[int, bool]:
-    """Look through the top-level elements of the beginning of a data set, ``buf``, from
-    the element at ``start`` for the Pixel Data element: return (its offset, True) once
-    found, else (where the first element not wholly in ``buf`` starts, False), to call
-    again from there when more bytes have arrived. An element that does not decode stops
-    the look the same way (:func:`walk` on the whole data set says what is wrong)."""
+                    start: int = 0) -> tuple[int, int]:
+    """Look through the top-level elements at the beginning of a data set, ``buf``, from
+    the element at ``start`` for the Pixel Data element. Return (its offset, 0) once found;
+    else (where the first element not wholly in ``buf`` starts, how many bytes ``buf`` must
+    hold before that element can be whole: call again from there then), or (that offset, -1)
+    when looking further is no use: an element that does not decode (:func:`walk` on the
+    whole data set says what is wrong), or a sequence of undefined length, whose end shows
+    only when it is all there (an RT Structure Set's contours: walking them again with
+    every fragment would cost more than walking them once at the end)."""
     w = _Walker(buf, implicit_vr, little_endian)
     try:
         pos = start
         while pos + 4 <= w.size:
             group, elem = w._hdr.unpack_from(w.buf, pos)
             if group << 16 | elem == PIXEL_DATA:
-                return pos, True
+                return pos, 0
+            try:
+                _, _, length, vpos = w.header(pos, implicit_vr)
+            except EncodingError:
+                return (pos, pos + 12) if pos + 12 > w.size else (pos, -1)
+            if length == UNDEFINED_LENGTH:
+                return pos, -1
+            if vpos + length > w.size:
+                return pos, vpos + length
             try:
                 *_, end = w.element(pos, implicit_vr, 0)
             except EncodingError:
-                return pos, False
+                return pos, -1
             pos = end
-        return pos, False
+        return pos, pos + 12
     finally:
         w.buf.release()  # a bytearray being received into can grow again
 

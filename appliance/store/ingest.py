@@ -330,6 +330,7 @@ class IncomingObject:
         #: The data set's first bytes, up to its Pixel Data, while they arrive (see :meth:`write`).
         self._head: bytearray | None = bytearray() if ts in UNCOMPRESSED else None
         self._scanned = 0
+        self._need = 0
         #: Where Pixel Data starts, and the layout and attributes of what comes before it.
         self._early: tuple[int, dicomio.Layout, attributes.Attributes] | None = None
         self._refusal = ingest.space_status()
@@ -376,12 +377,14 @@ class IncomingObject:
         head = self._head
         assert head is not None
         head += data
+        if len(head) < self._need:
+            return  # the element being received is not whole yet
         syntax = TransferSyntax(self.ts)
-        self._scanned, found = dicomio.find_pixel_data(head, syntax.is_implicit_vr, syntax.is_little_endian,
-                                                       self._scanned)
-        if not found:
-            if len(head) > HEAD_LIMIT:
-                self._head = None
+        self._scanned, self._need = dicomio.find_pixel_data(head, syntax.is_implicit_vr, syntax.is_little_endian,
+                                                            self._scanned)
+        if self._need:
+            if self._need < 0 or self._need > HEAD_LIMIT:
+                self._head = None  # decoded whole after the last byte
             return
         self._head = None
         prefix = bytes(head[:self._scanned])
