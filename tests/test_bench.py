@@ -33,11 +33,12 @@ def test_bench_scp_runs_every_receiver_and_prints_the_floor(tmp_path: Path) -> N
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench-scp"), "--ct-slices", "6", "--mr-slices", "5",
-         "--rounds", "1", "--parallel", "2", "--echo-count", "2", "--floor", "--fs", "root",
+         "--rounds", "1", "--parallel", "2", "--echo-count", "2", "--floor", "--fs", "root", "--nagle",
          "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "Nagle on at the sender (--nagle)" in r.stdout
     result = json.loads(out.read_text())
     assert result["failed"] == 0
     assert {(row["case"], row["receiver"]) for row in result["summary"] if row["ok"] == 1} == {

@@ -121,6 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run a sink (our acceptor, storing nothing) and time bare durable commits, "
         "and print the least time per image a durable receiver can take here",
     )
+    p.add_argument(
+        "--nagle",
+        action="store_true",
+        help="storescu sends with Nagle's algorithm on (no TCP_NODELAY in its environment), as many modalities "
+        "do; by default it is off",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     args = p.parse_args(argv)
     if args.ct_slices < 0 or args.mr_slices < 0 or args.ct_slices + args.mr_slices == 0:
@@ -287,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, storescp = receivers[:2]
     header = [
         f"Storage SCP throughput: DCMTK storescu -> {LOOPBACK}, Implicit VR LE, max PDU {args.pdu}, "
-        f"{args.rounds} round(s), {os.cpu_count()} CPU(s)",
+        f"{args.rounds} round(s), {os.cpu_count()} CPU(s), "
+        + ("Nagle on at the sender (--nagle)" if args.nagle else "TCP_NODELAY at the sender"),
         "series: " + "; ".join(s.describe() for s in series),
         "ours:   " + _show(ours.single),
         "dcmtk:  " + _show(storescp.single) + f"  (with --fork for x{args.parallel})",

@@ -238,6 +238,9 @@ def send(storescu: str, parts: list[tuple[Path, ...]], port: int, args: argparse
         *(LOOPBACK, str(port)),
     ]
     log_paths = [log_dir / f"storescu-{i + 1}.log" for i in range(len(parts))]
+    # --nagle: storescu as many modalities send, with Nagle's algorithm on (DCMTK turns it
+    # off only when TCP_NODELAY is in its environment).
+    env = {k: v for k, v in DCMTK_ENV.items() if k != "TCP_NODELAY"} if getattr(args, "nagle", False) else DCMTK_ENV
     procs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as logs:
         try:
@@ -246,9 +249,7 @@ def send(storescu: str, parts: list[tuple[Path, ...]], port: int, args: argparse
                 log = logs.enter_context(open(log_path, "wb"))
                 command = argv + [str(f) for f in files]
                 procs.append(
-                    subprocess.Popen(
-                        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
-                    )
+                    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
                 )
             deadline = time.monotonic() + timeout
             for p in procs:
