@@ -74,7 +74,8 @@ from appliance.conformance import DEFAULT_SCP_AE_TITLE, SOPClass, TransferSyntax
 from bench import series as seriesgen
 from bench.launch import REPO
 from bench.scp.fs import FsUnavailable, WorkFs
-from bench.scp.processes import DCMTK_ENV, LOOPBACK, Dcmtk, ReceiverProcess, RunError, free_port, usage_error, with_log
+from bench.scp.processes import (DCMTK_ENV, LOOPBACK, Dcmtk, ReceiverProcess, RunError, free_port, usage_error,
+                                  wait_exactly, with_log)
 
 DEST_AE = "BENCH_DEST"
 #: The calling AE titles the box's two rules match: per object, and per stable series.
@@ -265,13 +266,11 @@ def storescu(dcmtk: Dcmtk, files: tuple[Path, ...], port: int, called: str, call
             "-to", "10", "-ta", "30", "-ts", "60", LOOPBACK, str(port), *map(str, files)]
     with open(log, "wb") as out:
         start = time.perf_counter()
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
-                               timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            raise RunError(f"storescu did not finish within {args.timeout:.0f} s") from None
-    if r.returncode != 0:
-        raise RunError(with_log(f"storescu exited with status {r.returncode}", log))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        if wait_exactly([proc], args.timeout):
+            raise RunError(f"storescu did not finish within {args.timeout:.0f} s")
+    if proc.returncode != 0:
+        raise RunError(with_log(f"storescu exited with status {proc.returncode}", log))
     return start
 
 
