@@ -47,18 +47,24 @@ def _storescu(dcmtk: Dcmtk, files: tuple[Path, ...], port: int, called: str, cal
     return time.perf_counter() - t0
 
 
+def _box(store: Store, dest: Destination) -> tuple[config.Config, StorageServer, int]:
+    """``store`` opened as a box forwarding everything to ``dest``, with a Storage SCP on a
+    free loopback port: the configuration, the started server and its port."""
+    cfg = config.from_dict({"destinations": {"D": {"ae_title": DEST_AE, "host": LOOPBACK, "port": dest.port}},
+                            "forward": [{"to": ["D"]}]})
+    store.set_forwarding(cfg.forward)
+    store.open_for_service()
+    server = StorageServer(ScpConfig(bind=LOOPBACK, port=0), Ingest(store, StoreConfig(min_free_mb=0)))
+    return cfg, server, server.start().port
+
+
 def forward_once(dcmtk: Dcmtk, files: tuple[Path, ...], work: Path, pdu: int, profile: int) -> float:
     """Seconds from the first to the last arrival of the series forwarded from the queue."""
     dest = Destination(dcmtk, work / "dest", pdu)
     store = Store(work / "data")
     server = None
     try:
-        cfg = config.from_dict({"destinations": {"D": {"ae_title": DEST_AE, "host": LOOPBACK, "port": dest.port}},
-                                "forward": [{"to": ["D"]}]})
-        store.set_forwarding(cfg.forward)
-        store.open_for_service()
-        server = StorageServer(ScpConfig(bind=LOOPBACK, port=0), Ingest(store, StoreConfig(min_free_mb=0)))
-        port = server.start().port
+        cfg, server, port = _box(store, dest)
         _storescu(dcmtk, files, port, DEFAULT_SCP_AE_TITLE, "PROF", pdu)
         server.stop(grace=2)
         server = None
@@ -114,12 +120,7 @@ def live_once(dcmtk: Dcmtk, files: tuple[Path, ...], work: Path, pdu: int, profi
     store = Store(work / "data")
     server = fwd = None
     try:
-        cfg = config.from_dict({"destinations": {"D": {"ae_title": DEST_AE, "host": LOOPBACK, "port": dest.port}},
-                                "forward": [{"to": ["D"]}]})
-        store.set_forwarding(cfg.forward)
-        store.open_for_service()
-        server = StorageServer(ScpConfig(bind=LOOPBACK, port=0), Ingest(store, StoreConfig(min_free_mb=0)))
-        port = server.start().port
+        cfg, server, port = _box(store, dest)
         fwd = _Profiled(store, lambda: cfg)
         fwd.profiles = []
         fwd.start()

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any, Sequence
 
 from appliance.jobs import results
+from appliance.store.disk import process_running
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,7 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_running(pid)
     return MODULE.encode() in cmdline and not _zombie(pid)
 
 
