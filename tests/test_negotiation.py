@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 
-from helpers import associate_rq_pdu, ct_series, dcmtk, read_pdu, run, write_series
+from helpers import associate_rq_pdu, ct_series, dcmtk, read_pdu, run, wait_for, write_series
 
 from appliance.conformance import SOPClass, TransferSyntax
 
@@ -18,12 +18,15 @@ CONTEXTS = [(SOPClass.CT_IMAGE, [TransferSyntax.EXPLICIT_LE, TransferSyntax.IMPL
             (SOPClass.VERIFICATION, [TransferSyntax.IMPLICIT_LE])]
 
 
-def _answer(port: int, rq: bytes) -> tuple[int, bytes]:
-    """Send the A-ASSOCIATE-RQ ``rq`` and return the answer's PDU type and whole PDU."""
-    with socket.create_connection(("127.0.0.1", port)) as s:
+def _answer(srv, rq: bytes) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    """Send the A-ASSOCIATE-RQ ``rq`` to the server ``srv`` and return the answer's PDU type
+    and whole PDU; then hang up, and wait until the server has finished with the connection
+    (its log line about it belongs to this test)."""
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
         s.settimeout(10)
         s.sendall(rq)
         kind, body = read_pdu(s)
+    wait_for(lambda: srv.server.active() == 0, what="the server to let the connection go")
     return kind, body
 
 
@@ -32,10 +35,10 @@ def test_a_repeated_request_gets_the_answer_a_fresh_negotiation_gives(make_serve
     first = associate_rq_pdu(contexts=CONTEXTS, calling="CT_SIM")
     again = associate_rq_pdu(contexts=CONTEXTS, calling="PLANNING_2")
     assert first[42:] == again[42:] and first[26:42] != again[26:42]
-    kind, _ = _answer(cached.port, first)
+    kind, _ = _answer(cached, first)
     assert kind == A_ASSOCIATE_AC
-    repeated = _answer(cached.port, again)
-    fresh = _answer(make_server(name="b").port, again)  # a new server has negotiated nothing yet
+    repeated = _answer(cached, again)
+    fresh = _answer(make_server(name="b"), again)  # a new server has negotiated nothing yet
     assert repeated == fresh and repeated[0] == A_ASSOCIATE_AC
     assert b"PLANNING_2      " in repeated[1]
 
@@ -49,17 +52,13 @@ def test_a_repeated_request_is_still_checked(make_server):
 
     srv = make_server(replace(ScpConfig(), check_called_ae=True))
     good = associate_rq_pdu(contexts=CONTEXTS, calling="CT_SIM")
-    assert _answer(srv.port, good)[0] == A_ASSOCIATE_AC
+    assert _answer(srv, good)[0] == A_ASSOCIATE_AC
     wrong_called = associate_rq_pdu(called="SOMEONE_ELSE", contexts=CONTEXTS, calling="CT_SIM")
     assert wrong_called[42:] == good[42:]
-    assert _answer(srv.port, wrong_called)[0] == A_ASSOCIATE_RJ
+    assert _answer(srv, wrong_called)[0] == A_ASSOCIATE_RJ
     blank_calling = good[:26] + b" " * 16 + good[42:]
-    with socket.create_connection(("127.0.0.1", srv.port)) as s:
-        s.settimeout(10)
-        s.sendall(blank_calling)
-        kind, _ = read_pdu(s)
-    assert kind == A_ABORT
-    assert _answer(srv.port, good)[0] == A_ASSOCIATE_AC  # and it serves on
+    assert _answer(srv, blank_calling)[0] == A_ABORT
+    assert _answer(srv, good)[0] == A_ASSOCIATE_AC  # and it serves on
 
 
 def test_dcmtk_peers_store_and_echo_through_repeated_negotiations(make_server, tmp_path):
