@@ -288,6 +288,13 @@ class Round:
     scp_cpu_ms: float = 0.0
 
 
+def span(times: list[float]) -> float:
+    """First to last arrival, scaled from ``count - 1`` intervals to ``count``. Arrivals are
+    seen by polling, so a span shorter than one poll (a few small files) reads as one poll."""
+    count = len(times)
+    return max(times[-1] - times[0], ARRIVAL_POLL) * count / max(count - 1, 1)
+
+
 def run_round(n: int, dcmtk: Dcmtk, live: seriesgen.Series, other: seriesgen.Series, work: Path,
               args: argparse.Namespace) -> Round:
     r = Round()
@@ -299,8 +306,7 @@ def run_round(n: int, dcmtk: Dcmtk, live: seriesgen.Series, other: seriesgen.Ser
             try:
                 start = storescu(dcmtk, live.files, dest.port, DEST_AE, "BENCH_SCU", args, work / "direct-scu.log")
                 r.direct_s = time.perf_counter() - start
-                times = dest.arrivals.wait(count, 10)
-                r.direct_span_s = (times[-1] - times[0]) * count / (count - 1)
+                r.direct_span_s = span(dest.arrivals.wait(count, 10))
             finally:
                 dest.stop()
             continue
@@ -318,8 +324,7 @@ def run_round(n: int, dcmtk: Dcmtk, live: seriesgen.Series, other: seriesgen.Ser
             r.scp_cpu_ms = (cpu1[1] - cpu0[1]) / count * 1e3
             os.sync()
             storescu(dcmtk, other.files, box.port, DEFAULT_SCP_AE_TITLE, SERIES_AE, args, work / "series-scu.log")
-            times = dest_series.arrivals.wait(count, args.timeout)
-            r.series_s = (times[-1] - times[0]) * count / (count - 1)  # count - 1 intervals, scaled to count
+            r.series_s = span(dest_series.arrivals.wait(count, args.timeout))
             if len(dest.arrivals.seen) != count or len(dest_series.arrivals.seen) != count:
                 raise RunError("a destination received more objects than were sent")
         finally:
