@@ -74,10 +74,20 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     assert "written to: ext4 image, 1 GB sparse, loop-mounted" in r.stdout
     assert "ours/floor" in r.stdout and "CPU/img ours" in r.stdout
-    table = r.stdout[r.stdout.index("ms per image (medians): floor = sink + one durable commit"):]
+    table, _, machine = r.stdout[r.stdout.index("ms per image (medians): floor = sink + one durable commit"):]\
+        .partition("CPU of the whole machine")
     rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in table.splitlines()
             if line.startswith(("CT x", "MR x"))}
     assert set(rows) == {"CT x1", "CT x2", "MR x1", "MR x2"}
+    # The whole machine's CPU per image, per case and receiver: how busy, all, the receiver's,
+    # the senders', the rest.
+    spent = {" ".join(line.split()[:3]): line.split()[3:] for line in machine.splitlines()
+             if line.startswith(("CT x", "MR x"))}
+    assert set(spent) == {f"{c} x{n} {who}" for c in ("CT", "MR") for n in (1, 2) for who in ("ours", "dcmtk", "sink")}
+    for busy, percent, everything, receiver, senders, rest in spent.values():
+        assert percent == "%" and 0 < float(busy) <= 100
+        # A few tiny images: CPU is counted in clock ticks, so only the signs can be checked.
+        assert min(float(everything), float(receiver), float(senders), float(rest)) >= 0
     assert all(len(cells) == 11 for cells in rows.values())
     assert 0 < float(rows["CT x1"][10]) <= 3  # journal commits per image: one fsync each, and the index's
     # Over two associations the floor is the longer of the sink and two commits at once.

@@ -34,6 +34,7 @@ from bench.scp.processes import (
 )
 from bench.scp.report import (
     print_floor,
+    print_machine,
     print_report,
     ratios,
     report_problems,
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(rows, case_ratios, header)
     if args.floor:
         print_floor(rows, floors, series, parallel_floors)
+    print_machine(rows, os.cpu_count() or 1)
     report_problems(runs)
     sys.stdout.flush()
 

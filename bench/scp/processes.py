@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -225,6 +226,23 @@ class ReceiverProcess:
     def _kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds of the whole machine so far, (busy, all), from ``/proc/stat``: busy is
+    every CPU's time outside idle and I/O wait, summed over the CPUs, whoever spent it
+    (the receiver, the senders, kernel threads such as the loop device's and the journal's)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(ticks)
+    return (total - ticks[3] - ticks[4]) / hz, total / hz
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wait_exactly(procs: list[subprocess.Popen[bytes]], timeout: float) -> bool:

@@ -34,11 +34,25 @@ def summarise(runs: list[Run], cases: list[Case], receivers: list[Receiver]) -> 
                     "journal_commits_per_image": (
                         statistics.median(c / r.images for r in good if (c := r.journal_commits) is not None)
                         if all(r.journal_commits is not None for r in good) else None),
+                    **_machine(good),
                     "echo_ms": statistics.median(echoes) if echoes else None,
                     "assoc_ms": statistics.median(assocs) if assocs else None,
                 }
             rows.append(row)
     return rows
+
+
+def _machine(good: list[Run]) -> dict[str, float | None]:
+    """Medians over ``good`` of the CPU per image that the senders and the whole machine
+    spent while the series was sent, and the share of the machine's CPU time that was busy."""
+    timed = [r for r in good if r.machine_busy_s is not None and r.machine_all_s and r.sender_cpu_s is not None]
+    if not timed:
+        return {"sender_cpu_ms_per_image": None, "machine_cpu_ms_per_image": None, "machine_busy": None}
+    return {
+        "sender_cpu_ms_per_image": statistics.median((r.sender_cpu_s or 0.0) * 1e3 / r.images for r in timed),
+        "machine_cpu_ms_per_image": statistics.median((r.machine_busy_s or 0.0) * 1e3 / r.images for r in timed),
+        "machine_busy": statistics.median((r.machine_busy_s or 0.0) / (r.machine_all_s or 1.0) for r in timed),
+    }
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -188,6 +202,35 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
         print(
             "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True)))
         )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+MACHINE_COLUMNS = ("case", "receiver", "machine busy", "CPU/img all", "receiver", "senders", "rest")
+
+
+def print_machine(rows: list[dict[str, Any]], cpus: int) -> None:
+    """Per case and receiver, the CPU the whole machine spent per image while the series
+    was sent (medians), split into the receiver's, the storescu senders' and the rest (the
+    kernel's threads: loopback, the loop device and the ext4 journal writing, write-back),
+    and how busy the machine's CPUs were. A case run near 100 % busy is bound by CPU: there
+    a receiver is only faster by spending less CPU per image, and the senders' share is
+    paid whoever receives."""
+    table = [list(MACHINE_COLUMNS)]
+    for row in rows:
+        if row.get("machine_cpu_ms_per_image") is None:
+            continue
+        all_ms, mine, senders = row["machine_cpu_ms_per_image"], row["cpu_ms_per_image"], row["sender_cpu_ms_per_image"]
+        table.append([row["case"], row["receiver"], f"{row['machine_busy'] * 100:.0f} %", f"{all_ms:.2f}",
+                      f"{mine:.2f}", f"{senders:.2f}", f"{max(all_ms - mine - senders, 0.0):.2f}"])
+    if len(table) == 1:
+        return
+    print(f"\nCPU of the whole machine ({cpus} CPUs) per image while the series was sent, ms (medians): "
+          "the receiver's, the senders' (storescu) and the rest (kernel threads: loopback, loop device, "
+          "journal, write-back); near 100 % busy, CPU per image sets the pace")
+    widths = [max(len(line[i]) for line in table) for i in range(len(MACHINE_COLUMNS))]
+    for n, line in enumerate(table):
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

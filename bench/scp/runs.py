@@ -24,7 +24,9 @@ from bench.scp.processes import (
     Dcmtk,
     ReceiverProcess,
     RunError,
+    children_cpu,
     free_port,
+    machine_cpu,
     send,
     with_log,
 )
@@ -74,6 +76,11 @@ class Run:
     cpu_s: float | None = None
     #: Journal commits of the file system written to while the series was sent (ext4 only).
     journal_commits: int | None = None
+    #: CPU seconds of the storescu processes, and (busy, all) CPU seconds of the whole
+    #: machine, while the series was sent.
+    sender_cpu_s: float | None = None
+    machine_busy_s: float | None = None
+    machine_all_s: float | None = None
     exit_status: int | None = None
     error: str | None = None
     warning: str | None = None
@@ -126,8 +133,13 @@ def run_once(
                 run.assoc_ms, run.echo_ms = assoc * 1e3, [e * 1e3 for e in echoes]
             cpu_before = process.usage()[1]
             commits_before = journal_commits(data_dir)
+            senders_before, machine_before = children_cpu(), machine_cpu()
             run.seconds = send(dcmtk.storescu, case.parts(), port, args, run_dir)
+            machine_after, senders_after = machine_cpu(), children_cpu()
             commits_after = journal_commits(data_dir)
+            run.sender_cpu_s = senders_after - senders_before
+            run.machine_busy_s = machine_after[0] - machine_before[0]
+            run.machine_all_s = machine_after[1] - machine_before[1]
             if commits_before is not None and commits_after is not None:
                 run.journal_commits = commits_after - commits_before
         except (RunError, EchoError, OSError) as exc:
