@@ -88,15 +88,18 @@ def _bad_vr(tag: int, vr: bytes, pos: int) -> str:
     return f"no valid VR in {tag_str(tag)} at byte {pos} ({vr!r})"
 
 
+#: Per byte order: (group, element), a 2-byte and a 4-byte number.
+_STRUCTS = {order: (struct.Struct(order + "HH"), struct.Struct(order + "H"), struct.Struct(order + "L"))
+            for order in "<>"}
+
+
 class _Walker:
     def __init__(self, buf: bytes | bytearray | memoryview, implicit: bool, little: bool) -> None:
         self.buf = memoryview(buf)
         self.size = len(self.buf)
         self.implicit = implicit
         self.endian = "<" if little else ">"
-        self._hdr = struct.Struct(self.endian + "HH")
-        self._u16 = struct.Struct(self.endian + "H")
-        self._u32 = struct.Struct(self.endian + "L")
+        self._hdr, self._u16, self._u32 = _STRUCTS[self.endian]
 
     def need(self, pos: int, n: int, what: str, tag: int = 0) -> None:
         """Raise unless ``n`` bytes from ``pos`` are there; ``what`` may name ``{tag}``
@@ -200,6 +203,15 @@ class _Walker:
             pos = vpos + length
 
 
+#: Per byte order: unpackers of an Implicit VR header (group, element, 4-byte length), an
+#: Explicit VR header (group, element, VR, 2-byte length) and a 4-byte length.
+_HEADERS = {
+    order: (struct.Struct(order + "HHL").unpack_from, struct.Struct(order + "HH2sH").unpack_from,
+            struct.Struct(order + "L").unpack_from)
+    for order in "<>"
+}
+
+
 def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Layout:
     """Check that ``buf`` is exactly one well-formed data set and return its top-level layout.
 
@@ -211,9 +223,7 @@ def walk(buf: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> Lay
     # The common element (defined length, not a sequence, whole) is read here with one
     # unpack; anything else (a sequence, an undefined length, an item tag, a bad VR, a value
     # that does not fit) takes the walker's own path, which checks and names it as before.
-    implicit_hdr = struct.Struct(w.endian + "HHL").unpack_from
-    explicit_hdr = struct.Struct(w.endian + "HH2sH").unpack_from
-    long_length = w._u32.unpack_from
+    implicit_hdr, explicit_hdr, long_length = _HEADERS[w.endian]
     make = tuple.__new__  # Element(...) without its Python-level __new__, once per element
     while pos < size:
         tag = -1
@@ -260,10 +270,38 @@ def find_pixel_data(buf: bytes | bytearray | memoryview, implicit_vr: bool, litt
     only when it is all there (an RT Structure Set's contours: walking them again with
     every fragment would cost more than walking them once at the end)."""
     w = _Walker(buf, implicit_vr, little_endian)
+    size, mv = w.size, w.buf
+    implicit_hdr, explicit_hdr, long_length = _HEADERS[w.endian]
     try:
         pos = start
-        while pos + 4 <= w.size:
-            group, elem = w._hdr.unpack_from(w.buf, pos)
+        while pos + 4 <= size:
+            # The common element (defined length, not a sequence, a valid VR, whole or not)
+            # is read with one unpack, as walk() does; anything else takes the walker's path.
+            if pos + 8 <= size:
+                if implicit_vr:
+                    group, elem, length = implicit_hdr(mv, pos)
+                    vpos = pos + 8
+                    common = group != 0xFFFE and length != UNDEFINED_LENGTH
+                else:
+                    group, elem, vr, length = explicit_hdr(mv, pos)
+                    vpos = pos + 8
+                    if vr in _LONG_VRS:
+                        common = vr != b"SQ" and pos + 12 <= size
+                        if common:
+                            (length,) = long_length(mv, pos + 8)
+                            vpos = pos + 12
+                    else:
+                        common = vr in VRS
+                    common = (common and group != 0xFFFE and length != UNDEFINED_LENGTH
+                              and not length % _VALUE_SIZES.get(vr, 1))
+                if group << 16 | elem == PIXEL_DATA:
+                    return pos, 0
+                if common:
+                    if vpos + length > size:
+                        return pos, vpos + length
+                    pos = vpos + length
+                    continue
+            group, elem = w._hdr.unpack_from(mv, pos)
             if group << 16 | elem == PIXEL_DATA:
                 return pos, 0
             try:
