@@ -82,12 +82,16 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     # The whole machine's CPU per image, per case and receiver: how busy, all, the receiver's,
     # the senders', the rest.
     spent = {" ".join(line.split()[:3]): line.split()[3:] for line in machine.splitlines()
-             if line.startswith(("CT x", "MR x"))}
+             if line.startswith(("CT x", "MR x")) and ": a receiver" not in line}
     assert set(spent) == {f"{c} x{n} {who}" for c in ("CT", "MR") for n in (1, 2) for who in ("ours", "dcmtk", "sink")}
     for busy, percent, everything, receiver, senders, rest in spent.values():
         assert percent == "%" and 0 < float(busy) <= 100
         # A few tiny images: CPU is counted in clock ticks, so only the signs can be checked.
         assert min(float(everything), float(receiver), float(senders), float(rest)) >= 0
+    # Over several associations: the least time per image the CPUs allow a bare durable receiver.
+    for case in ("CT x2", "MR x2"):
+        bound = next(line for line in machine.splitlines() if line.startswith(f"{case}: a receiver doing nothing"))
+        assert "ms of CPU per image: at least" in bound and "where DCMTK took" in bound
     assert all(len(cells) == 11 for cells in rows.values())
     assert 0 < float(rows["CT x1"][10]) <= 3  # journal commits per image: one fsync each, and the index's
     # Over two associations the floor is the longer of the sink and two commits at once.
@@ -95,6 +99,8 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     assert float(rows["CT x2"][4]) == max(float(rows["CT x2"][2]), float(rows["CT x2"][3]))
     result = json.loads(out.read_text())
     assert len(result["parallel_durable_commit_ms"]["CT"]) == len(result["durable_commit_ms"]["CT"]) // 50
+    assert len(result["durable_commit_cpu_ms"]["CT"]) == len(result["durable_commit_ms"]["CT"])
+    assert all(0 <= ms <= t for ms, t in zip(result["durable_commit_cpu_ms"]["CT"], result["durable_commit_ms"]["CT"]))
     assert result["failed"] == 0 and result["fs"]["kind"] == "ext4"
     assert _mounts_under(tmp_path) == [] and list((tmp_path / "work").iterdir()) == []
 

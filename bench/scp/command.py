@@ -230,12 +230,14 @@ def make_work_fs(args: argparse.Namespace, series: list[seriesgen.Series]) -> Wo
 
 
 def _floors(s: seriesgen.Series, round_no: int, parallel: int, work: Path, floors: dict[str, list[float]],
-            parallel_floors: dict[str, list[float]]) -> None:
+            parallel_floors: dict[str, list[float]], commit_cpu: dict[str, list[float]]) -> None:
     """One round of --floor for the objects of ``s``: FLOOR_COMMITS durable commits one at a
-    time (into ``floors``) and, for ``parallel`` > 1, that many threads committing at once
-    (into ``parallel_floors``); each figure is printed as it is measured."""
+    time (into ``floors``, their CPU into ``commit_cpu``) and, for ``parallel`` > 1, that many
+    threads committing at once (into ``parallel_floors``); each figure is printed as it is
+    measured."""
     size = s.nbytes // len(s.files)
-    times = commit_floor(Path(tempfile.mkdtemp(prefix="floor-", dir=work)), size, FLOOR_COMMITS)
+    times = commit_floor(Path(tempfile.mkdtemp(prefix="floor-", dir=work)), size, FLOOR_COMMITS,
+                         commit_cpu.setdefault(s.spec.modality, []))
     floors.setdefault(s.spec.modality, []).extend(times)
     lines = [f"durable commit: {statistics.median(times) * 1e3:.2f} ms median of {len(times)}"]
     if parallel > 1:
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     floors: dict[str, list[float]] = {}
     parallel_floors: dict[str, list[float]] = {}
+    commit_cpu: dict[str, list[float]] = {}
     total = args.rounds * len(cases) * len(receivers)
     work_fs = make_work_fs(args, series)
     try:  # from here on the image is unmounted and removed however the run ends
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if args.floor:
                 for s in series:
-                    _floors(s, round_no, args.parallel, work, floors, parallel_floors)
+                    _floors(s, round_no, args.parallel, work, floors, parallel_floors, commit_cpu)
     except KeyboardInterrupt:
         print("bench-scp: interrupted", file=sys.stderr)
         return 130
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(rows, case_ratios, header)
     if args.floor:
         print_floor(rows, floors, series, parallel_floors)
-    print_machine(rows, os.cpu_count() or 1)
+    print_machine(rows, os.cpu_count() or 1, commit_cpu)
     report_problems(runs)
     sys.stdout.flush()
 
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             "durable_commit_ms": {k: [t * 1e3 for t in v] for k, v in floors.items()},
             "parallel_durable_commit_ms": {k: [t * 1e3 for t in v] for k, v in parallel_floors.items()},
+            "durable_commit_cpu_ms": {k: [t * 1e3 for t in v] for k, v in commit_cpu.items()},
         }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json}", file=sys.stderr)

@@ -209,13 +209,19 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
 MACHINE_COLUMNS = ("case", "receiver", "machine busy", "CPU/img all", "receiver", "senders", "rest")
 
 
-def print_machine(rows: list[dict[str, Any]], cpus: int) -> None:
+def print_machine(rows: list[dict[str, Any]], cpus: int, commit_cpu: dict[str, list[float]] | None = None) -> None:
     """Per case and receiver, the CPU the whole machine spent per image while the series
     was sent (medians), split into the receiver's, the storescu senders' and the rest (the
     kernel's threads: loopback, the loop device and the ext4 journal writing, write-back),
     and how busy the machine's CPUs were. A case run near 100 % busy is bound by CPU: there
     a receiver is only faster by spending less CPU per image, and the senders' share is
-    paid whoever receives."""
+    paid whoever receives.
+
+    With ``commit_cpu`` (--floor: the CPU seconds of each bare durable commit, by modality),
+    each case over several associations also gets the least time per image its CPUs allow
+    a receiver that does nothing but commit durably (no DICOM, no index): the senders' CPU
+    per image (as measured with DCMTK) plus one commit's, over the CPUs, against DCMTK's
+    time per image."""
     table = [list(MACHINE_COLUMNS)]
     for row in rows:
         if row.get("machine_cpu_ms_per_image") is None:
@@ -233,6 +239,22 @@ def print_machine(rows: list[dict[str, Any]], cpus: int) -> None:
         print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    by_key = {(r["case"], r["receiver"]): r for r in rows}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        modality, associations = case.split(" x")
+        dcmtk, ours = by_key.get((case, "dcmtk"), {}), by_key.get((case, "ours"), {})
+        commits = (commit_cpu or {}).get(modality)
+        if associations == "1" or not commits or dcmtk.get("sender_cpu_ms_per_image") is None \
+                or "images_per_s" not in dcmtk:
+            continue
+        commit_ms = statistics.median(commits) * 1e3
+        need = dcmtk["sender_cpu_ms_per_image"] + commit_ms
+        least, dcmtk_ms = need / cpus, 1e3 / dcmtk["images_per_s"]["median"]
+        ours_ms = f"; ours takes {1e3 / ours['images_per_s']['median']:.2f}" if "images_per_s" in ours else ""
+        print(f"{case}: a receiver doing nothing but one bare durable commit per image would need the senders' "
+              f"{dcmtk['sender_cpu_ms_per_image']:.2f} + the commit's {commit_ms:.2f} = {need:.2f} ms of CPU per "
+              f"image: at least {least:.2f} ms per image on {cpus} CPUs, where DCMTK took {dcmtk_ms:.2f} "
+              f"(so at most {dcmtk_ms / least:.2f}x DCMTK's images/s){ours_ms}")
 
 
 def report_problems(runs: list[Run]) -> None:
