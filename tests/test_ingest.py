@@ -146,6 +146,36 @@ def test_different_content_is_refused_by_default(ingest):
     assert pydicom.dcmread(ok.path).PatientName == ds.PatientName
 
 
+def _stream(ingest, body, ts, ds, fragment=16384):
+    """Offer ``body`` as the SCP does, fragment by fragment, and settle it."""
+    incoming = ingest.open_stream(ts, ds.SOPClassUID, ds.SOPInstanceUID, "SCANNER")
+    view = memoryview(body)
+    for i in range(0, len(view), fragment):
+        incoming.write(view[i:i + fragment])
+    out = incoming.finish()
+    incoming.settle()
+    return out
+
+
+def test_a_network_duplicate_is_compared_with_the_data_set_read_again(ingest):
+    """The SCP unmaps a received object before its fsync, so a stored object with the same
+    UID is compared with the data set read back from its temp file: identical bytes or the
+    same values in another transfer syntax change nothing, different values are refused,
+    and the temp file goes in every case."""
+    ds = ct_series(1, rows=32, cols=32)[0]
+    first = _stream(ingest, encode(ds, TransferSyntax.EXPLICIT_LE), TransferSyntax.EXPLICIT_LE, ds)
+    assert first.ok and first.comment == "stored"
+    mtime = first.path.stat().st_mtime_ns
+    for ts in (TransferSyntax.EXPLICIT_LE, TransferSyntax.IMPLICIT_LE):
+        again = _stream(ingest, encode(ds, ts), ts, ds)
+        assert again.ok and "already stored" in again.comment, (ts, again.comment)
+    changed = _stream(ingest, encode(_changed(ds), TransferSyntax.EXPLICIT_LE), TransferSyntax.EXPLICIT_LE, ds)
+    assert changed.status == Status.REFUSED_DUPLICATE and "already stored" in changed.comment
+    assert first.path.stat().st_mtime_ns == mtime and pydicom.dcmread(first.path).PatientName == ds.PatientName
+    assert list(ingest.store.tmp.iterdir()) == []
+    assert ingest.store.index.counts()["instances"] == 1
+
+
 def test_replace_policy_keeps_the_previous_version(store):
     ingest = Ingest(store, StoreConfig(min_free_mb=0, duplicate_policy=DuplicatePolicy.REPLACE))
     ds = ct_series(1)[0]

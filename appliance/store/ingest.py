@@ -465,8 +465,17 @@ class IncomingObject:
             try:
 
                 def write(attrs: attributes.Attributes, flags: str | None) -> StoredObject:
+                    # Decoded and checked: unmap the file before its fsync, which takes longer
+                    # (0.03-0.04 ms) while pages of it are mapped. A stored object with the same
+                    # UID is compared with the data set read again.
+                    body.release()
+                    view.release()
+                    try:
+                        mapped.close()
+                    except BufferError:  # a view of it still held somewhere: it stays mapped
+                        pass
                     stored = self.ingest.store.commit(
-                        tmp, self._fd, body, attrs, self.ts, total, calling_ae=self.source.calling_ae,
+                        tmp, self._fd, self._read_back, attrs, self.ts, total, calling_ae=self.source.calling_ae,
                         origin=self.source.origin, flags=flags, policy=self.ingest.rules.duplicate_policy,
                         defer_index=True)
                     self._settle = stored.settle
@@ -477,6 +486,14 @@ class IncomingObject:
             finally:
                 body.release()
                 view.release()
+
+    def _read_back(self) -> bytes:
+        """The data set received, read again from its temp file."""
+        size = self.size
+        data = os.pread(self._fd, size, self._meta_len)
+        if len(data) != size:
+            raise OSError(f"read {len(data)} of the {size} bytes received")
+        return data
 
     def _close(self) -> None:
         if self._fd >= 0:

@@ -61,6 +61,11 @@ def _ofd_lock(fd: int, byte: int, kind: int) -> None:
     fcntl.fcntl(fd, _F_OFD_SETLKW, struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0))
 
 
+#: A data set being stored: its bytes, or (when they are no longer held in memory) what
+#: reads them again, called only if it has to be compared with a stored object.
+Body = bytes | memoryview | Callable[[], bytes | memoryview]
+
+
 class UidLocks:
     """The SOP Instance UID locks of the store under ``data_dir``; owns the descriptor of
     ``.uid-locks`` (opened on first use) until :meth:`close`."""
@@ -181,12 +186,13 @@ class Placer:
                 elif self.write_row(row):
                     log.info("SOP Instance %s is now in the index", row.uid)
 
-    def commit(self, tmp: Path, fd: int, final: Path, uid: str, body: bytes | memoryview, transfer_syntax: str,
+    def commit(self, tmp: Path, fd: int, final: Path, uid: str, body: Body, transfer_syntax: str,
                row: Callable[[], dict[str, Any]], policy: DuplicatePolicy,
                forward: Sequence[tuple[str, float]] = (), *, defer_index: bool = False) -> StoredObject:
         """Place the complete temp file ``tmp`` (open as ``fd``; its data set is ``body``)
         at ``final`` and index it with ``row()``, unless the same object is already stored;
         raise DuplicateConflict for a different one under the REJECT policy, else supersede it.
+        ``body`` is read only to compare with an object already stored under the same UID.
 
         The file is renamed *before* it is fsynced: on ext4 the one journal commit that
         fsync forces then carries the data, the inode and the new name. Where the file
@@ -314,10 +320,12 @@ class Placer:
         return True
 
     @staticmethod
-    def _same_as_stored(path: Path, uid: str, body: bytes | memoryview, transfer_syntax: str) -> bool:
+    def _same_as_stored(path: Path, uid: str, body: Body, transfer_syntax: str) -> bool:
         """True if ``body`` holds the same object as the one stored at ``path``: the same
         bytes, or the same values in another encoding."""
         try:
+            if callable(body):
+                body = body()
             data = path.read_bytes()
             offset, ts = dicomio.split_part10(data)
             stored = memoryview(data)[offset:]

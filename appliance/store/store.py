@@ -53,7 +53,7 @@ from appliance.store.deletion import DeleteReport, DeletionRefused
 from appliance.store.index import (Index, InstanceRow, InstanceSummary, RecentStudy, SeriesSummary,
                                    StudySummary, StudyUsage)
 from appliance.store.marks import StudyMark, StudyMarks, busy, delete_lock
-from appliance.store.placing import DuplicateConflict, Placer, StoredObject
+from appliance.store.placing import Body, DuplicateConflict, Placer, StoredObject
 
 #: What callers import from here: the store's parts behind Store are its own business.
 __all__ = ["DeleteReport", "DeletionRefused", "DuplicateConflict", "Store", "StoredObject", "StudyMark",
@@ -280,7 +280,7 @@ class Store:
         self,
         tmp: Path,
         fd: int,
-        body: bytes | memoryview,
+        body: Body,
         attrs: attributes.Attributes,
         transfer_syntax: str,
         size: int,
