@@ -85,7 +85,7 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
              if line.startswith(("CT x", "MR x")) and ": a receiver" not in line}
     assert set(spent) == {f"{c} x{n} {who}" for c in ("CT", "MR") for n in (1, 2) for who in ("ours", "dcmtk", "sink")}
     for busy, percent, everything, receiver, senders, rest in spent.values():
-        assert percent == "%" and 0 < float(busy) <= 100
+        assert percent == "%" and 0 <= float(busy) <= 100
         # A few tiny images: CPU is counted in clock ticks, so only the signs can be checked.
         assert min(float(everything), float(receiver), float(senders), float(rest)) >= 0
     # Over several associations: the least time per image the CPUs allow a bare durable receiver.

@@ -45,13 +45,16 @@ def summarise(runs: list[Run], cases: list[Case], receivers: list[Receiver]) -> 
 def _machine(good: list[Run]) -> dict[str, float | None]:
     """Medians over ``good`` of the CPU per image that the senders and the whole machine
     spent while the series was sent, and the share of the machine's CPU time that was busy."""
-    timed = [r for r in good if r.machine_busy_s is not None and r.machine_all_s and r.sender_cpu_s is not None]
+    timed = [r for r in good if r.machine_busy_s is not None and r.machine_all_s is not None
+             and r.sender_cpu_s is not None]
     if not timed:
         return {"sender_cpu_ms_per_image": None, "machine_cpu_ms_per_image": None, "machine_busy": None}
     return {
         "sender_cpu_ms_per_image": statistics.median((r.sender_cpu_s or 0.0) * 1e3 / r.images for r in timed),
         "machine_cpu_ms_per_image": statistics.median((r.machine_busy_s or 0.0) * 1e3 / r.images for r in timed),
-        "machine_busy": statistics.median((r.machine_busy_s or 0.0) / (r.machine_all_s or 1.0) for r in timed),
+        # a run shorter than one clock tick counts as idle
+        "machine_busy": statistics.median((r.machine_busy_s or 0.0) / r.machine_all_s if r.machine_all_s else 0.0
+                                          for r in timed),
     }
 
 
@@ -250,6 +253,8 @@ def print_machine(rows: list[dict[str, Any]], cpus: int, commit_cpu: dict[str, l
         commit_ms = statistics.median(commits) * 1e3
         need = dcmtk["sender_cpu_ms_per_image"] + commit_ms
         least, dcmtk_ms = need / cpus, 1e3 / dcmtk["images_per_s"]["median"]
+        if least <= 0:  # nothing measurable (a few tiny images)
+            continue
         ours_ms = f"; ours takes {1e3 / ours['images_per_s']['median']:.2f}" if "images_per_s" in ours else ""
         print(f"{case}: a receiver doing nothing but one bare durable commit per image would need the senders' "
               f"{dcmtk['sender_cpu_ms_per_image']:.2f} + the commit's {commit_ms:.2f} = {need:.2f} ms of CPU per "
