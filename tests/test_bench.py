@@ -126,6 +126,21 @@ def test_bench_scp_interrupted_on_the_ext4_image_unmounts_it(tmp_path: Path) -> 
         for line in _mounts_under(tmp_path):  # a failed test leaves no mount on the machine
             subprocess.run(["umount", "--lazy", line.split()[1]], check=False)
     assert _mounts_under(tmp_path) == [] and list((tmp_path / "work").iterdir()) == []
+    assert _processes_under(tmp_path) == []  # no receiver left running, whenever the interrupt came
+
+
+def _processes_under(path: Path) -> list[str]:
+    """Command lines of the processes running that name something under ``path``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(path) in cmdline:
+                found.append(cmdline)
+    return found
 
 
 def test_bench_forward_runs_every_case_and_prints_the_ratio(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from bench.scp.processes import (
     SINK_COUNT_FILE,
     STORESCP_ARGV,
     Dcmtk,
+    kill_receivers,
     usage_error,
 )
 from bench.scp.report import (
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench-scp: interrupted", file=sys.stderr)
         return 130
     finally:
+        kill_receivers()  # one being started when the run was interrupted
         work_fs.close(keep=args.keep)
 
     rows = summarise(runs, cases, receivers)

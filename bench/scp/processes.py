@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from appliance.conformance import CLIENT_AE_TITLE
 
@@ -158,12 +158,43 @@ class Stopped:
     killed: bool  # it did not stop within STOP_TIMEOUT of SIGTERM
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (in the main thread) until the block is done, then act on
+    one that came meanwhile: an interrupt inside ``Popen`` would leave its child running,
+    in a session of its own, with no one knowing its process ID. The child's own handling
+    is untouched (exec resets caught signals to their default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+#: Receivers started and not yet stopped, whatever ends the run (see :func:`kill_receivers`).
+_LIVE: set[ReceiverProcess] = set()
+
+
+def kill_receivers() -> None:
+    """Kill every receiver still running (for the benchmark's last ``finally``)."""
+    for receiver in list(_LIVE):
+        receiver.kill()
+
+
 class ReceiverProcess:
     """A receiver running in its own session, with its output in ``log``."""
 
     def __init__(self, argv: list[str], log: Path, cwd: Path | None, env: dict[str, str]) -> None:
         self.log = log
-        with open(log, "wb") as out:
+        with _signals_held(), open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -173,6 +204,7 @@ class ReceiverProcess:
                 env=env,
                 start_new_session=True,
             )
+            _LIVE.add(self)
 
     def wait_until_ready(self, echoscu: str, port: int, aet: str) -> None:
         """Return once the receiver answers C-ECHO (DCMTK echoscu); raise if it never does."""
@@ -222,6 +254,7 @@ class ReceiverProcess:
             self._kill_group()
             self.proc.wait()
         self._kill_group()
+        _LIVE.discard(self)
 
     def _kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
