@@ -84,6 +84,17 @@ COLUMNS = (
 )
 
 
+def _print_table(table: list[list[str]], names: int) -> None:
+    """Print ``table`` (its first line the heading, underlined) in columns: the first
+    ``names`` columns left-aligned, the figures right-aligned."""
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for n, line in enumerate(table):
+        print("  ".join(v.ljust(w) if i < names else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(line, widths, strict=True))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
     """One row of the table: the case, the receiver and its figures."""
     cells = [row["case"], row["receiver"], f"{row['ok']}/{row['runs']}"]
@@ -112,12 +123,7 @@ def print_report(rows: list[dict[str, Any]], case_ratios: dict[str, float | None
     print("\n".join(header))
     print()
     table = [list(COLUMNS)] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    for n, line in enumerate(table):
-        # the names left-aligned, the figures right-aligned
-        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(table, names=2)
     print()
     print("ours/DCMTK, median images/s (1.00 = parity, below 1 = ours slower):")
     for case, ratio in case_ratios.items():
@@ -200,13 +206,7 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     )
     print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms;")
     print("flushes/img: journal commits of the ext4 image per image stored by ours (below 1: commits shared)")
-    widths = [max(len(line[i]) for line in table) for i in range(len(FLOOR_COLUMNS))]
-    for n, line in enumerate(table):
-        print(
-            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True)))
-        )
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(table, names=1)
 
 
 MACHINE_COLUMNS = ("case", "receiver", "machine busy", "CPU/img all", "receiver", "senders", "rest")
@@ -237,11 +237,7 @@ def print_machine(rows: list[dict[str, Any]], cpus: int, commit_cpu: dict[str, l
     print(f"\nCPU of the whole machine ({cpus} CPUs) per image while the series was sent, ms (medians): "
           "the receiver's, the senders' (storescu) and the rest (kernel threads: loopback, loop device, "
           "journal, write-back); near 100 % busy, CPU per image sets the pace")
-    widths = [max(len(line[i]) for line in table) for i in range(len(MACHINE_COLUMNS))]
-    for n, line in enumerate(table):
-        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(table, names=2)
     by_key = {(r["case"], r["receiver"]): r for r in rows}
     for case in dict.fromkeys(r["case"] for r in rows):
         modality, associations = case.split(" x")
