@@ -374,3 +374,36 @@ def test_a_network_object_decoded_while_it_arrives_is_judged_as_a_whole_one(tmp_
             early.append(name)
     assert len(cases) >= 10 and len(early) >= 10, early
     assert {"late-attribute", "twice", "padding", "cut"} <= set(early)
+
+
+def test_the_next_objects_temp_file_is_made_after_the_answer(tmp_path):
+    """After a stored object is answered and indexed (settle), the SCP makes the next
+    object's temp file, so that creating it is not on the next sender's path: the next
+    object is written into that very file, at most SPARE_TEMPS wait empty, nothing but
+    them is left in tmp/, and closing the store removes them."""
+    from appliance.store.ingest import SPARE_TEMPS
+    from appliance.store.store import Store
+
+    store = Store(tmp_path / "data")
+    store.open_for_service()
+    ingest = Ingest(store, StoreConfig(min_free_mb=0))
+    series = ct_series(SPARE_TEMPS + 2, rows=16, cols=16)
+    spares: list[int] = []
+    for ds in series:
+        waiting = list(store.tmp.iterdir())
+        assert len(waiting) == min(len(spares), 1) and all(p.stat().st_size == 0 for p in waiting), waiting
+        out = _stream(ingest, encode(ds, TransferSyntax.EXPLICIT_LE), TransferSyntax.EXPLICIT_LE, ds)
+        assert out.ok and out.comment == "stored", out.comment
+        if spares:
+            assert out.path.stat().st_ino == spares[-1]  # written into the file made ahead
+        (spare,) = store.tmp.iterdir()
+        spares.append(spare.stat().st_ino)
+    for _ in range(SPARE_TEMPS + 1):
+        store.make_spare_temp(SPARE_TEMPS)
+    assert len(list(store.tmp.iterdir())) == SPARE_TEMPS
+    store.close()
+    assert list(store.tmp.iterdir()) == []
+    store.make_spare_temp(SPARE_TEMPS)  # a late association thread after the close: nothing is left
+    assert list(store.tmp.iterdir()) == []
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in sorted(store.objects.rglob("*.dcm"))] == sorted(
+        ds.SOPInstanceUID for ds in series)

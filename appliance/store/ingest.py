@@ -21,6 +21,7 @@ from appliance.config import StoreConfig
 from appliance.conformance import (
     ACCEPTED_MODALITIES,
     DEFAULT_CHARACTER_SET,
+    DEFAULT_MAX_ASSOCIATIONS,
     DYNAMIC_PET_SERIES_TYPE,
     IMAGE_OBJECTS,
     UNCOMPRESSED,
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 #: How far into a network data set its Pixel Data is looked for while it arrives (see
 #: IncomingObject._look_ahead): an image's other attributes take a few kB.
 HEAD_LIMIT = 1 << 20
+#: How many empty temp files the SCP keeps made ahead (see Store.make_spare_temp): one for
+#: each association it serves at most.
+SPARE_TEMPS = DEFAULT_MAX_ASSOCIATIONS
 
 
 @dataclass(frozen=True)
@@ -433,15 +437,22 @@ class IncomingObject:
             self.settle()
             raise
         finally:
-            self.discard()
+            if self._settle is None:
+                self.discard()
+            # else settle() closes the stored file, after the answer
 
     def settle(self) -> None:
-        """After the answer: write the stored object's index row and let its UID go.
-        Idempotent; never raises for the disk (a row that cannot be written is left for the
-        next start, which indexes it)."""
+        """After the answer: write the stored object's index row and let its UID go; close
+        the file, and make the next object's temp file ready. Idempotent; never raises for
+        the disk (a row that cannot be written is left for the next start, which indexes it)."""
         settle, self._settle = self._settle, None
         if settle is not None:
-            settle()
+            try:
+                settle()
+            finally:
+                self._tmp = None  # renamed into the store
+                self._close()
+            self.ingest.store.make_spare_temp(SPARE_TEMPS)
 
     def _write_failure(self, err: StoreError) -> Outcome:
         if isinstance(err, StoreFullError):

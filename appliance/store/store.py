@@ -106,6 +106,10 @@ class Store:
                               folder_fsync=not file_fsync_commits_rename(self.objects))
         self._marks: StudyMarks | None = None
         self._forward_rules: tuple[ForwardRule, ...] = ()
+        #: Empty temp files made ahead (see :meth:`make_spare_temp`).
+        self._spares: list[tuple[Path, int]] = []
+        self._spares_lock = threading.Lock()
+        self._spares_closed = False
 
     # -- lifecycle (see appliance.store.lifecycle) ------------------------------
 
@@ -140,6 +144,12 @@ class Store:
     def close(self, clean: bool = True) -> None:
         """Close the index; if this was the last writer and it stopped cleanly, mark a clean
         shutdown so the next start skips reconciliation."""
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+            self._spares_closed = True
+        for tmp, fd in spares:
+            os.close(fd)
+            remove_temp(tmp)
         self._placer.close()
         self.index.close()
         self._writer.close(clean)
@@ -237,6 +247,13 @@ class Store:
 
     def create_temp(self) -> tuple[Path, int]:
         """Create a new temp file in ``tmp/``; return its path and an open write descriptor."""
+        if self._spares:
+            with self._spares_lock:
+                if self._spares:
+                    return self._spares.pop()
+        return self._new_temp()
+
+    def _new_temp(self) -> tuple[Path, int]:
         if not self._writer.registered:
             self._writer.become()
         tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
@@ -244,6 +261,23 @@ class Store:
             return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             raise store_error(exc, "cannot create a file in the store") from exc
+
+    def make_spare_temp(self, most: int) -> None:
+        """Create an empty temp file ahead for the next :meth:`create_temp` (the SCP calls
+        this after it has answered, so the next object's file is ready when it arrives), unless
+        ``most`` are waiting already. A failure is left to the next create_temp to report."""
+        if len(self._spares) >= most:
+            return
+        try:
+            spare = self._new_temp()
+        except StoreError:
+            return
+        with self._spares_lock:
+            if not self._spares_closed:
+                self._spares.append(spare)
+                return
+        os.close(spare[1])  # the store was closed meanwhile
+        remove_temp(spare[0])
 
     def put(
         self,
