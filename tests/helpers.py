@@ -185,6 +185,16 @@ def encode(ds: Dataset, ts: str = TransferSyntax.EXPLICIT_LE) -> bytes:
     buf.is_little_endian = syntax.is_little_endian
     clean = Dataset()
     clean.update(ds)
+    bits = ds.get("BitsAllocated", 8)
+    if not syntax.is_little_endian and "PixelData" in ds and bits in (16, 32):
+        # pydicom writes Pixel Data bytes as given (little-endian words here): hand it the
+        # big-endian words, so that the object means the same pixels in every syntax.
+        import numpy as np
+        from pydicom.dataelem import DataElement
+
+        width = bits // 8
+        words = np.frombuffer(ds.PixelData, f"<u{width}").astype(f">u{width}").tobytes()
+        clean[0x7FE00010] = DataElement(0x7FE00010, ds[0x7FE00010].VR, words)  # ds's own element stays
     write_dataset(buf, clean)
     return buf.getvalue()
 

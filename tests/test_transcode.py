@@ -112,9 +112,9 @@ def test_nested_big_endian_values_and_group_lengths_are_rewritten() -> None:
     item.add_new(0x00209222, "SQ", [inner])
     ds.add_new(0x00081140, "SQ", [item])  # Referenced Image Sequence
     le = encode(ds, TransferSyntax.EXPLICIT_LE)
-    # pydicom writes OW bytes as given: hand it the big-endian words for the BE encoding.
+    # pydicom writes OW bytes as given: hand it the big-endian words of the nested LUT for
+    # the BE encoding (helpers.encode does so for the Pixel Data).
     swapped = copy.deepcopy(ds)
-    swapped.PixelData = np.frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
     swapped.ReferencedImageSequence[0][0x00281201].value = np.frombuffer(bytes(range(16)), "<u2").astype(">u2").tobytes()
     be = encode(swapped, TransferSyntax.EXPLICIT_BE)
     assert be != le
