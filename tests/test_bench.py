@@ -29,6 +29,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+#: With --floor: ours, DCMTK, the sink, and DCMTK made durable where a C compiler builds its
+#: preload (bench/scp/fsync_on_close.c).
+RECEIVERS = ("ours", "dcmtk", "sink", *(("dcmtk+fsync",) if shutil.which("cc") else ()))
+
+
 def test_bench_scp_runs_every_receiver_and_prints_the_floor(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -42,7 +47,7 @@ def test_bench_scp_runs_every_receiver_and_prints_the_floor(tmp_path: Path) -> N
     result = json.loads(out.read_text())
     assert result["failed"] == 0
     assert {(row["case"], row["receiver"]) for row in result["summary"] if row["ok"] == 1} == {
-        (case, receiver) for case in ("CT x1", "CT x2", "MR x1", "MR x2") for receiver in ("ours", "dcmtk", "sink")
+        (case, receiver) for case in ("CT x1", "CT x2", "MR x1", "MR x2") for receiver in RECEIVERS
     }
     assert set(result["ratios"]) == {"CT x1", "CT x2", "MR x1", "MR x2"}
     assert len(result["durable_commit_ms"]["CT"]) == 50 and all(t > 0 for t in result["durable_commit_ms"]["CT"])
@@ -76,6 +81,7 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     assert "ours/floor" in r.stdout and "CPU/img ours" in r.stdout
     table, _, machine = r.stdout[r.stdout.index("ms per image (medians): floor = sink + one durable commit"):]\
         .partition("CPU of the whole machine")
+    table, _, durable = table.partition("dcmtk+fsync: DCMTK's storescp made durable")
     rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in table.splitlines()
             if line.startswith(("CT x", "MR x"))}
     assert set(rows) == {"CT x1", "CT x2", "MR x1", "MR x2"}
@@ -83,7 +89,7 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     # the senders', the rest.
     spent = {" ".join(line.split()[:3]): line.split()[3:] for line in machine.splitlines()
              if line.startswith(("CT x", "MR x")) and ": a receiver" not in line}
-    assert set(spent) == {f"{c} x{n} {who}" for c in ("CT", "MR") for n in (1, 2) for who in ("ours", "dcmtk", "sink")}
+    assert set(spent) == {f"{c} x{n} {who}" for c in ("CT", "MR") for n in (1, 2) for who in RECEIVERS}
     for busy, percent, everything, receiver, senders, rest in spent.values():
         assert percent == "%" and 0 <= float(busy) <= 100
         # A few tiny images: CPU is counted in clock ticks, so only the signs can be checked.
@@ -98,6 +104,15 @@ def test_bench_scp_on_an_ext4_image_prints_the_floor_table_and_unmounts(tmp_path
     assert rows["CT x1"][5].endswith("x") and rows["CT x2"][5].endswith("x")
     assert float(rows["CT x2"][4]) == max(float(rows["CT x2"][2]), float(rows["CT x2"][3]))
     result = json.loads(out.read_text())
+    if "dcmtk+fsync" in RECEIVERS:
+        # DCMTK made durable: its own table, and one journal commit per image where storescp
+        # alone makes none of its own (the journal's periodic commit aside).
+        assert "ours/DCMTK+fsync" in durable and "dcmtk+fsync: the same, with LD_PRELOAD=" in r.stdout
+        assert {line.split()[0] + " " + line.split()[1] for line in durable.splitlines()
+                if line.startswith(("CT x", "MR x")) and len(line.split()) == 10} == set(rows)
+        commits = {(row["case"], row["receiver"]): row["journal_commits_per_image"] for row in result["summary"]}
+        for case in ("CT x1", "MR x1"):
+            assert commits[(case, "dcmtk+fsync")] >= 0.99 and commits[(case, "dcmtk")] < 0.5, commits
     assert len(result["parallel_durable_commit_ms"]["CT"]) == len(result["durable_commit_ms"]["CT"]) // 50
     assert len(result["durable_commit_cpu_ms"]["CT"]) == len(result["durable_commit_ms"]["CT"])
     assert all(0 <= ms <= t for ms, t in zip(result["durable_commit_cpu_ms"]["CT"], result["durable_commit_ms"]["CT"]))

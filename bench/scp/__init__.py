@@ -73,6 +73,18 @@ CPU per image. Over N associations commits overlap with receiving, so an xN case
 floor is the longer of the sink's time per image and the time per commit with N threads
 committing at once (its commit column): what the disk allows a durable receiver there.
 
+``--floor`` also runs a fourth receiver, ``dcmtk+fsync``: DCMTK's own storescp made durable,
+with ``bench/scp/fsync_on_close.c`` preloaded (built once into the cache directory with the
+machine's C compiler; without one it is left out, and the report says why). The preload
+fsyncs every file storescp has written just before it closes it, and storescp closes an
+object's file before it answers, so it answers only once the object is on the disk, as ours
+does; nothing else changes (it still writes in place, checks and indexes nothing). Its table
+gives, per case, DCMTK's, the durable DCMTK's and our time per image, the durable DCMTK's
+images/s over DCMTK's (what durability costs storescp itself on this machine), ours over the
+durable DCMTK in time per image, both receivers' CPU per image and the durable DCMTK's
+journal commits per image (one per image over one association: the fsyncs happened). It
+answers "is ours slow, or is durability?" with a receiver written in C++.
+
 This is a benchmark, not a test: it asserts nothing about speed. It exits 1 if any run
 failed (a receiver did not start or answer, storescu reported an error, or the number of
 stored objects differs from the number sent), 2 on a usage error, else 0.

@@ -30,10 +30,12 @@ from bench.scp.processes import (
     SINK_COUNT_FILE,
     STORESCP_ARGV,
     Dcmtk,
+    build_fsync_on_close,
     kill_receivers,
     usage_error,
 )
 from bench.scp.report import (
+    print_durable_dcmtk,
     print_floor,
     print_machine,
     print_report,
@@ -41,7 +43,7 @@ from bench.scp.report import (
     report_problems,
     summarise,
 )
-from bench.scp.runs import Case, Receiver, Run, commit_floor, parallel_commit_floor, run_once
+from bench.scp.runs import DURABLE_DCMTK, Case, Receiver, Run, commit_floor, parallel_commit_floor, run_once
 
 
 def _outside_repo(path: Path, what: str) -> Path:
@@ -166,8 +168,10 @@ def load_series(args: argparse.Namespace) -> list[seriesgen.Series]:
     return loaded
 
 
-def make_receivers(args: argparse.Namespace, dcmtk: Dcmtk) -> list[Receiver]:
-    """Ours (``appliance scp``, or ``--ours-cmd``) and DCMTK storescp (``--fork`` when parallel)."""
+def make_receivers(args: argparse.Namespace, dcmtk: Dcmtk) -> tuple[list[Receiver], str]:
+    """Ours (``appliance scp``, or ``--ours-cmd``) and DCMTK storescp (``--fork`` when parallel);
+    with --floor also the sink and the durable DCMTK (the same storescp with every file fsynced
+    before it is closed), and a line saying how the durable DCMTK ran, or why it did not."""
     if args.ours_cmd:
         argv = tuple(shlex.split(args.ours_cmd))
         ours = Receiver("ours", argv, argv, args.ours_count or "**/*.dcm", clean_exit=True)
@@ -198,7 +202,15 @@ def make_receivers(args: argparse.Namespace, dcmtk: Dcmtk) -> list[Receiver]:
                 env={**DCMTK_ENV, "PYTHONPATH": path},
             )
         )
-    return receivers
+    if not args.floor:
+        return receivers, ""
+    preload = build_fsync_on_close(_outside_repo(args.cache_dir, "cache directory"))
+    if isinstance(preload, str):
+        print(f"no durable DCMTK in this run: {preload}", file=sys.stderr, flush=True)
+        return receivers, f"{DURABLE_DCMTK}: not run ({preload})"
+    receivers.append(Receiver(DURABLE_DCMTK, storescp, forking, "*", clean_exit=False,
+                              env={**DCMTK_ENV, "LD_PRELOAD": str(preload)}))
+    return receivers, f"{DURABLE_DCMTK}: the same, with LD_PRELOAD={preload} (every file fsynced before it is closed)"
 
 
 def _show(argv: tuple[str, ...]) -> str:
@@ -257,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks run
     series = load_series(args)
     cases = [Case(s, n) for s in series for n in dict.fromkeys((1, args.parallel))]
-    receivers = make_receivers(args, dcmtk)
+    receivers, durable = make_receivers(args, dcmtk)
 
     runs: list[Run] = []
     floors: dict[str, list[float]] = {}
     parallel_floors: dict[str, list[float]] = {}
     commit_cpu: dict[str, list[float]] = {}
     total = args.rounds * len(cases) * len(receivers)
+    width = max(len(r.name) for r in receivers)
     work_fs = make_work_fs(args, series)
     try:  # from here on the image is unmounted and removed however the run ends
         work = work_fs.path
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         else f"FAILED: {run.error}"
                     )
                     print(
-                        f"[{len(runs):>3}/{total}] round {round_no} {case.name:6} {receiver.name:5}  {outcome}",
+                        f"[{len(runs):>3}/{total}] round {round_no} {case.name:6} {receiver.name:{width}}  {outcome}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -304,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         "series: " + "; ".join(s.describe() for s in series),
         "ours:   " + _show(ours.single),
         "dcmtk:  " + _show(storescp.single) + f"  (with --fork for x{args.parallel})",
+        *([durable] if durable else []),
         "written to: " + work_fs.description,
     ]
     print_report(rows, case_ratios, header)
     if args.floor:
         print_floor(rows, floors, series, parallel_floors)
+        print_durable_dcmtk(rows)
     print_machine(rows, os.cpu_count() or 1, commit_cpu)
     report_problems(runs)
     sys.stdout.flush()
@@ -330,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for s in series
             ],
-            "commands": {r.name: {"single": list(r.single), "parallel": list(r.parallel)} for r in receivers},
+            "commands": {r.name: {"single": list(r.single), "parallel": list(r.parallel)}
+                         | ({"LD_PRELOAD": r.env["LD_PRELOAD"]} if "LD_PRELOAD" in r.env else {}) for r in receivers},
             "summary": rows,
             "ratios": case_ratios,
             "runs": [

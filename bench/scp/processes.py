@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,9 +43,32 @@ SINK_ARGV = (
 SINK_COUNT_FILE = "received"
 #: Durable commits timed per series and round with --floor.
 FLOOR_COMMITS = 50
+#: The durable DCMTK's preload (see fsync_on_close.c), built by :func:`build_fsync_on_close`.
+FSYNC_ON_CLOSE_C = Path(__file__).with_name("fsync_on_close.c")
 STORESCP_ARGV = ("storescp", "-aet", "{aet}", "-pdu", "{pdu}", "-dhl", "-od", "{data_dir}", "{port}")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+
+
+def build_fsync_on_close(cache_dir: Path) -> Path | str:
+    """The shared object of :data:`FSYNC_ON_CLOSE_C`, built with the C compiler into
+    ``cache_dir`` once per version of the source; or, if it cannot be built, why not."""
+    source = FSYNC_ON_CLOSE_C.read_bytes()
+    built = cache_dir / f"fsync_on_close-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if built.exists():
+        return built
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return "no C compiler (cc) to build it (Debian: apt install gcc)"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = built.with_name(f".{built.name}.{os.getpid()}")
+    r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(FSYNC_ON_CLOSE_C), "-ldl"],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        partial.unlink(missing_ok=True)
+        return f"{cc} could not build {FSYNC_ON_CLOSE_C.name}: {(r.stderr or r.stdout).strip()[-300:]}"
+    partial.replace(built)
+    return built
 
 
 class RunError(Exception):

@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 from bench import series as seriesgen
-from bench.scp.runs import Case, Receiver, Run
+from bench.scp.runs import DURABLE_DCMTK, Case, Receiver, Run
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -206,6 +206,59 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     )
     print("ours/floor in time per image (1.00 = at the floor), ours/DCMTK in images/s; CPU: the receiver's, ms;")
     print("flushes/img: journal commits of the ext4 image per image stored by ours (below 1: commits shared)")
+    _print_table(table, names=1)
+
+
+DURABLE_COLUMNS = (
+    "case",
+    "DCMTK",
+    "DCMTK+fsync",
+    "ours",
+    "DCMTK+fsync/DCMTK",
+    "ours/DCMTK+fsync",
+    "CPU/img DCMTK+fsync",
+    "ours",
+    "flushes/img DCMTK+fsync",
+)
+
+
+def print_durable_dcmtk(rows: list[dict[str, Any]]) -> None:
+    """Per case, ms per image (medians) of DCMTK, the durable DCMTK (the same storescp with
+    every file fsynced before it is closed, so before it answers) and ours; the durable
+    DCMTK's images/s over DCMTK's (what durability costs storescp itself), ours over the
+    durable DCMTK in time per image, the CPU per image of both and the durable DCMTK's
+    journal commits per image. Nothing is printed if the durable DCMTK did not run."""
+    by_key = {(r["case"], r["receiver"]): r for r in rows}
+
+    def ms(case: str, receiver: str) -> float | None:
+        row = by_key.get((case, receiver), {})
+        return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
+
+    def cell(v: float | None, suffix: str = "") -> str:
+        return "-" if v is None else f"{v:.2f}{suffix}"
+
+    table = [list(DURABLE_COLUMNS)]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        if (case, DURABLE_DCMTK) not in by_key:
+            continue
+        dcmtk, durable, ours = ms(case, "dcmtk"), ms(case, DURABLE_DCMTK), ms(case, "ours")
+        table.append([
+            case,
+            cell(dcmtk),
+            cell(durable),
+            cell(ours),
+            cell(dcmtk / durable if dcmtk is not None and durable else None),
+            cell(ours / durable if ours is not None and durable else None, "x"),
+            cell(by_key[(case, DURABLE_DCMTK)].get("cpu_ms_per_image")),
+            cell(by_key.get((case, "ours"), {}).get("cpu_ms_per_image")),
+            cell(by_key[(case, DURABLE_DCMTK)].get("journal_commits_per_image")),
+        ])
+    if len(table) == 1:
+        return
+    print(f"\n{DURABLE_DCMTK}: DCMTK's storescp made durable (each file fsynced before it is closed, so before "
+          "its answer; written in place, nothing checked or indexed), ms per image (medians);")
+    print("DCMTK+fsync/DCMTK in images/s (what durability costs storescp itself), ours/DCMTK+fsync in time per image "
+          "(1.00 = as fast as a durable DCMTK); CPU: the receiver's, ms")
     _print_table(table, names=1)
 
 

@@ -45,6 +45,11 @@ class Receiver:
     env: dict[str, str] = field(default_factory=lambda: dict(DCMTK_ENV))
 
 
+#: The receiver name of DCMTK's storescp with every file it writes fsynced before it is
+#: closed (bench/scp/fsync_on_close.c): a durable DCMTK, run with --floor.
+DURABLE_DCMTK = "dcmtk+fsync"
+
+
 @dataclass(frozen=True)
 class Case:
     series: seriesgen.Series
