@@ -405,5 +405,11 @@ def test_the_next_objects_temp_file_is_made_after_the_answer(tmp_path):
     assert list(store.tmp.iterdir()) == []
     store.make_spare_temp(SPARE_TEMPS)  # a late association thread after the close: nothing is left
     assert list(store.tmp.iterdir()) == []
+    again = _stream(ingest, encode(series[0], TransferSyntax.EXPLICIT_LE), TransferSyntax.EXPLICIT_LE, series[0])
+    assert again.ok and "already stored" in again.comment  # used again after the close: spares again
+    store.make_spare_temp(SPARE_TEMPS)
+    assert len(list(store.tmp.iterdir())) == 1
+    store.close()
+    assert list(store.tmp.iterdir()) == []
     assert [pydicom.dcmread(p).SOPInstanceUID for p in sorted(store.objects.rglob("*.dcm"))] == sorted(
         ds.SOPInstanceUID for ds in series)

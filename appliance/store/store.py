@@ -106,7 +106,8 @@ class Store:
                               folder_fsync=not file_fsync_commits_rename(self.objects))
         self._marks: StudyMarks | None = None
         self._forward_rules: tuple[ForwardRule, ...] = ()
-        #: Empty temp files made ahead (see :meth:`make_spare_temp`).
+        #: Empty temp files made ahead (see :meth:`make_spare_temp`); none is made between
+        #: :meth:`close` and the next :meth:`create_temp` (an association ending after the close).
         self._spares: list[tuple[Path, int]] = []
         self._spares_lock = threading.Lock()
         self._spares_closed = False
@@ -251,6 +252,7 @@ class Store:
             with self._spares_lock:
                 if self._spares:
                     return self._spares.pop()
+        self._spares_closed = False  # in use (again, after a close): spares may be made
         return self._new_temp()
 
     def _new_temp(self) -> tuple[Path, int]:
