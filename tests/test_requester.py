@@ -219,7 +219,7 @@ def test_contexts_the_peer_refuses_are_not_offered_to_the_caller(storescp) -> No
 def test_our_scp_plain_and_over_tls_stores_what_we_send(tmp_path, pki) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     from dataclasses import replace
 
-    cfg = replace(ScpConfig(), bind="127.0.0.1", port=0, tls_port=free_port())
+    cfg = replace(ScpConfig(), bind="127.0.0.1", port=0, tls_port=0)  # the kernel picks both as they are bound
     srv = TlsServer(tmp_path / "box", cfg, server_tls(pki))
     client = ClientSettings(timeout=10, tls=TlsConfig(certificate=str(pki.client_cert),
                                                       private_key=str(pki.client_key), ca_certificates=str(pki.ca)))
@@ -241,7 +241,7 @@ def test_our_scp_plain_and_over_tls_stores_what_we_send(tmp_path, pki) -> None: 
 def test_tls_to_a_server_our_ca_did_not_sign_fails_in_words(tmp_path, pki) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     from dataclasses import replace
 
-    cfg = replace(ScpConfig(), bind="127.0.0.1", port=0, tls_port=free_port())
+    cfg = replace(ScpConfig(), bind="127.0.0.1", port=0, tls_port=0)  # the kernel picks both as they are bound
     srv = TlsServer(tmp_path / "box", cfg, server_tls(pki))
     try:
         client = ClientSettings(timeout=5, tls=TlsConfig(ca_certificates=str(pki.stranger_cert)))
