@@ -486,3 +486,28 @@ def test_the_forwarding_queue_says_which_destinations_have_an_object_due(tmp_pat
     assert index.forward_due(now) == []
     assert sorted(index.forward_due(now + 7200)) == ["A", "B", "LATER"]
     store.close()
+
+
+def test_self_stores_at_once_each_use_their_own_files(store: Store) -> None:
+    """The supervisor's periodic self-check and a status request (the console, 'appliance
+    status') may self-store at the same moment: neither may take the other's file for its own
+    (with one file name per process, one in two such pairs reported "store not writable"),
+    and nothing is left behind."""
+    from appliance.store.disk import self_store
+
+    problems: list[str] = []
+    start = threading.Barrier(3)
+
+    def check(name: str) -> None:
+        start.wait()
+        for _ in range(150):
+            if problem := self_store(store.data_dir, name):
+                problems.append(problem)
+
+    threads = [threading.Thread(target=check, args=(name,)) for name in ("health-check", "health-check", "self-store")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert problems == []
+    assert list(store.tmp.iterdir()) == [] and list((store.data_dir / "scratch").iterdir()) == []

@@ -5,9 +5,11 @@ removed when storing ends."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from appliance.errors import StoreDiskError, StoreError, StoreFullError
@@ -112,13 +114,20 @@ def store_error_words(exc: OSError) -> str:
     return f"store not writable: {exc.strerror}"
 
 
+#: Numbers the self-stores of this process (see :func:`self_store`).
+_SELF_STORES = itertools.count()
+
+
 def self_store(data_dir: Path, name: str = "self-store") -> str:
     """Store a small file the way an object is stored (temp file in ``tmp/``, write,
     fsync, rename into ``scratch/``, fsync of the folder), then remove it; return "" or
-    what went wrong, in words. ``scratch/`` is never indexed or exported."""
+    what went wrong, in words. ``scratch/`` is never indexed or exported. Safe to run from
+    several threads at once (the supervisor's periodic check and a status request): each
+    call has its own file names."""
     scratch = data_dir / "scratch"
-    tmp = data_dir / "tmp" / f"{os.getpid()}-{name}.part"
-    final = scratch / f"{os.getpid()}-{name}.dcm"
+    unique = f"{os.getpid()}-{threading.get_ident()}-{next(_SELF_STORES)}-{name}"
+    tmp = data_dir / "tmp" / f"{unique}.part"
+    final = scratch / f"{unique}.dcm"
     try:
         scratch.mkdir(exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
