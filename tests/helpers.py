@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -94,8 +95,32 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (and for binding port 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, for a server started later (a process told it in
+    its configuration). Picked at random below the kernel's ephemeral range: a port from that
+    range (what binding port 0 gives) can meanwhile become the local port of any outgoing
+    connection, such as a test's echoscu probes, and the server's bind then fails (seen in
+    CI); below it only another pick or a listener can take it."""
+    low = _ephemeral_ports()[0]
+    picks = random.Random()  # not seeded: tests running at once must not pick alike
+    for _ in range(100):
+        port = picks.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is full: whatever the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
