@@ -95,6 +95,17 @@ def _print_table(table: list[list[str]], names: int) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def _ms_per_image(by_key: dict[tuple[str, str], dict[str, Any]], case: str, receiver: str) -> float | None:
+    """A receiver's median time per image in a case, in ms (None without a good run)."""
+    row = by_key.get((case, receiver), {})
+    return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
+
+
+def _cell(v: float | None, suffix: str = "") -> str:
+    """A figure of the floor and durable tables: two decimals, "-" for none."""
+    return "-" if v is None else f"{v:.2f}{suffix}"
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
     """One row of the table: the case, the receiver and its figures."""
     cells = [row["case"], row["receiver"], f"{row['ok']}/{row['runs']}"]
@@ -164,14 +175,12 @@ def print_floor(rows: list[dict[str, Any]], floors: dict[str, list[float]], seri
     by_key = {(r["case"], r["receiver"]): r for r in rows}
 
     def ms(case: str, receiver: str) -> float | None:
-        row = by_key.get((case, receiver), {})
-        return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
+        return _ms_per_image(by_key, case, receiver)
 
     def cpu(case: str, receiver: str) -> float | None:
         return by_key.get((case, receiver), {}).get("cpu_ms_per_image")
 
-    def cell(v: float | None, suffix: str = "") -> str:
-        return "-" if v is None else f"{v:.2f}{suffix}"
+    cell = _cell
 
     table = [list(FLOOR_COLUMNS)]
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -231,12 +240,9 @@ def print_durable_dcmtk(rows: list[dict[str, Any]]) -> None:
     by_key = {(r["case"], r["receiver"]): r for r in rows}
 
     def ms(case: str, receiver: str) -> float | None:
-        row = by_key.get((case, receiver), {})
-        return 1e3 / row["images_per_s"]["median"] if "images_per_s" in row else None
+        return _ms_per_image(by_key, case, receiver)
 
-    def cell(v: float | None, suffix: str = "") -> str:
-        return "-" if v is None else f"{v:.2f}{suffix}"
-
+    cell = _cell
     table = [list(DURABLE_COLUMNS)]
     for case in dict.fromkeys(r["case"] for r in rows):
         if (case, DURABLE_DCMTK) not in by_key:
